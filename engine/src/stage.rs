@@ -1,0 +1,188 @@
+//! The stage interface plugins implement.
+//!
+//! A plugin is a *kind* of stage (`dataset`, `prompt`, ...). It declares its config type (serde +
+//! JSON Schema), its typed input ports and its output type, and builds a runtime [`Stage`] from a
+//! validated config. The engine binds a stage's `needs` to ports by artifact type, fingerprints
+//! the config, digests the files the stage referenced while building, and memoizes per item.
+//!
+//! Work is split in two: [`Stage::items`] lists independent items (e.g. sample × model × prompt),
+//! each with a JSON input that fully determines its result; [`Stage::run_item`] computes one item
+//! and is memoized on (stage fingerprint without upstream digests, item input). [`Stage::finish`]
+//! assembles the stage's output artifact from the inputs and the item results. A stage with no
+//! per-item work returns no items and does everything in `finish`.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::diag::{Diagnostic, SourceFile};
+
+/// A named, typed input of a stage kind. `needs` entries are bound to ports by artifact type.
+#[derive(Debug, Clone, Copy)]
+pub struct Port {
+    pub name: &'static str,
+    /// Artifact type accepted, e.g. `dataset`.
+    pub ty: &'static str,
+}
+
+/// A kind of stage, implemented by a plugin crate and registered by the binary.
+pub trait StagePlugin: Send + Sync + 'static {
+    /// The fields of `[stages.<id>]` besides `kind` and `needs`.
+    type Config: DeserializeOwned + Serialize + JsonSchema;
+    const KIND: &'static str;
+    /// Bump when the same config and inputs would now give a different output.
+    const VERSION: u32;
+    /// One line for `--help` and error messages.
+    const SUMMARY: &'static str;
+    const INPUTS: &'static [Port];
+    /// Artifact type produced.
+    const OUTPUT: &'static str;
+
+    /// Validate and build. Report every problem found, located (see [`BuildContext`]).
+    fn build(config: Self::Config, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>>;
+}
+
+/// A runtime stage.
+#[async_trait::async_trait]
+pub trait Stage: Send + Sync {
+    /// The independent items of work for these inputs. Must be deterministic and cheap.
+    fn items(&self, _input: &StageInput) -> Result<Vec<Item>, StageError> {
+        Ok(Vec::new())
+    }
+
+    /// Compute one item. Its result must depend only on `item.input`, the stage config, the
+    /// referenced files and the seed: it is memoized on exactly those.
+    async fn run_item(&self, item: &Item, _cx: &ItemContext) -> Result<Value, StageError> {
+        Err(StageError::new(format!("stage has no per-item work (item `{}`)", item.id)))
+    }
+
+    /// How many items may run at once. Defaults to one at a time.
+    fn item_concurrency(&self) -> usize {
+        1
+    }
+
+    /// Assemble the output artifact. `results` are in `items` order.
+    fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    /// Human-readable identity (e.g. a sample id), unique within the stage.
+    pub id: String,
+    /// Everything the item's result depends on besides the stage config.
+    pub input: Value,
+}
+
+pub struct ItemContext {
+    pub seed: u64,
+}
+
+/// What a stage sees when it runs.
+pub struct StageInput {
+    /// Upstream artifacts by port name.
+    pub inputs: BTreeMap<&'static str, Arc<Value>>,
+    /// Referenced files by their path as written in the pipeline; the exact bytes that were digested.
+    pub files: BTreeMap<String, Arc<[u8]>>,
+    pub seed: u64,
+}
+
+impl StageInput {
+    pub fn input(&self, port: &str) -> Result<&Value, StageError> {
+        self.inputs.get(port).map(|v| &**v).ok_or_else(|| StageError::new(format!("missing input `{port}`")))
+    }
+
+    pub fn file(&self, file: &FileRef) -> Result<&[u8], StageError> {
+        self.files.get(&file.path).map(|b| &**b).ok_or_else(|| StageError::new(format!("file `{}` was not declared", file.path)))
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct StageError {
+    pub message: String,
+}
+
+impl StageError {
+    pub fn new(message: impl Into<String>) -> Self {
+        StageError { message: message.into() }
+    }
+}
+
+/// A path to a file, as written in the pipeline (relative to the pipeline file), with its location
+/// in the pipeline file for diagnostics. Serializes as the path string: absolute paths never enter
+/// fingerprints unless the user wrote one.
+#[derive(Debug, Clone)]
+pub struct FileRef {
+    pub path: String,
+    pub span: Option<Range<usize>>,
+}
+
+impl<'de> Deserialize<'de> for FileRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let spanned = toml::Spanned::<String>::deserialize(d)?;
+        let span = spanned.span();
+        Ok(FileRef { path: spanned.into_inner(), span: Some(span) })
+    }
+}
+
+impl Serialize for FileRef {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.path)
+    }
+}
+
+impl JsonSchema for FileRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "FileRef".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "Path to a file, relative to the pipeline file. Its contents are digested into the fingerprint."
+        })
+    }
+}
+
+/// Handed to [`StagePlugin::build`]: resolves and records referenced files.
+pub struct BuildContext<'a> {
+    pub pipeline: &'a SourceFile,
+    pub base_dir: &'a Path,
+    pub stage_id: &'a str,
+    pub(crate) files: Vec<(FileRef, PathBuf)>,
+}
+
+impl BuildContext<'_> {
+    /// Declare a file the stage reads: checked to exist now, digested into the fingerprint, and
+    /// its bytes handed to the stage at run time. Returns its resolved path.
+    pub fn file(&mut self, file: &FileRef) -> Result<PathBuf, Diagnostic> {
+        let resolved = self.base_dir.join(&file.path);
+        if !resolved.is_file() {
+            let what = if resolved.exists() { "is not a file" } else { "does not exist" };
+            let mut d = Diagnostic::error(format!("stage `{}`: file `{}` {what}", self.stage_id, file.path))
+                .help(format!("paths are relative to the pipeline file; this one resolves to {}", resolved.display()));
+            if let Some(span) = &file.span {
+                d = d.at(self.pipeline, span.clone(), what);
+            }
+            return Err(d);
+        }
+        if !self.files.iter().any(|(f, _)| f.path == file.path) {
+            self.files.push((file.clone(), resolved.clone()));
+        }
+        Ok(resolved)
+    }
+
+    /// A diagnostic located at a config field (falls back to no location).
+    pub fn error_at(&self, span: Option<Range<usize>>, message: impl Into<String>, label: impl Into<String>) -> Diagnostic {
+        let d = Diagnostic::error(format!("stage `{}`: {}", self.stage_id, message.into()));
+        match span {
+            Some(span) => d.at(self.pipeline, span, label),
+            None => d,
+        }
+    }
+}

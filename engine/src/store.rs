@@ -1,0 +1,221 @@
+//! The project-local store (default: `.pipeline/` beside the pipeline file).
+//!
+//! ```text
+//! objects/ab/cdef…    artifacts, content-addressed by the BLAKE3 of their bytes
+//! done/ab/cdef…       fingerprint digest → output digest: "this stage result is complete"
+//! items/ab/cdef…      per-item memo: item key → the item's JSON result
+//! records/<pipeline>/<stage>.json   last fingerprint of each stage, to explain staleness
+//! runs/<pipeline>.json              the last run: every iteration's stage outputs
+//! tmp/                staging for atomic writes
+//! lock                held by a running `pipeline run`
+//! ```
+//!
+//! Every write goes to `tmp/` and is renamed into place, so a killed process leaves either the
+//! old file or the new one, never a torn one. Results are written before the `done` marker that
+//! points at them. Reads verify: an object whose bytes do not hash to its name, or a memo entry
+//! that does not parse, is treated as absent and recomputed.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::hash::{Digest, canonical_json};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "another `pipeline run` is using the store {0} (lock held on {0}/lock)\n  wait for it to finish, or stop it; finished work is kept either way"
+    )]
+    Locked(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Exclusive use of a store, released on drop.
+pub struct StoreLock {
+    file: File,
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Store {
+    /// Opening does not touch the disk; directories are created on first write.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Store { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Take the store for writing; refuses at once when another process holds it.
+    pub fn lock(&self) -> Result<StoreLock, StoreError> {
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        let path = self.root.join("lock");
+        let file = File::options().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(StoreLock { file }),
+            Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked(self.root.clone())),
+            Err(fs::TryLockError::Error(e)) => Err(StoreError::Io { path, source: e }),
+        }
+    }
+
+    fn sharded(&self, dir: &str, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root.join(dir).join(&hex[..2]).join(&hex[2..])
+    }
+
+    /// Write `bytes` to `path` atomically (tmp file + rename).
+    pub fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        let tmp_dir = self.root.join("tmp");
+        fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = tmp_dir.join(format!("{}-{n}", std::process::id()));
+        let result = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(bytes)?;
+            fs::rename(&tmp, path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(io_err(path))
+    }
+
+    /// Store an artifact; returns its digest.
+    pub fn put_object(&self, value: &Value) -> Result<Digest, StoreError> {
+        let bytes = canonical_json(value);
+        let digest = Digest::of_bytes(&bytes);
+        let path = self.sharded("objects", &digest);
+        if !path.exists() {
+            self.write_atomic(&path, &bytes)?;
+        }
+        Ok(digest)
+    }
+
+    pub fn has_object(&self, digest: &Digest) -> bool {
+        self.sharded("objects", digest).is_file()
+    }
+
+    /// An artifact, verified against its digest. `None` if absent or damaged.
+    pub fn get_object(&self, digest: &Digest) -> Option<Value> {
+        let bytes = fs::read(self.sharded("objects", digest)).ok()?;
+        if Digest::of_bytes(&bytes) != *digest {
+            tracing::warn!(object = %digest, "damaged object in store; it will be recomputed");
+            return None;
+        }
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// The output recorded for a fingerprint, if that result is complete and still present.
+    pub fn get_done(&self, fingerprint: &Digest) -> Option<Digest> {
+        let text = fs::read_to_string(self.sharded("done", fingerprint)).ok()?;
+        let output: Digest = text.parse().ok()?;
+        self.has_object(&output).then_some(output)
+    }
+
+    pub fn put_done(&self, fingerprint: &Digest, output: &Digest) -> Result<(), StoreError> {
+        self.write_atomic(&self.sharded("done", fingerprint), output.hex().as_bytes())
+    }
+
+    pub fn get_item(&self, key: &Digest) -> Option<Value> {
+        let bytes = fs::read(self.sharded("items", key)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn has_item(&self, key: &Digest) -> bool {
+        self.sharded("items", key).is_file()
+    }
+
+    pub fn put_item(&self, key: &Digest, value: &Value) -> Result<(), StoreError> {
+        self.write_atomic(&self.sharded("items", key), &canonical_json(value))
+    }
+
+    fn record_path(&self, pipeline: &str, stage: &str) -> PathBuf {
+        self.root.join("records").join(pipeline).join(format!("{stage}.json"))
+    }
+
+    pub fn get_record<T: DeserializeOwned>(&self, pipeline: &str, stage: &str) -> Option<T> {
+        read_json(&self.record_path(pipeline, stage))
+    }
+
+    pub fn put_record<T: Serialize>(&self, pipeline: &str, stage: &str, record: &T) -> Result<(), StoreError> {
+        self.write_json(&self.record_path(pipeline, stage), record)
+    }
+
+    fn run_path(&self, pipeline: &str) -> PathBuf {
+        self.root.join("runs").join(format!("{pipeline}.json"))
+    }
+
+    pub fn get_run<T: DeserializeOwned>(&self, pipeline: &str) -> Option<T> {
+        read_json(&self.run_path(pipeline))
+    }
+
+    pub fn put_run<T: Serialize>(&self, pipeline: &str, run: &T) -> Result<(), StoreError> {
+        self.write_json(&self.run_path(pipeline), run)
+    }
+
+    fn write_json<T: Serialize>(&self, path: &Path, value: &T) -> Result<(), StoreError> {
+        let mut bytes = serde_json::to_vec_pretty(value).expect("records serialize");
+        bytes.push(b'\n');
+        self.write_atomic(path, &bytes)
+    }
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
+    let bytes = fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn objects_are_verified_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let d = store.put_object(&json!({"a": 1})).unwrap();
+        assert_eq!(store.get_object(&d), Some(json!({"a": 1})));
+        // Damage it: it reads as absent, and a done marker pointing at it is not trusted.
+        fs::write(store.sharded("objects", &d), b"{\"a\":2}").unwrap();
+        assert_eq!(store.get_object(&d), None);
+        let fp = Digest::of_bytes(b"fp");
+        store.put_done(&fp, &Digest::of_bytes(b"missing")).unwrap();
+        assert_eq!(store.get_done(&fp), None);
+    }
+
+    #[test]
+    fn second_lock_is_refused_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path().join("s"));
+        let held = store.lock().unwrap();
+        assert!(matches!(Store::new(dir.path().join("s")).lock(), Err(StoreError::Locked(_))));
+        drop(held);
+        assert!(store.lock().is_ok());
+    }
+}
