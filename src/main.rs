@@ -1,1 +1,303 @@
-fn main(){}
+//! `pipeline`: parse arguments, call the engine, format for humans or `--json`.
+
+mod output;
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use engine::{Diagnostic, Registry, Store};
+
+/// Exit codes (also in README.md).
+mod exit {
+    pub const OK: u8 = 0;
+    /// A stage failed; the others finished and were kept.
+    pub const STAGE_FAILED: u8 = 1;
+    /// The pipeline file (or the command line) is invalid; nothing ran.
+    pub const INVALID: u8 = 2;
+    /// The store is in use by another run, or could not be read or written.
+    pub const STORE: u8 = 3;
+    /// `--locked` and the run would not match the lockfile.
+    pub const LOCKED: u8 = 4;
+    /// Interrupted (Ctrl-C); finished work was kept.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "pipeline",
+    version,
+    about = "Find the smallest open model and prompt that is good enough for your task",
+    long_about = "Pipelines are TOML files describing a DAG of stages. `pipeline` validates them like a \
+compiler, plans and runs them incrementally (only what changed executes), and pins every input in a \
+lockfile beside the pipeline.\n\nLogs: set RUST_LOG (e.g. RUST_LOG=engine=debug).",
+    after_help = "Exit codes: 0 ok · 1 a stage failed · 2 invalid pipeline or arguments · 3 store busy or unwritable · 4 --locked mismatch · 130 interrupted"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a pipeline file and report every problem at once.
+    Validate(Common),
+    /// Dry run: say which stages are fresh or dirty, and why. Writes nothing.
+    Plan(WithStore),
+    /// Run what is stale; a rerun with nothing changed executes nothing.
+    Run(RunArgs),
+    /// Print the stage graph as Mermaid or DOT.
+    Graph(GraphArgs),
+    /// Print a stage's output artifact from the last run.
+    Show(ShowArgs),
+    /// Print the JSON Schema of pipeline files for the registered stage kinds.
+    Schema,
+    /// List the stage kinds this binary knows.
+    Kinds(JsonFlag),
+}
+
+#[derive(clap::Args)]
+struct JsonFlag {
+    /// Machine-readable output on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Pipeline file, e.g. pipelines/select.toml.
+    file: PathBuf,
+    #[command(flatten)]
+    json: JsonFlag,
+}
+
+#[derive(clap::Args)]
+struct WithStore {
+    #[command(flatten)]
+    common: Common,
+    /// Store directory [default: .pipeline/ beside the pipeline file; env PIPELINE_STORE].
+    #[arg(long, env = "PIPELINE_STORE")]
+    store: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    inner: WithStore,
+    /// Refuse to run if anything differs from the lockfile (and never write it).
+    #[arg(long)]
+    locked: bool,
+    /// Stages running at once.
+    #[arg(long, short, default_value_t = default_jobs())]
+    jobs: usize,
+    /// Append every engine event as a JSON line to this file.
+    #[arg(long)]
+    events: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct GraphArgs {
+    file: PathBuf,
+    #[arg(long, value_enum, default_value_t = GraphFormat::Mermaid)]
+    format: GraphFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Mermaid,
+    Dot,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ShowArgs {
+    #[command(flatten)]
+    inner: WithStore,
+    /// Stage id.
+    stage: String,
+    /// Iteration (1-based) [default: the last].
+    #[arg(long)]
+    iteration: Option<u32>,
+}
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).min(8)
+}
+
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    r.register::<dataset::Dataset>().register::<prompt::Prompt>().register::<prompt::Render>();
+    r
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    ExitCode::from(match cli.command {
+        Command::Validate(args) => validate(&args),
+        Command::Plan(args) => plan(&args),
+        Command::Run(args) => run(args),
+        Command::Graph(args) => graph(&args),
+        Command::Show(args) => show(&args),
+        Command::Schema => {
+            output::stdout(&engine::schema::render(&engine::schema::pipeline_schema(&registry())));
+            exit::OK
+        }
+        Command::Kinds(args) => {
+            output::kinds(&registry(), args.json);
+            exit::OK
+        }
+    })
+}
+
+fn load(file: &Path, json: bool) -> Result<engine::Pipeline, u8> {
+    engine::load(file, &registry()).map_err(|diags| {
+        output::diagnostics(&diags, json);
+        exit::INVALID
+    })
+}
+
+fn store_for(pipeline: &engine::Pipeline, store: &Option<PathBuf>) -> Store {
+    Store::new(store.clone().unwrap_or_else(|| pipeline.base_dir.join(".pipeline")))
+}
+
+fn validate(args: &Common) -> u8 {
+    match load(&args.file, args.json.json) {
+        Ok(p) => {
+            output::valid(&p, args.json.json);
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+fn plan(args: &WithStore) -> u8 {
+    let pipeline = match load(&args.common.file, args.common.json.json) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    match engine::plan(&pipeline, &store_for(&pipeline, &args.store)) {
+        Ok(plan) => {
+            output::plan(&plan, args.common.json.json);
+            exit::OK
+        }
+        Err(e) => error(&e.to_string(), exit::STORE, args.common.json.json),
+    }
+}
+
+fn run(args: RunArgs) -> u8 {
+    let json = args.inner.common.json.json;
+    let pipeline = match load(&args.inner.common.file, json) {
+        Ok(p) => Arc::new(p),
+        Err(code) => return code,
+    };
+    let lock_path = engine::lockfile::path_for(&pipeline);
+    let locked = if args.locked {
+        match engine::lockfile::Lockfile::read(&lock_path) {
+            Ok(Some(lock)) => Some(lock),
+            Ok(None) => {
+                return error(&format!("--locked: there is no lockfile at {}; run without --locked first", lock_path.display()), exit::LOCKED, json);
+            }
+            Err(d) => {
+                output::diagnostics(&[d], json);
+                return exit::LOCKED;
+            }
+        }
+    } else {
+        None
+    };
+    let store = store_for(&pipeline, &args.inner.store);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut observers: Vec<Arc<dyn engine::Observer>> = vec![Arc::new(progress::Progress::new(!json))];
+    if let Some(path) = &args.events {
+        match progress::EventLog::create(path) {
+            Ok(log) => observers.push(Arc::new(log)),
+            Err(e) => return error(&format!("cannot open event log {}: {e}", path.display()), exit::STORE, json),
+        }
+    }
+    let opts = engine::RunOptions { jobs: args.jobs, locked, observer: Arc::new(engine::events::Tee(observers)), cancel: cancel.clone() };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: letting running items finish and keeping finished work (Ctrl-C again to quit now)");
+                cancel.store(true, Ordering::SeqCst);
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(exit::INTERRUPTED.into());
+                }
+            }
+        });
+        engine::run(pipeline.clone(), store, opts).await
+    });
+    match result {
+        Ok(report) => {
+            output::run(&pipeline, &report, &lock_path, json);
+            match report.stop {
+                engine::exec::StopReason::Failed => exit::STAGE_FAILED,
+                engine::exec::StopReason::Interrupted => exit::INTERRUPTED,
+                _ => exit::OK,
+            }
+        }
+        Err(e @ engine::RunError::LockMismatch(_)) => error(&format!("--locked: {e}\n  the lockfile {} was left as it is", lock_path.display()), exit::LOCKED, json),
+        Err(e) => error(&e.to_string(), exit::STORE, json),
+    }
+}
+
+fn graph(args: &GraphArgs) -> u8 {
+    match load(&args.file, matches!(args.format, GraphFormat::Json)) {
+        Ok(p) => {
+            output::stdout(&output::graph(&p, args.format));
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+fn show(args: &ShowArgs) -> u8 {
+    let json = args.inner.common.json.json;
+    let pipeline = match load(&args.inner.common.file, json) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let store = store_for(&pipeline, &args.inner.store);
+    let Some(report) = store.get_run::<engine::RunReport>(&pipeline.name) else {
+        return error(&format!("`{}` has not been run yet (no run record in {})", pipeline.name, store.root().display()), exit::STORE, json);
+    };
+    if !pipeline.stages.iter().any(|s| s.id == args.stage) {
+        let ids: Vec<&str> = pipeline.stages.iter().map(|s| s.id.as_str()).collect();
+        return error(&format!("no stage `{}`; stages are: {}", args.stage, engine::diag::one_of(&ids)), exit::INVALID, json);
+    }
+    let iteration = args.iteration.map(|k| k.saturating_sub(1));
+    let found = report.output(&args.stage, iteration).and_then(|d| store.get_object(&d).map(|v| (d, v)));
+    match found {
+        Some((_, value)) => {
+            output::stdout(&(serde_json::to_string_pretty(&value).expect("JSON") + "\n"));
+            exit::OK
+        }
+        None => error(
+            &format!(
+                "stage `{}` has no output in {} of the last run ({} iteration(s))",
+                args.stage,
+                args.iteration.map_or("the last iteration".to_string(), |k| format!("iteration {k}")),
+                report.iterations.len()
+            ),
+            exit::STORE,
+            json,
+        ),
+    }
+}
+
+fn error(message: &str, code: u8, json: bool) -> u8 {
+    if json {
+        println!("{}", serde_json::json!({"ok": false, "error": message, "exit_code": code}));
+    } else {
+        eprintln!("{}", Diagnostic::error(message).render(output::color()));
+    }
+    code
+}

@@ -131,6 +131,8 @@ struct RawStage {
     kind: &'static str,
     ports: &'static [crate::stage::Port],
     needs: Vec<Spanned<String>>,
+    /// `needs` was written but could not be read: do not report missing inputs on top.
+    needs_invalid: bool,
     node: Option<StageNode>,
 }
 
@@ -381,9 +383,12 @@ fn parse_stages(
             continue;
         };
 
-        let needs = match stage.get("needs") {
-            None => Vec::new(),
-            Some(v) => typed::<Vec<Spanned<String>>>(file, v, &format!("stage `{id}`: `needs`"), diags).unwrap_or_default(),
+        let (needs, needs_invalid) = match stage.get("needs") {
+            None => (Vec::new(), false),
+            Some(v) => match typed::<Vec<Spanned<String>>>(file, v, &format!("stage `{id}`: `needs`"), diags) {
+                Some(needs) => (needs, false),
+                None => (Vec::new(), true),
+            },
         };
 
         let schema = plugin.config_schema();
@@ -432,7 +437,7 @@ fn parse_stages(
                 }
             }
         };
-        out.push(RawStage { id, id_span: key.span(), kind: plugin.kind(), ports: plugin.inputs(), needs, node });
+        out.push(RawStage { id, id_span: key.span(), kind: plugin.kind(), ports: plugin.inputs(), needs, needs_invalid, node });
     }
     out
 }
@@ -501,7 +506,7 @@ fn check_graph(file: &SourceFile, stages_mut: &mut [RawStage], diags: &mut Vec<D
     }
     // Missing inputs.
     for (i, s) in stages.iter().enumerate() {
-        if s.node.is_none() || s.needs.iter().any(|n| !index.contains_key(n.get_ref().as_str()) || stages[index[n.get_ref().as_str()]].node.is_none()) {
+        if s.node.is_none() || s.needs_invalid || s.needs.iter().any(|n| !index.contains_key(n.get_ref().as_str()) || stages[index[n.get_ref().as_str()]].node.is_none()) {
             continue;
         }
         for port in s.ports {

@@ -165,7 +165,7 @@ impl BuildContext<'_> {
         if !resolved.is_file() {
             let what = if resolved.exists() { "is not a file" } else { "does not exist" };
             let mut d = Diagnostic::error(format!("stage `{}`: file `{}` {what}", self.stage_id, file.path))
-                .help(format!("paths are relative to the pipeline file; this one resolves to {}", resolved.display()));
+                .help(format!("paths are relative to the pipeline file; this one resolves to {}", self.display_path(file).display()));
             if let Some(span) = &file.span {
                 d = d.at(self.pipeline, span.clone(), what);
             }
@@ -175,6 +175,11 @@ impl BuildContext<'_> {
             self.files.push((file.clone(), resolved.clone()));
         }
         Ok(resolved)
+    }
+
+    /// How to show a referenced file's path to the user (relative to where they are).
+    pub fn display_path(&self, file: &FileRef) -> PathBuf {
+        if self.base_dir == Path::new(".") { PathBuf::from(&file.path) } else { self.base_dir.join(&file.path) }
     }
 
     /// A diagnostic located at a config field (falls back to no location).

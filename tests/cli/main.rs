@@ -1,1 +1,290 @@
+//! The `pipeline` binary against real pipeline files: diagnostics, incrementality through the
+//! event log, the lockfile, the store lock, the schema.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn pipeline(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("PIPELINE_STORE")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run pipeline")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A copy of `pipelines/` in a temp dir.
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new() -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&root().join("pipelines"), dir.path());
+        let _ = std::fs::remove_dir_all(dir.path().join(".pipeline"));
+        for lock in std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "lock")) {
+            std::fs::remove_file(lock.path()).unwrap();
+        }
+        Project { dir }
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        pipeline(self.dir.path(), args)
+    }
+    fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel)).unwrap()
+    }
+    fn write(&self, rel: &str, text: &str) {
+        std::fs::write(self.path(rel), text).unwrap();
+    }
+    /// `run` with an event log; returns (exit code, events).
+    fn run_logged(&self, extra: &[&str]) -> (i32, Vec<Value>, Output) {
+        let log = self.path("events.jsonl");
+        let _ = std::fs::remove_file(&log);
+        let mut args = vec!["run", "select.toml", "--events", log.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = self.run(&args);
+        let events = std::fs::read_to_string(&log).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        (out.status.code().unwrap(), events, out)
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn started(events: &[Value]) -> Vec<String> {
+    events.iter().filter(|e| e["event"] == "started").map(|e| e["stage"].as_str().unwrap().to_string()).collect()
+}
+
+fn items(events: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = events.iter().filter(|e| e["event"] == "item").map(|e| format!("{}/{}", e["stage"].as_str().unwrap(), e["item"].as_str().unwrap())).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn invalid_pipelines_are_reported_like_a_compiler() {
+    let dir = root().join("tests/cli/invalid");
+    insta::glob!("invalid/*.toml", |path| {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let out = pipeline(&dir, &["validate", name]);
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", text(&out.stderr));
+        assert!(out.stdout.is_empty());
+        insta::assert_snapshot!(text(&out.stderr));
+        // `run` refuses the same file before touching the store.
+        let out = pipeline(&dir, &["run", name]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(!dir.join(".pipeline").exists(), "{name}: the store was created for an invalid pipeline");
+    });
+}
+
+#[test]
+fn diagnostics_as_json_carry_line_and_column() {
+    let out = pipeline(&root().join("tests/cli/invalid"), &["validate", "--json", "dangling_needs.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    insta::assert_json_snapshot!(v);
+}
+
+#[test]
+fn every_shipped_pipeline_validates() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(root().join("pipelines")).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            n += 1;
+            let out = pipeline(&root(), &["validate", path.to_str().unwrap()]);
+            assert!(out.status.success(), "{}: {}", path.display(), text(&out.stderr));
+            let first = std::fs::read_to_string(&path).unwrap();
+            assert!(first.starts_with("#:schema ../schemas/pipeline.schema.json"), "{} lacks the #:schema line", path.display());
+        }
+    }
+    assert!(n >= 1);
+}
+
+#[test]
+fn checked_in_schema_matches_the_config_types() {
+    let out = pipeline(&root(), &["schema"]);
+    assert!(out.status.success());
+    let generated = text(&out.stdout);
+    let path = root().join("schemas/pipeline.schema.json");
+    if std::env::var_os("UPDATE_SCHEMAS").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(generated == checked_in, "schemas/pipeline.schema.json is stale: run `UPDATE_SCHEMAS=1 cargo test --test cli checked_in_schema`");
+}
+
+/// taplo (the TOML language server's CLI) checks every shipped pipeline against the schema named
+/// by its `#:schema` line, as an editor would.
+#[test]
+fn shipped_pipelines_validate_in_taplo() {
+    let taplo = std::env::var_os("TAPLO").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        home.join(".cache/pipeline-taplo/node_modules/.bin/taplo")
+    });
+    assert!(taplo.exists(), "taplo not found at {}: install it with `npm install --prefix ~/.cache/pipeline-taplo @taplo/cli@0.7.0` or set TAPLO", taplo.display());
+    let out = Command::new(&taplo).args(["check", "pipelines/*.toml"]).current_dir(root()).env("RUST_LOG", "warn").output().unwrap();
+    assert!(out.status.success(), "taplo: {}{}", text(&out.stdout), text(&out.stderr));
+    // And it does reject a schema violation (so the check above can fail).
+    let dir = tempfile::tempdir().unwrap();
+    let schema = root().join("schemas/pipeline.schema.json");
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        format!("#:schema {}\n[stages.a]\nkind = \"dataset\"\npath = 3\n", schema.display()),
+    )
+    .unwrap();
+    let out = Command::new(&taplo).args(["check", "bad.toml"]).current_dir(dir.path()).output().unwrap();
+    assert!(!out.status.success(), "taplo accepted a schema violation");
+}
+
+#[test]
+fn rerun_executes_nothing_and_plan_predicts_the_run() {
+    let p = Project::new();
+    let plan: Value = serde_json::from_slice(&p.run(&["plan", "--json", "select.toml"]).stdout).unwrap();
+    let mut predicted: Vec<String> =
+        plan["stages"].as_array().unwrap().iter().filter(|s| s["status"] != "fresh").map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    predicted.sort();
+    let (code, events, _) = p.run_logged(&[]);
+    assert_eq!(code, 0);
+    let mut ran = started(&events);
+    ran.sort();
+    assert_eq!(ran, predicted);
+    assert_eq!(items(&events).len(), 240, "one render item per sample");
+    assert!(p.path("select.lock").exists());
+
+    let out = p.run(&["plan", "select.toml"]);
+    assert!(text(&out.stdout).contains("nothing to run: every stage is fresh"), "{}", text(&out.stdout));
+    let lock = p.read("select.lock");
+    let (code, events, out) = p.run_logged(&[]);
+    assert_eq!(code, 0);
+    assert_eq!(started(&events), Vec::<String>::new(), "{}", text(&out.stdout));
+    assert_eq!(p.read("select.lock"), lock);
+}
+
+#[test]
+fn new_rows_render_only_new_items() {
+    let p = Project::new();
+    assert_eq!(p.run_logged(&[]).0, 0);
+    let mut data = p.read("data/tickets.jsonl");
+    data.push_str("{\"id\": \"n1\", \"text\": \"My parcel is lost\", \"intent\": \"shipping\"}\n");
+    data.push_str("{\"id\": \"n2\", \"text\": \"Refund my second charge\", \"intent\": \"refund\"}\n");
+    p.write("data/tickets.jsonl", &data);
+    let plan = text(&p.run(&["plan", "select.toml"]).stdout);
+    assert!(plan.contains("dirty    tickets   dataset: file `data/tickets.jsonl` changed"), "{plan}");
+    assert!(plan.contains("pending  rendered  render: upstream `tickets` will run"), "{plan}");
+    let (code, events, _) = p.run_logged(&[]);
+    assert_eq!(code, 0);
+    assert_eq!(started(&events), ["tickets", "rendered"]);
+    assert_eq!(items(&events), ["rendered/n1", "rendered/n2"]);
+}
+
+#[test]
+fn template_change_is_explained_and_reruns_only_downstream() {
+    let p = Project::new();
+    assert_eq!(p.run_logged(&[]).0, 0);
+    let template = p.read("prompts/classify.j2").replace("Answer with the intent only.", "Answer with one word.");
+    p.write("prompts/classify.j2", &template);
+    let toml = p.read("select.toml").replace("seed = 42", "seed = 42\n");
+    p.write("select.toml", &toml);
+    let plan = text(&p.run(&["plan", "select.toml"]).stdout);
+    insta::assert_snapshot!(plan);
+    let (code, events, _) = p.run_logged(&[]);
+    assert_eq!(code, 0);
+    assert_eq!(started(&events), ["prompt", "rendered"]);
+    assert_eq!(items(&events).len(), 240);
+}
+
+#[test]
+fn config_change_names_the_field() {
+    let p = Project::new();
+    assert_eq!(p.run_logged(&[]).0, 0);
+    p.write("select.toml", &p.read("select.toml").replace("heldout = 0.3", "heldout = 0.25"));
+    let plan = text(&p.run(&["plan", "select.toml"]).stdout);
+    assert!(plan.contains("dirty    tickets   dataset: config changed: heldout 0.3 → 0.25"), "{plan}");
+    // The split changed, but rendering does not depend on it: `rendered` is cut off.
+    let (code, events, _) = p.run_logged(&[]);
+    assert_eq!(code, 0);
+    assert_eq!(started(&events), ["tickets", "rendered"]);
+    assert_eq!(items(&events), Vec::<String>::new(), "every render item is memoized");
+}
+
+#[test]
+fn locked_run_names_the_difference_and_leaves_the_lockfile() {
+    let p = Project::new();
+    let out = p.run(&["run", "--locked", "select.toml"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(text(&out.stderr).contains("there is no lockfile"), "{}", text(&out.stderr));
+    assert_eq!(p.run_logged(&[]).0, 0);
+    let lock = p.read("select.lock");
+    assert_eq!(p.run(&["run", "--locked", "select.toml"]).status.code(), Some(0));
+    p.write("select.toml", &p.read("select.toml").replace("seed = 42", "seed = 43"));
+    let out = p.run(&["run", "--locked", "select.toml"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(text(&out.stderr).contains("seed 43 (locked: 42)"), "{}", text(&out.stderr));
+    assert_eq!(p.read("select.lock"), lock);
+}
+
+#[test]
+fn a_second_run_on_the_same_store_is_refused() {
+    let p = Project::new();
+    std::fs::create_dir_all(p.path(".pipeline")).unwrap();
+    let held = std::fs::File::create(p.path(".pipeline/lock")).unwrap();
+    held.try_lock().unwrap();
+    let out = p.run(&["run", "select.toml"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stderr).contains("another `pipeline run` is using the store"), "{}", text(&out.stderr));
+    drop(held);
+    assert_eq!(p.run(&["run", "select.toml"]).status.code(), Some(0));
+}
+
+#[test]
+fn graph_and_show() {
+    let p = Project::new();
+    insta::assert_snapshot!("mermaid", text(&p.run(&["graph", "select.toml"]).stdout));
+    insta::assert_snapshot!("dot", text(&p.run(&["graph", "select.toml", "--format", "dot"]).stdout));
+    let out = p.run(&["show", "select.toml", "rendered"]);
+    assert_eq!(out.status.code(), Some(3), "nothing to show before a run");
+    assert_eq!(p.run_logged(&[]).0, 0);
+    let out = p.run(&["show", "select.toml", "tickets"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["counts"]["dev"].as_u64().unwrap() + v["counts"]["heldout"].as_u64().unwrap(), 240);
+    let out = p.run(&["show", "select.toml", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn run_json_summary() {
+    let p = Project::new();
+    let out = p.run(&["run", "--json", "select.toml"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["stop"], "done");
+    let stages: Vec<(&str, &str)> =
+        v["iterations"][0]["stages"].as_array().unwrap().iter().map(|s| (s["id"].as_str().unwrap(), s["status"].as_str().unwrap())).collect();
+    assert_eq!(stages, [("tickets", "executed"), ("prompt", "executed"), ("rendered", "executed")]);
+}

@@ -1,1 +1,248 @@
+//! `dataset`: a JSONL golden set, checked line by line, split into dev / held-out.
+//!
+//! The split is deterministic and stratified: within each label (or over all samples when there
+//! is no label field), samples are ordered by BLAKE3(seed, id) and the first `heldout` fraction is
+//! held out. Ordering by a hash of the id, not by file position, keeps most samples in their split
+//! when rows are added or reordered.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use engine::diag::{Diagnostic, SourceFile};
+use engine::{BuildContext, FileRef, Item, Port, Stage, StageError, StageInput, StagePlugin};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+pub struct Dataset;
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// JSONL file, one JSON object per line, relative to the pipeline file.
+    pub path: FileRef,
+    /// Field holding each sample's unique id.
+    #[serde(default = "default_id")]
+    pub id: String,
+    /// Field holding the reference label; stratifies the split when set.
+    pub label: Option<String>,
+    /// Fraction of samples held out for the final quality figure (0 to 1).
+    #[serde(default = "default_heldout")]
+    pub heldout: Fraction,
+}
+
+/// A number in [0, 1], checked while deserializing so the error points at the value.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Fraction(#[schemars(range(min = 0.0, max = 1.0))] pub f64);
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let x = f64::deserialize(d)?;
+        if (0.0..=1.0).contains(&x) {
+            Ok(Fraction(x))
+        } else {
+            Err(serde::de::Error::custom(format!("must be a fraction between 0 and 1, not {x}")))
+        }
+    }
+}
+
+fn default_id() -> String {
+    "id".into()
+}
+
+fn default_heldout() -> Fraction {
+    Fraction(0.3)
+}
+
+impl StagePlugin for Dataset {
+    type Config = DatasetConfig;
+    const KIND: &'static str = "dataset";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "a JSONL golden set, validated and split into dev / held-out by seed";
+    const INPUTS: &'static [Port] = &[];
+    const OUTPUT: &'static str = "dataset";
+
+    fn build(config: DatasetConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        let path = cx.file(&config.path).map_err(|d| vec![d])?;
+        // Check every line now, so `pipeline validate` reports them all with their locations.
+        let text = std::fs::read(&path).map_err(|e| vec![cx.error_at(config.path.span.clone(), format!("cannot read `{}`: {e}", config.path.path), "here")])?;
+        let file = SourceFile::new(cx.display_path(&config.path), String::from_utf8_lossy(&text).into_owned());
+        parse_samples(&file, &config).map_err(|errors| errors.into_iter().map(|e| e.diagnostic(&file)).collect::<Vec<_>>())?;
+        Ok(Arc::new(DatasetStage(config)))
+    }
+}
+
+struct DatasetStage(DatasetConfig);
+
+impl Stage for DatasetStage {
+    fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        let bytes = input.file(&self.0.path)?;
+        let file = SourceFile::new(&self.0.path.path, String::from_utf8_lossy(bytes).into_owned());
+        let samples = parse_samples(&file, &self.0).map_err(|errors| {
+            let first = &errors[0];
+            let (line, col) = file.line_col(first.span.start);
+            StageError::new(format!("{}:{line}:{col}: {} ({} problem(s) in all)", self.0.path.path, first.message, errors.len()))
+        })?;
+        Ok(split(samples, &self.0, input.seed))
+    }
+}
+
+struct Sample {
+    id: String,
+    label: Option<String>,
+    fields: Map<String, Value>,
+}
+
+struct LineError {
+    span: std::ops::Range<usize>,
+    message: String,
+}
+
+impl LineError {
+    fn diagnostic(&self, file: &SourceFile) -> Diagnostic {
+        Diagnostic::error(format!("bad sample: {}", self.message)).at(file, self.span.clone(), "here")
+    }
+}
+
+fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample>, Vec<LineError>> {
+    let mut samples = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut offset = 0;
+    for (n, raw) in file.text.split_inclusive('\n').enumerate() {
+        let start = offset;
+        offset += raw.len();
+        let line = raw.trim_end_matches(['\n', '\r']);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let whole = start..start + line.len();
+        let value: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                let at = start + line.char_indices().nth(e.column().saturating_sub(1)).map_or(line.len(), |(i, _)| i);
+                errors.push(LineError { span: at..at + 1, message: format!("line {} is not valid JSON: {e}", n + 1) });
+                continue;
+            }
+        };
+        let Value::Object(fields) = value else {
+            errors.push(LineError { span: whole, message: format!("line {} is not a JSON object", n + 1) });
+            continue;
+        };
+        let id = match fields.get(&config.id) {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::Number(x)) => x.to_string(),
+            Some(other) => {
+                errors.push(LineError { span: whole, message: format!("line {}: id field `{}` must be a string or number, found {other}", n + 1, config.id) });
+                continue;
+            }
+            None => {
+                errors.push(LineError { span: whole, message: format!("line {} has no id field `{}`", n + 1, config.id) });
+                continue;
+            }
+        };
+        if let Some(first) = seen.insert(id.clone(), n + 1) {
+            errors.push(LineError { span: whole, message: format!("duplicate id `{id}` on line {} (first on line {first})", n + 1) });
+            continue;
+        }
+        let label = match &config.label {
+            None => None,
+            Some(field) => match fields.get(field) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => Some(v.to_string()),
+                _ => {
+                    errors.push(LineError { span: whole, message: format!("line {}: label field `{field}` is missing or not a string", n + 1) });
+                    continue;
+                }
+            },
+        };
+        samples.push(Sample { id, label, fields });
+    }
+    if samples.is_empty() && errors.is_empty() {
+        errors.push(LineError { span: 0..0, message: "the dataset has no samples".into() });
+    }
+    if errors.is_empty() { Ok(samples) } else { Err(errors) }
+}
+
+fn split(samples: Vec<Sample>, config: &DatasetConfig, seed: u64) -> Value {
+    let mut strata: BTreeMap<Option<&str>, Vec<usize>> = BTreeMap::new();
+    for (i, s) in samples.iter().enumerate() {
+        strata.entry(s.label.as_deref()).or_default().push(i);
+    }
+    let mut heldout = vec![false; samples.len()];
+    for members in strata.values_mut() {
+        members.sort_by_cached_key(|&i| {
+            let mut h = blake3::Hasher::new();
+            h.update(&seed.to_le_bytes());
+            h.update(samples[i].id.as_bytes());
+            *h.finalize().as_bytes()
+        });
+        let take = (members.len() as f64 * config.heldout.0).round() as usize;
+        for &i in members.iter().take(take) {
+            heldout[i] = true;
+        }
+    }
+    let n_heldout = heldout.iter().filter(|h| **h).count();
+    let rows: Vec<Value> = samples
+        .into_iter()
+        .zip(heldout)
+        .map(|(s, h)| json!({"id": s.id, "split": if h { "heldout" } else { "dev" }, "label": s.label, "fields": s.fields}))
+        .collect();
+    json!({
+        "label_field": config.label,
+        "counts": {"dev": rows.len() - n_heldout, "heldout": n_heldout},
+        "samples": rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(heldout: f64) -> DatasetConfig {
+        DatasetConfig { path: FileRef { path: "d.jsonl".into(), span: None }, id: "id".into(), label: Some("y".into()), heldout: Fraction(heldout) }
+    }
+
+    fn check(text: &str) -> Vec<String> {
+        let file = SourceFile::new("d.jsonl", text);
+        match parse_samples(&file, &config(0.5)) {
+            Ok(s) => s.iter().map(|s| format!("{}={}", s.id, s.label.as_deref().unwrap_or("-"))).collect(),
+            Err(es) => es
+                .iter()
+                .map(|e| {
+                    let (l, c) = file.line_col(e.span.start);
+                    format!("{l}:{c} {}", e.message)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn reports_every_bad_line_with_its_position() {
+        let text = "{\"id\": \"a\", \"y\": \"x\"}\n\n{\"id\": \"b\" \"y\": \"x\"}\n[1]\n{\"y\": \"x\"}\n{\"id\": \"a\", \"y\": \"z\"}\n{\"id\": 7, \"y\": true}\n";
+        assert_eq!(
+            check(text),
+            [
+                "3:12 line 3 is not valid JSON: expected `,` or `}` at line 1 column 12",
+                "4:1 line 4 is not a JSON object",
+                "5:1 line 5 has no id field `id`",
+                "6:1 duplicate id `a` on line 6 (first on line 1)",
+            ]
+        );
+        assert_eq!(check("{\"id\": 7, \"y\": true}"), ["7=true"]);
+    }
+
+    #[test]
+    fn split_is_stratified_deterministic_and_seeded() {
+        let text: String = (0..40).map(|i| format!("{{\"id\": \"s{i}\", \"y\": \"{}\"}}\n", if i % 4 == 0 { "rare" } else { "common" })).collect();
+        let file = SourceFile::new("d.jsonl", text.as_str());
+        let out = |seed| split(parse_samples(&file, &config(0.3)).ok().unwrap(), &config(0.3), seed);
+        let a = out(1);
+        assert_eq!(a, out(1));
+        assert_ne!(a, out(2));
+        let held = |label: &str| a["samples"].as_array().unwrap().iter().filter(|s| s["label"] == label && s["split"] == "heldout").count();
+        assert_eq!((held("rare"), held("common")), (3, 9)); // 30% of 10 and of 30
+        assert_eq!(a["counts"], json!({"dev": 28, "heldout": 12}));
+    }
+}

@@ -1,1 +1,205 @@
+//! `prompt` and `render`: prompt templates as versioned artifacts, and their rendering per sample.
+//!
+//! A `prompt` artifact is the template text itself (not a path), so a revised prompt produced by a
+//! later stage and fed back through `[iterate]` is the same kind of value as one read from a file.
+//! `render` turns (sample × prompt) into chat messages, one memoized item per sample: editing a
+//! template re-renders, adding samples renders only the new ones.
+//!
+//! Templates are minijinja with strict undefined values, no loader and no globals beyond the
+//! sample: a template cannot read files or the environment.
 
+use std::sync::Arc;
+
+use engine::diag::{Diagnostic, SourceFile};
+use engine::{BuildContext, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
+use minijinja::{Environment, UndefinedBehavior};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub struct Prompt;
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromptConfig {
+    /// minijinja template of the user message, relative to the pipeline file. Sample fields are
+    /// variables (`{{ text }}`); `id` is the sample id.
+    pub template: FileRef,
+    /// System message (also a template).
+    pub system: Option<String>,
+}
+
+impl StagePlugin for Prompt {
+    type Config = PromptConfig;
+    const KIND: &'static str = "prompt";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "a prompt template (user message from a minijinja file, optional system message)";
+    const INPUTS: &'static [Port] = &[];
+    const OUTPUT: &'static str = "prompt";
+
+    fn build(config: PromptConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        let path = cx.file(&config.template).map_err(|d| vec![d])?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| vec![cx.error_at(config.template.span.clone(), format!("cannot read template: {e}"), "here")])?;
+        let mut errors = Vec::new();
+        let file = SourceFile::new(cx.display_path(&config.template), text.as_str());
+        if let Err(e) = check_syntax(&text) {
+            errors.push(template_diagnostic(&file, &e));
+        }
+        if let Some(system) = &config.system
+            && let Err(e) = check_syntax(system)
+        {
+            errors.push(cx.error_at(None, format!("`system` is not a valid template: {e}"), ""));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Arc::new(PromptStage(config)))
+    }
+}
+
+fn check_syntax(source: &str) -> Result<(), minijinja::Error> {
+    environment().template_from_str(source).map(|_| ())
+}
+
+fn template_diagnostic(file: &SourceFile, e: &minijinja::Error) -> Diagnostic {
+    let span = e.range().or_else(|| {
+        let line = e.line()?;
+        let start: usize = file.text.split_inclusive('\n').take(line - 1).map(str::len).sum();
+        let len = file.text[start..].find('\n').unwrap_or(file.text.len() - start);
+        Some(start..start + len)
+    });
+    let d = Diagnostic::error(format!("template error: {}", e.detail().unwrap_or(&e.kind().to_string())));
+    match span {
+        Some(span) => d.at(file, span, e.kind().to_string()),
+        None => d,
+    }
+}
+
+struct PromptStage(PromptConfig);
+
+impl Stage for PromptStage {
+    fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        let template = std::str::from_utf8(input.file(&self.0.template)?)
+            .map_err(|_| StageError::new(format!("template `{}` is not UTF-8", self.0.template.path)))?;
+        Ok(json!({"source": self.0.template.path, "system": self.0.system, "template": template}))
+    }
+}
+
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env
+}
+
+pub struct Render;
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    #[default]
+    All,
+    Dev,
+    Heldout,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenderConfig {
+    /// Which samples to render.
+    #[serde(default)]
+    pub split: Split,
+}
+
+impl StagePlugin for Render {
+    type Config = RenderConfig;
+    const KIND: &'static str = "render";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "render a prompt for every sample into chat messages (one memoized item per sample)";
+    const INPUTS: &'static [Port] = &[Port { name: "dataset", ty: "dataset" }, Port { name: "prompt", ty: "prompt" }];
+    const OUTPUT: &'static str = "rendered";
+
+    fn build(config: RenderConfig, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        Ok(Arc::new(RenderStage(config)))
+    }
+}
+
+struct RenderStage(RenderConfig);
+
+#[async_trait::async_trait]
+impl Stage for RenderStage {
+    fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
+        let prompt = input.input("prompt")?;
+        let samples = input.input("dataset")?["samples"].as_array().ok_or_else(|| StageError::new("dataset has no `samples`"))?;
+        Ok(samples
+            .iter()
+            .filter(|s| match self.0.split {
+                Split::All => true,
+                Split::Dev => s["split"] == "dev",
+                Split::Heldout => s["split"] == "heldout",
+            })
+            .map(|s| Item {
+                id: s["id"].as_str().unwrap_or_default().to_string(),
+                // Only what the rendering depends on: not the split, not the label.
+                input: json!({"id": s["id"], "fields": s["fields"], "system": prompt["system"], "template": prompt["template"]}),
+            })
+            .collect())
+    }
+
+    async fn run_item(&self, item: &Item, _: &ItemContext) -> Result<Value, StageError> {
+        let env = environment();
+        let mut context = item.input["fields"].as_object().cloned().unwrap_or_default();
+        context.insert("id".into(), item.input["id"].clone());
+        let render = |source: &str| {
+            env.render_str(source, minijinja::Value::from(minijinja::value::Serde(&context))).map_err(|e| {
+                let at = e.line().map(|l| format!(" (template line {l})")).unwrap_or_default();
+                StageError::new(format!("{}{at}", e.detail().map(str::to_string).unwrap_or_else(|| e.to_string())))
+            })
+        };
+        let mut messages = Vec::new();
+        if let Some(system) = item.input["system"].as_str() {
+            messages.push(json!({"role": "system", "content": render(system)?}));
+        }
+        messages.push(json!({"role": "user", "content": render(item.input["template"].as_str().unwrap_or_default())?}));
+        Ok(Value::Array(messages))
+    }
+
+    fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        let prompt = input.input("prompt")?;
+        Ok(json!({
+            "prompt": prompt["source"],
+            "samples": results.into_iter().map(|(item, messages)| json!({"id": item.id, "messages": messages})).collect::<Vec<_>>(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(template: &str, fields: Value) -> Result<Value, StageError> {
+        let item = Item { id: "s1".into(), input: json!({"id": "s1", "fields": fields, "system": "Be brief.", "template": template}) };
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(RenderStage(RenderConfig { split: Split::All }).run_item(&item, &ItemContext { seed: 0 }))
+    }
+
+    #[test]
+    fn renders_sample_fields_into_messages() {
+        assert_eq!(
+            render("Ticket {{ id }}: {{ text | upper }}", json!({"text": "refund please"})).unwrap(),
+            json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ticket s1: REFUND PLEASE"}])
+        );
+    }
+
+    #[test]
+    fn undefined_variables_are_errors_that_name_the_line() {
+        let e = render("line one\n{{ txt }}", json!({"text": "x"})).unwrap_err();
+        assert_eq!(e.message, "`txt` is undefined (template line 2)");
+    }
+
+    #[test]
+    fn templates_cannot_reach_files_or_environment() {
+        assert!(render("{% include 'secret.txt' %}", json!({})).is_err());
+        assert!(render("{{ env.HOME }}", json!({})).is_err());
+    }
+}
