@@ -129,7 +129,7 @@ fn default_jobs() -> usize {
 
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register::<dataset::Dataset>().register::<prompt::Prompt>().register::<prompt::Render>();
+    r.register::<command::Command>().register::<dataset::Dataset>().register::<prompt::Prompt>().register::<prompt::Render>();
     r
 }
 

@@ -45,7 +45,7 @@ impl Observer for Progress {
                     bar.finish_and_clear();
                 }
                 if let Event::Failed { stage, error, .. } = event {
-                    tracing::error!(stage, error, "stage failed");
+                    tracing::debug!(stage, error, "stage failed");
                 }
             }
             Event::Fresh { stage, .. } => tracing::debug!(stage, "fresh"),

@@ -45,8 +45,9 @@ pub struct StageNode {
     pub kind: &'static str,
     pub version: u32,
     pub output_ty: &'static str,
-    /// (port, index into `Pipeline::stages`) for every `needs` entry.
-    pub inputs: Vec<(&'static str, usize)>,
+    /// (input name, index into `Pipeline::stages`) for every `needs` entry. The input name is the
+    /// port's name, or the upstream stage id for a port that takes any artifact ([`crate::stage::ANY`]).
+    pub inputs: Vec<(String, usize)>,
     pub stage: Arc<dyn Stage>,
     /// Canonical config (serialized plugin config), fingerprinted and diffed.
     pub config: Value,
@@ -454,7 +455,7 @@ fn check_graph(file: &SourceFile, stages_mut: &mut [RawStage], diags: &mut Vec<D
     let index: HashMap<&str, usize> = stages.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
     let mut graph = DiGraph::<usize, Range<usize>>::new();
     let nodes: Vec<NodeIndex> = (0..stages.len()).map(|i| graph.add_node(i)).collect();
-    let mut bindings: Vec<Vec<(&'static str, usize)>> = vec![Vec::new(); stages.len()];
+    let mut bindings: Vec<Vec<(String, usize)>> = vec![Vec::new(); stages.len()];
 
     for (i, s) in stages.iter().enumerate() {
         for need in &s.needs {
@@ -475,7 +476,8 @@ fn check_graph(file: &SourceFile, stages_mut: &mut [RawStage], diags: &mut Vec<D
             // Bind to a port by artifact type (only when both stages built).
             let (Some(_), Some(upnode)) = (&s.node, &stages[up].node) else { continue };
             let ports = s.ports;
-            match ports.iter().find(|p| p.ty == upnode.output_ty) {
+            let port = ports.iter().find(|p| p.ty == upnode.output_ty).or_else(|| ports.iter().find(|p| p.ty == crate::stage::ANY));
+            match port {
                 None => diags.push(
                     Diagnostic::error(format!(
                         "stage `{}` (kind `{}`) cannot take `{name}`: it produces `{}`",
@@ -488,8 +490,9 @@ fn check_graph(file: &SourceFile, stages_mut: &mut [RawStage], diags: &mut Vec<D
                         format!("kind `{}` takes: {}", s.kind, describe_ports(ports))
                     }),
                 ),
+                Some(port) if port.ty == crate::stage::ANY => bindings[i].push((name.clone(), up)),
                 Some(port) => {
-                    if let Some((_, other)) = bindings[i].iter().find(|(p, _)| *p == port.name) {
+                    if let Some((_, other)) = bindings[i].iter().find(|(p, _)| p == port.name) {
                         diags.push(
                             Diagnostic::error(format!(
                                 "stage `{}` gets two inputs for port `{}` (`{}` and `{name}`)",
@@ -498,7 +501,7 @@ fn check_graph(file: &SourceFile, stages_mut: &mut [RawStage], diags: &mut Vec<D
                             .at(file, need.span(), "second input of the same type"),
                         );
                     } else {
-                        bindings[i].push((port.name, up));
+                        bindings[i].push((port.name.to_string(), up));
                     }
                 }
             }
@@ -509,8 +512,8 @@ fn check_graph(file: &SourceFile, stages_mut: &mut [RawStage], diags: &mut Vec<D
         if s.node.is_none() || s.needs_invalid || s.needs.iter().any(|n| !index.contains_key(n.get_ref().as_str()) || stages[index[n.get_ref().as_str()]].node.is_none()) {
             continue;
         }
-        for port in s.ports {
-            if !bindings[i].iter().any(|(p, _)| *p == port.name) {
+        for port in s.ports.iter().filter(|p| p.ty != crate::stage::ANY) {
+            if !bindings[i].iter().any(|(p, _)| p == port.name) {
                 diags.push(
                     Diagnostic::error(format!("stage `{}` (kind `{}`) is missing its `{}` input (a `{}`)", s.id, s.kind, port.name, port.ty))
                         .at(file, s.id_span.clone(), format!("add a stage producing `{}` to `needs`", port.ty)),

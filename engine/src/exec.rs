@@ -182,20 +182,20 @@ struct Ctx {
     locked: Option<Lockfile>,
 }
 
-fn fingerprint(pipeline: &Pipeline, files: &Files, i: usize, inputs: &BTreeMap<&'static str, Digest>) -> Fingerprint {
+fn fingerprint(pipeline: &Pipeline, files: &Files, i: usize, inputs: &BTreeMap<String, Digest>) -> Fingerprint {
     let node = &pipeline.stages[i];
     Fingerprint {
         format: FORMAT_VERSION,
         kind: node.kind.to_string(),
         plugin_version: node.version,
         config: node.config.clone(),
-        inputs: inputs.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        inputs: inputs.clone(),
         files: node.files.iter().map(|(w, _)| (w.clone(), files.0[w].1)).collect(),
         seed: pipeline.seed,
     }
 }
 
-fn stage_input(pipeline: &Pipeline, files: &Files, i: usize, inputs: BTreeMap<&'static str, Arc<Value>>) -> StageInput {
+fn stage_input(pipeline: &Pipeline, files: &Files, i: usize, inputs: BTreeMap<String, Arc<Value>>) -> StageInput {
     StageInput {
         inputs,
         files: pipeline.stages[i].files.iter().map(|(w, _)| (w.clone(), files.0[w].0.clone())).collect(),
@@ -390,10 +390,10 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<Digest>, jobs
                 release(i, &dependents, &mut waiting, &mut ready);
                 continue;
             }
-            let inputs: BTreeMap<&'static str, Digest> = node
+            let inputs: BTreeMap<String, Digest> = node
                 .inputs
                 .iter()
-                .map(|(port, up)| (*port, results[*up].as_ref().and_then(|r| r.output).expect("upstream finished")))
+                .map(|(port, up)| (port.clone(), results[*up].as_ref().and_then(|r| r.output).expect("upstream finished")))
                 .collect();
             let ctx = ctx.clone();
             running.spawn(async move {
@@ -519,7 +519,7 @@ fn check_targets(ctx: &Ctx, stages: &[StageResult]) -> TargetCheck {
     (metrics, results, Some(met))
 }
 
-async fn run_stage(ctx: &Arc<Ctx>, iteration: u32, i: usize, inputs: BTreeMap<&'static str, Digest>) -> Result<StageDone, StageFail> {
+async fn run_stage(ctx: &Arc<Ctx>, iteration: u32, i: usize, inputs: BTreeMap<String, Digest>) -> Result<StageDone, StageFail> {
     let pipeline = &ctx.pipeline;
     let node = &pipeline.stages[i];
     let fp = fingerprint(pipeline, &ctx.files, i, &inputs);
@@ -557,7 +557,7 @@ async fn run_stage(ctx: &Arc<Ctx>, iteration: u32, i: usize, inputs: BTreeMap<&'
     let mut values = BTreeMap::new();
     for (port, d) in &inputs {
         let v = ctx.store.get_object(d).ok_or_else(|| StageFail::Error(format!("input `{port}` ({}) is missing from the store", d.short())))?;
-        values.insert(*port, Arc::new(v));
+        values.insert(port.clone(), Arc::new(v));
     }
     let input = Arc::new(stage_input(pipeline, &ctx.files, i, values));
     let items = node.stage.items(&input).map_err(|e| StageFail::Error(e.message))?;
@@ -685,7 +685,7 @@ pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<PlanReport, RunError> 
         for (port, up) in &node.inputs {
             match outputs[*up] {
                 Some(d) => {
-                    inputs.insert(*port, d);
+                    inputs.insert(port.clone(), d);
                 }
                 None => unknown.push(pipeline.stages[*up].id.clone()),
             }
@@ -711,7 +711,7 @@ pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<PlanReport, RunError> 
         let mut values = BTreeMap::new();
         for (port, d) in &inputs {
             if let Some(v) = store.get_object(d) {
-                values.insert(*port, Arc::new(v));
+                values.insert(port.clone(), Arc::new(v));
             }
         }
         if values.len() == inputs.len() {

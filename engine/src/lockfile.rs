@@ -79,7 +79,8 @@ impl LockedStage {
 }
 
 pub fn path_for(pipeline: &Pipeline) -> PathBuf {
-    pipeline.base_dir.join(format!("{}.lock", pipeline.name))
+    let name = format!("{}.lock", pipeline.name);
+    if pipeline.base_dir == Path::new(".") { PathBuf::from(name) } else { pipeline.base_dir.join(name) }
 }
 
 impl Lockfile {

@@ -23,6 +23,9 @@ use serde_json::Value;
 
 use crate::diag::{Diagnostic, SourceFile};
 
+/// Port type accepting any artifact, any number of times; each is named by its upstream stage id.
+pub const ANY: &str = "*";
+
 /// A named, typed input of a stage kind. `needs` entries are bound to ports by artifact type.
 #[derive(Debug, Clone, Copy)]
 pub struct Port {
@@ -86,7 +89,7 @@ pub struct ItemContext {
 /// What a stage sees when it runs.
 pub struct StageInput {
     /// Upstream artifacts by port name.
-    pub inputs: BTreeMap<&'static str, Arc<Value>>,
+    pub inputs: BTreeMap<String, Arc<Value>>,
     /// Referenced files by their path as written in the pipeline; the exact bytes that were digested.
     pub files: BTreeMap<String, Arc<[u8]>>,
     pub seed: u64,

@@ -288,3 +288,38 @@ fn run_json_summary() {
         v["iterations"][0]["stages"].as_array().unwrap().iter().map(|s| (s["id"].as_str().unwrap(), s["status"].as_str().unwrap())).collect();
     assert_eq!(stages, [("tickets", "executed"), ("prompt", "executed"), ("rendered", "executed")]);
 }
+
+#[test]
+fn command_stage_runs_a_users_program_and_reruns_when_its_script_changes() {
+    let p = Project::new();
+    p.write("count.py", "import json, sys\nd = json.load(sys.stdin)\nprint(json.dumps({'metrics': {'samples': len(d['inputs']['rendered']['samples'])}}))\n");
+    let toml = p.read("select.toml")
+        + "\n[stages.count]\nkind = \"command\"\nneeds = [\"rendered\"]\nrun = [\"python3\", \"count.py\"]\nfiles = [\"count.py\"]\n\n[targets]\nfrom = \"count\"\nsamples = { min = 200 }\n";
+    p.write("select.toml", &toml);
+    let out = p.run(&["run", "select.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("target   samples = 240.0000 (wanted ≥ 200) met"), "{}", text(&out.stdout));
+    p.write("count.py", &p.read("count.py").replace("'samples': len(", "'samples': 0 + len("));
+    let plan = text(&p.run(&["plan", "select.toml"]).stdout);
+    assert!(plan.contains("dirty    count     command: file `count.py` changed"), "{plan}");
+    let (code, events, _) = p.run_logged(&[]);
+    assert_eq!(code, 0);
+    assert_eq!(started(&events), ["count"]);
+}
+
+#[test]
+fn a_failing_stage_is_reported_and_exits_1() {
+    let p = Project::new();
+    let toml = p.read("select.toml")
+        + "\n[stages.broken]\nkind = \"command\"\nneeds = [\"tickets\"]\nrun = [\"python3\", \"-c\", \"import sys; sys.exit('no such column: intent2')\"]\n\n[stages.after]\nkind = \"command\"\nneeds = [\"broken\"]\nrun = [\"python3\", \"-c\", \"print(1)\"]\n";
+    p.write("select.toml", &toml);
+    let out = p.run(&["run", "select.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("FAILED   broken"), "{stdout}");
+    assert!(stdout.contains("no such column: intent2"), "{stdout}");
+    assert!(stdout.contains("skipped  after     command  upstream `broken` failed"), "{stdout}");
+    // The independent branch finished and is kept.
+    assert!(stdout.contains("ran      rendered"), "{stdout}");
+    assert!(!p.path("select.lock").exists());
+}

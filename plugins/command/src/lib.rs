@@ -1,0 +1,160 @@
+//! `command`: run a program of your own as a stage (a custom metric, an export, a report).
+//!
+//! The program gets `{"inputs": {<upstream id>: <artifact>, ...}, "seed": N}` as JSON on stdin
+//! and must print its output artifact as JSON on stdout. It runs in the pipeline file's directory,
+//! without a shell. Its fingerprint covers `run`, the digests of `files` and of the inputs, and
+//! the seed — list the scripts it reads in `files` so that editing them reruns it.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::diag::Diagnostic;
+use engine::stage::ANY;
+use engine::{BuildContext, FileRef, Item, Port, Stage, StageError, StageInput, StagePlugin};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub struct Command;
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommandConfig {
+    /// Program and arguments, run without a shell in the pipeline file's directory.
+    pub run: Vec<String>,
+    /// Files the program reads (its script, say): digested into the fingerprint.
+    #[serde(default)]
+    pub files: Vec<FileRef>,
+    /// Kill the program after this many seconds.
+    pub timeout_s: Option<u64>,
+}
+
+impl StagePlugin for Command {
+    type Config = CommandConfig;
+    const KIND: &'static str = "command";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "run a program: upstream artifacts as JSON on stdin, its output artifact as JSON on stdout";
+    const INPUTS: &'static [Port] = &[Port { name: "inputs", ty: ANY }];
+    const OUTPUT: &'static str = "json";
+
+    fn build(config: CommandConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        let mut errors = Vec::new();
+        if config.run.is_empty() || config.run[0].is_empty() {
+            errors.push(cx.error_at(None, "`run` needs at least the program to run", ""));
+        }
+        for f in &config.files {
+            if let Err(d) = cx.file(f) {
+                errors.push(d);
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let dir = std::path::absolute(cx.base_dir).unwrap_or_else(|_| cx.base_dir.to_path_buf());
+        Ok(Arc::new(CommandStage { config, dir }))
+    }
+}
+
+struct CommandStage {
+    config: CommandConfig,
+    dir: PathBuf,
+}
+
+impl Stage for CommandStage {
+    fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        let inputs: serde_json::Map<String, Value> = input.inputs.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect();
+        let stdin = serde_json::to_vec(&json!({"inputs": inputs, "seed": input.seed})).expect("JSON");
+        let program = &self.config.run[0];
+        let mut child = std::process::Command::new(program)
+            .args(&self.config.run[1..])
+            .current_dir(&self.dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| StageError::new(format!("cannot start `{program}`: {e}")))?;
+        let mut child_in = child.stdin.take().expect("piped");
+        let writer = std::thread::spawn(move || child_in.write_all(&stdin));
+        let mut out = child.stdout.take().expect("piped");
+        let mut err = child.stderr.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            out.read_to_end(&mut buf).map(|_| buf)
+        });
+        let err_reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = err.read_to_end(&mut buf);
+            buf
+        });
+        let deadline = self.config.timeout_s.map(|s| Instant::now() + Duration::from_secs(s));
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| StageError::new(format!("`{program}`: {e}")))? {
+                break status;
+            }
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(StageError::new(format!("`{program}` ran past timeout_s = {}", self.config.timeout_s.unwrap_or(0))));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // A program that exits without reading stdin closes the pipe: not an error by itself.
+        let _ = writer.join();
+        let stdout = reader.join().expect("reader thread").map_err(|e| StageError::new(format!("reading `{program}` output: {e}")))?;
+        let stderr = err_reader.join().expect("reader thread");
+        if !status.success() {
+            let tail: Vec<&str> = std::str::from_utf8(&stderr).unwrap_or("").lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(StageError::new(format!("`{program}` failed ({status}):\n{}", tail.join("\n"))));
+        }
+        if stdout.iter().all(u8::is_ascii_whitespace) {
+            return Err(StageError::new(format!("`{program}` printed nothing; a command stage must print its output as JSON")));
+        }
+        serde_json::from_slice(&stdout).map_err(|e| StageError::new(format!("`{program}` did not print JSON: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn run(argv: &[&str]) -> Result<Value, StageError> {
+        let stage = CommandStage {
+            config: CommandConfig { run: argv.iter().map(|s| s.to_string()).collect(), files: vec![], timeout_s: Some(10) },
+            dir: std::env::temp_dir(),
+        };
+        let input = StageInput { inputs: BTreeMap::from([("a".to_string(), Arc::new(json!([1, 2, 3])))]), files: BTreeMap::new(), seed: 9 };
+        stage.finish(&input, vec![])
+    }
+
+    #[test]
+    fn passes_inputs_on_stdin_and_reads_json_from_stdout() {
+        let out = run(&["python3", "-c", "import json,sys; d=json.load(sys.stdin); print(json.dumps({'sum': sum(d['inputs']['a']), 'seed': d['seed']}))"]);
+        assert_eq!(out.unwrap(), json!({"sum": 6, "seed": 9}));
+    }
+
+    #[test]
+    fn failures_say_what_happened() {
+        let e = run(&["python3", "-c", "import sys; print('bad input', file=sys.stderr); sys.exit(3)"]).unwrap_err();
+        assert!(e.message.contains("failed (exit status: 3):\nbad input"), "{}", e.message);
+        assert!(run(&["python3", "-c", "print('not json')"]).unwrap_err().message.contains("did not print JSON"));
+        assert!(run(&["true"]).unwrap_err().message.contains("printed nothing"));
+        assert!(run(&["no-such-program-xyz"]).unwrap_err().message.starts_with("cannot start"));
+    }
+
+    #[test]
+    fn timeout_kills_the_program() {
+        let stage = CommandStage {
+            config: CommandConfig { run: vec!["sleep".into(), "30".into()], files: vec![], timeout_s: Some(1) },
+            dir: std::env::temp_dir(),
+        };
+        let input = StageInput { inputs: BTreeMap::new(), files: BTreeMap::new(), seed: 0 };
+        let started = Instant::now();
+        assert!(stage.finish(&input, vec![]).unwrap_err().message.contains("timeout_s = 1"));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}
