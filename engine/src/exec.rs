@@ -21,7 +21,7 @@ use crate::events::{Event, Observer};
 use crate::fingerprint::{FORMAT_VERSION, Fingerprint};
 use crate::hash::Digest;
 use crate::lockfile::{ENGINE_VERSION, LOCK_VERSION, LockedStage, Lockfile};
-use crate::stage::{Item, ItemContext, StageInput};
+use crate::stage::{Cancel, Item, ItemContext, StageInput};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +197,7 @@ fn fingerprint(pipeline: &Pipeline, files: &Files, i: usize, inputs: &BTreeMap<S
 
 fn stage_input(pipeline: &Pipeline, files: &Files, i: usize, inputs: BTreeMap<String, Arc<Value>>) -> StageInput {
     StageInput {
+        cancel: Cancel::default(),
         inputs,
         files: pipeline.stages[i].files.iter().map(|(w, _)| (w.clone(), files.0[w].0.clone())).collect(),
         seed: pipeline.seed,
@@ -427,6 +428,14 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<Digest>, jobs
                 results[i] = Some(result);
                 release(i, &dependents, &mut waiting, &mut ready);
             }
+            // A stage failing after Ctrl-C most likely lost its child processes to the same signal.
+            Err(StageFail::Error(message)) if ctx.cancel.load(Ordering::SeqCst) => {
+                tracing::debug!(stage = node.id, message, "failed while interrupted");
+                result.status = Status::Skipped;
+                result.note = Some("interrupted".into());
+                ctx.emit(Event::Skipped { iteration, stage: node.id.clone(), because: "interrupted".into() });
+                results[i] = Some(result);
+            }
             Err(StageFail::Error(message)) => {
                 ctx.emit(Event::Failed { iteration, stage: node.id.clone(), error: message.clone() });
                 result.note = Some(message);
@@ -559,7 +568,7 @@ async fn run_stage(ctx: &Arc<Ctx>, iteration: u32, i: usize, inputs: BTreeMap<St
         let v = ctx.store.get_object(d).ok_or_else(|| StageFail::Error(format!("input `{port}` ({}) is missing from the store", d.short())))?;
         values.insert(port.clone(), Arc::new(v));
     }
-    let input = Arc::new(stage_input(pipeline, &ctx.files, i, values));
+    let input = Arc::new(StageInput { cancel: Cancel(ctx.cancel.clone()), ..stage_input(pipeline, &ctx.files, i, values) });
     let items = node.stage.items(&input).map_err(|e| StageFail::Error(e.message))?;
     let keys: Vec<Digest> = items.iter().map(|it| fp.item_key(&it.input)).collect();
     let mut outputs: Vec<Option<Value>> = keys.iter().map(|k| ctx.store.get_item(k)).collect();
@@ -580,8 +589,8 @@ async fn run_stage(ctx: &Arc<Ctx>, iteration: u32, i: usize, inputs: BTreeMap<St
                 break;
             }
             let Some(k) = pending.next() else { break };
-            let (stage, items, seed) = (node.stage.clone(), items.clone(), pipeline.seed);
-            running.spawn(async move { (k, stage.run_item(&items[k], &ItemContext { seed }).await) });
+            let (stage, items, cx) = (node.stage.clone(), items.clone(), ItemContext { seed: pipeline.seed, cancel: Cancel(ctx.cancel.clone()) });
+            running.spawn(async move { (k, stage.run_item(&items[k], &cx).await) });
         }
         let Some(joined) = running.join_next().await else { break };
         let (k, result) = match joined {

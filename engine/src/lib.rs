@@ -21,7 +21,7 @@ pub use events::{Event, Observer};
 pub use exec::{PlanReport, RunError, RunOptions, RunReport, plan, run};
 pub use hash::Digest;
 pub use registry::Registry;
-pub use stage::{BuildContext, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
+pub use stage::{BuildContext, Cancel, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
 pub use store::Store;
 
 #[cfg(test)]

@@ -84,6 +84,18 @@ pub struct Item {
 
 pub struct ItemContext {
     pub seed: u64,
+    /// Set on Ctrl-C: long items may stop early (their result is then discarded).
+    pub cancel: Cancel,
+}
+
+/// The run's interrupt flag, for work that can stop early.
+#[derive(Clone, Default)]
+pub struct Cancel(pub(crate) Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// What a stage sees when it runs.
@@ -93,6 +105,8 @@ pub struct StageInput {
     /// Referenced files by their path as written in the pipeline; the exact bytes that were digested.
     pub files: BTreeMap<String, Arc<[u8]>>,
     pub seed: u64,
+    /// Set on Ctrl-C: long-running `finish` work may stop early and return an error.
+    pub cancel: Cancel,
 }
 
 impl StageInput {

@@ -323,3 +323,40 @@ fn a_failing_stage_is_reported_and_exits_1() {
     assert!(stdout.contains("ran      rendered"), "{stdout}");
     assert!(!p.path("select.lock").exists());
 }
+
+/// Ctrl-C in a terminal signals the whole process group: `pipeline` and the programs it runs.
+#[test]
+fn ctrl_c_stops_cleanly_and_keeps_finished_work() {
+    use std::os::unix::process::CommandExt;
+    let p = Project::new();
+    let toml = p.read("select.toml")
+        + "\n[stages.slow]\nkind = \"command\"\nneeds = [\"rendered\"]\nrun = [\"python3\", \"-c\", \"import time; time.sleep(60)\"]\n";
+    p.write("select.toml", &toml);
+    let log = p.path("events.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "select.toml", "--events", log.to_str().unwrap()])
+        .current_dir(p.dir.path())
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("\"stage\":\"slow\"") {
+        assert!(std::time::Instant::now() < deadline, "the slow stage never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let kill = Command::new("kill").args(["-INT", "--", &format!("-{}", child.id())]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "did not stop promptly");
+    assert_eq!(out.status.code(), Some(130), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("skipped  slow"), "{}", text(&out.stdout));
+    assert!(!p.path("select.lock").exists(), "an interrupted run writes no lockfile");
+    // Finished stages were kept: only `slow` is left to run.
+    let plan = text(&p.run(&["plan", "select.toml"]).stdout);
+    assert!(plan.contains("fresh    rendered") && plan.contains("dirty    slow"), "{plan}");
+}

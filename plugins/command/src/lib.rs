@@ -94,6 +94,11 @@ impl Stage for CommandStage {
             if let Some(status) = child.try_wait().map_err(|e| StageError::new(format!("`{program}`: {e}")))? {
                 break status;
             }
+            if input.cancel.is_set() {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(StageError::new(format!("`{program}` stopped: the run was interrupted")));
+            }
             if deadline.is_some_and(|d| Instant::now() > d) {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -127,7 +132,7 @@ mod tests {
             config: CommandConfig { run: argv.iter().map(|s| s.to_string()).collect(), files: vec![], timeout_s: Some(10) },
             dir: std::env::temp_dir(),
         };
-        let input = StageInput { inputs: BTreeMap::from([("a".to_string(), Arc::new(json!([1, 2, 3])))]), files: BTreeMap::new(), seed: 9 };
+        let input = StageInput { inputs: BTreeMap::from([("a".to_string(), Arc::new(json!([1, 2, 3])))]), files: BTreeMap::new(), seed: 9, cancel: Default::default() };
         stage.finish(&input, vec![])
     }
 
@@ -152,7 +157,7 @@ mod tests {
             config: CommandConfig { run: vec!["sleep".into(), "30".into()], files: vec![], timeout_s: Some(1) },
             dir: std::env::temp_dir(),
         };
-        let input = StageInput { inputs: BTreeMap::new(), files: BTreeMap::new(), seed: 0 };
+        let input = StageInput { inputs: BTreeMap::new(), files: BTreeMap::new(), seed: 0, cancel: Default::default() };
         let started = Instant::now();
         assert!(stage.finish(&input, vec![]).unwrap_err().message.contains("timeout_s = 1"));
         assert!(started.elapsed() < Duration::from_secs(10));
