@@ -78,7 +78,7 @@ struct Common {
 struct WithStore {
     #[command(flatten)]
     common: Common,
-    /// Store directory [default: .pipeline/ beside the pipeline file; env PIPELINE_STORE].
+    /// Store directory [default: .pipeline/ beside the pipeline file].
     #[arg(long, env = "PIPELINE_STORE")]
     store: Option<PathBuf>,
 }

@@ -254,7 +254,7 @@ pub async fn run(pipeline: Arc<Pipeline>, store: Store, opts: RunOptions) -> Res
     for iteration in 0..max {
         let report = run_iteration(&ctx, iteration, fed, opts.jobs.max(1)).await?;
         let failed = report.stages.iter().any(|s| s.status == Status::Failed);
-        let interrupted = ctx.cancel.load(Ordering::SeqCst) || report.stages.iter().any(|s| s.status == Status::Skipped) && !failed;
+        let interrupted = ctx.cancel.load(Ordering::SeqCst);
         let met = report.targets_met;
         ctx.emit(Event::IterationDone { iteration, targets_met: met });
         let outputs: HashMap<&str, Option<Digest>> = report.stages.iter().map(|s| (s.id.as_str(), s.output)).collect();
