@@ -22,7 +22,7 @@ use crate::fingerprint::{FORMAT_VERSION, Fingerprint};
 use crate::hash::Digest;
 use crate::lockfile::{ENGINE_VERSION, LOCK_VERSION, LockedStage, Lockfile};
 use crate::stage::{Cancel, Item, ItemContext, StageInput};
-use crate::store::{Store, StoreError};
+use crate::store::{Outputs, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -62,6 +62,13 @@ pub struct StageResult {
     pub status: Status,
     pub fingerprint: Option<Fingerprint>,
     pub output: Option<Digest>,
+    /// Digest of the output without its measured fields (see [`Stage::volatile_keys`]): what the
+    /// lockfile pins.
+    #[serde(default)]
+    pub stable: Option<Digest>,
+    /// Upstream inputs by their stable digests (the lockfile's view of the fingerprint).
+    #[serde(default)]
+    pub stable_inputs: BTreeMap<String, Digest>,
     /// Items computed / taken from the memo (executed stages only).
     pub items_run: usize,
     pub items_cached: usize,
@@ -135,7 +142,10 @@ impl RunReport {
                 .iterations
                 .iter()
                 .flat_map(|it| {
-                    it.stages.iter().filter_map(move |s| Some(LockedStage::new(&s.id, it.iteration, s.fingerprint.as_ref()?, s.output?)))
+                    it.stages.iter().filter_map(move |s| {
+                        let fp = Fingerprint { inputs: s.stable_inputs.clone(), ..s.fingerprint.clone()? };
+                        Some(LockedStage::new(&s.id, it.iteration, &fp, s.stable?))
+                    })
                 })
                 .collect(),
         }
@@ -213,7 +223,8 @@ impl Ctx {
 
 struct StageDone {
     fingerprint: Fingerprint,
-    output: Digest,
+    stable_inputs: BTreeMap<String, Digest>,
+    output: Outputs,
     executed: bool,
     items_run: usize,
     items_cached: usize,
@@ -257,11 +268,11 @@ pub async fn run(pipeline: Arc<Pipeline>, store: Store, opts: RunOptions) -> Res
         let interrupted = ctx.cancel.load(Ordering::SeqCst);
         let met = report.targets_met;
         ctx.emit(Event::IterationDone { iteration, targets_met: met });
-        let outputs: HashMap<&str, Option<Digest>> = report.stages.iter().map(|s| (s.id.as_str(), s.output)).collect();
+        let outputs: HashMap<&str, Option<(Digest, Digest)>> = report.stages.iter().map(|s| (s.id.as_str(), s.output.zip(s.stable))).collect();
         let next = pipeline.iterate.as_ref().map(|it| {
             let from = outputs[pipeline.stages[it.from].id.as_str()];
             let to = outputs[pipeline.stages[it.to].id.as_str()];
-            (from, from == to)
+            (from, from.map(|f| f.0) == to.map(|t| t.0))
         });
         iterations.push(report);
         if failed {
@@ -352,7 +363,7 @@ fn unique_upstreams(pipeline: &Pipeline, i: usize) -> BTreeSet<usize> {
     pipeline.stages[i].inputs.iter().map(|(_, up)| *up).collect()
 }
 
-async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<Digest>, jobs: usize) -> Result<IterationReport, RunError> {
+async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<(Digest, Digest)>, jobs: usize) -> Result<IterationReport, RunError> {
     let pipeline = &ctx.pipeline;
     let n = pipeline.stages.len();
     let mut dependents = vec![Vec::new(); n];
@@ -374,7 +385,7 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<Digest>, jobs
         while running.len() < jobs && fatal.is_none() && !ctx.cancel.load(Ordering::SeqCst) {
             let Some(i) = ready.pop_first() else { break };
             let node = &pipeline.stages[i];
-            if let (Some((to, from)), Some(output)) = (feed_to, fed)
+            if let (Some((to, from)), Some((output, stable))) = (feed_to, fed)
                 && to == i
             {
                 ctx.emit(Event::Fed { iteration, stage: node.id.clone(), from: pipeline.stages[from].id.clone() });
@@ -384,6 +395,8 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<Digest>, jobs
                     status: Status::Fed,
                     fingerprint: None,
                     output: Some(output),
+                    stable: Some(stable),
+                    stable_inputs: BTreeMap::new(),
                     items_run: 0,
                     items_cached: 0,
                     note: Some(format!("output of `{}` from iteration {}", pipeline.stages[from].id, iteration)),
@@ -391,14 +404,14 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<Digest>, jobs
                 release(i, &dependents, &mut waiting, &mut ready);
                 continue;
             }
-            let inputs: BTreeMap<String, Digest> = node
-                .inputs
-                .iter()
-                .map(|(port, up)| (port.clone(), results[*up].as_ref().and_then(|r| r.output).expect("upstream finished")))
-                .collect();
+            let upstream = |f: fn(&StageResult) -> Option<Digest>| -> BTreeMap<String, Digest> {
+                node.inputs.iter().map(|(port, up)| (port.clone(), results[*up].as_ref().and_then(f).expect("upstream finished"))).collect()
+            };
+            let inputs = upstream(|r| r.output);
+            let stable_inputs = upstream(|r| r.stable);
             let ctx = ctx.clone();
             running.spawn(async move {
-                let result = run_stage(&ctx, iteration, i, inputs).await;
+                let result = run_stage(&ctx, iteration, i, inputs, stable_inputs).await;
                 (i, result)
             });
         }
@@ -414,6 +427,8 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<Digest>, jobs
             status: Status::Failed,
             fingerprint: None,
             output: None,
+            stable: None,
+            stable_inputs: BTreeMap::new(),
             items_run: 0,
             items_cached: 0,
             note: None,
@@ -422,7 +437,9 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<Digest>, jobs
             Ok(done) => {
                 result.status = if done.executed { Status::Executed } else { Status::Fresh };
                 result.fingerprint = Some(done.fingerprint);
-                result.output = Some(done.output);
+                result.output = Some(done.output.full);
+                result.stable = Some(done.output.stable);
+                result.stable_inputs = done.stable_inputs;
                 result.items_run = done.items_run;
                 result.items_cached = done.items_cached;
                 results[i] = Some(result);
@@ -476,6 +493,8 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<Digest>, jobs
                     status: Status::Skipped,
                     fingerprint: None,
                     output: None,
+                    stable: None,
+                    stable_inputs: BTreeMap::new(),
                     items_run: 0,
                     items_cached: 0,
                     note: Some(because),
@@ -528,12 +547,21 @@ fn check_targets(ctx: &Ctx, stages: &[StageResult]) -> TargetCheck {
     (metrics, results, Some(met))
 }
 
-async fn run_stage(ctx: &Arc<Ctx>, iteration: u32, i: usize, inputs: BTreeMap<String, Digest>) -> Result<StageDone, StageFail> {
+async fn run_stage(
+    ctx: &Arc<Ctx>,
+    iteration: u32,
+    i: usize,
+    inputs: BTreeMap<String, Digest>,
+    stable_inputs: BTreeMap<String, Digest>,
+) -> Result<StageDone, StageFail> {
     let pipeline = &ctx.pipeline;
     let node = &pipeline.stages[i];
     let fp = fingerprint(pipeline, &ctx.files, i, &inputs);
     let digest = fp.digest();
     if let Some(lock) = &ctx.locked {
+        // The lockfile pins fingerprints over stable upstream digests: measurements may differ.
+        let fp = Fingerprint { inputs: stable_inputs.clone(), ..fp.clone() };
+        let digest = fp.digest();
         match lock.stage(&node.id, iteration) {
             None => {
                 return Err(StageFail::Fatal(RunError::LockMismatch(format!(
@@ -556,10 +584,11 @@ async fn run_stage(ctx: &Arc<Ctx>, iteration: u32, i: usize, inputs: BTreeMap<St
     let previous: Option<Record> = ctx.store.get_record(&pipeline.name, &node.id);
     if let Some(output) = ctx.store.get_done(&digest) {
         ctx.emit(Event::Fresh { iteration, stage: node.id.clone() });
-        if previous.as_ref().is_none_or(|r| r.fingerprint != fp || r.output != output) {
-            ctx.store.put_record(&pipeline.name, &node.id, &Record { fingerprint: fp.clone(), output })?;
+        if previous.as_ref().is_none_or(|r| r.fingerprint != fp || r.output != output.full) {
+            ctx.store.put_record(&pipeline.name, &node.id, &Record { fingerprint: fp.clone(), output: output.full })?;
         }
-        return Ok(StageDone { fingerprint: fp, output, executed: false, items_run: 0, items_cached: 0 });
+        check_locked_output(ctx, iteration, &node.id, &output)?;
+        return Ok(StageDone { fingerprint: fp, stable_inputs, output, executed: false, items_run: 0, items_cached: 0 });
     }
     let reasons = dirty_reasons(&fp, previous.as_ref());
 
@@ -623,23 +652,37 @@ async fn run_stage(ctx: &Arc<Ctx>, iteration: u32, i: usize, inputs: BTreeMap<St
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
         .map_err(|e| StageFail::Error(e.message))?;
-    let output = ctx.store.put_object(&value)?;
+    let full = ctx.store.put_object(&value)?;
+    let volatile = node.stage.volatile_keys();
+    let stable = if volatile.is_empty() { full } else { Digest::of_json(&without_keys(&value, volatile)) };
+    let output = Outputs { full, stable };
     ctx.store.put_done(&digest, &output)?;
-    let unchanged = previous.as_ref().is_some_and(|r| r.output == output);
-    ctx.store.put_record(&pipeline.name, &node.id, &Record { fingerprint: fp.clone(), output })?;
-    ctx.emit(Event::Finished { iteration, stage: node.id.clone(), output, unchanged });
-    if let Some(locked) = ctx.locked.as_ref().and_then(|l| l.stage(&node.id, iteration))
-        && locked.output != output
-    {
-        return Err(StageFail::Fatal(RunError::LockMismatch(format!(
-            "stage `{}` (iteration {}) produced {} but the lockfile records {}: the stage is not reproducible",
-            node.id,
+    let unchanged = previous.as_ref().is_some_and(|r| r.output == full);
+    ctx.store.put_record(&pipeline.name, &node.id, &Record { fingerprint: fp.clone(), output: full })?;
+    ctx.emit(Event::Finished { iteration, stage: node.id.clone(), output: full, unchanged });
+    check_locked_output(ctx, iteration, &node.id, &output)?;
+    Ok(StageDone { fingerprint: fp, stable_inputs, output, executed: true, items_run: ran, items_cached: cached })
+}
+
+fn check_locked_output(ctx: &Ctx, iteration: u32, id: &str, output: &Outputs) -> Result<(), StageFail> {
+    match ctx.locked.as_ref().and_then(|l| l.stage(id, iteration)) {
+        Some(locked) if locked.output != output.stable => Err(StageFail::Fatal(RunError::LockMismatch(format!(
+            "stage `{id}` (iteration {}) produced {} but the lockfile records {}: the stage is not reproducible",
             iteration + 1,
-            output.short(),
+            output.stable.short(),
             locked.output.short()
-        ))));
+        )))),
+        _ => Ok(()),
     }
-    Ok(StageDone { fingerprint: fp, output, executed: true, items_run: ran, items_cached: cached })
+}
+
+/// `value` with every object key in `keys` removed, at any depth.
+fn without_keys(value: &Value, keys: &[&str]) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(map.iter().filter(|(k, _)| !keys.contains(&k.as_str())).map(|(k, v)| (k.clone(), without_keys(v, keys))).collect()),
+        Value::Array(items) => Value::Array(items.iter().map(|v| without_keys(v, keys)).collect()),
+        other => other.clone(),
+    }
 }
 
 fn dirty_reasons(fp: &Fingerprint, previous: Option<&Record>) -> Vec<String> {
@@ -708,7 +751,7 @@ pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<PlanReport, RunError> 
         }
         let fp = fingerprint(pipeline, &files, i, &inputs);
         if let Some(out) = store.get_done(&fp.digest()) {
-            outputs[i] = Some(out);
+            outputs[i] = Some(out.full);
             entry.status = PlanStatus::Fresh;
             stages.push(entry);
             continue;

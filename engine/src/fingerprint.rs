@@ -4,7 +4,9 @@
 //! (not just its digest) is kept per stage so that `plan` can say *why* a stage is dirty. Items are
 //! memoized on [`Fingerprint::item_key`], which leaves out the upstream artifact digests: an item's
 //! own input already carries what it depends on, so adding rows to a dataset recomputes only the
-//! new rows. Upstream digests are what make early cutoff work: a rerun stage whose output is
+//! new rows. It leaves out the stage config too: a stage puts into each item's input exactly the
+//! settings that item depends on (a sampler, a model's weights digest), so adding a second model to
+//! a stage does not recompute the first model's items. Upstream digests are what make early cutoff work: a rerun stage whose output is
 //! byte-identical leaves its dependents' fingerprints, and so their freshness, unchanged.
 
 use std::collections::BTreeMap;
@@ -36,7 +38,6 @@ struct ItemKey<'a> {
     format: u32,
     kind: &'a str,
     plugin_version: u32,
-    config: &'a Value,
     files: &'a BTreeMap<String, Digest>,
     seed: u64,
     item: &'a Value,
@@ -53,7 +54,6 @@ impl Fingerprint {
             format: self.format,
             kind: &self.kind,
             plugin_version: self.plugin_version,
-            config: &self.config,
             files: &self.files,
             seed: self.seed,
             item: item_input,
@@ -149,11 +149,11 @@ mod tests {
     fn digests_are_pinned() {
         // If these change, every user's store and lockfile goes stale: bump FORMAT_VERSION.
         assert_eq!(fp().digest().hex(), "e66baa3bf796036ecd6d9aaa58bb7bb57cd1842170128eb17969e66a9124e5c1");
-        assert_eq!(fp().item_key(&json!({"id": "s1", "text": "hi"})).hex(), "8789e8c466ab82d6f068f08c2d7ae3e04db752b38da95e7f87b391ed6157212d");
+        assert_eq!(fp().item_key(&json!({"id": "s1", "text": "hi"})).hex(), "040b532ec1ba44cb2a234b6caf585b18dd2664381c99d5cf0c656e3f38c13b40");
     }
 
     #[test]
-    fn item_key_ignores_upstream_digests_but_not_config() {
+    fn item_key_is_the_item_input_not_upstream_digests_or_config() {
         let a = fp();
         let mut b = fp();
         b.inputs.insert("data".into(), Digest::of_bytes(b"more rows"));
@@ -161,6 +161,8 @@ mod tests {
         assert_ne!(a.digest(), b.digest());
         assert_eq!(a.item_key(&item), b.item_key(&item));
         b.config = json!({"max_tokens": 32});
+        assert_eq!(a.item_key(&item), b.item_key(&item));
+        b.seed = 8;
         assert_ne!(a.item_key(&item), b.item_key(&item));
     }
 

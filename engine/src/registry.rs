@@ -95,8 +95,11 @@ impl<P: StagePlugin> ErasedPlugin for Erased<P> {
             vec![Diagnostic::error(format!("stage `{}`: {}", cx.stage_id, e.message().trim_end()))
                 .at(cx.pipeline, span, "here")]
         })?;
-        let canonical = serde_json::to_value(&config).expect("stage configs serialize to JSON");
+        let mut canonical = serde_json::to_value(&config).expect("stage configs serialize to JSON");
         let stage = P::build(config, cx)?;
+        if let (Some(resolved), Some(map)) = (stage.resolved(), canonical.as_object_mut()) {
+            map.insert("@resolved".into(), resolved);
+        }
         Ok((stage, canonical))
     }
 }

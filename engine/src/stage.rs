@@ -59,8 +59,9 @@ pub trait Stage: Send + Sync {
         Ok(Vec::new())
     }
 
-    /// Compute one item. Its result must depend only on `item.input`, the stage config, the
-    /// referenced files and the seed: it is memoized on exactly those.
+    /// Compute one item. Its result must depend only on `item.input`, the referenced files and the
+    /// seed: it is memoized on exactly those (not on the stage config — put the settings an item
+    /// depends on into its input).
     async fn run_item(&self, item: &Item, _cx: &ItemContext) -> Result<Value, StageError> {
         Err(StageError::new(format!("stage has no per-item work (item `{}`)", item.id)))
     }
@@ -68,6 +69,19 @@ pub trait Stage: Send + Sync {
     /// How many items may run at once. Defaults to one at a time.
     fn item_concurrency(&self) -> usize {
         1
+    }
+
+    /// What the stage resolved while building that its results depend on but its config does not
+    /// spell out (e.g. the weights digest of each model named in the config, from a catalog). It is
+    /// fingerprinted with the config, so a change to it reruns the stage.
+    fn resolved(&self) -> Option<Value> {
+        None
+    }
+
+    /// Object keys of the output that hold measurements (latency, throughput): they differ from
+    /// run to run, so the lockfile pins the output without them, at any depth.
+    fn volatile_keys(&self) -> &'static [&'static str] {
+        &[]
     }
 
     /// Assemble the output artifact. `results` are in `items` order.
@@ -78,7 +92,7 @@ pub trait Stage: Send + Sync {
 pub struct Item {
     /// Human-readable identity (e.g. a sample id), unique within the stage.
     pub id: String,
-    /// Everything the item's result depends on besides the stage config.
+    /// Everything the item's result depends on (besides referenced files and the seed).
     pub input: Value,
 }
 

@@ -40,6 +40,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
 
+/// A stage result: the artifact's digest, and the digest without its measured fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outputs {
+    pub full: Digest,
+    pub stable: Digest,
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
@@ -131,14 +138,16 @@ impl Store {
     }
 
     /// The output recorded for a fingerprint, if that result is complete and still present.
-    pub fn get_done(&self, fingerprint: &Digest) -> Option<Digest> {
+    pub fn get_done(&self, fingerprint: &Digest) -> Option<Outputs> {
         let text = fs::read_to_string(self.sharded("done", fingerprint)).ok()?;
-        let output: Digest = text.parse().ok()?;
-        self.has_object(&output).then_some(output)
+        let mut lines = text.lines();
+        let full: Digest = lines.next()?.parse().ok()?;
+        let stable: Digest = lines.next()?.parse().ok()?;
+        self.has_object(&full).then_some(Outputs { full, stable })
     }
 
-    pub fn put_done(&self, fingerprint: &Digest, output: &Digest) -> Result<(), StoreError> {
-        self.write_atomic(&self.sharded("done", fingerprint), output.hex().as_bytes())
+    pub fn put_done(&self, fingerprint: &Digest, output: &Outputs) -> Result<(), StoreError> {
+        self.write_atomic(&self.sharded("done", fingerprint), format!("{}\n{}\n", output.full, output.stable).as_bytes())
     }
 
     pub fn get_item(&self, key: &Digest) -> Option<Value> {
@@ -205,7 +214,8 @@ mod tests {
         fs::write(store.sharded("objects", &d), b"{\"a\":2}").unwrap();
         assert_eq!(store.get_object(&d), None);
         let fp = Digest::of_bytes(b"fp");
-        store.put_done(&fp, &Digest::of_bytes(b"missing")).unwrap();
+        let missing = Digest::of_bytes(b"missing");
+        store.put_done(&fp, &Outputs { full: missing, stable: missing }).unwrap();
         assert_eq!(store.get_done(&fp), None);
     }
 
