@@ -53,8 +53,11 @@ enum Command {
     Graph(GraphArgs),
     /// Print a stage's output artifact from the last run.
     Show(ShowArgs),
-    /// Print the JSON Schema of pipeline files for the registered stage kinds.
-    Schema,
+    /// Print the JSON Schema of pipeline files (for the registered stage kinds) or of catalogs.
+    Schema {
+        #[arg(value_enum, default_value_t = SchemaOf::Pipeline)]
+        of: SchemaOf,
+    },
     /// List the stage kinds this binary knows.
     Kinds(JsonFlag),
 }
@@ -106,6 +109,12 @@ struct GraphArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum SchemaOf {
+    Pipeline,
+    Catalog,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum GraphFormat {
     Mermaid,
     Dot,
@@ -129,13 +138,21 @@ fn default_jobs() -> usize {
 
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register::<command::Command>().register::<dataset::Dataset>().register::<prompt::Prompt>().register::<prompt::Render>();
+    r.register::<command::Command>()
+        .register::<dataset::Dataset>()
+        .register::<infer::Infer>()
+        .register::<prompt::Prompt>()
+        .register::<prompt::Render>();
     r
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        // mistral.rs warns about its own device and cache choices; only its errors concern users.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,mistralrs=error,mistralrs_core=error,mistralrs_quant=error".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -145,8 +162,12 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Graph(args) => graph(&args),
         Command::Show(args) => show(&args),
-        Command::Schema => {
-            output::stdout(&engine::schema::render(&engine::schema::pipeline_schema(&registry())));
+        Command::Schema { of } => {
+            let schema = match of {
+                SchemaOf::Pipeline => engine::schema::pipeline_schema(&registry()),
+                SchemaOf::Catalog => catalog::schema(),
+            };
+            output::stdout(&engine::schema::render(&schema));
             exit::OK
         }
         Command::Kinds(args) => {

@@ -24,26 +24,35 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A copy of `pipelines/` in a temp dir.
+/// A copy of `pipelines/` (and `catalogs/`) in a temp dir. `select.toml` is cut before its
+/// inference stage: these tests are about the engine, and `infer_*` tests run the real model on a
+/// few samples instead of all 240.
 struct Project {
-    dir: tempfile::TempDir,
+    _top: tempfile::TempDir,
+    /// The copy of `pipelines/`, where commands run.
+    dir: PathBuf,
 }
 
 impl Project {
     fn new() -> Project {
-        let dir = tempfile::tempdir().unwrap();
-        copy_dir(&root().join("pipelines"), dir.path());
-        let _ = std::fs::remove_dir_all(dir.path().join(".pipeline"));
-        for lock in std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "lock")) {
+        let top = tempfile::tempdir().unwrap();
+        copy_dir(&root().join("catalogs"), &top.path().join("catalogs"));
+        let dir = top.path().join("pipelines");
+        copy_dir(&root().join("pipelines"), &dir);
+        let select = std::fs::read_to_string(dir.join("select.toml")).unwrap();
+        let cut = select.find("\n[stages.answers]").expect("select.toml has an `answers` stage");
+        std::fs::write(dir.join("select.toml"), &select[..cut + 1]).unwrap();
+        let _ = std::fs::remove_dir_all(dir.join(".pipeline"));
+        for lock in std::fs::read_dir(&dir).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "lock")) {
             std::fs::remove_file(lock.path()).unwrap();
         }
-        Project { dir }
+        Project { _top: top, dir }
     }
     fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
+        self.dir.join(rel)
     }
     fn run(&self, args: &[&str]) -> Output {
-        pipeline(self.dir.path(), args)
+        pipeline(&self.dir, args)
     }
     fn read(&self, rel: &str) -> String {
         std::fs::read_to_string(self.path(rel)).unwrap()
@@ -126,16 +135,18 @@ fn every_shipped_pipeline_validates() {
 }
 
 #[test]
-fn checked_in_schema_matches_the_config_types() {
-    let out = pipeline(&root(), &["schema"]);
-    assert!(out.status.success());
-    let generated = text(&out.stdout);
-    let path = root().join("schemas/pipeline.schema.json");
-    if std::env::var_os("UPDATE_SCHEMAS").is_some() {
-        std::fs::write(&path, &generated).unwrap();
+fn checked_in_schemas_match_the_config_types() {
+    for of in ["pipeline", "catalog"] {
+        let out = pipeline(&root(), &["schema", of]);
+        assert!(out.status.success());
+        let generated = text(&out.stdout);
+        let path = root().join(format!("schemas/{of}.schema.json"));
+        if std::env::var_os("UPDATE_SCHEMAS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(generated == checked_in, "{} is stale: run `UPDATE_SCHEMAS=1 cargo test --test cli checked_in_schemas`", path.display());
     }
-    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(generated == checked_in, "schemas/pipeline.schema.json is stale: run `UPDATE_SCHEMAS=1 cargo test --test cli checked_in_schema`");
 }
 
 /// taplo (the TOML language server's CLI) checks every shipped pipeline against the schema named
@@ -147,7 +158,7 @@ fn shipped_pipelines_validate_in_taplo() {
         home.join(".cache/pipeline-taplo/node_modules/.bin/taplo")
     });
     assert!(taplo.exists(), "taplo not found at {}: install it with `npm install --prefix ~/.cache/pipeline-taplo @taplo/cli@0.7.0` or set TAPLO", taplo.display());
-    let out = Command::new(&taplo).args(["check", "pipelines/*.toml"]).current_dir(root()).env("RUST_LOG", "warn").output().unwrap();
+    let out = Command::new(&taplo).args(["check", "pipelines/*.toml", "catalogs/*.toml"]).current_dir(root()).env("RUST_LOG", "warn").output().unwrap();
     assert!(out.status.success(), "taplo: {}{}", text(&out.stdout), text(&out.stderr));
     // And it does reject a schema violation (so the check above can fail).
     let dir = tempfile::tempdir().unwrap();
@@ -333,9 +344,9 @@ fn ctrl_c_stops_cleanly_and_keeps_finished_work() {
         + "\n[stages.slow]\nkind = \"command\"\nneeds = [\"rendered\"]\nrun = [\"python3\", \"-c\", \"import time; time.sleep(60)\"]\n";
     p.write("select.toml", &toml);
     let log = p.path("events.jsonl");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+    let child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(["run", "select.toml", "--events", log.to_str().unwrap()])
-        .current_dir(p.dir.path())
+        .current_dir(&p.dir)
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -359,4 +370,52 @@ fn ctrl_c_stops_cleanly_and_keeps_finished_work() {
     // Finished stages were kept: only `slow` is left to run.
     let plan = text(&p.run(&["plan", "select.toml"]).stdout);
     assert!(plan.contains("fresh    rendered") && plan.contains("dirty    slow"), "{plan}");
+}
+
+/// The real SmolLM2 through embedded mistral.rs, on the first 4 tickets: answers are produced,
+/// a rerun computes nothing, and from an empty store greedy decoding reproduces the lockfile.
+#[test]
+fn infer_runs_smollm2_offline_and_reproduces() {
+    let p = Project::new();
+    let data: String = p.read("data/tickets.jsonl").lines().take(4).map(|l| format!("{l}\n")).collect();
+    p.write("data/tickets.jsonl", &data);
+    let toml = p.read("select.toml")
+        + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instruct\"]\nsampler = { max_tokens = 6, stop = [\"\\n\"] }\n";
+    p.write("select.toml", &toml);
+    let (code, events, out) = p.run_logged(&[]);
+    assert_eq!(code, 0, "{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(items(&events).iter().filter(|i| i.starts_with("answers/")).count(), 4);
+    let answers: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "answers"]).stdout).unwrap();
+    let model = &answers["models"]["smollm2-135m-instruct"];
+    assert_eq!(model["weights_sha256"], "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
+    let list = model["answers"].as_array().unwrap();
+    assert_eq!(list.len(), 4);
+    for a in list {
+        assert!(a["completion_tokens"].as_u64().unwrap() >= 1, "{a}");
+        assert!(a["prompt_tokens"].as_u64().unwrap() > 50, "{a}");
+        assert!(!a["text"].as_str().unwrap().trim().is_empty(), "{a}");
+        assert!(a["timing"]["latency_ms"].as_f64().unwrap() > 0.0, "{a}");
+    }
+    let (code, events, _) = p.run_logged(&[]);
+    assert_eq!(code, 0);
+    assert_eq!(started(&events), Vec::<String>::new(), "a rerun recomputes nothing");
+    // From an empty store: every answer is recomputed and must match the lockfile.
+    std::fs::remove_dir_all(p.path(".pipeline")).unwrap();
+    let (code, events, out) = p.run_logged(&["--locked"]);
+    assert_eq!(code, 0, "{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(items(&events).iter().filter(|i| i.starts_with("answers/")).count(), 4);
+}
+
+#[test]
+fn infer_names_unknown_models() {
+    let p = Project::new();
+    let toml = p.read("select.toml")
+        + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instrct\", \"llama-3.1-8b-instruct\"]\n";
+    p.write("select.toml", &toml);
+    let out = p.run(&["validate", "select.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("model `smollm2-135m-instrct` is not in"), "{err}");
+    assert!(err.contains("did you mean `smollm2-135m-instruct`?"), "{err}");
+    assert!(err.contains("model `llama-3.1-8b-instruct` has no source that runs in-process here"), "{err}");
 }

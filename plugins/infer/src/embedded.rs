@@ -1,0 +1,112 @@
+//! mistral.rs in-process: one loaded model per weights digest per process, one request at a time.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use catalog::Source;
+use mistralrs::{GgufModelBuilder, Model, RequestBuilder, StopTokens, TextMessageRole};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::Sampler;
+
+#[derive(Debug, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Answer {
+    pub text: String,
+    pub finish_reason: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Measurements (volatile: left out of the lockfile).
+    pub timing: Timing,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Timing {
+    pub latency_ms: f64,
+    /// Prompt processing, which is most of the time to the first token.
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+}
+
+pub struct Runner {
+    model: Model,
+    /// Requests to one model never overlap (see the crate docs).
+    turn: Mutex<()>,
+}
+
+static LOADED: OnceLock<Mutex<HashMap<String, Arc<Runner>>>> = OnceLock::new();
+
+/// The runner for these weights, fetching, verifying and loading them on first use.
+pub async fn load(source: &Source, sha256: &str, base: &Path) -> Result<Arc<Runner>, String> {
+    let mut loaded = LOADED.get_or_init(Default::default).lock().await;
+    if let Some(runner) = loaded.get(sha256) {
+        return Ok(runner.clone());
+    }
+    let (source, base) = (source.clone(), base.to_path_buf());
+    let weights = tokio::task::spawn_blocking(move || catalog::fetch::resolve(&source, &base))
+        .await
+        .map_err(|e| format!("fetching weights: {e}"))?
+        .map_err(|e| e.to_string())?;
+    let dir = weights.path.parent().ok_or("weights have no directory")?.to_string_lossy().into_owned();
+    let file = weights.path.file_name().ok_or("weights have no file name")?.to_string_lossy().into_owned();
+    tracing::info!(weights = %weights.path.display(), "loading model");
+    let started = Instant::now();
+    // A local directory as the model id: nothing is fetched from a hub. Tokenizer and chat
+    // template come from the GGUF file.
+    let model = GgufModelBuilder::new(dir, vec![file])
+        .with_force_cpu()
+        .with_max_num_seqs(1)
+        .build()
+        .await
+        .map_err(|e| format!("loading {}: {e}", weights.path.display()))?;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+    let runner = Arc::new(Runner { model, turn: Mutex::new(()) });
+    loaded.insert(sha256.to_string(), runner.clone());
+    Ok(runner)
+}
+
+impl Runner {
+    pub async fn chat(&self, messages: &[Message], sampler: &Sampler) -> Result<Answer, String> {
+        let mut request = RequestBuilder::new();
+        for m in messages {
+            let role = match m.role.as_str() {
+                "system" => TextMessageRole::System,
+                "user" => TextMessageRole::User,
+                "assistant" => TextMessageRole::Assistant,
+                other => return Err(format!("unknown message role `{other}`")),
+            };
+            request = request.add_message(role, &m.content);
+        }
+        request = if sampler.temperature == 0.0 { request.set_deterministic_sampler() } else { request.set_sampler_temperature(sampler.temperature) };
+        request = request.set_sampler_max_len(sampler.max_tokens);
+        if !sampler.stop.is_empty() {
+            request = request.set_sampler_stop_toks(StopTokens::Seqs(sampler.stop.clone()));
+        }
+        let _turn = self.turn.lock().await;
+        let started = Instant::now();
+        let response = self.model.send_chat_request(request).await.map_err(|e| format!("mistral.rs: {e}"))?;
+        let latency = started.elapsed();
+        let choice = response.choices.first().ok_or("mistral.rs returned no choice")?;
+        let text = choice.message.content.clone().unwrap_or_default();
+        let usage = &response.usage;
+        Ok(Answer {
+            text,
+            finish_reason: choice.finish_reason.clone(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            timing: Timing {
+                latency_ms: latency.as_secs_f64() * 1000.0,
+                prefill_ms: f64::from(usage.total_prompt_time_sec) * 1000.0,
+                decode_ms: f64::from(usage.total_completion_time_sec) * 1000.0,
+            },
+        })
+    }
+}
