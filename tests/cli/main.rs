@@ -406,16 +406,3 @@ fn infer_runs_smollm2_offline_and_reproduces() {
     assert_eq!(items(&events).iter().filter(|i| i.starts_with("answers/")).count(), 4);
 }
 
-#[test]
-fn infer_names_unknown_models() {
-    let p = Project::new();
-    let toml = p.read("select.toml")
-        + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instrct\", \"llama-3.1-8b-instruct\"]\n";
-    p.write("select.toml", &toml);
-    let out = p.run(&["validate", "select.toml"]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = text(&out.stderr);
-    assert!(err.contains("model `smollm2-135m-instrct` is not in"), "{err}");
-    assert!(err.contains("did you mean `smollm2-135m-instruct`?"), "{err}");
-    assert!(err.contains("model `llama-3.1-8b-instruct` has no source that runs in-process here"), "{err}");
-}

@@ -22,6 +22,7 @@ use engine::{BuildContext, Item, ItemContext, Port, Stage, StageError, StageInpu
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use toml::Spanned;
 
 pub struct Infer;
 
@@ -29,9 +30,11 @@ pub struct Infer;
 #[serde(deny_unknown_fields)]
 pub struct InferConfig {
     /// Model catalog, relative to the pipeline file.
-    pub catalog: String,
+    #[schemars(with = "String")]
+    pub catalog: Spanned<String>,
     /// Catalog ids of the models to run.
-    pub models: Vec<String>,
+    #[schemars(with = "Vec<String>")]
+    pub models: Vec<Spanned<String>>,
     #[serde(default)]
     pub sampler: Sampler,
 }
@@ -78,20 +81,25 @@ impl StagePlugin for Infer {
     const OUTPUT: &'static str = "answers";
 
     fn build(config: InferConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
-        let catalog_path = cx.base_dir.join(&config.catalog);
+        let catalog_path = cx.base_dir.join(config.catalog.get_ref());
+        if !catalog_path.is_file() {
+            return Err(vec![cx.error_at(Some(config.catalog.span()), format!("catalog `{}` does not exist", config.catalog.get_ref()), "no such file")
+                .help("paths are relative to the pipeline file")]);
+        }
         let catalog = Catalog::load(&catalog_path)?;
         let mut errors = Vec::new();
         let mut candidates = Vec::new();
         if config.models.is_empty() {
             errors.push(cx.error_at(None, "`models` is empty: name at least one catalog model", ""));
         }
-        for id in &config.models {
+        for spanned in &config.models {
+            let (id, span) = (spanned.get_ref(), Some(spanned.span()));
             let Some(model) = catalog.get(id) else {
                 let hint = match did_you_mean(id, catalog.ids()) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("the catalog has: {}", one_of(&catalog.ids())),
                 };
-                errors.push(cx.error_at(None, format!("model `{id}` is not in {}", catalog_path.display()), "").help(hint));
+                errors.push(cx.error_at(span, format!("model `{id}` is not in `{}`", config.catalog.get_ref()), "unknown model").help(hint));
                 continue;
             };
             match model.embedded_source() {
@@ -99,7 +107,7 @@ impl StagePlugin for Infer {
                     candidates.push(Candidate { id: id.clone(), source: source.clone(), sha256: sha256.clone() })
                 }
                 _ => errors.push(
-                    cx.error_at(None, format!("model `{id}` has no source that runs in-process here"), "")
+                    cx.error_at(span, format!("model `{id}` has no source that runs in-process here"), "no local weights")
                         .help("add a `python_package` or `local_file` source with its sha256 to the catalog"),
                 ),
             }
