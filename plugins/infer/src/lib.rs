@@ -165,15 +165,21 @@ impl Stage for InferStage {
         &["timing"]
     }
 
-    fn finish(&self, _input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
+    fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        let samples = input.input("rendered")?["samples"].as_array().map_or(&[][..], Vec::as_slice);
         let mut models = serde_json::Map::new();
-        for c in &self.candidates {
-            let answers: Vec<Value> = results
+        // `items` is model-major in sample order, and results come back in `items` order.
+        let n = samples.len();
+        if results.len() != n * self.candidates.len() {
+            return Err(StageError::new(format!("expected {} answers, got {}", n * self.candidates.len(), results.len())));
+        }
+        for (i, c) in self.candidates.iter().enumerate() {
+            let answers: Vec<Value> = samples
                 .iter()
-                .filter(|(item, _)| item.input["model"] == c.id.as_str())
-                .map(|(item, answer)| {
+                .zip(&results[i * n..(i + 1) * n])
+                .map(|(sample, (_, answer))| {
                     let mut a = answer.clone();
-                    a["id"] = json!(item.id.split_once('/').map_or(item.id.as_str(), |(_, s)| s));
+                    a["id"] = sample["id"].clone();
                     a
                 })
                 .collect();
