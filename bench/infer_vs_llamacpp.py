@@ -69,7 +69,7 @@ print(json.dumps(rows))
 """
 
 
-def ours(binary):
+def ours(binary, prepare=None):
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "data.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "text": p}) + "\n" for i, p in enumerate(PROMPTS)))
@@ -91,7 +91,7 @@ needs = ["rendered"]
 catalog = "{ROOT / 'catalogs/open-models.toml'}"
 models = ["smollm2-135m-instruct"]
 sampler = {{ max_tokens = {MAX_TOKENS} }}
-""")
+""" + (f'prepare = "{prepare}"\n' if prepare else ""))
         subprocess.run([binary, "run", "bench.toml"], cwd=d, check=True, stdout=subprocess.DEVNULL)
         out = subprocess.run([binary, "show", "bench.toml", "answers"], cwd=d, check=True, capture_output=True, text=True).stdout
     answers = json.loads(out)["models"]["smollm2-135m-instruct"]["answers"]
@@ -110,16 +110,18 @@ def main():
     subprocess.run(["cargo", "build", "--locked", "-q"], cwd=ROOT, check=True)
     binary = str(target / "debug/pipeline")
     mine = ours(binary)
+    mine_q8 = ours(binary, "q8_0")
     gguf = Path(os.environ.get("PIPELINE_MODEL_CACHE", Path.home() / ".cache/pipeline/models")) / SHA / "SmolLM2-135M-Instruct.Q4_1.gguf"
     out = subprocess.run([llama_python(), "-c", LLAMA, str(gguf), json.dumps(PROMPTS), str(MAX_TOKENS)], check=True, capture_output=True, text=True).stdout
     theirs = json.loads(out)
-    (t_o, r_o, f_o), (t_l, r_l, f_l) = summary(mine), summary(theirs)
+    (t_o, r_o, f_o), (t_q, r_q, f_q), (t_l, r_l, f_l) = summary(mine), summary(mine_q8), summary(theirs)
     same = sum(a["text"].strip() == b["text"].strip() for a, b in zip(mine, theirs))
-    print(f"SmolLM2-135M-Instruct Q4_1, {len(PROMPTS)} prompts x {MAX_TOKENS} new tokens, greedy, one request at a time")
+    print(f"SmolLM2-135M-Instruct Q4_1, {len(PROMPTS)} prompts x {MAX_TOKENS} new tokens, greedy, one request at a time (TTFT: ours = prefill time)")
     print(f"  {'engine':<34} {'tokens':>6} {'tok/s':>8} {'TTFT p50':>10}")
     print(f"  {'pipeline infer (mistral.rs 0.8.1)':<34} {t_o:>6} {r_o:>8.1f} {f_o * 1000:>8.0f} ms")
+    print(f"  {'  same, prepare = q8_0':<34} {t_q:>6} {r_q:>8.1f} {f_q * 1000:>8.0f} ms")
     print(f"  {'llama.cpp (llama-cpp-python 0.3.36)':<34} {t_l:>6} {r_l:>8.1f} {f_l * 1000:>8.0f} ms")
-    print(f"  ratio (ours / llama.cpp)            {r_o / r_l:>15.2f}x")
+    print(f"  ratio (ours / llama.cpp)            {r_o / r_l:>15.2f}x   (q8_0: {r_q / r_l:.2f}x)")
     print(f"  identical completions: {same} of {len(PROMPTS)}")
 
 

@@ -404,5 +404,19 @@ fn infer_runs_smollm2_offline_and_reproduces() {
     let (code, events, out) = p.run_logged(&["--locked"]);
     assert_eq!(code, 0, "{}\n{}", text(&out.stdout), text(&out.stderr));
     assert_eq!(items(&events).iter().filter(|i| i.starts_with("answers/")).count(), 4);
+
+    // The same weights converted to Q8_0: a separate, cached preparation with answers of its own.
+    p.write("select.toml", &(p.read("select.toml") + "prepare = \"q8_0\"\n"));
+    let plan = text(&p.run(&["plan", "select.toml"]).stdout);
+    assert!(plan.contains("config changed: prepare null → \"q8_0\"; 4 new item(s), 0 cached"), "{plan}");
+    let (code, events, out) = p.run_logged(&[]);
+    assert_eq!(code, 0, "{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(items(&events).iter().filter(|i| i.starts_with("answers/")).count(), 4);
+    let answers: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "answers"]).stdout).unwrap();
+    assert_eq!(answers["prepare"], "q8_0");
+    assert_eq!(answers["models"]["smollm2-135m-instruct"]["answers"].as_array().unwrap().len(), 4);
+    std::fs::remove_dir_all(p.path(".pipeline")).unwrap();
+    let (code, _, out) = p.run_logged(&["--locked"]);
+    assert_eq!(code, 0, "the converted weights reproduce: {}\n{}", text(&out.stdout), text(&out.stderr));
 }
 

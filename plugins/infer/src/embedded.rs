@@ -10,7 +10,7 @@ use mistralrs::{GgufModelBuilder, Model, RequestBuilder, StopTokens, TextMessage
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::Sampler;
+use crate::{Prepare, Sampler};
 
 #[derive(Debug, Deserialize)]
 pub struct Message {
@@ -45,16 +45,23 @@ pub struct Runner {
 static LOADED: OnceLock<Mutex<HashMap<String, Arc<Runner>>>> = OnceLock::new();
 
 /// The runner for these weights, fetching, verifying and loading them on first use.
-pub async fn load(source: &Source, sha256: &str, base: &Path) -> Result<Arc<Runner>, String> {
+pub async fn load(source: &Source, sha256: &str, base: &Path, prepare: Option<Prepare>) -> Result<Arc<Runner>, String> {
+    let key = format!("{sha256}{}", if prepare.is_some() { ":q8_0" } else { "" });
     let mut loaded = LOADED.get_or_init(Default::default).lock().await;
-    if let Some(runner) = loaded.get(sha256) {
+    if let Some(runner) = loaded.get(&key) {
         return Ok(runner.clone());
     }
     let (source, base) = (source.clone(), base.to_path_buf());
-    let weights = tokio::task::spawn_blocking(move || catalog::fetch::resolve(&source, &base))
-        .await
-        .map_err(|e| format!("fetching weights: {e}"))?
-        .map_err(|e| e.to_string())?;
+    let path = tokio::task::spawn_blocking(move || {
+        let weights = catalog::fetch::resolve(&source, &base).map_err(|e| e.to_string())?;
+        match prepare {
+            None => Ok(weights.path),
+            Some(Prepare::Q8_0) => crate::convert::to_q8_0(&weights.path),
+        }
+    })
+    .await
+    .map_err(|e| format!("preparing weights: {e}"))??;
+    let weights = catalog::fetch::Weights { path, sha256: sha256.to_string(), format: catalog::WeightsFormat::Gguf };
     let dir = weights.path.parent().ok_or("weights have no directory")?.to_string_lossy().into_owned();
     let file = weights.path.file_name().ok_or("weights have no file name")?.to_string_lossy().into_owned();
     tracing::info!(weights = %weights.path.display(), "loading model");
@@ -69,7 +76,7 @@ pub async fn load(source: &Source, sha256: &str, base: &Path) -> Result<Arc<Runn
         .map_err(|e| format!("loading {}: {e}", weights.path.display()))?;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
     let runner = Arc::new(Runner { model, turn: Mutex::new(()) });
-    loaded.insert(sha256.to_string(), runner.clone());
+    loaded.insert(key, runner.clone());
     Ok(runner)
 }
 

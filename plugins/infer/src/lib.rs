@@ -11,6 +11,7 @@
 //! with load on GPU. Timings are measurements, not results: they sit under `timing` keys, which the
 //! lockfile leaves out.
 
+mod convert;
 mod embedded;
 
 use std::path::PathBuf;
@@ -37,6 +38,15 @@ pub struct InferConfig {
     pub models: Vec<Spanned<String>>,
     #[serde(default)]
     pub sampler: Sampler,
+    /// Convert GGUF weights to this quantization before running (cached per machine). `q8_0`
+    /// runs on candle's AVX2 kernels where the shipped Q4_1 runs on scalar code.
+    pub prepare: Option<Prepare>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Prepare {
+    Q8_0,
 }
 
 /// Decoding settings. Part of every item's memo key.
@@ -116,12 +126,13 @@ impl StagePlugin for Infer {
             return Err(errors);
         }
         let catalog_dir = catalog_path.parent().map(PathBuf::from).unwrap_or_default();
-        Ok(Arc::new(InferStage { sampler: config.sampler, candidates, catalog_dir }))
+        Ok(Arc::new(InferStage { sampler: config.sampler, prepare: config.prepare, candidates, catalog_dir }))
     }
 }
 
 struct InferStage {
     sampler: Sampler,
+    prepare: Option<Prepare>,
     candidates: Vec<Candidate>,
     catalog_dir: PathBuf,
 }
@@ -142,6 +153,7 @@ impl Stage for InferStage {
                     input: json!({
                         "model": c.id,
                         "weights_sha256": c.sha256,
+                        "prepare": self.prepare.map(|_| format!("q8_0-v{}", convert::CONVERTER_VERSION)),
                         "messages": s["messages"],
                         "sampler": self.sampler,
                     }),
@@ -156,7 +168,7 @@ impl Stage for InferStage {
         let candidate = self.candidates.iter().find(|c| c.id == model).ok_or_else(|| StageError::new(format!("unknown model `{model}`")))?;
         let messages: Vec<embedded::Message> = serde_json::from_value(item.input["messages"].clone())
             .map_err(|e| StageError::new(format!("rendered messages are malformed: {e}")))?;
-        let runner = embedded::load(&candidate.source, &candidate.sha256, &self.catalog_dir).await.map_err(StageError::new)?;
+        let runner = embedded::load(&candidate.source, &candidate.sha256, &self.catalog_dir, self.prepare).await.map_err(StageError::new)?;
         let answer = runner.chat(&messages, &self.sampler).await.map_err(StageError::new)?;
         Ok(serde_json::to_value(answer).expect("answers serialize"))
     }
@@ -199,7 +211,7 @@ impl Stage for InferStage {
                 }),
             );
         }
-        Ok(json!({"sampler": self.sampler, "models": models}))
+        Ok(json!({"sampler": self.sampler, "prepare": self.prepare, "models": models}))
     }
 }
 
