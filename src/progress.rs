@@ -25,6 +25,9 @@ impl Observer for Progress {
         match event {
             Event::Started { stage, items, cached_items, reasons, .. } => {
                 tracing::info!(stage, ?reasons, items, cached_items, "running stage");
+                if items == cached_items {
+                    return; // nothing to count: a whole-stage step, or every item memoized
+                }
                 let bar = self.multi.add(ProgressBar::new((*items - *cached_items) as u64));
                 bar.set_style(
                     ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({eta})").expect("valid template").progress_chars("=> "),
