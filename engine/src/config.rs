@@ -228,7 +228,7 @@ pub fn parse(file: SourceFile, registry: &Registry) -> Result<Pipeline, Vec<Diag
                 );
             }
         }
-        if order.is_some() && !depends_on(&stages, from, to) {
+        if order.is_some() && !depends_on(&stages, &index, from, to) {
             diags.push(
                 Diagnostic::error(format!("feedback from `{}` to `{}` is not a loop: `{}` does not depend on `{}`", f.id, t.id, f.id, t.id))
                     .at(&file, cfg.feedback.from.span(), "not downstream of `to`")
@@ -598,8 +598,7 @@ fn find_cycle(graph: &DiGraph<usize, Range<usize>>, nodes: &[NodeIndex], members
     members.to_vec()
 }
 
-fn depends_on(stages: &[RawStage], from: usize, to: usize) -> bool {
-    let index: HashMap<&str, usize> = stages.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+fn depends_on(stages: &[RawStage], index: &HashMap<&str, usize>, from: usize, to: usize) -> bool {
     let mut stack = vec![from];
     let mut seen = vec![false; stages.len()];
     while let Some(i) = stack.pop() {

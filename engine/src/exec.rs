@@ -205,9 +205,20 @@ fn fingerprint(pipeline: &Pipeline, files: &Files, i: usize, inputs: &BTreeMap<S
     }
 }
 
-fn stage_input(pipeline: &Pipeline, files: &Files, i: usize, inputs: BTreeMap<String, Arc<Value>>) -> StageInput {
+/// Upstream artifacts by input name, from the store. `Err` names the first one missing.
+fn load_inputs(store: &Store, inputs: &BTreeMap<String, Digest>) -> Result<BTreeMap<String, Arc<Value>>, String> {
+    inputs
+        .iter()
+        .map(|(port, d)| {
+            let v = store.get_object(d).ok_or_else(|| format!("input `{port}` ({}) is missing from the store", d.short()))?;
+            Ok((port.clone(), Arc::new(v)))
+        })
+        .collect()
+}
+
+fn stage_input(pipeline: &Pipeline, files: &Files, i: usize, inputs: BTreeMap<String, Arc<Value>>, cancel: Cancel) -> StageInput {
     StageInput {
-        cancel: Cancel::default(),
+        cancel,
         inputs,
         files: pipeline.stages[i].files.iter().map(|(w, _)| (w.clone(), files.0[w].0.clone())).collect(),
         seed: pipeline.seed,
@@ -592,12 +603,8 @@ async fn run_stage(
     }
     let reasons = dirty_reasons(&fp, previous.as_ref());
 
-    let mut values = BTreeMap::new();
-    for (port, d) in &inputs {
-        let v = ctx.store.get_object(d).ok_or_else(|| StageFail::Error(format!("input `{port}` ({}) is missing from the store", d.short())))?;
-        values.insert(port.clone(), Arc::new(v));
-    }
-    let input = Arc::new(StageInput { cancel: Cancel(ctx.cancel.clone()), ..stage_input(pipeline, &ctx.files, i, values) });
+    let values = load_inputs(&ctx.store, &inputs).map_err(StageFail::Error)?;
+    let input = Arc::new(stage_input(pipeline, &ctx.files, i, values, Cancel(ctx.cancel.clone())));
     let items = node.stage.items(&input).map_err(|e| StageFail::Error(e.message))?;
     let keys: Vec<Digest> = items.iter().map(|it| fp.item_key(&it.input)).collect();
     let mut outputs: Vec<Option<Value>> = keys.iter().map(|k| ctx.store.get_item(k)).collect();
@@ -760,14 +767,8 @@ pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<PlanReport, RunError> 
         let previous: Option<Record> = store.get_record(&pipeline.name, &node.id);
         entry.reasons = dirty_reasons(&fp, previous.as_ref());
         // Count the items that would run.
-        let mut values = BTreeMap::new();
-        for (port, d) in &inputs {
-            if let Some(v) = store.get_object(d) {
-                values.insert(port.clone(), Arc::new(v));
-            }
-        }
-        if values.len() == inputs.len() {
-            let input = stage_input(pipeline, &files, i, values);
+        if let Ok(values) = load_inputs(store, &inputs) {
+            let input = stage_input(pipeline, &files, i, values, Cancel::default());
             if let Ok(items) = node.stage.items(&input)
                 && !items.is_empty()
             {
