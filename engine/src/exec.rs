@@ -615,11 +615,15 @@ async fn run_stage(
     let mut pending = (0..items.len()).filter(|&k| outputs[k].is_none()).collect::<Vec<_>>().into_iter();
     let limit = node.stage.item_concurrency().max(1);
     let mut running: JoinSet<(usize, Result<Value, crate::stage::StageError>)> = JoinSet::new();
-    let mut first_error: Option<String> = None;
+    // A failed item does not stop the others: everything that succeeds is kept, and a rerun
+    // retries only what failed. Failures in a row (a server down, a systematic bug) stop the
+    // stage early instead of failing every item one by one.
+    let give_up_after = limit.max(5);
+    let (mut failures, mut failed_in_a_row) = (Vec::<String>::new(), 0);
     let mut interrupted = false;
     let mut ran = 0;
     loop {
-        while running.len() < limit && first_error.is_none() {
+        while running.len() < limit && failed_in_a_row < give_up_after {
             if ctx.cancel.load(Ordering::SeqCst) {
                 interrupted = true;
                 break;
@@ -640,14 +644,24 @@ async fn run_stage(
                 ran += 1;
                 ctx.emit(Event::Item { iteration, stage: node.id.clone(), item: items[k].id.clone() });
                 outputs[k] = Some(value);
+                failed_in_a_row = 0;
             }
             Err(e) => {
-                first_error.get_or_insert(format!("item `{}`: {}", items[k].id, e.message));
+                tracing::warn!(stage = node.id, item = items[k].id, "item failed: {}", e.message);
+                failures.push(format!("item `{}`: {}", items[k].id, e.message));
+                failed_in_a_row += 1;
             }
         }
     }
-    if let Some(e) = first_error {
-        return Err(StageFail::Error(e));
+    if let Some(first) = failures.first() {
+        let n = failures.len();
+        return Err(StageFail::Error(if failed_in_a_row >= give_up_after {
+            format!("stopped after {failed_in_a_row} items failed in a row ({} not started); finished items are kept. First: {first}", pending.len())
+        } else if n == 1 {
+            first.clone()
+        } else {
+            format!("{n} items failed; finished items are kept and a rerun retries only the failed ones. First: {first}")
+        }));
     }
     if interrupted {
         return Err(StageFail::Interrupted);

@@ -368,6 +368,17 @@ fn unchanged_output_stops_the_cascade() {
 }
 
 #[test]
+fn several_failures_are_counted_and_failures_in_a_row_stop_the_stage() {
+    let p = Project::new(PIPELINE, "13\n1\n13\n");
+    let (_, log) = p.run_with(None, None);
+    assert!(log.contains(&"0 shifted failed: 2 items failed; finished items are kept and a rerun retries only the failed ones. First: item `n1`: unlucky number".to_string()), "{log:#?}");
+    let p = Project::new(PIPELINE, &"13\n".repeat(7));
+    let (_, log) = p.run_with(None, None);
+    let failed: Vec<_> = log.iter().filter(|l| l.contains("shifted failed")).collect();
+    assert_eq!(failed, ["0 shifted failed: stopped after 5 items failed in a row (2 not started); finished items are kept. First: item `n1`: unlucky number"]);
+}
+
+#[test]
 fn failure_stops_dependents_keeps_finished_items_and_reruns_only_the_rest() {
     let p = Project::new(PIPELINE, "1\n13\n3\n");
     let (r, log) = p.run_with(None, None);
@@ -381,9 +392,10 @@ fn failure_stops_dependents_keeps_finished_items_and_reruns_only_the_rest() {
             "0 shifted failed: item `n2`: unlucky number",
             "0 shifted run (3 of 3 items)",
             "0 shifted/n1",
+            "0 shifted/n3",
             "0 total skipped: upstream `shifted` failed",
         ],
-        "no item starts after the first failure"
+        "the other items run and are kept"
     );
     assert!(!p.path("p.lock").exists(), "no lockfile after a failed run");
     p.write("nums.txt", "1\n2\n3\n");
@@ -393,9 +405,8 @@ fn failure_stops_dependents_keeps_finished_items_and_reruns_only_the_rest() {
             "0 done, targets met: None",
             "0 nums run (0 of 0 items)",
             "0 param fresh",
-            "0 shifted run (2 of 3 items)",
+            "0 shifted run (1 of 3 items)",
             "0 shifted/n2",
-            "0 shifted/n3",
             "0 total run (0 of 0 items)",
         ]
     );
