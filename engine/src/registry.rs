@@ -96,10 +96,26 @@ impl<P: StagePlugin> ErasedPlugin for Erased<P> {
                 .at(cx.pipeline, span, "here")]
         })?;
         let mut canonical = serde_json::to_value(&config).expect("stage configs serialize to JSON");
+        // An unset option is the same as a key not written: a plugin that gains an optional
+        // field leaves existing fingerprints as they were.
+        drop_null_keys(&mut canonical);
         let stage = P::build(config, cx)?;
         if let (Some(resolved), Some(map)) = (stage.resolved(), canonical.as_object_mut()) {
             map.insert("@resolved".into(), resolved);
         }
         Ok((stage, canonical))
+    }
+}
+
+/// Removes object keys whose value is null, at any depth. (TOML has no null: a null in a config
+/// can only be an unset `Option`.)
+fn drop_null_keys(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(drop_null_keys);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_null_keys),
+        _ => {}
     }
 }
