@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod http;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -408,7 +410,7 @@ fn infer_runs_smollm2_offline_and_reproduces() {
     // The same weights converted to Q8_0: a separate, cached preparation with answers of its own.
     p.write("select.toml", &(p.read("select.toml") + "prepare = \"q8_0\"\n"));
     let plan = text(&p.run(&["plan", "select.toml"]).stdout);
-    assert!(plan.contains("config changed: prepare null → \"q8_0\"; 4 new item(s), 0 cached"), "{plan}");
+    assert!(plan.contains("config changed: prepare added (\"q8_0\"); 4 new item(s), 0 cached"), "{plan}");
     let (code, events, out) = p.run_logged(&[]);
     assert_eq!(code, 0, "{}\n{}", text(&out.stdout), text(&out.stderr));
     assert_eq!(items(&events).iter().filter(|i| i.starts_with("answers/")).count(), 4);
@@ -420,3 +422,38 @@ fn infer_runs_smollm2_offline_and_reproduces() {
     assert_eq!(code, 0, "the converted weights reproduce: {}\n{}", text(&out.stdout), text(&out.stderr));
 }
 
+
+const INTENTS: [&str; 6] = ["billing", "refund", "technical", "account", "shipping", "cancel"];
+
+/// Constrained decoding (llguidance inside mistral.rs) on the real model: a choice yields one of
+/// the choices and stops right after it; a JSON schema yields JSON valid against it.
+#[test]
+fn infer_output_is_constrained() {
+    let p = Project::new();
+    let data: String = p.read("data/tickets.jsonl").lines().take(4).map(|l| format!("{l}\n")).collect();
+    p.write("data/tickets.jsonl", &data);
+    let stage = "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instruct\"]\n";
+    let base = p.read("select.toml") + stage;
+    p.write("select.toml", &(base.clone() + "sampler = { max_tokens = 12 }\noutput = { choice = [\"billing\", \"refund\", \"technical\", \"account\", \"shipping\", \"cancel\"] }\n"));
+    let (code, _, out) = p.run_logged(&[]);
+    assert_eq!(code, 0, "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let answers: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "answers"]).stdout).unwrap();
+    assert_eq!(answers["output"]["choice"].as_array().unwrap().len(), 6);
+    for a in answers["models"]["smollm2-135m-instruct"]["answers"].as_array().unwrap() {
+        assert!(INTENTS.contains(&a["text"].as_str().unwrap()), "{a}");
+        assert_eq!(a["finish_reason"], "stop", "generation ends once the choice is complete: {a}");
+        assert!(a["completion_tokens"].as_u64().unwrap() < 12, "{a}");
+    }
+
+    let schema = "output = { json_schema = { type = \"object\", properties = { intent = { enum = [\"billing\", \"refund\", \"technical\", \"account\", \"shipping\", \"cancel\"] }, urgent = { type = \"boolean\" } }, required = [\"intent\", \"urgent\"], additionalProperties = false } }\n";
+    p.write("select.toml", &(base + "sampler = { max_tokens = 40 }\n" + schema));
+    let (code, _, out) = p.run_logged(&[]);
+    assert_eq!(code, 0, "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let answers: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "answers"]).stdout).unwrap();
+    for a in answers["models"]["smollm2-135m-instruct"]["answers"].as_array().unwrap() {
+        let v: Value = serde_json::from_str(a["text"].as_str().unwrap()).unwrap_or_else(|e| panic!("not JSON ({e}): {a}"));
+        assert!(INTENTS.contains(&v["intent"].as_str().unwrap_or_default()), "{a}");
+        assert!(v["urgent"].is_boolean(), "{a}");
+        assert_eq!(v.as_object().unwrap().len(), 2, "{a}");
+    }
+}

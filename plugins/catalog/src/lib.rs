@@ -75,9 +75,10 @@ impl Model {
         }
     }
 
-    /// The first source this build can run in-process.
-    pub fn embedded_source(&self) -> Option<&Source> {
-        self.sources.iter().find(|s| matches!(s, Source::PythonPackage { .. } | Source::LocalFile { .. }))
+    /// The first source this build can run: weights to run in-process, or an endpoint.
+    /// (A Hugging Face repository needs network access this build does not assume.)
+    pub fn runnable_source(&self) -> Option<&Source> {
+        self.sources.iter().find(|s| !matches!(s, Source::HuggingFace { .. }))
     }
 }
 
@@ -113,7 +114,21 @@ pub enum Source {
         model: String,
         /// Name of the environment variable holding the API key (never the key itself).
         api_key_env: Option<String>,
+        /// How the server takes a JSON Schema for structured output.
+        #[serde(default)]
+        response_format: ResponseFormat,
     },
+}
+
+/// How an OpenAI-compatible server takes a JSON Schema to constrain output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// `{"type": "json_schema", "json_schema": {"schema": ...}}`: OpenAI's API, vLLM, SGLang, llama.cpp's `llama-server`.
+    #[default]
+    JsonSchema,
+    /// `{"type": "json_object", "schema": ...}`: llama-cpp-python's server.
+    JsonObject,
 }
 
 impl Catalog {
@@ -150,10 +165,29 @@ impl Catalog {
                 problem(format!("parameters must be positive with active ≤ total (got {}B total, {}B active)", m.params_total_b, m.params_active_b));
             }
             for s in &m.sources {
-                if let Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. } = s
-                    && (sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-                {
-                    problem(format!("sha256 must be 64 lowercase hex digits, not `{sha256}`"));
+                match s {
+                    Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. }
+                        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) =>
+                    {
+                        problem(format!("sha256 must be 64 lowercase hex digits, not `{sha256}`"));
+                    }
+                    Source::OpenaiCompatible { base_urls, api_key_env, .. } => {
+                        if base_urls.is_empty() {
+                            problem("`base_urls` is empty: name at least one endpoint".into());
+                        }
+                        for url in base_urls {
+                            if !(url.starts_with("http://") || url.starts_with("https://")) || url.contains(char::is_whitespace) {
+                                problem(format!("`{url}` is not an http:// or https:// base URL (e.g. `http://127.0.0.1:8000/v1`)"));
+                            }
+                        }
+                        // The name of a variable, never a key pasted in by mistake.
+                        if let Some(var) = api_key_env
+                            && (var.is_empty() || var.starts_with(|c: char| c.is_ascii_digit()) || !var.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'))
+                        {
+                            problem("`api_key_env` must name an environment variable (A-Z, 0-9, _), not hold a key".into());
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -183,7 +217,7 @@ mod tests {
         let catalog = Catalog::load(&path).unwrap_or_else(|d| panic!("{}", d[0].render(false)));
         let smol = catalog.get("smollm2-135m-instruct").unwrap();
         assert_eq!(smol.tier(), Tier::Low);
-        assert!(matches!(smol.embedded_source(), Some(Source::PythonPackage { .. })));
+        assert!(matches!(smol.runnable_source(), Some(Source::PythonPackage { .. })));
         assert_eq!(catalog.get("deepseek-v3.2").unwrap().tier(), Tier::High);
         assert_eq!(catalog.get("qwen3-next-80b-a3b-instruct").unwrap().tier(), Tier::Medium);
     }

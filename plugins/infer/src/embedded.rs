@@ -6,35 +6,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use catalog::Source;
-use mistralrs::{GgufModelBuilder, Model, RequestBuilder, StopTokens, TextMessageRole};
-use serde::{Deserialize, Serialize};
+use mistralrs::{Constraint, GgufModelBuilder, Model, RequestBuilder, StopTokens, TextMessageRole};
 use tokio::sync::Mutex;
 
-use crate::{Prepare, Sampler};
+use crate::{Answer, Message, OutputConstraint, Prepare, Sampler, Timing};
 
-#[derive(Debug, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Answer {
-    pub text: String,
-    pub finish_reason: String,
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    /// Measurements (volatile: left out of the lockfile).
-    pub timing: Timing,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Timing {
-    pub latency_ms: f64,
-    /// Prompt processing, which is most of the time to the first token.
-    pub prefill_ms: f64,
-    pub decode_ms: f64,
-}
+/// The names llguidance (toktrie_hf_tokenizers 1.9) takes for end of sequence.
+const LLGUIDANCE_EOS: [&str; 5] = ["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<｜end▁of▁sentence｜>"];
 
 pub struct Runner {
     model: Model,
@@ -81,7 +59,7 @@ pub async fn load(source: &Source, sha256: &str, base: &Path, prepare: Option<Pr
 }
 
 impl Runner {
-    pub async fn chat(&self, messages: &[Message], sampler: &Sampler) -> Result<Answer, String> {
+    pub async fn chat(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>) -> Result<Answer, String> {
         let mut request = RequestBuilder::new();
         for m in messages {
             let role = match m.role.as_str() {
@@ -94,8 +72,25 @@ impl Runner {
         }
         request = if sampler.temperature == 0.0 { request.set_deterministic_sampler() } else { request.set_sampler_temperature(sampler.temperature) };
         request = request.set_sampler_max_len(sampler.max_tokens);
-        if !sampler.stop.is_empty() {
-            request = request.set_sampler_stop_toks(StopTokens::Seqs(sampler.stop.clone()));
+        let mut stop = sampler.stop.clone();
+        if output.is_some() {
+            // mistral.rs 0.8.1 builds llguidance's token environment without the model's EOS:
+            // llguidance picks its own by name (`<|endoftext|>` for SmolLM2, whose chat turns end
+            // with `<|im_end|>`), so once the constraint is satisfied it forces a token mistral.rs
+            // does not stop on, until `max_tokens`. A single-token stop string becomes a stop token.
+            stop.extend(LLGUIDANCE_EOS.iter().map(|s| s.to_string()));
+        }
+        if !stop.is_empty() {
+            request = request.set_sampler_stop_toks(StopTokens::Seqs(stop));
+        }
+        if let Some(output) = output {
+            // llguidance, inside mistral.rs: tokens that cannot continue a valid output are masked.
+            request = request.set_constraint(match output {
+                OutputConstraint::Choice(choices) => Constraint::Regex(OutputConstraint::choice_regex(choices)),
+                OutputConstraint::Regex(r) => Constraint::Regex(r.clone()),
+                OutputConstraint::JsonSchema(schema) => Constraint::JsonSchema(schema.clone()),
+                OutputConstraint::Lark(grammar) => Constraint::Lark(grammar.clone()),
+            });
         }
         let _turn = self.turn.lock().await;
         let started = Instant::now();
@@ -111,8 +106,8 @@ impl Runner {
             completion_tokens: usage.completion_tokens,
             timing: Timing {
                 latency_ms: latency.as_secs_f64() * 1000.0,
-                prefill_ms: f64::from(usage.total_prompt_time_sec) * 1000.0,
-                decode_ms: f64::from(usage.total_completion_time_sec) * 1000.0,
+                prefill_ms: Some(f64::from(usage.total_prompt_time_sec) * 1000.0),
+                decode_ms: Some(f64::from(usage.total_completion_time_sec) * 1000.0),
             },
         })
     }

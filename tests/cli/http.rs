@@ -1,0 +1,246 @@
+//! The HTTP backend against a real, independent OpenAI-compatible server: llama.cpp's, from
+//! `llama-cpp-python[server]` (installed by `scripts/test`), serving the same SmolLM2 GGUF on
+//! loopback. Nothing is mocked.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{Project, items, text};
+
+const CANARY: &str = "sk-canary-7f3a9c1e-never-print-me";
+
+/// A llama.cpp server process, killed on drop.
+struct LlamaServer {
+    child: Child,
+    port: u16,
+}
+
+impl LlamaServer {
+    fn start(api_key: &str) -> LlamaServer {
+        let python = std::env::var("PIPELINE_LLAMA_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/pipeline-llamacpp-venv/bin/python"));
+        assert!(python.exists(), "{} is missing: run the tests through scripts/test, which installs llama-cpp-python[server]", python.display());
+        let port = free_port();
+        let child = Command::new(python)
+            .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--n_threads", "1", "--n_ctx", "2048", "--model_alias", "smollm2"])
+            .args(["--model", smollm2().to_str().unwrap(), "--port", &port.to_string(), "--api_key", api_key])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start llama_cpp.server");
+        let server = LlamaServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while get(port, "/v1/models", api_key).is_none_or(|s| !s.starts_with("HTTP/1.1 200")) {
+            assert!(Instant::now() < deadline, "llama_cpp.server did not come up on port {port}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        server
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn get(port: u16, path: &str, key: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// The SmolLM2 GGUF, fetched and verified through the catalog as the embedded backend does.
+fn smollm2() -> PathBuf {
+    let root = crate::root();
+    let catalog = catalog::Catalog::load(&root.join("catalogs/open-models.toml")).unwrap_or_else(|d| panic!("{}", d[0].render(false)));
+    let source = catalog.get("smollm2-135m-instruct").unwrap().runnable_source().unwrap().clone();
+    catalog::fetch::resolve(&source, &root.join("catalogs")).expect("fetch SmolLM2").path
+}
+
+/// A project whose catalog serves SmolLM2 from `base_urls`, on the first `samples` tickets.
+fn served_project(base_urls: &[String], samples: usize, http: &str) -> Project {
+    let p = Project::new();
+    let data: String = p.read("data/tickets.jsonl").lines().take(samples).map(|l| format!("{l}\n")).collect();
+    p.write("data/tickets.jsonl", &data);
+    write_catalog(&p, base_urls);
+    let toml = p.read("select.toml")
+        + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"served.toml\"\nmodels = [\"smollm2-served\"]\nsampler = { max_tokens = 6, stop = [\"\\n\"] }\n"
+        + &format!("http = {{ {http} }}\n");
+    p.write("select.toml", &toml);
+    p
+}
+
+fn write_catalog(p: &Project, base_urls: &[String]) {
+    write_catalog_with(p, base_urls, "");
+}
+
+fn write_catalog_with(p: &Project, base_urls: &[String], extra: &str) {
+    let urls: Vec<String> = base_urls.iter().map(|u| format!("\"{u}\"")).collect();
+    p.write(
+        "served.toml",
+        &format!(
+            "[[model]]\nid = \"smollm2-served\"\nfamily = \"SmolLM2\"\ndeveloper = \"Hugging Face\"\norigin = \"US\"\nparams_total_b = 0.135\nparams_active_b = 0.135\nlicense = \"Apache-2.0\"\n\n[[model.source]]\nkind = \"openai_compatible\"\nbase_urls = [{}]\nmodel = \"smollm2\"\napi_key_env = \"PIPELINE_TEST_API_KEY\"\n{extra}",
+            urls.join(", ")
+        ),
+    );
+}
+
+fn run(p: &Project, key: Option<&str>, extra: &[&str]) -> (i32, Vec<Value>, Output) {
+    let log = p.path("events.jsonl");
+    let _ = std::fs::remove_file(&log);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pipeline"));
+    cmd.args(["run", "select.toml", "--events", log.to_str().unwrap()]).args(extra).current_dir(&p.dir);
+    cmd.env("NO_COLOR", "1").env("RUST_LOG", "debug").env_remove("PIPELINE_STORE").env_remove("PIPELINE_TEST_API_KEY");
+    if let Some(key) = key {
+        cmd.env("PIPELINE_TEST_API_KEY", key);
+    }
+    let out = cmd.output().unwrap();
+    let events = std::fs::read_to_string(&log).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    (out.status.code().unwrap(), events, out)
+}
+
+fn answers(p: &Project) -> Vec<Value> {
+    let out = crate::pipeline(&p.dir, &["show", "select.toml", "answers"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out.stderr)));
+    v["models"]["smollm2-served"]["answers"].as_array().unwrap().clone()
+}
+
+/// Every file under `dir`, and everything printed, is free of `secret`.
+fn assert_never_written(dir: &Path, printed: &[&Output], secret: &str) {
+    for out in printed {
+        assert!(!text(&out.stdout).contains(secret) && !text(&out.stderr).contains(secret), "the key was printed");
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                files += 1;
+                let bytes = std::fs::read(e.path()).unwrap();
+                assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the key is in {}", e.path().display());
+            }
+        }
+    }
+    assert!(files > 10, "the store was searched ({files} files)");
+}
+
+/// Two replicas of llama.cpp's server behind one catalog model, four requests in flight: every
+/// sample is answered, both replicas serve, answers equal one-at-a-time answers from a single
+/// replica, a rerun computes nothing, and the API key is sent (the server requires it) but never
+/// written or printed.
+#[test]
+fn infer_over_http_against_llama_cpp_server() {
+    let (a, b) = (LlamaServer::start(CANARY), LlamaServer::start(CANARY));
+    let p = served_project(&[a.base_url(), b.base_url()], 12, "max_concurrency = 4");
+    let (code, events, first) = run(&p, Some(CANARY), &[]);
+    assert_eq!(code, 0, "{}\n{}", text(&first.stdout), text(&first.stderr));
+    assert_eq!(items(&events).iter().filter(|i| i.starts_with("answers/")).count(), 12);
+    let concurrent = answers(&p);
+    assert_eq!(concurrent.len(), 12);
+    for a in &concurrent {
+        assert!(a["prompt_tokens"].as_u64().unwrap() > 50, "{a}");
+        assert!(a["completion_tokens"].as_u64().unwrap() >= 1, "{a}");
+        assert!(a["timing"]["latency_ms"].as_f64().unwrap() > 0.0, "{a}");
+    }
+    let replicas: std::collections::BTreeSet<u64> = concurrent.iter().map(|a| a["transport"]["replica"].as_u64().unwrap()).collect();
+    assert_eq!(replicas, [0, 1].into(), "requests are spread over both replicas");
+
+    let (code, events, rerun) = run(&p, Some(CANARY), &[]);
+    assert_eq!(code, 0);
+    assert!(items(&events).is_empty(), "a rerun computes nothing");
+
+    // One replica, one request at a time, from an empty store: the same answers.
+    std::fs::remove_dir_all(p.path(".pipeline")).unwrap();
+    write_catalog(&p, &[a.base_url()]);
+    p.write("select.toml", &p.read("select.toml").replace("max_concurrency = 4", "max_concurrency = 1"));
+    let (code, _, sequential) = run(&p, Some(CANARY), &[]);
+    assert_eq!(code, 0, "{}", text(&sequential.stderr));
+    let texts = |v: &[Value]| v.iter().map(|a| (a["id"].clone(), a["text"].clone(), a["completion_tokens"].clone())).collect::<Vec<_>>();
+    assert_eq!(texts(&answers(&p)), texts(&concurrent), "greedy answers do not depend on concurrency or replica");
+    assert_never_written(&p.dir, &[&first, &rerun, &sequential], CANARY);
+}
+
+/// What cannot succeed fails at once with a message that says why and never shows the key; what
+/// may pass is retried, then reported; nothing half-done is kept as a result.
+#[test]
+fn http_failures_are_reported_without_the_key() {
+    let server = LlamaServer::start(CANARY);
+    let p = served_project(&[server.base_url()], 3, "retries = 2, backoff_s = 0.05");
+
+    let (code, _, out) = run(&p, None, &[]);
+    assert_eq!(code, 1);
+    let err = text(&out.stderr);
+    assert!(err.contains("environment variable `PIPELINE_TEST_API_KEY` (its `api_key_env`) is not set"), "{err}");
+
+    let wrong = "sk-wrong-key-0a1b2c3d";
+    let (code, events, out) = run(&p, Some(wrong), &[]);
+    assert_eq!(code, 1);
+    let err = text(&out.stderr);
+    assert!(err.contains("HTTP 401"), "{err}");
+    assert!(!err.contains("after 2 attempts"), "401 is not retried: {err}");
+    assert!(items(&events).is_empty());
+    assert_never_written(&p.dir, &[&out], wrong);
+
+    // Nothing listens here: connection errors are retried, then every item fails and is reported.
+    let down = format!("http://127.0.0.1:{}/v1", free_port());
+    write_catalog(&p, &[down]);
+    let (code, _, out) = run(&p, Some(CANARY), &[]);
+    assert_eq!(code, 1);
+    let err = text(&out.stderr);
+    assert!(err.contains("3 items failed") && err.contains("cannot connect") && err.contains("(after 3 attempts)"), "{err}");
+    assert!(err.contains("retrying"), "retries are logged: {err}");
+
+    // Back up: the rerun computes exactly the items that failed.
+    write_catalog(&p, &[server.base_url()]);
+    let (code, events, out) = run(&p, Some(CANARY), &[]);
+    assert_eq!(code, 0, "{}", text(&out.stderr));
+    assert_eq!(items(&events).len(), 3);
+    assert_never_written(&p.dir, &[&out], CANARY);
+}
+
+/// Structured output over HTTP, in the form llama-cpp-python's server takes it
+/// (`response_format = "json_object"`): a choice comes back as the bare choice, a JSON schema as
+/// JSON valid against it.
+#[test]
+fn http_output_is_constrained() {
+    let server = LlamaServer::start(CANARY);
+    let p = served_project(&[server.base_url()], 4, "max_concurrency = 2");
+    write_catalog_with(&p, &[server.base_url()], "response_format = \"json_object\"\n");
+    let toml = p.read("select.toml").replace("max_tokens = 6, stop = [\"\\n\"]", "max_tokens = 40");
+    let choice = "output = { choice = [\"billing\", \"refund\", \"technical\", \"account\", \"shipping\", \"cancel\"] }\n";
+    p.write("select.toml", &(toml.clone() + choice));
+    let (code, _, out) = run(&p, Some(CANARY), &[]);
+    assert_eq!(code, 0, "{}", text(&out.stderr));
+    for a in answers(&p) {
+        assert!(crate::INTENTS.contains(&a["text"].as_str().unwrap()), "{a}");
+    }
+    let schema = "output = { json_schema = { type = \"object\", properties = { intent = { enum = [\"billing\", \"refund\", \"technical\", \"account\", \"shipping\", \"cancel\"] } }, required = [\"intent\"] } }\n";
+    p.write("select.toml", &(toml + schema));
+    let (code, _, out) = run(&p, Some(CANARY), &[]);
+    assert_eq!(code, 0, "{}", text(&out.stderr));
+    for a in answers(&p) {
+        let v: Value = serde_json::from_str(a["text"].as_str().unwrap()).unwrap_or_else(|e| panic!("not JSON ({e}): {a}"));
+        assert!(crate::INTENTS.contains(&v["intent"].as_str().unwrap_or_default()), "{a}");
+    }
+}
