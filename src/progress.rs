@@ -23,30 +23,47 @@ impl Observer for Progress {
     fn event(&self, event: &Event) {
         let mut bars = self.bars.lock().unwrap();
         match event {
-            Event::Started { stage, items, cached_items, reasons, .. } => {
+            Event::Started { stage, items, cached_items, reasons, groups, .. } => {
                 tracing::info!(stage, ?reasons, items, cached_items, "running stage");
-                if items == cached_items {
-                    return; // nothing to count: a whole-stage step, or every item memoized
+                // One bar per group of items (e.g. per candidate model), else one for the stage.
+                let counts: Vec<(String, usize, usize)> = if groups.is_empty() {
+                    vec![(stage.clone(), *items, *cached_items)]
+                } else {
+                    groups.iter().map(|g| (format!("{stage} {}", g.name), g.items, g.cached_items)).collect()
+                };
+                for (name, items, cached) in counts {
+                    if items == cached {
+                        continue; // nothing to count: a whole-stage step, or every item memoized
+                    }
+                    let bar = self.multi.add(ProgressBar::new((items - cached) as u64));
+                    bar.set_style(
+                        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({per_sec}, {eta})").expect("valid template").progress_chars("=> "),
+                    );
+                    bar.set_prefix(name.clone());
+                    if cached > 0 {
+                        bar.set_message(format!("+{cached} cached"));
+                    }
+                    bars.insert(name, bar);
                 }
-                let bar = self.multi.add(ProgressBar::new((*items - *cached_items) as u64));
-                bar.set_style(
-                    ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({eta})").expect("valid template").progress_chars("=> "),
-                );
-                bar.set_prefix(stage.clone());
-                if *cached_items > 0 {
-                    bar.set_message(format!("+{cached_items} cached"));
-                }
-                bars.insert(stage.clone(), bar);
             }
-            Event::Item { stage, .. } => {
-                if let Some(bar) = bars.get(stage) {
+            Event::Item { stage, item, .. } => {
+                let name = match engine::item_group(item) {
+                    Some(group) if !bars.contains_key(stage) => format!("{stage} {group}"),
+                    _ => stage.clone(),
+                };
+                if let Some(bar) = bars.get(&name) {
                     bar.inc(1);
                 }
             }
             Event::Finished { stage, .. } | Event::Failed { stage, .. } => {
-                if let Some(bar) = bars.remove(stage) {
-                    bar.finish_and_clear();
-                }
+                let prefix = format!("{stage} ");
+                bars.retain(|name, bar| {
+                    let ours = name == stage || name.starts_with(&prefix);
+                    if ours {
+                        bar.finish_and_clear();
+                    }
+                    !ours
+                });
                 if let Event::Failed { stage, error, .. } = event {
                     tracing::debug!(stage, error, "stage failed");
                 }

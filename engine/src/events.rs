@@ -14,8 +14,17 @@ pub enum Event {
     Fresh { iteration: u32, stage: String },
     /// The stage's output was replaced by the feedback source's output of the previous iteration.
     Fed { iteration: u32, stage: String, from: String },
-    /// The stage is executing, and why.
-    Started { iteration: u32, stage: String, reasons: Vec<String>, items: usize, cached_items: usize },
+    /// The stage is executing, and why. `groups` counts items per group (an item id `group/rest`
+    /// is in `group`, e.g. a candidate model), for progress per group.
+    Started {
+        iteration: u32,
+        stage: String,
+        reasons: Vec<String>,
+        items: usize,
+        cached_items: usize,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        groups: Vec<ItemGroup>,
+    },
     /// One item was computed (cached items emit nothing; see `Started::cached_items`).
     Item { iteration: u32, stage: String, item: String },
     /// The stage produced `output`; `unchanged` when byte-identical to its previous output, so its
@@ -25,6 +34,18 @@ pub enum Event {
     /// Not run because an upstream stage failed or the run was interrupted.
     Skipped { iteration: u32, stage: String, because: String },
     IterationDone { iteration: u32, targets_met: Option<bool> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ItemGroup {
+    pub name: String,
+    pub items: usize,
+    pub cached_items: usize,
+}
+
+/// The group of an item id: what comes before its first `/`.
+pub fn item_group(id: &str) -> Option<&str> {
+    id.split_once('/').map(|(group, _)| group)
 }
 
 pub trait Observer: Send + Sync {

@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::task::JoinSet;
 
 use crate::config::Pipeline;
-use crate::events::{Event, Observer};
+use crate::events::{Event, ItemGroup, Observer, item_group};
 use crate::fingerprint::{FORMAT_VERSION, Fingerprint};
 use crate::hash::Digest;
 use crate::lockfile::{ENGINE_VERSION, LOCK_VERSION, LockedStage, Lockfile};
@@ -609,7 +609,20 @@ async fn run_stage(
     let keys: Vec<Digest> = items.iter().map(|it| fp.item_key(&it.input)).collect();
     let mut outputs: Vec<Option<Value>> = keys.iter().map(|k| ctx.store.get_item(k)).collect();
     let cached = outputs.iter().filter(|o| o.is_some()).count();
-    ctx.emit(Event::Started { iteration, stage: node.id.clone(), reasons, items: items.len(), cached_items: cached });
+    let mut groups: Vec<ItemGroup> = Vec::new();
+    for (item, output) in items.iter().zip(&outputs) {
+        let Some(name) = item_group(&item.id) else { continue };
+        let at = match groups.iter().position(|g| g.name == name) {
+            Some(at) => at,
+            None => {
+                groups.push(ItemGroup { name: name.to_string(), items: 0, cached_items: 0 });
+                groups.len() - 1
+            }
+        };
+        groups[at].items += 1;
+        groups[at].cached_items += usize::from(output.is_some());
+    }
+    ctx.emit(Event::Started { iteration, stage: node.id.clone(), reasons, items: items.len(), cached_items: cached, groups });
 
     let items = Arc::new(items);
     let mut pending = (0..items.len()).filter(|&k| outputs[k].is_none()).collect::<Vec<_>>().into_iter();

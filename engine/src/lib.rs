@@ -17,7 +17,7 @@ pub mod store;
 
 pub use config::{Pipeline, load};
 pub use diag::Diagnostic;
-pub use events::{Event, Observer};
+pub use events::{Event, ItemGroup, Observer, item_group};
 pub use exec::{PlanReport, RunError, RunOptions, RunReport, plan, run};
 pub use hash::Digest;
 pub use registry::Registry;

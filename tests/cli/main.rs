@@ -387,6 +387,8 @@ fn infer_runs_smollm2_offline_and_reproduces() {
     let (code, events, out) = p.run_logged(&[]);
     assert_eq!(code, 0, "{}\n{}", text(&out.stdout), text(&out.stderr));
     assert_eq!(items(&events).iter().filter(|i| i.starts_with("answers/")).count(), 4);
+    let start = events.iter().find(|e| e["event"] == "started" && e["stage"] == "answers").unwrap();
+    assert_eq!(start["groups"], serde_json::json!([{"name": "smollm2-135m-instruct", "items": 4, "cached_items": 0}]), "progress per candidate");
     let answers: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "answers"]).stdout).unwrap();
     let model = &answers["models"]["smollm2-135m-instruct"];
     assert_eq!(model["weights_sha256"], "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");

@@ -6,10 +6,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use catalog::Source;
-use mistralrs::{Constraint, GgufModelBuilder, Model, RequestBuilder, StopTokens, TextMessageRole};
+use mistralrs::{Constraint, Device, GgufModelBuilder, Model, RequestBuilder, StopTokens, TextMessageRole};
 use tokio::sync::Mutex;
 
-use crate::{Answer, Message, OutputConstraint, Prepare, Sampler, Timing};
+use crate::{Answer, DeviceSpec, Message, OutputConstraint, Prepare, Sampler, Timing};
 
 /// The names llguidance (toktrie_hf_tokenizers 1.9) takes for end of sequence.
 const LLGUIDANCE_EOS: [&str; 5] = ["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<｜end▁of▁sentence｜>"];
@@ -23,8 +23,8 @@ pub struct Runner {
 static LOADED: OnceLock<Mutex<HashMap<String, Arc<Runner>>>> = OnceLock::new();
 
 /// The runner for these weights, fetching, verifying and loading them on first use.
-pub async fn load(source: &Source, sha256: &str, base: &Path, prepare: Option<Prepare>) -> Result<Arc<Runner>, String> {
-    let key = format!("{sha256}{}", if prepare.is_some() { ":q8_0" } else { "" });
+pub async fn load(source: &Source, sha256: &str, base: &Path, prepare: Option<Prepare>, device: DeviceSpec) -> Result<Arc<Runner>, String> {
+    let key = format!("{sha256}{}:{device:?}", if prepare.is_some() { ":q8_0" } else { "" });
     let mut loaded = LOADED.get_or_init(Default::default).lock().await;
     if let Some(runner) = loaded.get(&key) {
         return Ok(runner.clone());
@@ -46,9 +46,12 @@ pub async fn load(source: &Source, sha256: &str, base: &Path, prepare: Option<Pr
     let started = Instant::now();
     // A local directory as the model id: nothing is fetched from a hub. Tokenizer and chat
     // template come from the GGUF file.
-    let model = GgufModelBuilder::new(dir, vec![file])
-        .with_force_cpu()
-        .with_max_num_seqs(1)
+    let builder = GgufModelBuilder::new(dir, vec![file]).with_max_num_seqs(1);
+    let builder = match device {
+        DeviceSpec::Cpu => builder.with_force_cpu(),
+        DeviceSpec::Cuda(n) => builder.with_device(Device::new_cuda(n).map_err(|e| format!("CUDA device {n}: {e}"))?),
+    };
+    let model = builder
         .build()
         .await
         .map_err(|e| format!("loading {}: {e}", weights.path.display()))?;

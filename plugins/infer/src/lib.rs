@@ -23,6 +23,8 @@ mod convert;
 mod embedded;
 pub mod http;
 
+pub use convert::to_q8_0 as prepare_q8_0;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -50,6 +52,11 @@ pub struct InferConfig {
     /// Convert GGUF weights to this quantization before running (cached per machine). `q8_0`
     /// runs on candle's AVX2 kernels where the shipped Q4_1 runs on scalar code.
     pub prepare: Option<Prepare>,
+    /// Where embedded models run: `cpu` (the default), `cuda` or `cuda:N` (a build with the `cuda`
+    /// feature). Answers computed on a GPU are memoized apart from CPU answers.
+    #[serde(default = "cpu", skip_serializing_if = "is_cpu")]
+    #[schemars(with = "String")]
+    pub device: Spanned<DeviceSpec>,
     /// How candidates served over HTTP are called.
     #[serde(default)]
     pub http: http::HttpSettings,
@@ -150,6 +157,47 @@ pub enum Prepare {
     Q8_0,
 }
 
+fn cpu() -> Spanned<DeviceSpec> {
+    Spanned::new(0..0, DeviceSpec::Cpu)
+}
+
+/// Left out of the canonical config, so CPU stages keep the fingerprints they had.
+fn is_cpu(device: &Spanned<DeviceSpec>) -> bool {
+    *device.get_ref() == DeviceSpec::Cpu
+}
+
+/// Where an embedded model runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DeviceSpec::Cpu => s.serialize_str("cpu"),
+            DeviceSpec::Cuda(n) => s.serialize_str(&format!("cuda:{n}")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| serde::de::Error::custom(format!("unknown device `{other}`: expected `cpu`, `cuda` or `cuda:N`"))),
+        }
+    }
+}
+
 /// Decoding settings. Part of every item's memo key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -248,6 +296,13 @@ impl StagePlugin for Infer {
         {
             errors.push(cx.error_at(Some(span.clone()), e, "this constraint"));
         }
+        let device = *config.device.get_ref();
+        if device != DeviceSpec::Cpu && !cfg!(feature = "cuda") {
+            errors.push(
+                cx.error_at(Some(config.device.span()), "this build of `pipeline` has no CUDA support", "needs the `cuda` feature")
+                    .help("build with `cargo build --release --features cuda` (README: GPU), or use `device = \"cpu\"`"),
+            );
+        }
         let mut candidates = Vec::new();
         if config.models.is_empty() {
             errors.push(cx.error_at(None, "`models` is empty: name at least one catalog model", ""));
@@ -290,7 +345,7 @@ impl StagePlugin for Infer {
         let catalog_dir = catalog_path.parent().map(PathBuf::from).unwrap_or_default();
         let http_concurrency = candidates.iter().any(|c| matches!(c.backend, Backend::Http(_))).then_some(config.http.max_concurrency.0);
         let output = output.map(|(c, _)| c);
-        Ok(Arc::new(InferStage { sampler: config.sampler, prepare: config.prepare, output, candidates, catalog_dir, http_concurrency }))
+        Ok(Arc::new(InferStage { sampler: config.sampler, prepare: config.prepare, output, device, candidates, catalog_dir, http_concurrency }))
     }
 }
 
@@ -298,6 +353,7 @@ struct InferStage {
     sampler: Sampler,
     prepare: Option<Prepare>,
     output: Option<OutputConstraint>,
+    device: DeviceSpec,
     candidates: Vec<Candidate>,
     catalog_dir: PathBuf,
     /// Set when a candidate is served over HTTP: the engine keeps this many items in flight
@@ -326,12 +382,18 @@ impl Stage for InferStage {
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
         let samples = input.input("rendered")?["samples"].as_array().ok_or_else(|| StageError::new("rendered prompts have no `samples`"))?;
         let mut items = Vec::with_capacity(samples.len() * self.candidates.len());
-        for c in &self.candidates {
-            for s in samples {
+        // Sample-major: with candidates on different backends, each has items in flight at once.
+        for s in samples {
+            for c in &self.candidates {
                 let mut input = json!({"model": c.id});
                 input.as_object_mut().expect("object").extend(c.pin().as_object().expect("object").clone());
                 if let Backend::Embedded { .. } = c.backend {
                     input["prepare"] = json!(self.prepare.map(|_| format!("q8_0-v{}", convert::CONVERTER_VERSION)));
+                    // GPU kernels round differently: their answers are memoized apart. (Only
+                    // when set, so CPU items keep their keys; which GPU does not enter the key.)
+                    if let DeviceSpec::Cuda(_) = self.device {
+                        input["device"] = json!("cuda");
+                    }
                 }
                 input["messages"] = s["messages"].clone();
                 input["sampler"] = json!(self.sampler);
@@ -352,7 +414,7 @@ impl Stage for InferStage {
             .map_err(|e| StageError::new(format!("rendered messages are malformed: {e}")))?;
         match &candidate.backend {
             Backend::Embedded { source, sha256 } => {
-                let runner = embedded::load(source, sha256, &self.catalog_dir, self.prepare).await.map_err(StageError::new)?;
+                let runner = embedded::load(source, sha256, &self.catalog_dir, self.prepare, self.device).await.map_err(StageError::new)?;
                 let answer = runner.chat(&messages, &self.sampler, self.output.as_ref()).await.map_err(StageError::new)?;
                 Ok(serde_json::to_value(answer).expect("answers serialize"))
             }
@@ -376,15 +438,15 @@ impl Stage for InferStage {
     fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let samples = input.input("rendered")?["samples"].as_array().map_or(&[][..], Vec::as_slice);
         let mut models = serde_json::Map::new();
-        // `items` is model-major in sample order, and results come back in `items` order.
-        let n = samples.len();
-        if results.len() != n * self.candidates.len() {
-            return Err(StageError::new(format!("expected {} answers, got {}", n * self.candidates.len(), results.len())));
+        // `items` is sample-major, and results come back in `items` order.
+        let k = self.candidates.len();
+        if results.len() != samples.len() * k {
+            return Err(StageError::new(format!("expected {} answers, got {}", samples.len() * k, results.len())));
         }
         for (i, c) in self.candidates.iter().enumerate() {
             let answers: Vec<Value> = samples
                 .iter()
-                .zip(&results[i * n..(i + 1) * n])
+                .zip(results.iter().skip(i).step_by(k))
                 .map(|(sample, (_, answer))| {
                     let mut a = answer.clone();
                     a["id"] = sample["id"].clone();
