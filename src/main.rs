@@ -141,6 +141,7 @@ pub fn registry() -> Registry {
     r.register::<command::Command>()
         .register::<dataset::Dataset>()
         .register::<infer::Infer>()
+        .register::<judge::Judge>()
         .register::<prompt::Prompt>()
         .register::<prompt::Render>();
     r

@@ -459,3 +459,39 @@ fn infer_output_is_constrained() {
         assert_eq!(v.as_object().unwrap().len(), 2, "{a}");
     }
 }
+
+/// `judge` on the real model's answers: every answer gets a verdict, accuracy is the share of
+/// passes, and a change to how answers are read reruns the judge alone.
+#[test]
+fn judge_scores_real_answers_and_a_judge_change_reruns_only_the_judge() {
+    let p = Project::new();
+    let data: String = p.read("data/tickets.jsonl").lines().take(6).map(|l| format!("{l}\n")).collect();
+    p.write("data/tickets.jsonl", &data);
+    let toml = p.read("select.toml")
+        + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instruct\"]\nsampler = { max_tokens = 8, stop = [\"\\n\"] }\n"
+        + "\n[stages.judge]\nkind = \"judge\"\nneeds = [\"tickets\", \"answers\"]\nbootstrap = 200\n";
+    p.write("select.toml", &toml);
+    let (code, _, out) = p.run_logged(&[]);
+    assert_eq!(code, 0, "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let judge: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "judge"]).stdout).unwrap();
+    let m = &judge["models"]["smollm2-135m-instruct"];
+    let verdicts = m["verdicts"].as_array().unwrap();
+    assert_eq!(verdicts.len(), 6);
+    for split in ["dev", "heldout"] {
+        let s = &m["splits"][split];
+        let mine: Vec<&Value> = verdicts.iter().filter(|v| v["split"] == split).collect();
+        let passes = mine.iter().filter(|v| v["pass"] == true).count();
+        assert_eq!(s["n"], mine.len());
+        assert_eq!(s["accuracy"]["value"].as_f64().unwrap(), ((passes as f64 / mine.len() as f64) * 1e6).round() / 1e6);
+        assert_eq!(s["unparsed"], mine.iter().filter(|v| v["predicted"].is_null()).count());
+    }
+    assert_eq!(judge["best"], "smollm2-135m-instruct");
+    assert_eq!(judge["metrics"]["accuracy"], m["splits"]["heldout"]["accuracy"]["value"]);
+
+    p.write("select.toml", &p.read("select.toml").replace("bootstrap = 200", "bootstrap = 200\nnormalize = \"exact\""));
+    let (code, events, _) = p.run_logged(&[]);
+    assert_eq!(code, 0);
+    assert_eq!(started(&events), ["judge"], "only the judge reruns");
+    let judge: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "judge"]).stdout).unwrap();
+    assert_eq!(judge["normalize"], "exact");
+}

@@ -1,0 +1,308 @@
+//! `judge`: every candidate's answers scored against the dataset's reference labels.
+//!
+//! An answer is first mapped to a label (`normalize`): a small model rarely answers with the bare
+//! label, and how its text is read is part of what is measured, so the rule is explicit and every
+//! verdict shows the label it was read as. An answer that cannot be read as any label is
+//! `unparsed`: it counts as wrong for accuracy and is reported apart, never silently dropped.
+//!
+//! Per candidate and split (dev, held-out): accuracy, per-class precision / recall / F1, macro and
+//! micro F1, the confusion matrix, and a percentile bootstrap confidence interval for accuracy and
+//! macro F1 (resampling samples, seeded by the pipeline seed, so reruns give the same interval).
+//! `metrics` (what `[targets]` reads) holds the held-out figures of the best candidate.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use engine::diag::Diagnostic;
+use engine::{BuildContext, Item, Port, Stage, StageError, StageInput, StagePlugin};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub struct Judge;
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JudgeConfig {
+    /// How an answer's text is read as a label.
+    #[serde(default)]
+    pub normalize: Normalize,
+    /// Bootstrap resamples for confidence intervals (0: no intervals).
+    #[serde(default = "default_bootstrap")]
+    pub bootstrap: u32,
+}
+
+fn default_bootstrap() -> u32 {
+    1000
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalize {
+    /// The label whose name appears first in the answer, as a whole word, ignoring case
+    /// ("Intent: Billing." → `billing`).
+    #[default]
+    FirstLabel,
+    /// The whole answer, trimmed and lowercased, must equal a label.
+    Lowercase,
+    /// The whole answer, trimmed, must equal a label exactly.
+    Exact,
+}
+
+impl StagePlugin for Judge {
+    type Config = JudgeConfig;
+    const KIND: &'static str = "judge";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "answers scored against reference labels: accuracy, precision / recall / F1, bootstrap intervals";
+    const INPUTS: &'static [Port] = &[Port { name: "dataset", ty: "dataset" }, Port { name: "answers", ty: "answers" }];
+    const OUTPUT: &'static str = "judgement";
+
+    fn build(config: JudgeConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        if config.bootstrap > 100_000 {
+            return Err(vec![cx.error_at(None, format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), "")]);
+        }
+        Ok(Arc::new(JudgeStage(config)))
+    }
+}
+
+struct JudgeStage(JudgeConfig);
+
+#[async_trait::async_trait]
+impl Stage for JudgeStage {
+    fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        let dataset = input.input("dataset")?;
+        let answers = input.input("answers")?;
+        let rows = dataset["samples"].as_array().ok_or_else(|| StageError::new("the dataset has no `samples`"))?;
+        let mut references: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+        for row in rows {
+            let (Some(id), Some(split)) = (row["id"].as_str(), row["split"].as_str()) else { continue };
+            let label = row["label"].as_str().ok_or_else(|| {
+                StageError::new(format!("sample `{id}` has no label: set `label` on the dataset stage to the field holding the reference"))
+            })?;
+            references.insert(id, (label, split));
+        }
+        let mut labels: Vec<&str> = references.values().map(|(l, _)| *l).collect();
+        labels.sort_unstable();
+        labels.dedup();
+
+        let models = answers["models"].as_object().ok_or_else(|| StageError::new("answers have no `models`"))?;
+        let mut out = serde_json::Map::new();
+        let mut best: Option<(String, f64, Value)> = None;
+        for (model, m) in models {
+            let mut verdicts = Vec::new();
+            let mut by_split: BTreeMap<&str, Vec<(usize, Option<usize>)>> = BTreeMap::new();
+            for a in m["answers"].as_array().map_or(&[][..], Vec::as_slice) {
+                let id = a["id"].as_str().unwrap_or_default();
+                let Some(&(label, split)) = references.get(id) else {
+                    return Err(StageError::new(format!("answer for `{id}` ({model}) has no sample in the dataset")));
+                };
+                let text = a["text"].as_str().unwrap_or_default();
+                let predicted = read_label(text, &labels, self.0.normalize);
+                let gold = labels.iter().position(|l| *l == label).expect("labels come from the references");
+                by_split.entry(split).or_default().push((gold, predicted));
+                verdicts.push(json!({
+                    "id": id,
+                    "split": split,
+                    "label": label,
+                    "answer": text,
+                    "predicted": predicted.map(|p| labels[p]),
+                    "pass": predicted == Some(gold),
+                }));
+            }
+            let seed = input.seed ^ fnv(model);
+            let splits: serde_json::Map<String, Value> =
+                by_split.iter().map(|(split, pairs)| (split.to_string(), scores(pairs, &labels, self.0.bootstrap, seed))).collect();
+            if let Some(heldout) = splits.get("heldout").or_else(|| splits.get("dev")) {
+                let accuracy = heldout["accuracy"]["value"].as_f64().unwrap_or(0.0);
+                if best.as_ref().is_none_or(|(_, a, _)| accuracy > *a) {
+                    best = Some((model.clone(), accuracy, heldout.clone()));
+                }
+            }
+            out.insert(model.clone(), json!({"splits": splits, "verdicts": verdicts}));
+        }
+        let metrics = best.as_ref().map_or(json!({}), |(_, _, s)| {
+            json!({
+                "accuracy": s["accuracy"]["value"],
+                "accuracy_ci_low": s["accuracy"]["ci95"][0],
+                "accuracy_ci_high": s["accuracy"]["ci95"][1],
+                "macro_f1": s["macro_f1"]["value"],
+                "unparsed_rate": s["unparsed"].as_f64().unwrap_or(0.0) / s["n"].as_f64().unwrap_or(1.0).max(1.0),
+            })
+        });
+        Ok(json!({
+            "labels": labels,
+            "normalize": self.0.normalize,
+            "models": out,
+            "best": best.map(|(m, _, _)| m),
+            "metrics": metrics,
+        }))
+    }
+}
+
+/// The label an answer is read as, by index into `labels`.
+fn read_label(text: &str, labels: &[&str], normalize: Normalize) -> Option<usize> {
+    let trimmed = text.trim();
+    match normalize {
+        Normalize::Exact => labels.iter().position(|l| *l == trimmed),
+        Normalize::Lowercase => labels.iter().position(|l| l.to_lowercase() == trimmed.to_lowercase()),
+        Normalize::FirstLabel => {
+            let lower = trimmed.to_lowercase();
+            let is_word = |b: Option<char>| b.is_none_or(|c| !c.is_alphanumeric() && c != '_');
+            labels
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| {
+                    let needle = l.to_lowercase();
+                    lower
+                        .match_indices(&needle)
+                        .find(|(at, _)| is_word(lower[..*at].chars().next_back()) && is_word(lower[at + needle.len()..].chars().next()))
+                        .map(|(at, _)| (at, std::cmp::Reverse(needle.len()), i))
+                })
+                .min()
+                .map(|(_, _, i)| i)
+        }
+    }
+}
+
+/// Scores for one split: `pairs` are (gold, predicted) label indices.
+fn scores(pairs: &[(usize, Option<usize>)], labels: &[&str], bootstrap: u32, seed: u64) -> Value {
+    let n = pairs.len();
+    let accuracy = |p: &[(usize, Option<usize>)]| p.iter().filter(|(g, q)| Some(*g) == *q).count() as f64 / p.len().max(1) as f64;
+    let per_class = |p: &[(usize, Option<usize>)]| -> Vec<(f64, f64, f64, usize)> {
+        (0..labels.len())
+            .map(|c| {
+                let tp = p.iter().filter(|(g, q)| *g == c && *q == Some(c)).count() as f64;
+                let predicted = p.iter().filter(|(_, q)| *q == Some(c)).count() as f64;
+                let support = p.iter().filter(|(g, _)| *g == c).count();
+                let precision = if predicted > 0.0 { tp / predicted } else { 0.0 };
+                let recall = if support > 0 { tp / support as f64 } else { 0.0 };
+                let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+                (precision, recall, f1, support)
+            })
+            .collect()
+    };
+    // Macro F1 over the classes present in this split's references.
+    let macro_f1 = |p: &[(usize, Option<usize>)]| {
+        let classes = per_class(p);
+        let present: Vec<f64> = classes.iter().filter(|c| c.3 > 0).map(|c| c.2).collect();
+        present.iter().sum::<f64>() / present.len().max(1) as f64
+    };
+    let classes = per_class(pairs);
+    // Micro F1: every prediction of a label is a positive; an unparsed answer is a false negative only.
+    let tp = pairs.iter().filter(|(g, q)| Some(*g) == *q).count() as f64;
+    let predicted = pairs.iter().filter(|(_, q)| q.is_some()).count() as f64;
+    let micro_p = if predicted > 0.0 { tp / predicted } else { 0.0 };
+    let micro_r = tp / n.max(1) as f64;
+    let micro_f1 = if micro_p + micro_r > 0.0 { 2.0 * micro_p * micro_r / (micro_p + micro_r) } else { 0.0 };
+    let mut confusion: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
+    for (g, q) in pairs {
+        *confusion.entry(labels[*g]).or_default().entry(q.map_or("(unparsed)", |q| labels[q])).or_default() += 1;
+    }
+    let (acc_ci, f1_ci) = if bootstrap > 0 && n > 0 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut accs = Vec::with_capacity(bootstrap as usize);
+        let mut f1s = Vec::with_capacity(bootstrap as usize);
+        let mut sample = Vec::with_capacity(n);
+        for _ in 0..bootstrap {
+            sample.clear();
+            sample.extend((0..n).map(|_| pairs[rng.usize(..n)]));
+            accs.push(accuracy(&sample));
+            f1s.push(macro_f1(&sample));
+        }
+        (json!(interval(&mut accs)), json!(interval(&mut f1s)))
+    } else {
+        (Value::Null, Value::Null)
+    };
+    json!({
+        "n": n,
+        "unparsed": pairs.iter().filter(|(_, q)| q.is_none()).count(),
+        "accuracy": {"value": round(accuracy(pairs)), "ci95": acc_ci},
+        "macro_f1": {"value": round(macro_f1(pairs)), "ci95": f1_ci},
+        "micro_f1": round(micro_f1),
+        "per_class": labels.iter().zip(&classes).map(|(l, (p, r, f, s))| {
+            (l.to_string(), json!({"precision": round(*p), "recall": round(*r), "f1": round(*f), "support": s}))
+        }).collect::<serde_json::Map<_, _>>(),
+        "confusion": confusion,
+    })
+}
+
+/// The 2.5th and 97.5th percentiles.
+fn interval(values: &mut [f64]) -> [f64; 2] {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    [round(at(0.025)), round(at(0.975))]
+}
+
+/// Six decimals: stable digests across platforms' last-bit float differences in sums.
+fn round(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+/// A stable per-model seed offset (FNV-1a), so candidates do not share resamples.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
+}
+
+pub fn check(text: &str, labels: &[&str], normalize: Normalize) -> Option<String> {
+    read_label(text, labels, normalize).map(|i| labels[i].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LABELS: [&str; 4] = ["account", "billing", "refund", "technical"];
+
+    #[test]
+    fn answers_are_read_as_labels() {
+        let cases = [
+            ("billing", Normalize::FirstLabel, Some("billing")),
+            ("Intent: Billing.", Normalize::FirstLabel, Some("billing")),
+            ("refund, not billing", Normalize::FirstLabel, Some("refund")),
+            ("rebilling", Normalize::FirstLabel, None),
+            ("technical_issue", Normalize::FirstLabel, None),
+            ("I cannot tell", Normalize::FirstLabel, None),
+            ("", Normalize::FirstLabel, None),
+            (" Billing ", Normalize::Lowercase, Some("billing")),
+            ("Billing.", Normalize::Lowercase, None),
+            ("Billing", Normalize::Exact, None),
+            (" billing\n", Normalize::Exact, Some("billing")),
+        ];
+        for (text, normalize, want) in cases {
+            assert_eq!(check(text, &LABELS, normalize).as_deref(), want, "{text:?} with {normalize:?}");
+        }
+    }
+
+    #[test]
+    fn scores_match_hand_computed_values() {
+        // gold:      a a b b c
+        // predicted: a b b - c   (one wrong, one unparsed)
+        let labels = ["a", "b", "c"];
+        let pairs = [(0, Some(0)), (0, Some(1)), (1, Some(1)), (1, None), (2, Some(2))];
+        let s = scores(&pairs, &labels, 0, 1);
+        assert_eq!(s["accuracy"]["value"], 0.6);
+        assert_eq!(s["unparsed"], 1);
+        // a: p 1, r .5, f1 .666667; b: p .5, r .5, f1 .5; c: 1, 1, 1 → macro .722222
+        assert_eq!(s["per_class"]["a"]["f1"], 0.666667);
+        assert_eq!(s["per_class"]["b"]["precision"], 0.5);
+        assert_eq!(s["macro_f1"]["value"], 0.722222);
+        // micro: tp 3, predicted 4, n 5 → p .75, r .6, f1 .666667
+        assert_eq!(s["micro_f1"], 0.666667);
+        assert_eq!(s["confusion"]["b"]["(unparsed)"], 1);
+        assert!(s["accuracy"]["ci95"].is_null());
+    }
+
+    #[test]
+    fn bootstrap_intervals_are_seeded_and_bracket_the_value() {
+        let labels = ["a", "b"];
+        let pairs: Vec<_> = (0..200).map(|i| (i % 2, if i % 5 == 0 { Some(1 - i % 2) } else { Some(i % 2) })).collect();
+        let s = scores(&pairs, &labels, 2000, 42);
+        let (lo, hi) = (s["accuracy"]["ci95"][0].as_f64().unwrap(), s["accuracy"]["ci95"][1].as_f64().unwrap());
+        assert_eq!(s["accuracy"]["value"], 0.8);
+        assert!(lo < 0.8 && 0.8 < hi, "{lo} {hi}");
+        // Binomial standard error at n = 200, p = .8 is .028: a 95% interval spans about ±.055.
+        assert!((0.09..0.14).contains(&(hi - lo)), "{lo} {hi}");
+        assert_eq!(scores(&pairs, &labels, 2000, 42), s, "same seed, same interval");
+        assert_ne!(scores(&pairs, &labels, 2000, 43)["accuracy"]["ci95"], s["accuracy"]["ci95"]);
+    }
+}
