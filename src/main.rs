@@ -60,6 +60,30 @@ enum Command {
     },
     /// List the stage kinds this binary knows.
     Kinds(JsonFlag),
+    /// Serve a catalog model, embedded, behind an OpenAI-compatible API (`/v1/chat/completions`).
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Catalog file, e.g. catalogs/open-models.toml.
+    #[arg(long)]
+    catalog: PathBuf,
+    /// Catalog id of the model to serve.
+    #[arg(long)]
+    model: String,
+    /// Convert GGUF weights before serving (as an `infer` stage's `prepare`).
+    #[arg(long, value_enum)]
+    prepare: Option<PrepareArg>,
+    /// Address to listen on; loopback unless you say otherwise. Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: std::net::SocketAddr,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PrepareArg {
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(clap::Args)]
@@ -175,7 +199,29 @@ fn main() -> ExitCode {
             output::kinds(&registry(), args.json);
             exit::OK
         }
+        Command::Serve(args) => serve(&args),
     })
+}
+
+fn serve(args: &ServeArgs) -> u8 {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let config = infer::serve::ServeConfig {
+        catalog: &args.catalog,
+        model: &args.model,
+        prepare: args.prepare.map(|PrepareArg::Q8_0| infer::Prepare::Q8_0),
+        device: infer::DeviceSpec::Cpu,
+        listen: args.listen,
+    };
+    let ready = |addr: std::net::SocketAddr, fingerprint: &str| {
+        eprintln!("serving `{}` ({fingerprint}) at http://{addr}/v1 — Ctrl-C to stop", args.model);
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match runtime.block_on(infer::serve::serve(config, ready, shutdown)) {
+        Ok(()) => exit::OK,
+        Err(e) => error(&e, exit::INVALID, false),
+    }
 }
 
 fn load(file: &Path, json: bool) -> Result<engine::Pipeline, u8> {

@@ -244,3 +244,51 @@ fn http_output_is_constrained() {
         assert!(crate::INTENTS.contains(&v["intent"].as_str().unwrap_or_default()), "{a}");
     }
 }
+
+/// `pipeline serve` puts the embedded model behind the OpenAI API: a pipeline reaching it over
+/// HTTP gets exactly the answers the same model gives in-process, and the server names the
+/// weights it runs.
+#[test]
+fn serve_answers_as_the_embedded_model_does() {
+    use std::io::BufRead;
+    let mut server = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["serve", "--catalog", crate::root().join("catalogs/open-models.toml").to_str().unwrap()])
+        .args(["--model", "smollm2-135m-instruct", "--prepare", "q8_0", "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(server.stderr.take().unwrap()).lines();
+    let banner = lines.next().expect("a banner").unwrap();
+    std::thread::spawn(move || lines.for_each(drop));
+    let url = banner.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("{banner}")).to_string();
+    assert!(banner.contains("sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53+q8_0"), "{banner}");
+
+    let over_http = served_project(&[url.clone()], 6, "max_concurrency = 3");
+    over_http.write("served.toml", &over_http.read("served.toml").replace("model = \"smollm2\"", "model = \"smollm2-135m-instruct\""));
+    let (code, _, out) = run(&over_http, Some(CANARY), &[]);
+    assert_eq!(code, 0, "{}", text(&out.stderr));
+
+    let in_process = Project::new();
+    in_process.write("data/tickets.jsonl", &over_http.read("data/tickets.jsonl"));
+    in_process.write(
+        "select.toml",
+        &(in_process.read("select.toml")
+            + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instruct\"]\nsampler = { max_tokens = 6, stop = [\"\\n\"] }\nprepare = \"q8_0\"\n"),
+    );
+    let out = crate::pipeline(&in_process.dir, &["run", "select.toml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let embedded: Value = serde_json::from_slice(&crate::pipeline(&in_process.dir, &["show", "select.toml", "answers"]).stdout).unwrap();
+    let pick = |v: &[Value]| v.iter().map(|a| (a["id"].clone(), a["text"].clone(), a["completion_tokens"].clone(), a["prompt_tokens"].clone())).collect::<Vec<_>>();
+    assert_eq!(pick(&answers(&over_http)), pick(embedded["models"]["smollm2-135m-instruct"]["answers"].as_array().unwrap()));
+
+    // The API's errors are the API's: a wrong model name is a 404 naming the served one.
+    let port: u16 = url.trim_end_matches("/v1").rsplit(':').next().unwrap().parse().unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body = r#"{"model":"gpt-4","messages":[{"role":"user","content":"hi"}]}"#;
+    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 404") && response.contains("this server serves `smollm2-135m-instruct`"), "{response}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

@@ -22,6 +22,7 @@
 mod convert;
 mod embedded;
 pub mod http;
+pub mod serve;
 
 pub use convert::to_q8_0 as prepare_q8_0;
 
