@@ -167,7 +167,8 @@ pub fn registry() -> Registry {
         .register::<infer::Infer>()
         .register::<judge::Judge>()
         .register::<prompt::Prompt>()
-        .register::<prompt::Render>();
+        .register::<prompt::Render>()
+        .register::<select::Select>();
     r
 }
 
@@ -305,7 +306,19 @@ fn run(args: RunArgs) -> u8 {
     });
     match result {
         Ok(report) => {
-            output::run(&pipeline, &report, &lock_path, json);
+            // A stage may sum itself up in a top-level `summary` (e.g. `select`'s decision).
+            let store = store_for(&pipeline, &args.inner.store);
+            let summaries: Vec<(String, String)> = report
+                .iterations
+                .last()
+                .map(|it| {
+                    it.stages
+                        .iter()
+                        .filter_map(|s| Some((s.id.clone(), store.get_object(&s.output?)?.get("summary")?.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            output::run(&pipeline, &report, &summaries, &lock_path, json);
             match report.stop {
                 engine::exec::StopReason::Failed => exit::STAGE_FAILED,
                 engine::exec::StopReason::Interrupted => exit::INTERRUPTED,

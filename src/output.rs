@@ -96,7 +96,7 @@ pub fn plan(plan: &PlanReport, json: bool) {
     }
 }
 
-pub fn run(pipeline: &Pipeline, report: &RunReport, lock: &Path, json: bool) {
+pub fn run(pipeline: &Pipeline, report: &RunReport, summaries: &[(String, String)], lock: &Path, json: bool) {
     if json {
         println!(
             "{}",
@@ -105,6 +105,7 @@ pub fn run(pipeline: &Pipeline, report: &RunReport, lock: &Path, json: bool) {
                 "pipeline": report.pipeline,
                 "stop": report.stop,
                 "iterations": report.iterations,
+                "summaries": summaries.iter().map(|(id, s)| (id.clone(), json!(s))).collect::<serde_json::Map<_, _>>(),
                 "lockfile": lock.display().to_string(),
             })
         );
@@ -144,6 +145,9 @@ pub fn run(pipeline: &Pipeline, report: &RunReport, lock: &Path, json: bool) {
         StopReason::Failed => "FAILED: see the failed stage above; finished work was kept, rerun to retry".to_string(),
         StopReason::Interrupted => "interrupted: finished work was kept; rerun to continue".to_string(),
     };
+    for (id, summary) in summaries {
+        println!("{id}: {summary}");
+    }
     println!("{stop} ({executed} stage run(s) executed)");
     if report.succeeded() {
         println!("lockfile: {}", lock.display());

@@ -15,7 +15,7 @@ pub mod schema;
 pub mod stage;
 pub mod store;
 
-pub use config::{Pipeline, load};
+pub use config::{Bound, Pipeline, load};
 pub use diag::Diagnostic;
 pub use events::{Event, ItemGroup, Observer, item_group};
 pub use exec::{PlanReport, RunError, RunOptions, RunReport, plan, run};

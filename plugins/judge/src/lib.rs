@@ -86,6 +86,9 @@ impl Stage for JudgeStage {
         labels.dedup();
 
         let models = answers["models"].as_object().ok_or_else(|| StageError::new("answers have no `models`"))?;
+        // By id, so ties for `best` go the same way however maps iterate.
+        let mut models: Vec<(&String, &Value)> = models.iter().collect();
+        models.sort_by_key(|(id, _)| id.as_str());
         let mut out = serde_json::Map::new();
         let mut best: Option<(String, f64, Value)> = None;
         for (model, m) in models {
@@ -118,7 +121,7 @@ impl Stage for JudgeStage {
                     best = Some((model.clone(), accuracy, heldout.clone()));
                 }
             }
-            out.insert(model.clone(), json!({"splits": splits, "verdicts": verdicts}));
+            out.insert(model.to_string(), json!({"splits": splits, "verdicts": verdicts}));
         }
         let metrics = best.as_ref().map_or(json!({}), |(_, _, s)| {
             json!({

@@ -1,0 +1,303 @@
+//! `select`: the decision. Every candidate's held-out quality (from `judge`) and measured speed
+//! (from `infer`) are checked against the stage's targets; the selected model is the smallest
+//! that meets all of them — fewest active parameters, then fewest total, then the better
+//! accuracy. If none meets them, nothing is selected and the closest candidate is named (the one
+//! missing its targets by the least, relative to each target). Every other candidate says why it
+//! lost.
+//!
+//! Quality figures are results (reproducible under greedy decoding); latency and throughput are
+//! measurements under `timing`, which the lockfile leaves out. A target on a measurement makes the
+//! decision itself depend on the machine, and `--locked` will say so if it changes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use catalog::Catalog;
+use engine::diag::Diagnostic;
+use engine::{BuildContext, Bound, Item, Port, Stage, StageError, StageInput, StagePlugin};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use toml::Spanned;
+
+pub struct Select;
+
+/// Metrics a target may name: quality from `judge` (held-out), speed from `infer`.
+const QUALITY: [&str; 5] = ["accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "unparsed_rate"];
+const SPEED: [&str; 3] = ["latency_p50_ms", "latency_p95_ms", "tokens_per_s"];
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SelectConfig {
+    /// The catalog the candidates come from (for their size and license).
+    #[schemars(with = "String")]
+    pub catalog: Spanned<String>,
+    /// What a candidate must achieve, by metric: `accuracy = { min = 0.8 }`,
+    /// `latency_p95_ms = { max = 2000 }`. Quality metrics: accuracy, accuracy_ci_low,
+    /// accuracy_ci_high, macro_f1, unparsed_rate (held-out); speed: latency_p50_ms,
+    /// latency_p95_ms, tokens_per_s.
+    #[schemars(with = "BTreeMap<String, Bound>")]
+    pub targets: Spanned<BTreeMap<String, Bound>>,
+}
+
+impl StagePlugin for Select {
+    type Config = SelectConfig;
+    const KIND: &'static str = "select";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "the decision: the smallest candidate meeting every target, and why each other one lost";
+    const INPUTS: &'static [Port] = &[Port { name: "judgement", ty: "judgement" }, Port { name: "answers", ty: "answers" }];
+    const OUTPUT: &'static str = "decision";
+
+    fn build(config: SelectConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        let path = cx.base_dir.join(config.catalog.get_ref());
+        if !path.is_file() {
+            return Err(vec![cx.error_at(Some(config.catalog.span()), format!("catalog `{}` does not exist", config.catalog.get_ref()), "no such file")
+                .help("paths are relative to the pipeline file")]);
+        }
+        let catalog = Catalog::load(&path)?;
+        let mut errors = Vec::new();
+        if config.targets.get_ref().is_empty() {
+            errors.push(cx.error_at(Some(config.targets.span()), "`targets` is empty: say what good enough means", "no targets"));
+        }
+        for (name, bound) in config.targets.get_ref() {
+            if !QUALITY.contains(&name.as_str()) && !SPEED.contains(&name.as_str()) {
+                errors.push(
+                    cx.error_at(Some(config.targets.span()), format!("unknown target metric `{name}`"), "in these targets")
+                        .help(match engine::diag::did_you_mean(name, QUALITY.iter().chain(&SPEED).copied()) {
+                            Some(s) => format!("did you mean `{s}`?"),
+                            None => format!("valid metrics: {}", QUALITY.iter().chain(&SPEED).map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")),
+                        }),
+                );
+            }
+            if bound.min.is_none() && bound.max.is_none() {
+                errors.push(cx.error_at(Some(config.targets.span()), format!("target `{name}` has neither `min` nor `max`"), "in these targets"));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Arc::new(SelectStage { catalog, targets: config.targets.into_inner() }))
+    }
+}
+
+struct SelectStage {
+    catalog: Catalog,
+    targets: BTreeMap<String, Bound>,
+}
+
+#[async_trait::async_trait]
+impl Stage for SelectStage {
+    fn volatile_keys(&self) -> &'static [&'static str] {
+        &["timing"]
+    }
+
+    fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        let judgement = input.input("judgement")?;
+        let answers = input.input("answers")?;
+        let judged = judgement["models"].as_object().ok_or_else(|| StageError::new("the judgement has no `models`"))?;
+        let mut rows = Vec::new();
+        for (id, j) in judged {
+            let model = self.catalog.get(id).ok_or_else(|| StageError::new(format!("model `{id}` was judged but is not in the select stage's catalog")))?;
+            let split = if j["splits"]["heldout"].is_object() { "heldout" } else { "dev" };
+            let s = &j["splits"][split];
+            let n = s["n"].as_f64().unwrap_or(0.0).max(1.0);
+            let mut values: BTreeMap<&str, f64> = BTreeMap::new();
+            let quality = [
+                ("accuracy", s["accuracy"]["value"].as_f64()),
+                ("accuracy_ci_low", s["accuracy"]["ci95"][0].as_f64()),
+                ("accuracy_ci_high", s["accuracy"]["ci95"][1].as_f64()),
+                ("macro_f1", s["macro_f1"]["value"].as_f64()),
+                ("unparsed_rate", s["unparsed"].as_f64().map(|u| u / n)),
+            ];
+            let timing = &answers["models"][id]["timing"];
+            let completion: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["completion_tokens"].as_f64()).sum());
+            let latency_s: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["timing"]["latency_ms"].as_f64()).sum::<f64>() / 1000.0);
+            let speed = [
+                ("latency_p50_ms", timing["latency_p50_ms"].as_f64()),
+                ("latency_p95_ms", timing["latency_p95_ms"].as_f64()),
+                ("tokens_per_s", (latency_s > 0.0).then(|| completion / latency_s)),
+            ];
+            for (name, v) in quality.into_iter().chain(speed) {
+                if let Some(v) = v {
+                    values.insert(name, v);
+                }
+            }
+            // How far each target is missed, relative to the target (0 when met).
+            let mut misses = Vec::new();
+            let mut shortfall = 0.0;
+            for (name, bound) in &self.targets {
+                match values.get(name.as_str()) {
+                    None => {
+                        misses.push(format!("{name} not measured"));
+                        shortfall += 1.0;
+                    }
+                    Some(&v) if !bound.admits(v) => {
+                        misses.push(format!("{name} {} (target {bound})", short(v)));
+                        let edge = bound.min.filter(|m| v < *m).or(bound.max).unwrap_or(v);
+                        shortfall += (v - edge).abs() / edge.abs().max(1e-9);
+                    }
+                    Some(_) => {}
+                }
+            }
+            rows.push(Row { id: id.clone(), split, active: model.params_active_b, total: model.params_total_b, values, misses, shortfall, license: model.license.clone() });
+        }
+        if rows.is_empty() {
+            return Err(StageError::new("no candidates were judged"));
+        }
+        // Smallest first: the order of the report, independent of how maps iterate.
+        rows.sort_by(|a, b| a.active.total_cmp(&b.active).then(a.total.total_cmp(&b.total)).then(a.id.cmp(&b.id)));
+        let mut meeting: Vec<&Row> = rows.iter().filter(|r| r.misses.is_empty()).collect();
+        meeting.sort_by(|a, b| {
+            a.active.total_cmp(&b.active).then(a.total.total_cmp(&b.total)).then(b.accuracy().total_cmp(&a.accuracy())).then(a.id.cmp(&b.id))
+        });
+        let selected = meeting.first().map(|r| r.id.clone());
+        let closest = if selected.is_none() {
+            rows.iter().min_by(|a, b| a.shortfall.total_cmp(&b.shortfall).then(a.active.total_cmp(&b.active)).then(a.id.cmp(&b.id))).map(|r| r.id.clone())
+        } else {
+            None
+        };
+        let targets: BTreeMap<&str, String> = self.targets.iter().map(|(k, b)| (k.as_str(), b.to_string())).collect();
+        let candidates: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                let verdict = if Some(&r.id) == selected.as_ref() {
+                    format!("selected: the smallest of {} candidate(s) meeting every target", meeting.len())
+                } else if !r.misses.is_empty() {
+                    format!("misses {}", r.misses.join(", "))
+                } else {
+                    let winner = meeting[0];
+                    format!("meets every target but is larger than `{}` ({}B active vs {}B)", winner.id, r.active, winner.active)
+                };
+                let quality: BTreeMap<&str, f64> = r.values.iter().filter(|(k, _)| QUALITY.contains(k)).map(|(k, v)| (*k, *v)).collect();
+                let timing: BTreeMap<&str, f64> = r.values.iter().filter(|(k, _)| SPEED.contains(k)).map(|(k, v)| (*k, *v)).collect();
+                json!({
+                    "model": r.id,
+                    "params_active_b": r.active,
+                    "params_total_b": r.total,
+                    "license": r.license,
+                    "split": r.split,
+                    "quality": quality,
+                    "timing": timing,
+                    "meets_targets": r.misses.is_empty(),
+                    "verdict": verdict,
+                })
+            })
+            .collect();
+        let summary = match (&selected, &closest) {
+            (Some(m), _) => format!("selected `{m}`: the smallest candidate meeting every target ({})", targets_text(&targets)),
+            (None, Some(c)) => {
+                let row = rows.iter().find(|r| &r.id == c).expect("closest is a row");
+                format!("no candidate meets every target ({}); closest: `{c}`, which misses {}", targets_text(&targets), row.misses.join(", "))
+            }
+            (None, None) => unreachable!("rows is not empty"),
+        };
+        let best = rows.iter().find(|r| Some(&r.id) == selected.as_ref().or(closest.as_ref())).expect("a selected or closest row");
+        Ok(json!({
+            "targets": targets,
+            "selected": selected,
+            "closest": closest,
+            "summary": summary,
+            "candidates": candidates,
+            "metrics": {
+                "targets_met": if selected.is_some() { 1.0 } else { 0.0 },
+                "accuracy": best.values.get("accuracy"),
+            },
+        }))
+    }
+}
+
+struct Row {
+    id: String,
+    split: &'static str,
+    active: f64,
+    total: f64,
+    values: BTreeMap<&'static str, f64>,
+    misses: Vec<String>,
+    shortfall: f64,
+    license: String,
+}
+
+impl Row {
+    fn accuracy(&self) -> f64 {
+        self.values.get("accuracy").copied().unwrap_or(0.0)
+    }
+}
+
+fn short(v: f64) -> String {
+    if v.fract() == 0.0 || v.abs() >= 100.0 { format!("{v:.0}") } else { format!("{v:.3}") }
+}
+
+fn targets_text(targets: &BTreeMap<&str, String>) -> String {
+    targets.iter().map(|(k, b)| format!("{k} {b}")).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(targets: &str) -> SelectStage {
+        let catalog = Catalog::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../catalogs/open-models.toml")).unwrap();
+        SelectStage { catalog, targets: toml::from_str(targets).unwrap() }
+    }
+
+    /// Candidates with held-out accuracy, unparsed count (of 100) and p95 latency.
+    fn input(candidates: &[(&str, f64, u32, f64)]) -> StageInput {
+        let judged: serde_json::Map<String, Value> = candidates
+            .iter()
+            .map(|(id, acc, unparsed, _)| {
+                let split = json!({"n": 100, "unparsed": unparsed, "accuracy": {"value": acc, "ci95": [acc - 0.05, acc + 0.05]}, "macro_f1": {"value": acc}});
+                (id.to_string(), json!({"splits": {"heldout": split}}))
+            })
+            .collect();
+        let answers: serde_json::Map<String, Value> =
+            candidates.iter().map(|(id, _, _, p95)| (id.to_string(), json!({"answers": [], "timing": {"latency_p50_ms": p95 / 2.0, "latency_p95_ms": p95}}))).collect();
+        StageInput {
+            inputs: [("judgement".to_string(), Arc::new(json!({"models": judged}))), ("answers".to_string(), Arc::new(json!({"models": answers})))].into(),
+            files: Default::default(),
+            seed: 0,
+            cancel: Default::default(),
+        }
+    }
+
+    fn verdicts(out: &Value) -> Vec<(String, String)> {
+        out["candidates"].as_array().unwrap().iter().map(|c| (c["model"].as_str().unwrap().to_string(), c["verdict"].as_str().unwrap().to_string())).collect()
+    }
+
+    #[test]
+    fn the_smallest_candidate_meeting_every_target_wins() {
+        let s = stage("accuracy = { min = 0.8 }\nlatency_p95_ms = { max = 1000 }");
+        let out = s
+            .finish(
+                &input(&[
+                    ("smollm2-135m-instruct", 0.62, 3, 300.0),
+                    ("smollm2-360m-instruct", 0.83, 1, 500.0),
+                    ("qwen3-4b", 0.91, 0, 900.0),
+                    ("qwen3-30b-a3b", 0.95, 0, 1500.0),
+                ]),
+                vec![],
+            )
+            .unwrap();
+        assert_eq!(out["selected"], "smollm2-360m-instruct");
+        assert_eq!(out["metrics"]["targets_met"], 1.0);
+        assert_eq!(
+            verdicts(&out),
+            [
+                ("smollm2-135m-instruct".into(), "misses accuracy 0.620 (target ≥ 0.8)".into()),
+                ("smollm2-360m-instruct".into(), "selected: the smallest of 2 candidate(s) meeting every target".into()),
+                ("qwen3-30b-a3b".into(), "misses latency_p95_ms 1500 (target ≤ 1000)".into()),
+                ("qwen3-4b".into(), "meets every target but is larger than `smollm2-360m-instruct` (4B active vs 0.36B)".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn with_no_candidate_meeting_the_targets_the_closest_is_named() {
+        let s = stage("accuracy = { min = 0.9 }\nunparsed_rate = { max = 0.05 }");
+        let out = s.finish(&input(&[("smollm2-135m-instruct", 0.30, 50, 300.0), ("smollm2-360m-instruct", 0.85, 2, 500.0)]), vec![]).unwrap();
+        assert_eq!(out["selected"], Value::Null);
+        assert_eq!(out["closest"], "smollm2-360m-instruct");
+        assert_eq!(out["metrics"]["targets_met"], 0.0);
+        assert_eq!(out["metrics"]["accuracy"], 0.85);
+        assert!(out["summary"].as_str().unwrap().starts_with("no candidate meets every target (accuracy ≥ 0.9, unparsed_rate ≤ 0.05); closest: `smollm2-360m-instruct`"), "{}", out["summary"]);
+    }
+}
