@@ -162,12 +162,14 @@ fn default_jobs() -> usize {
 
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register::<command::Command>()
+    r.register::<cluster::Cluster>()
+        .register::<command::Command>()
         .register::<dataset::Dataset>()
         .register::<infer::Infer>()
         .register::<judge::Judge>()
         .register::<prompt::Prompt>()
         .register::<prompt::Render>()
+        .register::<revise::Revise>()
         .register::<select::Select>();
     r
 }
@@ -314,6 +316,8 @@ fn run(args: RunArgs) -> u8 {
                 .map(|it| {
                     it.stages
                         .iter()
+                        // A fed stage's output is another stage's, summary included.
+                        .filter(|s| s.status != engine::exec::Status::Fed)
                         .filter_map(|s| Some((s.id.clone(), store.get_object(&s.output?)?.get("summary")?.as_str()?.to_string())))
                         .collect()
                 })

@@ -495,3 +495,106 @@ fn judge_scores_real_answers_and_a_judge_change_reruns_only_the_judge() {
     let judge: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "judge"]).stdout).unwrap();
     assert_eq!(judge["normalize"], "exact");
 }
+
+/// The quality loop on the real model: iteration 1 judges and clusters the failures, `revise`
+/// writes rules and dev-split examples into the prompt, iteration 2 runs the revision and the
+/// held-out McNemar check decides whether it stays. The figures it reports are recomputed here
+/// from the two iterations' verdicts, no held-out sample is used as an example, and a locked run
+/// from an empty store reproduces every iteration.
+#[test]
+fn the_loop_revises_the_prompt_from_dev_failures_and_checks_it_on_held_out() {
+    let p = Project::new();
+    let data: String = p.read("data/tickets.jsonl").lines().take(30).map(|l| format!("{l}\n")).collect();
+    p.write("data/tickets.jsonl", &data);
+    let loop_stages = r#"
+[stages.answers]
+kind = "infer"
+needs = ["rendered"]
+catalog = "../catalogs/open-models.toml"
+models = ["smollm2-135m-instruct"]
+sampler = { max_tokens = 8, stop = ["\n"] }
+
+[stages.judge]
+kind = "judge"
+needs = ["tickets", "answers"]
+bootstrap = 100
+
+[stages.decision]
+kind = "select"
+needs = ["judge", "answers"]
+catalog = "../catalogs/open-models.toml"
+targets = { accuracy = { min = 0.99 } }
+
+[stages.failures]
+kind = "cluster"
+needs = ["judge", "answers"]
+
+[stages.revise]
+kind = "revise"
+needs = ["prompt", "failures", "judge", "tickets"]
+
+[targets]
+from = "decision"
+targets_met = { min = 1 }
+
+[iterate]
+max_iterations = 2
+feedback = { from = "revise", to = "prompt" }
+"#;
+    p.write("select.toml", &(p.read("select.toml") + loop_stages));
+    let out = p.run(&["run", "--json", "select.toml"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["iterations"].as_array().unwrap().len(), 2);
+    assert_eq!(report["stop"], "max_iterations");
+
+    let show = |stage: &str, it: u32| -> Value {
+        serde_json::from_slice(&p.run(&["show", "select.toml", stage, "--iteration", &it.to_string()]).stdout).unwrap()
+    };
+    let split_of: std::collections::BTreeMap<String, String> = show("tickets", 1)["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap().to_string(), s["split"].as_str().unwrap().to_string()))
+        .collect();
+    let revised = show("prompt", 2);
+    assert_eq!(revised["revision"]["version"], 2);
+    let system = revised["system"].as_str().unwrap();
+    assert!(system.contains("Rules learned from mistakes"), "{system}");
+    let clusters = show("failures", 1);
+    let modes = clusters["models"]["smollm2-135m-instruct"]["clusters"].as_array().unwrap();
+    for targeted in revised["revision"]["targeted"].as_array().unwrap() {
+        let mode = modes.iter().find(|m| &m["id"] == targeted).expect("a targeted mode exists");
+        for example in mode["examples"].as_array().unwrap() {
+            assert_eq!(split_of[example["id"].as_str().unwrap()], "dev", "examples come from the dev split only");
+        }
+    }
+
+    // The acceptance check, recomputed from the verdicts of both iterations.
+    let heldout = |it: u32| -> std::collections::BTreeMap<String, bool> {
+        show("judge", it)["models"]["smollm2-135m-instruct"]["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["split"] == "heldout")
+            .map(|v| (v["id"].as_str().unwrap().to_string(), v["pass"].as_bool().unwrap()))
+            .collect()
+    };
+    let (before, after) = (heldout(1), heldout(2));
+    let wins = before.iter().filter(|(id, pass)| !**pass && after[*id]).count();
+    let losses = before.iter().filter(|(id, pass)| **pass && !after[*id]).count();
+    let check = &show("revise", 2)["revision"]["history"][0];
+    assert_eq!((check["wins"].as_u64().unwrap() as usize, check["losses"].as_u64().unwrap() as usize), (wins, losses), "{check}");
+    assert_eq!(check["accepted"], json_bool(wins > losses && check["p_value"].as_f64().unwrap() < 0.05));
+
+    let (code, events, _) = p.run_logged(&[]);
+    assert_eq!(code, 0);
+    assert!(items(&events).is_empty(), "a rerun computes nothing");
+    std::fs::remove_dir_all(p.path(".pipeline")).unwrap();
+    let (code, _, out) = p.run_logged(&["--locked"]);
+    assert_eq!(code, 0, "both iterations reproduce: {}\n{}", text(&out.stdout), text(&out.stderr));
+}
+
+fn json_bool(b: bool) -> Value {
+    Value::Bool(b)
+}
