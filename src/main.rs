@@ -167,6 +167,7 @@ pub fn registry() -> Registry {
         .register::<dataset::Dataset>()
         .register::<infer::Infer>()
         .register::<judge::Judge>()
+        .register::<license_filter::LicenseFilter>()
         .register::<prompt::Prompt>()
         .register::<prompt::Render>()
         .register::<revise::Revise>()

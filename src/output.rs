@@ -54,13 +54,13 @@ pub fn kinds(registry: &Registry, json: bool) {
     if json {
         let list: Vec<_> = registry
             .kinds()
-            .map(|k| json!({"kind": k.kind(), "summary": k.summary(), "output": k.output(), "inputs": k.inputs().iter().map(|p| json!({"name": p.name, "type": p.ty})).collect::<Vec<_>>()}))
+            .map(|k| json!({"kind": k.kind(), "summary": k.summary(), "output": k.output(), "inputs": k.inputs().iter().map(|p| json!({"name": p.name, "type": p.ty, "optional": p.optional})).collect::<Vec<_>>()}))
             .collect();
         println!("{}", json!(list));
         return;
     }
     for k in registry.kinds() {
-        let takes: Vec<String> = k.inputs().iter().map(|p| format!("{}: {}", p.name, p.ty)).collect();
+        let takes: Vec<String> = k.inputs().iter().map(|p| format!("{}: {}{}", p.name, p.ty, if p.optional { " (optional)" } else { "" })).collect();
         println!("{:<10} ({}) -> {}\n           {}", k.kind(), takes.join(", "), k.output(), k.summary());
     }
 }

@@ -512,7 +512,7 @@ fn check_graph(file: &SourceFile, stages_mut: &mut [RawStage], diags: &mut Vec<D
         if s.node.is_none() || s.needs_invalid || s.needs.iter().any(|n| !index.contains_key(n.get_ref().as_str()) || stages[index[n.get_ref().as_str()]].node.is_none()) {
             continue;
         }
-        for port in s.ports.iter().filter(|p| p.ty != crate::stage::ANY) {
+        for port in s.ports.iter().filter(|p| p.ty != crate::stage::ANY && !p.optional) {
             if !bindings[i].iter().any(|(p, _)| p == port.name) {
                 diags.push(
                     Diagnostic::error(format!("stage `{}` (kind `{}`) is missing its `{}` input (a `{}`)", s.id, s.kind, port.name, port.ty))

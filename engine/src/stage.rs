@@ -32,6 +32,19 @@ pub struct Port {
     pub name: &'static str,
     /// Artifact type accepted, e.g. `dataset`.
     pub ty: &'static str,
+    /// The stage works without it (e.g. `infer` takes its models from a `license_filter` stage
+    /// when one is in `needs`, else from its config).
+    pub optional: bool,
+}
+
+impl Port {
+    pub const fn new(name: &'static str, ty: &'static str) -> Port {
+        Port { name, ty, optional: false }
+    }
+
+    pub const fn optional(name: &'static str, ty: &'static str) -> Port {
+        Port { name, ty, optional: true }
+    }
 }
 
 /// A kind of stage, implemented by a plugin crate and registered by the binary.

@@ -89,7 +89,7 @@ impl StagePlugin for Shift {
     const KIND: &'static str = "shift";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "add to each number";
-    const INPUTS: &'static [Port] = &[Port { name: "numbers", ty: "numbers" }, Port { name: "param", ty: "param" }];
+    const INPUTS: &'static [Port] = &[Port::new("numbers", "numbers"), Port::new("param", "param")];
     const OUTPUT: &'static str = "numbers";
     fn build(c: ShiftConfig, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         Ok(Arc::new(ShiftStage(c)))
@@ -128,7 +128,7 @@ impl StagePlugin for Sum {
     const KIND: &'static str = "sum";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "sum of numbers";
-    const INPUTS: &'static [Port] = &[Port { name: "numbers", ty: "numbers" }];
+    const INPUTS: &'static [Port] = &[Port::new("numbers", "numbers")];
     const OUTPUT: &'static str = "score";
     fn build(_: Empty, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         Ok(Arc::new(SumStage))
@@ -149,7 +149,7 @@ impl StagePlugin for Improve {
     const KIND: &'static str = "improve";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "raise the parameter";
-    const INPUTS: &'static [Port] = &[Port { name: "param", ty: "param" }, Port { name: "score", ty: "score" }];
+    const INPUTS: &'static [Port] = &[Port::new("param", "param"), Port::new("score", "score")];
     const OUTPUT: &'static str = "param";
     fn build(_: Empty, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         Ok(Arc::new(ImproveStage))
@@ -169,7 +169,7 @@ impl StagePlugin for Timed {
     const KIND: &'static str = "timed";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "copy numbers, measuring each";
-    const INPUTS: &'static [Port] = &[Port { name: "numbers", ty: "numbers" }];
+    const INPUTS: &'static [Port] = &[Port::new("numbers", "numbers")];
     const OUTPUT: &'static str = "numbers";
     fn build(_: Empty, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         Ok(Arc::new(TimedStage))

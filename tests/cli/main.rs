@@ -521,7 +521,7 @@ bootstrap = 100
 
 [stages.decision]
 kind = "select"
-needs = ["judge", "answers"]
+needs = ["judge", "answers", "revise"]
 catalog = "../catalogs/open-models.toml"
 targets = { accuracy = { min = 0.99 } }
 

@@ -37,7 +37,7 @@ impl StagePlugin for Cluster {
     const KIND: &'static str = "cluster";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "failures on the dev split grouped into named failure modes (empty, repetition, truncated, no label, confusions)";
-    const INPUTS: &'static [Port] = &[Port { name: "judgement", ty: "judgement" }, Port { name: "answers", ty: "answers" }];
+    const INPUTS: &'static [Port] = &[Port::new("judgement", "judgement"), Port::new("answers", "answers")];
     const OUTPUT: &'static str = "clusters";
 
     fn build(config: ClusterConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {

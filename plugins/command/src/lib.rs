@@ -37,7 +37,7 @@ impl StagePlugin for Command {
     const KIND: &'static str = "command";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "run a program: upstream artifacts as JSON on stdin, its output artifact as JSON on stdout";
-    const INPUTS: &'static [Port] = &[Port { name: "inputs", ty: ANY }];
+    const INPUTS: &'static [Port] = &[Port::new("inputs", ANY)];
     const OUTPUT: &'static str = "json";
 
     fn build(config: CommandConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {

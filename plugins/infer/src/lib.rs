@@ -45,7 +45,9 @@ pub struct InferConfig {
     /// Model catalog, relative to the pipeline file.
     #[schemars(with = "String")]
     pub catalog: Spanned<String>,
-    /// Catalog ids of the models to run.
+    /// Catalog ids of the models to run. Leave out to run the models a `license_filter` stage in
+    /// `needs` lets through.
+    #[serde(default)]
     #[schemars(with = "Vec<String>")]
     pub models: Vec<Spanned<String>>,
     #[serde(default)]
@@ -280,7 +282,7 @@ impl StagePlugin for Infer {
     const KIND: &'static str = "infer";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "candidate models answer every rendered sample (embedded mistral.rs; one memoized item per sample × model)";
-    const INPUTS: &'static [Port] = &[Port { name: "rendered", ty: "rendered" }];
+    const INPUTS: &'static [Port] = &[Port::new("rendered", "rendered"), Port::optional("candidates", "candidates")];
     const OUTPUT: &'static str = "answers";
 
     fn build(config: InferConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
@@ -305,11 +307,14 @@ impl StagePlugin for Infer {
             );
         }
         let mut candidates = Vec::new();
-        if config.models.is_empty() {
-            errors.push(cx.error_at(None, "`models` is empty: name at least one catalog model", ""));
-        }
-        for spanned in &config.models {
-            let (id, span) = (spanned.get_ref(), Some(spanned.span()));
+        // Without `models`, every runnable catalog model is prepared, and a `license_filter` stage
+        // in `needs` says which ones run (checked when the stage runs).
+        let wanted: Vec<(&String, Option<std::ops::Range<usize>>)> = if config.models.is_empty() {
+            catalog.models.iter().filter(|m| m.runnable_source().is_some()).map(|m| (&m.id, None)).collect()
+        } else {
+            config.models.iter().map(|m| (m.get_ref(), Some(m.span()))).collect()
+        };
+        for (id, span) in wanted {
             let Some(model) = catalog.get(id) else {
                 let hint = match did_you_mean(id, catalog.ids()) {
                     Some(s) => format!("did you mean `{s}`?"),
@@ -320,7 +325,7 @@ impl StagePlugin for Infer {
             };
             match model.runnable_source() {
                 Some(source @ (Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. })) => {
-                    candidates.push(Candidate { id: id.clone(), backend: Backend::Embedded { source: source.clone(), sha256: sha256.clone() } })
+                    candidates.push(Candidate { id: id.to_string(), backend: Backend::Embedded { source: source.clone(), sha256: sha256.clone() } })
                 }
                 Some(Source::OpenaiCompatible { base_urls, model, api_key_env, response_format }) => {
                     if let Some((OutputConstraint::Regex(_) | OutputConstraint::Lark(_), span)) = &output {
@@ -330,7 +335,7 @@ impl StagePlugin for Infer {
                         );
                     }
                     match http::Endpoint::new(id, base_urls, model, api_key_env.as_deref(), *response_format, &config.http) {
-                        Ok(endpoint) => candidates.push(Candidate { id: id.clone(), backend: Backend::Http(endpoint) }),
+                        Ok(endpoint) => candidates.push(Candidate { id: id.to_string(), backend: Backend::Http(endpoint) }),
                         Err(e) => errors.push(cx.error_at(span, format!("model `{id}`: {e}"), "")),
                     }
                 }
@@ -346,7 +351,8 @@ impl StagePlugin for Infer {
         let catalog_dir = catalog_path.parent().map(PathBuf::from).unwrap_or_default();
         let http_concurrency = candidates.iter().any(|c| matches!(c.backend, Backend::Http(_))).then_some(config.http.max_concurrency.0);
         let output = output.map(|(c, _)| c);
-        Ok(Arc::new(InferStage { sampler: config.sampler, prepare: config.prepare, output, device, candidates, catalog_dir, http_concurrency }))
+        let models_from_config = !config.models.is_empty();
+        Ok(Arc::new(InferStage { sampler: config.sampler, prepare: config.prepare, output, device, candidates, models_from_config, catalog_dir, http_concurrency }))
     }
 }
 
@@ -356,10 +362,32 @@ struct InferStage {
     output: Option<OutputConstraint>,
     device: DeviceSpec,
     candidates: Vec<Candidate>,
+    /// `models` was set; otherwise a `candidates` input must say which run.
+    models_from_config: bool,
     catalog_dir: PathBuf,
     /// Set when a candidate is served over HTTP: the engine keeps this many items in flight
     /// (embedded requests still take turns).
     http_concurrency: Option<usize>,
+}
+
+impl InferStage {
+    /// The candidates that run: those a `license_filter` input lets through, else `models`.
+    fn active(&self, input: &StageInput) -> Result<Vec<&Candidate>, StageError> {
+        let Some(policy) = input.inputs.get("candidates") else {
+            if !self.models_from_config {
+                return Err(StageError::new("no models to run: set `models`, or put a `license_filter` stage in `needs`"));
+            }
+            return Ok(self.candidates.iter().collect());
+        };
+        let ids = policy["included"].as_array().map_or(Vec::new(), |m| m.iter().filter_map(|m| m["id"].as_str()).collect());
+        ids.iter()
+            .map(|id| {
+                self.candidates.iter().find(|c| c.id == *id).ok_or_else(|| {
+                    StageError::new(format!("model `{id}` passed the policy but is not a runnable model of this stage's catalog (or not in its `models`)"))
+                })
+            })
+            .collect()
+    }
 }
 
 #[async_trait::async_trait]
@@ -384,8 +412,9 @@ impl Stage for InferStage {
         let samples = input.input("rendered")?["samples"].as_array().ok_or_else(|| StageError::new("rendered prompts have no `samples`"))?;
         let mut items = Vec::with_capacity(samples.len() * self.candidates.len());
         // Sample-major: with candidates on different backends, each has items in flight at once.
+        let active = self.active(input)?;
         for s in samples {
-            for c in &self.candidates {
+            for c in &active {
                 let mut input = json!({"model": c.id});
                 input.as_object_mut().expect("object").extend(c.pin().as_object().expect("object").clone());
                 if let Backend::Embedded { .. } = c.backend {
@@ -440,11 +469,12 @@ impl Stage for InferStage {
         let samples = input.input("rendered")?["samples"].as_array().map_or(&[][..], Vec::as_slice);
         let mut models = serde_json::Map::new();
         // `items` is sample-major, and results come back in `items` order.
-        let k = self.candidates.len();
+        let active = self.active(input)?;
+        let k = active.len();
         if results.len() != samples.len() * k {
             return Err(StageError::new(format!("expected {} answers, got {}", samples.len() * k, results.len())));
         }
-        for (i, c) in self.candidates.iter().enumerate() {
+        for (i, c) in active.iter().enumerate() {
             let answers: Vec<Value> = samples
                 .iter()
                 .zip(results.iter().skip(i).step_by(k))

@@ -54,7 +54,7 @@ impl StagePlugin for Judge {
     const KIND: &'static str = "judge";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "answers scored against reference labels: accuracy, precision / recall / F1, bootstrap intervals";
-    const INPUTS: &'static [Port] = &[Port { name: "dataset", ty: "dataset" }, Port { name: "answers", ty: "answers" }];
+    const INPUTS: &'static [Port] = &[Port::new("dataset", "dataset"), Port::new("answers", "answers")];
     const OUTPUT: &'static str = "judgement";
 
     fn build(config: JudgeConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
@@ -140,6 +140,23 @@ impl Stage for JudgeStage {
             "metrics": metrics,
         }))
     }
+}
+
+/// The quality figures of one judged model (an entry of a judgement's `models`), on the held-out
+/// split (the dev split when nothing is held out): `accuracy`, `accuracy_ci_low`,
+/// `accuracy_ci_high`, `macro_f1`, `unparsed_rate`, and which split they come from.
+pub fn quality(judged: &Value) -> (&'static str, BTreeMap<&'static str, f64>) {
+    let split = if judged["splits"]["heldout"].is_object() { "heldout" } else { "dev" };
+    let s = &judged["splits"][split];
+    let n = s["n"].as_f64().unwrap_or(0.0).max(1.0);
+    let figures = [
+        ("accuracy", s["accuracy"]["value"].as_f64()),
+        ("accuracy_ci_low", s["accuracy"]["ci95"][0].as_f64()),
+        ("accuracy_ci_high", s["accuracy"]["ci95"][1].as_f64()),
+        ("macro_f1", s["macro_f1"]["value"].as_f64()),
+        ("unparsed_rate", s["unparsed"].as_f64().map(|u| u / n)),
+    ];
+    (split, figures.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
 }
 
 /// The label an answer is read as, by index into `labels`.

@@ -116,7 +116,7 @@ impl StagePlugin for Render {
     const KIND: &'static str = "render";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "render a prompt for every sample into chat messages (one memoized item per sample)";
-    const INPUTS: &'static [Port] = &[Port { name: "dataset", ty: "dataset" }, Port { name: "prompt", ty: "prompt" }];
+    const INPUTS: &'static [Port] = &[Port::new("dataset", "dataset"), Port::new("prompt", "prompt")];
     const OUTPUT: &'static str = "rendered";
 
     fn build(config: RenderConfig, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {

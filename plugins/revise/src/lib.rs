@@ -13,7 +13,8 @@
 //! (parent passed / revision passed) must reject "no improvement" at `alpha`, with at least
 //! `min_gain` more passes than failures among the discordant pairs. Otherwise the parent prompt is
 //! restored and the modes it targeted are not tried again; when no untried mode is left, the
-//! prompt stops changing and the loop ends as converged.
+//! prompt stops changing and the loop ends as converged. `accepted` in the output holds the
+//! held-out quality of the version in force, which `select` decides on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -59,13 +60,13 @@ fn default_min_gain() -> u32 {
 impl StagePlugin for Revise {
     type Config = ReviseConfig;
     const KIND: &'static str = "revise";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "a new prompt version aimed at the largest failure modes (dev examples), kept only if held-out quality improves (McNemar)";
     const INPUTS: &'static [Port] = &[
-        Port { name: "prompt", ty: "prompt" },
-        Port { name: "clusters", ty: "clusters" },
-        Port { name: "judgement", ty: "judgement" },
-        Port { name: "dataset", ty: "dataset" },
+        Port::new("prompt", "prompt"),
+        Port::new("clusters", "clusters"),
+        Port::new("judgement", "judgement"),
+        Port::new("dataset", "dataset"),
     ];
     const OUTPUT: &'static str = "prompt";
 
@@ -110,10 +111,17 @@ impl Stage for ReviseStage {
                 base = (parent["system"].clone(), parent["template"].clone());
             }
         }
-        let accepted_heldout = if accepted_check["accepted"] == false {
-            parent_verdicts(revision["parent"].as_object().expect("checked above"))
+        let rejected = accepted_check["accepted"] == false;
+        let accepted_heldout = if rejected { parent_verdicts(revision["parent"].as_object().expect("checked above")) } else { heldout.clone() };
+        // The quality of the prompt version in force (what `select` should decide on): this
+        // one's, unless it was just rejected.
+        let accepted = if rejected {
+            revision["parent"]["accepted"].clone()
         } else {
-            heldout.clone()
+            let models: serde_json::Map<String, Value> = judgement["models"]
+                .as_object()
+                .map_or(serde_json::Map::new(), |m| m.iter().map(|(id, j)| (id.clone(), json!(judge::quality(j).1))).collect());
+            json!({"version": version, "models": models})
         };
 
         let texts: BTreeMap<&str, &str> = dataset["samples"]
@@ -127,6 +135,7 @@ impl Stage for ReviseStage {
         if modes.is_empty() {
             // Nothing left to try: the prompt stays as it is, and the loop converges.
             out["revision"] = json!({"version": version, "tried": tried, "history": history, "for_model": model});
+            out["accepted"] = accepted;
             out["summary"] = json!(match &accepted_check {
                 Value::Null => "no failure mode left to target; the prompt stays".to_string(),
                 c => format!("{}; no failure mode left to target, the prompt stays", verdict_text(c)),
@@ -162,8 +171,9 @@ impl Stage for ReviseStage {
             "targeted": modes.iter().map(|m| &m["id"]).collect::<Vec<_>>(),
             "tried": tried,
             "history": history,
-            "parent": {"system": out["system"], "template": out["template"], "heldout": accepted_heldout},
+            "parent": {"system": out["system"], "template": out["template"], "heldout": accepted_heldout, "accepted": accepted},
         });
+        out["accepted"] = accepted;
         out["system"] = json!(system);
         Ok(out)
     }

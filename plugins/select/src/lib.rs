@@ -5,6 +5,10 @@
 //! missing its targets by the least, relative to each target). Every other candidate says why it
 //! lost.
 //!
+//! `prompt` is the prompt in force: the `prompt` stage's output, or in a revision loop `revise`'s,
+//! whose `accepted` figures (the version in force, when the one just judged was rejected) replace
+//! the judgement's.
+//!
 //! Quality figures are results (reproducible under greedy decoding); latency and throughput are
 //! measurements under `timing`, which the lockfile leaves out. A target on a measurement makes the
 //! decision itself depend on the machine, and `--locked` will say so if it changes.
@@ -45,7 +49,8 @@ impl StagePlugin for Select {
     const KIND: &'static str = "select";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "the decision: the smallest candidate meeting every target, and why each other one lost";
-    const INPUTS: &'static [Port] = &[Port { name: "judgement", ty: "judgement" }, Port { name: "answers", ty: "answers" }];
+    const INPUTS: &'static [Port] =
+        &[Port::new("judgement", "judgement"), Port::new("answers", "answers"), Port::new("prompt", "prompt"), Port::optional("candidates", "candidates")];
     const OUTPUT: &'static str = "decision";
 
     fn build(config: SelectConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
@@ -95,20 +100,18 @@ impl Stage for SelectStage {
         let judgement = input.input("judgement")?;
         let answers = input.input("answers")?;
         let judged = judgement["models"].as_object().ok_or_else(|| StageError::new("the judgement has no `models`"))?;
+        let prompt = input.input("prompt")?;
+        let accepted = &prompt["accepted"];
+        let version = accepted["version"].as_u64().or_else(|| prompt["revision"]["version"].as_u64()).unwrap_or(1);
         let mut rows = Vec::new();
         for (id, j) in judged {
             let model = self.catalog.get(id).ok_or_else(|| StageError::new(format!("model `{id}` was judged but is not in the select stage's catalog")))?;
-            let split = if j["splits"]["heldout"].is_object() { "heldout" } else { "dev" };
-            let s = &j["splits"][split];
-            let n = s["n"].as_f64().unwrap_or(0.0).max(1.0);
-            let mut values: BTreeMap<&str, f64> = BTreeMap::new();
-            let quality = [
-                ("accuracy", s["accuracy"]["value"].as_f64()),
-                ("accuracy_ci_low", s["accuracy"]["ci95"][0].as_f64()),
-                ("accuracy_ci_high", s["accuracy"]["ci95"][1].as_f64()),
-                ("macro_f1", s["macro_f1"]["value"].as_f64()),
-                ("unparsed_rate", s["unparsed"].as_f64().map(|u| u / n)),
-            ];
+            let (split, mut values) = judge::quality(j);
+            // In a revision loop, the prompt version in force may be an earlier one than the
+            // version just judged (a rejected revision): decide on its figures.
+            if let Some(figures) = accepted["models"][id].as_object() {
+                values = QUALITY.iter().filter_map(|k| Some((*k, figures.get(*k)?.as_f64()?))).collect();
+            }
             let timing = &answers["models"][id]["timing"];
             let completion: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["completion_tokens"].as_f64()).sum());
             let latency_s: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["timing"]["latency_ms"].as_f64()).sum::<f64>() / 1000.0);
@@ -117,7 +120,7 @@ impl Stage for SelectStage {
                 ("latency_p95_ms", timing["latency_p95_ms"].as_f64()),
                 ("tokens_per_s", (latency_s > 0.0).then(|| completion / latency_s)),
             ];
-            for (name, v) in quality.into_iter().chain(speed) {
+            for (name, v) in speed {
                 if let Some(v) = v {
                     values.insert(name, v);
                 }
@@ -157,7 +160,9 @@ impl Stage for SelectStage {
             None
         };
         let targets: BTreeMap<&str, String> = self.targets.iter().map(|(k, b)| (k.as_str(), b.to_string())).collect();
-        let candidates: Vec<Value> = rows
+        // Models the policy kept out never ran; they lost before any target.
+        let excluded: Vec<Value> = input.inputs.get("candidates").and_then(|c| c["excluded"].as_array().cloned()).unwrap_or_default();
+        let mut candidates: Vec<Value> = rows
             .iter()
             .map(|r| {
                 let verdict = if Some(&r.id) == selected.as_ref() {
@@ -183,17 +188,28 @@ impl Stage for SelectStage {
                 })
             })
             .collect();
+        candidates.extend(excluded.iter().map(|m| {
+            json!({
+                "model": m["id"],
+                "params_active_b": m["params_active_b"],
+                "params_total_b": m["params_total_b"],
+                "license": m["license"],
+                "meets_targets": false,
+                "verdict": format!("excluded by policy: {}", m["reasons"].as_array().map_or(String::new(), |r| r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "))),
+            })
+        }));
         let summary = match (&selected, &closest) {
-            (Some(m), _) => format!("selected `{m}`: the smallest candidate meeting every target ({})", targets_text(&targets)),
+            (Some(m), _) => format!("selected `{m}` with prompt version {version}: the smallest candidate meeting every target ({})", targets_text(&targets)),
             (None, Some(c)) => {
                 let row = rows.iter().find(|r| &r.id == c).expect("closest is a row");
-                format!("no candidate meets every target ({}); closest: `{c}`, which misses {}", targets_text(&targets), row.misses.join(", "))
+                format!("no candidate meets every target ({}); closest: `{c}` with prompt version {version}, which misses {}", targets_text(&targets), row.misses.join(", "))
             }
             (None, None) => unreachable!("rows is not empty"),
         };
         let best = rows.iter().find(|r| Some(&r.id) == selected.as_ref().or(closest.as_ref())).expect("a selected or closest row");
         Ok(json!({
             "targets": targets,
+            "prompt_version": version,
             "selected": selected,
             "closest": closest,
             "summary": summary,
@@ -252,7 +268,12 @@ mod tests {
         let answers: serde_json::Map<String, Value> =
             candidates.iter().map(|(id, _, _, p95)| (id.to_string(), json!({"answers": [], "timing": {"latency_p50_ms": p95 / 2.0, "latency_p95_ms": p95}}))).collect();
         StageInput {
-            inputs: [("judgement".to_string(), Arc::new(json!({"models": judged}))), ("answers".to_string(), Arc::new(json!({"models": answers})))].into(),
+            inputs: [
+                ("judgement".to_string(), Arc::new(json!({"models": judged}))),
+                ("answers".to_string(), Arc::new(json!({"models": answers}))),
+                ("prompt".to_string(), Arc::new(json!({"template": "{{ text }}"}))),
+            ]
+            .into(),
             files: Default::default(),
             seed: 0,
             cancel: Default::default(),
@@ -298,6 +319,18 @@ mod tests {
         assert_eq!(out["closest"], "smollm2-360m-instruct");
         assert_eq!(out["metrics"]["targets_met"], 0.0);
         assert_eq!(out["metrics"]["accuracy"], 0.85);
-        assert!(out["summary"].as_str().unwrap().starts_with("no candidate meets every target (accuracy ≥ 0.9, unparsed_rate ≤ 0.05); closest: `smollm2-360m-instruct`"), "{}", out["summary"]);
+        assert!(out["summary"].as_str().unwrap().starts_with("no candidate meets every target (accuracy ≥ 0.9, unparsed_rate ≤ 0.05); closest: `smollm2-360m-instruct` with prompt version 1"), "{}", out["summary"]);
+    }
+
+    #[test]
+    fn in_a_loop_the_prompt_version_in_force_is_judged_not_a_rejected_revision() {
+        let s = stage("accuracy = { min = 0.8 }");
+        let mut input = input(&[("smollm2-135m-instruct", 0.5, 0, 300.0)]);
+        let accepted = json!({"version": 2, "models": {"smollm2-135m-instruct": {"accuracy": 0.85, "unparsed_rate": 0.0}}});
+        input.inputs.insert("prompt".into(), Arc::new(json!({"template": "t", "revision": {"version": 3}, "accepted": accepted})));
+        let out = s.finish(&input, vec![]).unwrap();
+        assert_eq!(out["selected"], "smollm2-135m-instruct");
+        assert_eq!(out["prompt_version"], 2);
+        assert_eq!(out["candidates"][0]["quality"]["accuracy"], 0.85);
     }
 }
