@@ -30,6 +30,24 @@ pub struct JudgeConfig {
     /// Bootstrap resamples for confidence intervals (0: no intervals).
     #[serde(default = "default_bootstrap")]
     pub bootstrap: u32,
+    /// Ranking tasks: the sample field holding relevance grades by document id
+    /// (`{"A": 2, "B": 0}`). Answers are then read as rankings of those ids (in order of first
+    /// mention) and scored by nDCG@k instead of label accuracy.
+    pub relevance: Option<String>,
+    /// Cutoff of nDCG@k.
+    #[serde(default = "default_k")]
+    pub k: usize,
+    /// A ranking passes (for failure clustering) when its nDCG@k is at least this.
+    #[serde(default = "default_pass_ndcg")]
+    pub pass_ndcg: f64,
+}
+
+fn default_k() -> usize {
+    3
+}
+
+fn default_pass_ndcg() -> f64 {
+    0.9
 }
 
 fn default_bootstrap() -> u32 {
@@ -52,12 +70,15 @@ pub enum Normalize {
 impl StagePlugin for Judge {
     type Config = JudgeConfig;
     const KIND: &'static str = "judge";
-    const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "answers scored against reference labels: accuracy, precision / recall / F1, bootstrap intervals";
+    const VERSION: u32 = 2;
+    const SUMMARY: &'static str = "answers scored against references: accuracy, precision / recall / F1 for labels, nDCG@k for rankings, bootstrap intervals";
     const INPUTS: &'static [Port] = &[Port::new("dataset", "dataset"), Port::new("answers", "answers")];
     const OUTPUT: &'static str = "judgement";
 
     fn build(config: JudgeConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        if config.k == 0 || !(0.0..=1.0).contains(&config.pass_ndcg) {
+            return Err(vec![cx.error_at(None, format!("`k` must be at least 1 and `pass_ndcg` within 0 to 1 (got {} and {})", config.k, config.pass_ndcg), "")]);
+        }
         if config.bootstrap > 100_000 {
             return Err(vec![cx.error_at(None, format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), "")]);
         }
@@ -70,6 +91,9 @@ struct JudgeStage(JudgeConfig);
 #[async_trait::async_trait]
 impl Stage for JudgeStage {
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        if let Some(field) = &self.0.relevance {
+            return self.rankings(input, field);
+        }
         let dataset = input.input("dataset")?;
         let answers = input.input("answers")?;
         let rows = dataset["samples"].as_array().ok_or_else(|| StageError::new("the dataset has no `samples`"))?;
@@ -142,14 +166,137 @@ impl Stage for JudgeStage {
     }
 }
 
+impl JudgeStage {
+    /// Ranking tasks: nDCG@k per sample, its mean per split with a bootstrap interval.
+    fn rankings(&self, input: &StageInput, field: &str) -> Result<Value, StageError> {
+        let dataset = input.input("dataset")?;
+        let answers = input.input("answers")?;
+        let mut references: BTreeMap<&str, (BTreeMap<&str, f64>, &str)> = BTreeMap::new();
+        for row in dataset["samples"].as_array().ok_or_else(|| StageError::new("the dataset has no `samples`"))? {
+            let (Some(id), Some(split)) = (row["id"].as_str(), row["split"].as_str()) else { continue };
+            let grades = row["fields"][field].as_object().ok_or_else(|| {
+                StageError::new(format!("sample `{id}` has no `{field}` object of relevance grades (`{{\"A\": 2, \"B\": 0}}`)"))
+            })?;
+            let grades: BTreeMap<&str, f64> = grades.iter().filter_map(|(d, g)| Some((d.as_str(), g.as_f64()?))).collect();
+            references.insert(id, (grades, split));
+        }
+        let mut models: Vec<(&String, &Value)> = answers["models"].as_object().ok_or_else(|| StageError::new("answers have no `models`"))?.iter().collect();
+        models.sort_by_key(|(id, _)| id.as_str());
+        let mut out = serde_json::Map::new();
+        let mut best: Option<(String, f64, Value)> = None;
+        for (model, m) in models {
+            let mut verdicts = Vec::new();
+            let mut by_split: BTreeMap<&str, Vec<(f64, bool)>> = BTreeMap::new();
+            for a in m["answers"].as_array().map_or(&[][..], Vec::as_slice) {
+                let id = a["id"].as_str().unwrap_or_default();
+                let Some((grades, split)) = references.get(id) else {
+                    return Err(StageError::new(format!("answer for `{id}` ({model}) has no sample in the dataset")));
+                };
+                let text = a["text"].as_str().unwrap_or_default();
+                let ranking = read_ranking(text, &grades.keys().copied().collect::<Vec<_>>());
+                let score = ndcg(&ranking, grades, self.0.k);
+                let ideal_top = grades.iter().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(a.0))).map(|(d, _)| *d);
+                by_split.entry(split).or_default().push((score, ranking.is_empty()));
+                verdicts.push(json!({
+                    "id": id,
+                    "split": split,
+                    "answer": text,
+                    "ranking": ranking,
+                    "ndcg": round(score),
+                    "label": ideal_top,
+                    "predicted": ranking.first(),
+                    "pass": score >= self.0.pass_ndcg,
+                }));
+            }
+            let seed = input.seed ^ fnv(model);
+            let splits: serde_json::Map<String, Value> = by_split
+                .iter()
+                .map(|(split, scores)| {
+                    let values: Vec<f64> = scores.iter().map(|(s, _)| *s).collect();
+                    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+                    let ci = if self.0.bootstrap > 0 && !values.is_empty() {
+                        let mut rng = fastrand::Rng::with_seed(seed);
+                        let mut means: Vec<f64> =
+                            (0..self.0.bootstrap).map(|_| mean(&(0..values.len()).map(|_| values[rng.usize(..values.len())]).collect::<Vec<_>>())).collect();
+                        json!(interval(&mut means))
+                    } else {
+                        Value::Null
+                    };
+                    let unparsed = scores.iter().filter(|(_, u)| *u).count();
+                    (split.to_string(), json!({"n": values.len(), "unparsed": unparsed, "ndcg": {"value": round(mean(&values)), "ci95": ci}}))
+                })
+                .collect();
+            if let Some(held) = splits.get("heldout").or_else(|| splits.get("dev")) {
+                let v = held["ndcg"]["value"].as_f64().unwrap_or(0.0);
+                if best.as_ref().is_none_or(|(_, b, _)| v > *b) {
+                    best = Some((model.clone(), v, held.clone()));
+                }
+            }
+            out.insert(model.to_string(), json!({"splits": splits, "verdicts": verdicts}));
+        }
+        let metrics = best.as_ref().map_or(json!({}), |(_, _, s)| {
+            json!({
+                "ndcg": s["ndcg"]["value"],
+                "ndcg_ci_low": s["ndcg"]["ci95"][0],
+                "ndcg_ci_high": s["ndcg"]["ci95"][1],
+                "unparsed_rate": s["unparsed"].as_f64().unwrap_or(0.0) / s["n"].as_f64().unwrap_or(1.0).max(1.0),
+            })
+        });
+        Ok(json!({"task": "ranking", "k": self.0.k, "models": out, "best": best.map(|(m, _, _)| m), "metrics": metrics}))
+    }
+}
+
+/// Document ids in the order the answer first mentions them (whole words; any case, except
+/// one-letter ids).
+fn read_ranking<'a>(text: &str, ids: &[&'a str]) -> Vec<&'a str> {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+    let mut words = Vec::new();
+    let mut start = None;
+    for (at, c) in text.char_indices().chain(std::iter::once((text.len(), ' '))) {
+        match (is_word(c), start) {
+            (true, None) => start = Some(at),
+            (false, Some(s)) => {
+                words.push(&text[s..at]);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    let mut ranking: Vec<&str> = Vec::new();
+    for word in words {
+        // One-letter ids match in their own case only: "a" is an article, not `A`.
+        let hit = ids.iter().find(|id| if id.len() == 1 { word == **id } else { word.eq_ignore_ascii_case(id) });
+        if let Some(id) = hit
+            && !ranking.contains(id)
+        {
+            ranking.push(id);
+        }
+    }
+    ranking
+}
+
+/// nDCG@k with graded relevance: Σ (2^rel − 1) / log2(rank + 1), over the ideal ordering's.
+fn ndcg(ranking: &[&str], grades: &BTreeMap<&str, f64>, k: usize) -> f64 {
+    let gain = |rel: f64, rank: usize| (2f64.powf(rel) - 1.0) / ((rank + 2) as f64).log2();
+    let dcg: f64 = ranking.iter().take(k).enumerate().map(|(i, d)| gain(grades.get(d).copied().unwrap_or(0.0), i)).sum();
+    let mut ideal: Vec<f64> = grades.values().copied().collect();
+    ideal.sort_by(|a, b| b.total_cmp(a));
+    let idcg: f64 = ideal.iter().take(k).enumerate().map(|(i, r)| gain(*r, i)).sum();
+    if idcg > 0.0 { dcg / idcg } else { 0.0 }
+}
+
 /// The quality figures of one judged model (an entry of a judgement's `models`), on the held-out
 /// split (the dev split when nothing is held out): `accuracy`, `accuracy_ci_low`,
-/// `accuracy_ci_high`, `macro_f1`, `unparsed_rate`, and which split they come from.
+/// `accuracy_ci_high`, `macro_f1` (labels) or `ndcg`, `ndcg_ci_low`, `ndcg_ci_high` (rankings),
+/// `unparsed_rate`, and which split they come from.
 pub fn quality(judged: &Value) -> (&'static str, BTreeMap<&'static str, f64>) {
     let split = if judged["splits"]["heldout"].is_object() { "heldout" } else { "dev" };
     let s = &judged["splits"][split];
     let n = s["n"].as_f64().unwrap_or(0.0).max(1.0);
     let figures = [
+        ("ndcg", s["ndcg"]["value"].as_f64()),
+        ("ndcg_ci_low", s["ndcg"]["ci95"][0].as_f64()),
+        ("ndcg_ci_high", s["ndcg"]["ci95"][1].as_f64()),
         ("accuracy", s["accuracy"]["value"].as_f64()),
         ("accuracy_ci_low", s["accuracy"]["ci95"][0].as_f64()),
         ("accuracy_ci_high", s["accuracy"]["ci95"][1].as_f64()),
@@ -324,5 +471,21 @@ mod tests {
         assert!((0.09..0.14).contains(&(hi - lo)), "{lo} {hi}");
         assert_eq!(scores(&pairs, &labels, 2000, 42), s, "same seed, same interval");
         assert_ne!(scores(&pairs, &labels, 2000, 43)["accuracy"]["ci95"], s["accuracy"]["ci95"]);
+    }
+
+    #[test]
+    fn rankings_are_read_in_order_and_scored_by_ndcg() {
+        let ids = ["A", "B", "C", "D"];
+        assert_eq!(read_ranking("B, A, D, C", &ids), ["B", "A", "D", "C"]);
+        assert_eq!(read_ranking("The best is C. Then A; B.", &ids), ["C", "A", "B"]);
+        assert_eq!(read_ranking("D is a start, then B", &ids), ["D", "B"], "`a` is an article, not `A`; `start` is not A");
+        assert_eq!(read_ranking("doc-b then doc-a", &["doc-a", "doc-b"]), ["doc-b", "doc-a"]);
+        assert!(read_ranking("none of them", &ids).is_empty());
+        let grades: BTreeMap<&str, f64> = [("A", 1.0), ("B", 2.0), ("C", 0.0), ("D", 0.0)].into();
+        assert_eq!(ndcg(&["B", "A", "C"], &grades, 3), 1.0);
+        // A first: (1/1 + 3/log2 3) / (3/1 + 1/log2 3) = 2.892789 / 3.630930
+        assert!((ndcg(&["A", "B"], &grades, 3) - 0.796708).abs() < 1e-6, "{}", ndcg(&["A", "B"], &grades, 3));
+        assert_eq!(ndcg(&[], &grades, 3), 0.0);
+        assert_eq!(ndcg(&["C", "D"], &grades, 2), 0.0);
     }
 }

@@ -27,7 +27,7 @@ use toml::Spanned;
 pub struct Select;
 
 /// Metrics a target may name: quality from `judge` (held-out), speed from `infer`.
-const QUALITY: [&str; 5] = ["accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "unparsed_rate"];
+const QUALITY: [&str; 8] = ["accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "ndcg", "ndcg_ci_low", "ndcg_ci_high", "unparsed_rate"];
 const SPEED: [&str; 3] = ["latency_p50_ms", "latency_p95_ms", "tokens_per_s"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -38,7 +38,7 @@ pub struct SelectConfig {
     pub catalog: Spanned<String>,
     /// What a candidate must achieve, by metric: `accuracy = { min = 0.8 }`,
     /// `latency_p95_ms = { max = 2000 }`. Quality metrics: accuracy, accuracy_ci_low,
-    /// accuracy_ci_high, macro_f1, unparsed_rate (held-out); speed: latency_p50_ms,
+    /// accuracy_ci_high, macro_f1, ndcg, ndcg_ci_low, ndcg_ci_high, unparsed_rate (held-out); speed: latency_p50_ms,
     /// latency_p95_ms, tokens_per_s.
     #[schemars(with = "BTreeMap<String, Bound>")]
     pub targets: Spanned<BTreeMap<String, Bound>>,
