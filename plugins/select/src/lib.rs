@@ -28,7 +28,7 @@ pub struct Select;
 
 /// Metrics a target may name: quality from `judge` (held-out), speed from `infer`.
 const QUALITY: [&str; 8] = ["accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "ndcg", "ndcg_ci_low", "ndcg_ci_high", "unparsed_rate"];
-const SPEED: [&str; 3] = ["latency_p50_ms", "latency_p95_ms", "tokens_per_s"];
+const SPEED: [&str; 4] = ["latency_p50_ms", "latency_p95_ms", "tokens_per_s", "usd_per_mtok"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -39,9 +39,14 @@ pub struct SelectConfig {
     /// What a candidate must achieve, by metric: `accuracy = { min = 0.8 }`,
     /// `latency_p95_ms = { max = 2000 }`. Quality metrics: accuracy, accuracy_ci_low,
     /// accuracy_ci_high, macro_f1, ndcg, ndcg_ci_low, ndcg_ci_high, unparsed_rate (held-out); speed: latency_p50_ms,
-    /// latency_p95_ms, tokens_per_s.
+    /// latency_p95_ms, tokens_per_s, usd_per_mtok (needs `usd_per_hour`).
     #[schemars(with = "BTreeMap<String, Bound>")]
     pub targets: Spanned<BTreeMap<String, Bound>>,
+    /// What an hour of the machine that served the candidates costs, in US dollars (a cloud
+    /// instance's price, say). With it, each candidate's measured cost per million tokens
+    /// processed (prompt and completion, as served one request at a time) is reported as
+    /// `usd_per_mtok`, and may be a target.
+    pub usd_per_hour: Option<f64>,
 }
 
 impl StagePlugin for Select {
@@ -78,16 +83,28 @@ impl StagePlugin for Select {
                 errors.push(cx.error_at(Some(config.targets.span()), format!("target `{name}` has neither `min` nor `max`"), "in these targets"));
             }
         }
+        if let Some(price) = config.usd_per_hour
+            && !(price.is_finite() && price > 0.0)
+        {
+            errors.push(cx.error_at(None, format!("`usd_per_hour` must be a positive price, not {price}"), ""));
+        }
+        if config.usd_per_hour.is_none() && config.targets.get_ref().contains_key("usd_per_mtok") {
+            errors.push(
+                cx.error_at(Some(config.targets.span()), "a `usd_per_mtok` target needs `usd_per_hour`", "in these targets")
+                    .help("set `usd_per_hour` to what an hour of the serving machine costs"),
+            );
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Arc::new(SelectStage { catalog, targets: config.targets.into_inner() }))
+        Ok(Arc::new(SelectStage { catalog, targets: config.targets.into_inner(), usd_per_hour: config.usd_per_hour }))
     }
 }
 
 struct SelectStage {
     catalog: Catalog,
     targets: BTreeMap<String, Bound>,
+    usd_per_hour: Option<f64>,
 }
 
 #[async_trait::async_trait]
@@ -115,10 +132,13 @@ impl Stage for SelectStage {
             let timing = &answers["models"][id]["timing"];
             let completion: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["completion_tokens"].as_f64()).sum());
             let latency_s: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["timing"]["latency_ms"].as_f64()).sum::<f64>() / 1000.0);
+            let prompt_tokens: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["prompt_tokens"].as_f64()).sum());
+            let processed = prompt_tokens + completion;
             let speed = [
                 ("latency_p50_ms", timing["latency_p50_ms"].as_f64()),
                 ("latency_p95_ms", timing["latency_p95_ms"].as_f64()),
                 ("tokens_per_s", (latency_s > 0.0).then(|| completion / latency_s)),
+                ("usd_per_mtok", self.usd_per_hour.filter(|_| processed > 0.0 && latency_s > 0.0).map(|p| p * latency_s / 3600.0 / processed * 1e6)),
             ];
             for (name, v) in speed {
                 if let Some(v) = v {
@@ -253,7 +273,7 @@ mod tests {
 
     fn stage(targets: &str) -> SelectStage {
         let catalog = Catalog::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../catalogs/open-models.toml")).unwrap();
-        SelectStage { catalog, targets: toml::from_str(targets).unwrap() }
+        SelectStage { catalog, targets: toml::from_str(targets).unwrap(), usd_per_hour: None }
     }
 
     /// Candidates with held-out accuracy, unparsed count (of 100) and p95 latency.
@@ -332,5 +352,20 @@ mod tests {
         assert_eq!(out["selected"], "smollm2-135m-instruct");
         assert_eq!(out["prompt_version"], 2);
         assert_eq!(out["candidates"][0]["quality"]["accuracy"], 0.85);
+    }
+
+    #[test]
+    fn cost_per_million_tokens_follows_the_hourly_price_and_the_measured_time() {
+        let mut s = stage("usd_per_mtok = { max = 0.5 }");
+        s.usd_per_hour = Some(0.36);
+        let mut input = input(&[("smollm2-135m-instruct", 0.9, 0, 300.0)]);
+        // 100 requests, 200 prompt + 10 completion tokens each, 0.5 s each: 21,000 tokens in 50 s.
+        let answers: Vec<Value> = (0..100).map(|_| json!({"prompt_tokens": 200, "completion_tokens": 10, "timing": {"latency_ms": 500.0}})).collect();
+        input.inputs.insert("answers".into(), Arc::new(json!({"models": {"smollm2-135m-instruct": {"answers": answers, "timing": {}}}})));
+        let out = s.finish(&input, vec![]).unwrap();
+        // $0.36/h × 50 s = $0.005 for 21,000 tokens → $0.238095 per million.
+        let cost = out["candidates"][0]["timing"]["usd_per_mtok"].as_f64().unwrap();
+        assert!((cost - 0.238095).abs() < 1e-6, "{cost}");
+        assert_eq!(out["selected"], "smollm2-135m-instruct");
     }
 }
