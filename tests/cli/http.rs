@@ -292,3 +292,132 @@ fn serve_answers_as_the_embedded_model_does() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+/// What the fault-injecting proxy does to the request with this index.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    None,
+    ServerError,
+    TooMany,
+    Drop,
+    Truncated,
+    Malformed,
+}
+
+/// Three requests in ten fail (the 2nd, 5th and 9th of each ten), cycling through five faults:
+/// 500, 429 with `Retry-After`, a dropped connection, a body cut off mid-JSON, malformed JSON.
+fn fault_for(index: usize) -> Fault {
+    const KINDS: [Fault; 5] = [Fault::ServerError, Fault::TooMany, Fault::Drop, Fault::Truncated, Fault::Malformed];
+    let slot = match index % 10 {
+        1 => 0,
+        4 => 1,
+        8 => 2,
+        _ => return Fault::None,
+    };
+    KINDS[(3 * (index / 10) + slot) % KINDS.len()]
+}
+
+/// A loopback proxy in front of `upstream` that injects faults; counts what it injected.
+struct FaultProxy {
+    port: u16,
+    injected: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FaultProxy {
+    fn start(upstream: u16) -> FaultProxy {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let injected = std::sync::Arc::new(AtomicUsize::new(0));
+        let requests = std::sync::Arc::new(AtomicUsize::new(0));
+        let (count, seen) = (injected.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (count, seen) = (count.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let Some(request) = read_request(&client) else { return };
+                    let fault = fault_for(seen.fetch_add(1, Ordering::SeqCst));
+                    if fault != Fault::None {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let mut client = client;
+                    let reply = |client: &mut TcpStream, status: &str, extra: &str, body: &str| {
+                        let _ = write!(client, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}", body.len());
+                    };
+                    match fault {
+                        Fault::ServerError => reply(&mut client, "500 Internal Server Error", "", r#"{"error":"injected"}"#),
+                        Fault::TooMany => reply(&mut client, "429 Too Many Requests", "Retry-After: 0\r\n", r#"{"error":"slow down"}"#),
+                        Fault::Drop => drop(client),
+                        Fault::Malformed => reply(&mut client, "200 OK", "", r#"{"choices": [{"message": {"content": "#),
+                        Fault::None | Fault::Truncated => {
+                            let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+                            up.write_all(&request).unwrap();
+                            let mut response = Vec::new();
+                            let _ = up.read_to_end(&mut response);
+                            if fault == Fault::Truncated {
+                                // Headers promise the whole body; half of it arrives.
+                                let body_at = response.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |p| p + 4);
+                                response.truncate(body_at + (response.len() - body_at) / 2);
+                            }
+                            let _ = client.write_all(&response);
+                        }
+                    }
+                });
+            }
+        });
+        FaultProxy { port, injected, seen: requests }
+    }
+}
+
+/// One HTTP/1.1 request, re-headed with `Connection: close` so the upstream closes after replying.
+fn read_request(mut client: &TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        let n = client.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let length: usize = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))).unwrap_or(0);
+    while buf.len() < head_end + 4 + length {
+        let n = client.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let headers: Vec<&str> = head.lines().filter(|l| !l.to_ascii_lowercase().starts_with("connection:")).collect();
+    let mut request = format!("{}\r\nConnection: close\r\n\r\n", headers.join("\r\n")).into_bytes();
+    request.extend_from_slice(&buf[head_end + 4..head_end + 4 + length]);
+    Some(request)
+}
+
+/// 30% of requests fail in five ways (500, 429 + Retry-After, dropped connection, truncated and
+/// malformed JSON): the run completes with exactly the answers of a fault-free run, and the
+/// retries it reports equal the faults injected.
+#[test]
+fn http_faults_are_retried_to_the_same_answers() {
+    let server = LlamaServer::start(CANARY);
+    let proxy = FaultProxy::start(server.port);
+    let faulty = served_project(&[format!("http://127.0.0.1:{}/v1", proxy.port)], 20, "max_concurrency = 2, retries = 8, backoff_s = 0.02");
+    let (code, _, out) = run(&faulty, Some(CANARY), &[]);
+    assert_eq!(code, 0, "{}", text(&out.stderr));
+    let injected = proxy.injected.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(injected >= 6, "faults were injected ({injected})");
+    println!("{injected} faults injected over {} requests", proxy.seen.load(std::sync::atomic::Ordering::SeqCst));
+    let shown: Value = serde_json::from_slice(&crate::pipeline(&faulty.dir, &["show", "select.toml", "answers"]).stdout).unwrap();
+    assert_eq!(shown["models"]["smollm2-served"]["transport"]["retries"].as_u64().unwrap() as usize, injected, "every fault cost one retry, and was reported");
+
+    let clean = served_project(&[server.base_url()], 20, "max_concurrency = 2");
+    let (code, _, out) = run(&clean, Some(CANARY), &[]);
+    assert_eq!(code, 0, "{}", text(&out.stderr));
+    let pick = |v: &[Value]| v.iter().map(|a| (a["id"].clone(), a["text"].clone(), a["completion_tokens"].clone())).collect::<Vec<_>>();
+    assert_eq!(pick(&answers(&faulty)), pick(&answers(&clean)), "faults change nothing in the results");
+}
