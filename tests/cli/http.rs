@@ -302,12 +302,15 @@ enum Fault {
     Drop,
     Truncated,
     Malformed,
+    /// No answer within the client's timeout.
+    Slow,
 }
 
-/// Three requests in ten fail (the 2nd, 5th and 9th of each ten), cycling through five faults:
-/// 500, 429 with `Retry-After`, a dropped connection, a body cut off mid-JSON, malformed JSON.
+/// Three requests in ten fail (the 2nd, 5th and 9th of each ten), cycling through six faults:
+/// 500, 429 with `Retry-After`, a dropped connection, a body cut off mid-JSON, malformed JSON, and
+/// no answer before the client's timeout.
 fn fault_for(index: usize) -> Fault {
-    const KINDS: [Fault; 5] = [Fault::ServerError, Fault::TooMany, Fault::Drop, Fault::Truncated, Fault::Malformed];
+    const KINDS: [Fault; 6] = [Fault::ServerError, Fault::TooMany, Fault::Drop, Fault::Truncated, Fault::Malformed, Fault::Slow];
     let slot = match index % 10 {
         1 => 0,
         4 => 1,
@@ -349,6 +352,10 @@ impl FaultProxy {
                         Fault::ServerError => reply(&mut client, "500 Internal Server Error", "", r#"{"error":"injected"}"#),
                         Fault::TooMany => reply(&mut client, "429 Too Many Requests", "Retry-After: 0\r\n", r#"{"error":"slow down"}"#),
                         Fault::Drop => drop(client),
+                        Fault::Slow => {
+                            std::thread::sleep(Duration::from_secs(5));
+                            drop(client);
+                        }
                         Fault::Malformed => reply(&mut client, "200 OK", "", r#"{"choices": [{"message": {"content": "#),
                         Fault::None | Fault::Truncated => {
                             let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
@@ -399,14 +406,14 @@ fn read_request(mut client: &TcpStream) -> Option<Vec<u8>> {
     Some(request)
 }
 
-/// 30% of requests fail in five ways (500, 429 + Retry-After, dropped connection, truncated and
-/// malformed JSON): the run completes with exactly the answers of a fault-free run, and the
+/// 30% of requests fail in six ways (500, 429 + Retry-After, dropped connection, truncated and
+/// malformed JSON, timeout): the run completes with exactly the answers of a fault-free run, and the
 /// retries it reports equal the faults injected.
 #[test]
 fn http_faults_are_retried_to_the_same_answers() {
     let server = LlamaServer::start(CANARY);
     let proxy = FaultProxy::start(server.port);
-    let faulty = served_project(&[format!("http://127.0.0.1:{}/v1", proxy.port)], 20, "max_concurrency = 2, retries = 8, backoff_s = 0.02");
+    let faulty = served_project(&[format!("http://127.0.0.1:{}/v1", proxy.port)], 20, "max_concurrency = 2, retries = 8, backoff_s = 0.02, timeout_s = 3");
     let (code, _, out) = run(&faulty, Some(CANARY), &[]);
     assert_eq!(code, 0, "{}", text(&out.stderr));
     let injected = proxy.injected.load(std::sync::atomic::Ordering::SeqCst);
