@@ -194,6 +194,17 @@ impl Catalog {
         if problems.is_empty() { Ok(catalog) } else { Err(problems) }
     }
 
+    /// The catalog a stage names by `path` (relative to the pipeline file), with the path it
+    /// resolved to; a missing file is reported at `path` in the pipeline.
+    pub fn load_for_stage(path: &toml::Spanned<String>, cx: &engine::BuildContext) -> Result<(Catalog, std::path::PathBuf), Vec<Diagnostic>> {
+        let resolved = cx.base_dir.join(path.get_ref());
+        if !resolved.is_file() {
+            return Err(vec![cx.error_at(Some(path.span()), format!("catalog `{}` does not exist", path.get_ref()), "no such file")
+                .help("paths are relative to the pipeline file")]);
+        }
+        Ok((Catalog::load(&resolved)?, resolved))
+    }
+
     pub fn get(&self, id: &str) -> Option<&Model> {
         self.models.iter().find(|m| m.id == id)
     }

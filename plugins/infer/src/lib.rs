@@ -286,12 +286,7 @@ impl StagePlugin for Infer {
     const OUTPUT: &'static str = "answers";
 
     fn build(config: InferConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
-        let catalog_path = cx.base_dir.join(config.catalog.get_ref());
-        if !catalog_path.is_file() {
-            return Err(vec![cx.error_at(Some(config.catalog.span()), format!("catalog `{}` does not exist", config.catalog.get_ref()), "no such file")
-                .help("paths are relative to the pipeline file")]);
-        }
-        let catalog = Catalog::load(&catalog_path)?;
+        let (catalog, catalog_path) = Catalog::load_for_stage(&config.catalog, cx)?;
         let mut errors = Vec::new();
         let output = config.output.as_ref().map(|o| (o.get_ref().clone(), o.span()));
         if let Some((constraint, span)) = &output

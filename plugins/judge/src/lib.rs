@@ -401,7 +401,7 @@ fn interval(values: &mut [f64]) -> [f64; 2] {
 }
 
 /// Six decimals: stable digests across platforms' last-bit float differences in sums.
-fn round(x: f64) -> f64 {
+pub fn round(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
@@ -410,15 +410,15 @@ fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
 }
 
-pub fn check(text: &str, labels: &[&str], normalize: Normalize) -> Option<String> {
-    read_label(text, labels, normalize).map(|i| labels[i].to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const LABELS: [&str; 4] = ["account", "billing", "refund", "technical"];
+
+    fn check(text: &str, labels: &[&str], normalize: Normalize) -> Option<String> {
+        read_label(text, labels, normalize).map(|i| labels[i].to_string())
+    }
 
     #[test]
     fn answers_are_read_as_labels() {

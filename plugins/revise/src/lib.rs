@@ -105,7 +105,7 @@ impl Stage for ReviseStage {
         if let Some(parent) = revision["parent"].as_object() {
             let test = mcnemar(&parent_verdicts(parent), &heldout);
             let accepted = test.wins > test.losses && test.wins - test.losses >= self.0.min_gain as usize && test.p_value < self.0.alpha;
-            accepted_check = json!({"version": version, "accepted": accepted, "wins": test.wins, "losses": test.losses, "p_value": round(test.p_value)});
+            accepted_check = json!({"version": version, "accepted": accepted, "wins": test.wins, "losses": test.losses, "p_value": judge::round(test.p_value)});
             history.push(accepted_check.clone());
             if !accepted {
                 base = (parent["system"].clone(), parent["template"].clone());
@@ -236,10 +236,6 @@ fn mcnemar(parent: &BTreeMap<String, bool>, child: &BTreeMap<String, bool>) -> M
 
 fn binomial(n: usize, k: usize) -> f64 {
     (0..k).fold(1.0, |acc, i| acc * (n - i) as f64 / (i + 1) as f64)
-}
-
-fn round(x: f64) -> f64 {
-    (x * 1e6).round() / 1e6
 }
 
 #[cfg(test)]

@@ -59,12 +59,7 @@ impl StagePlugin for Select {
     const OUTPUT: &'static str = "decision";
 
     fn build(config: SelectConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
-        let path = cx.base_dir.join(config.catalog.get_ref());
-        if !path.is_file() {
-            return Err(vec![cx.error_at(Some(config.catalog.span()), format!("catalog `{}` does not exist", config.catalog.get_ref()), "no such file")
-                .help("paths are relative to the pipeline file")]);
-        }
-        let catalog = Catalog::load(&path)?;
+        let (catalog, _) = Catalog::load_for_stage(&config.catalog, cx)?;
         let mut errors = Vec::new();
         if config.targets.get_ref().is_empty() {
             errors.push(cx.error_at(Some(config.targets.span()), "`targets` is empty: say what good enough means", "no targets"));
