@@ -142,6 +142,8 @@ pub fn run(pipeline: &Pipeline, report: &RunReport, summaries: &[(String, String
         StopReason::TargetsMet => format!("targets met after {n} iteration(s)"),
         StopReason::Converged => format!("converged after {n} iteration(s): the feedback no longer changes anything"),
         StopReason::MaxIterations => format!("stopped at max_iterations ({n}) without meeting the targets"),
+        StopReason::NoProgress => format!("stopped after {n} iteration(s): no progress for `patience` iterations in a row (revisions rejected)"),
+        StopReason::BudgetSpent => format!("stopped after {n} iteration(s): the item budget (`max_items`) is spent"),
         StopReason::Failed => "FAILED: see the failed stage above; finished work was kept, rerun to retry".to_string(),
         StopReason::Interrupted => "interrupted: finished work was kept; rerun to continue".to_string(),
     };

@@ -89,6 +89,10 @@ impl std::fmt::Display for Bound {
 
 pub struct Iterate {
     pub max_iterations: u32,
+    /// Stop after this many iterations in a row whose feedback stage reports no progress.
+    pub patience: Option<u32>,
+    /// Start no iteration once the run has computed this many items.
+    pub max_items: Option<u64>,
     /// Index of the stage whose output feeds back.
     pub from: usize,
     /// Index of the stage whose output it replaces in the next iteration.
@@ -102,6 +106,14 @@ pub struct IterateConfig {
     /// Upper bound on loop iterations (the first run counts as iteration 1).
     #[schemars(range(min = 1))]
     pub max_iterations: u32,
+    /// Stop after this many iterations in a row without progress: the feedback stage reports
+    /// `metrics.improved = 0` (`revise`: its last revision was rejected).
+    #[schemars(range(min = 1))]
+    pub patience: Option<u32>,
+    /// A budget of items computed (model calls, renderings; not those taken from the memo) over
+    /// the whole run: no iteration starts once it is spent.
+    #[schemars(range(min = 1))]
+    pub max_items: Option<u64>,
     /// The feedback edge: `from`'s output replaces `to`'s output in the next iteration.
     pub feedback: FeedbackConfig,
 }
@@ -216,6 +228,9 @@ pub fn parse(file: SourceFile, registry: &Registry) -> Result<Pipeline, Vec<Diag
         if cfg.max_iterations == 0 {
             diags.push(Diagnostic::error("`iterate.max_iterations` must be at least 1").at(&file, span.clone(), "here"));
         }
+        if cfg.patience == Some(0) || cfg.max_items == Some(0) {
+            diags.push(Diagnostic::error("`iterate.patience` and `iterate.max_items` must be at least 1 when set").at(&file, span.clone(), "here"));
+        }
         let (f, t) = (&stages[from], &stages[to]);
         if let (Some(fnode), Some(tnode)) = (&f.node, &t.node) {
             if fnode.output_ty != tnode.output_ty {
@@ -235,7 +250,7 @@ pub fn parse(file: SourceFile, registry: &Registry) -> Result<Pipeline, Vec<Diag
                     .help("the feedback source must be downstream of the stage whose output it replaces"),
             );
         }
-        Some((cfg.max_iterations.max(1), from, to))
+        Some((cfg.max_iterations.max(1), cfg.patience, cfg.max_items, from, to))
     });
 
     if !diags.is_empty() {
@@ -263,7 +278,13 @@ pub fn parse(file: SourceFile, registry: &Registry) -> Result<Pipeline, Vec<Diag
         description,
         seed,
         targets: targets.map(|(from, bounds)| Targets { from: new_index[from], bounds }),
-        iterate: iterate.map(|(max_iterations, from, to)| Iterate { max_iterations, from: new_index[from], to: new_index[to] }),
+        iterate: iterate.map(|(max_iterations, patience, max_items, from, to)| Iterate {
+            max_iterations,
+            patience,
+            max_items,
+            from: new_index[from],
+            to: new_index[to],
+        }),
         stages: nodes,
     })
 }

@@ -5,8 +5,9 @@
 //! Iterations: with `[iterate]`, iteration k > 0 replaces the output of `feedback.to` with the
 //! output of `feedback.from` from iteration k-1 and walks the DAG again. Fingerprints do the rest:
 //! only stages downstream of the replaced output can be dirty. The loop stops when the targets are
-//! met, when the feedback no longer changes anything (converged), at `max_iterations`, or on a
-//! failure or interruption.
+//! met, when the feedback no longer changes anything (converged), after `patience` iterations in a
+//! row whose feedback stage reports `metrics.improved = 0`, once `max_items` items have been
+//! computed, at `max_iterations`, or on a failure or interruption.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -102,6 +103,10 @@ pub enum StopReason {
     /// The feedback output equals what it would replace: another iteration changes nothing.
     Converged,
     MaxIterations,
+    /// `patience` iterations in a row without progress (the feedback stage's `metrics.improved`).
+    NoProgress,
+    /// `max_items` items computed: no further iteration starts.
+    BudgetSpent,
     Failed,
     Interrupted,
 }
@@ -273,6 +278,7 @@ pub async fn run(pipeline: Arc<Pipeline>, store: Store, opts: RunOptions) -> Res
     let mut iterations = Vec::new();
     let mut fed = None;
     let mut stop = StopReason::Done;
+    let (mut computed, mut stalled) = (0u64, 0u32);
     for iteration in 0..max {
         let report = run_iteration(&ctx, iteration, fed, opts.jobs.max(1)).await?;
         let failed = report.stages.iter().any(|s| s.status == Status::Failed);
@@ -308,6 +314,19 @@ pub async fn run(pipeline: Arc<Pipeline>, store: Store, opts: RunOptions) -> Res
                 fed = from;
                 stop = StopReason::MaxIterations;
             }
+        }
+        let it = pipeline.iterate.as_ref().expect("a feedback edge means `[iterate]`");
+        // Progress as the feedback stage reports it; a stage that reports none never stalls.
+        let improved = fed.and_then(|(digest, _)| ctx.store.get_object(&digest)).and_then(|o| o["metrics"]["improved"].as_f64());
+        stalled = if improved == Some(0.0) { stalled + 1 } else { 0 };
+        if it.patience.is_some_and(|p| stalled >= p) {
+            stop = StopReason::NoProgress;
+            break;
+        }
+        computed += iterations.last().map_or(0, |r: &IterationReport| r.stages.iter().map(|s| s.items_run as u64).sum());
+        if iteration + 1 < max && it.max_items.is_some_and(|m| computed >= m) {
+            stop = StopReason::BudgetSpent;
+            break;
         }
     }
     let report = RunReport { pipeline: pipeline.name.clone(), iterations, stop };

@@ -141,7 +141,8 @@ impl Stage for SumStage {
     }
 }
 
-/// `improve`: next param = param + 1 (the feedback source).
+/// `improve`: next param = param + 1, at most 3 (the feedback source); it reports progress
+/// (`metrics.improved`) only for its first step.
 struct Improve;
 struct ImproveStage;
 impl StagePlugin for Improve {
@@ -157,7 +158,8 @@ impl StagePlugin for Improve {
 }
 impl Stage for ImproveStage {
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
-        Ok(json!({"value": (input.input("param")?["value"].as_i64().unwrap() + 1).min(3)}))
+        let next = input.input("param")?["value"].as_i64().unwrap() + 1;
+        Ok(json!({"value": next.min(3), "metrics": {"improved": if next <= 1 { 1.0 } else { 0.0 }}}))
     }
 }
 
@@ -458,6 +460,34 @@ fn iterates_through_the_feedback_edge_until_targets_are_met() {
     let (r, log) = p.run_with(None, None);
     assert_eq!(r.unwrap().iterations.len(), 3);
     assert!(log.iter().all(|l| !l.contains(" run (")), "{log:?}");
+}
+
+#[test]
+fn iteration_stops_after_patience_iterations_without_progress() {
+    let pipeline = format!(
+        "{PIPELINE}\n[stages.next]\nkind = \"improve\"\nneeds = [\"param\", \"total\"]\n\n[iterate]\nmax_iterations = 10\npatience = 2\nfeedback = {{ from = \"next\", to = \"param\" }}\n"
+    );
+    let p = Project::new(&pipeline, "1\n");
+    let report = p.run_with(None, None).0.unwrap();
+    // improved: 1 (param 0 → 1), 0 (1 → 2), 0 (2 → 3): two in a row without progress.
+    assert_eq!(report.stop, StopReason::NoProgress);
+    assert_eq!(report.iterations.len(), 3);
+}
+
+#[test]
+fn iteration_stops_when_the_item_budget_is_spent() {
+    let pipeline = format!(
+        "{PIPELINE}\n[stages.next]\nkind = \"improve\"\nneeds = [\"param\", \"total\"]\n\n[iterate]\nmax_iterations = 10\nmax_items = 3\nfeedback = {{ from = \"next\", to = \"param\" }}\n"
+    );
+    // Two numbers: `shift` computes 2 items per iteration; after the second, 4 ≥ 3.
+    let p = Project::new(&pipeline, "1\n2\n");
+    let report = p.run_with(None, None).0.unwrap();
+    assert_eq!(report.stop, StopReason::BudgetSpent);
+    assert_eq!(report.iterations.len(), 2);
+    // A rerun computes nothing (everything is memoized), so it replays further before the budget
+    // is spent: the budget counts work done, not work replayed.
+    let report = p.run_with(None, None).0.unwrap();
+    assert_eq!(report.stop, StopReason::Converged);
 }
 
 #[test]
