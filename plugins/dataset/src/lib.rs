@@ -24,8 +24,12 @@ pub struct DatasetConfig {
     /// Field holding each sample's unique id.
     #[serde(default = "default_id")]
     pub id: String,
-    /// Field holding the reference label; stratifies the split when set.
+    /// Field holding the reference label (or reference answer); stratifies the split when set,
+    /// unless `stratify` names another field.
     pub label: Option<String>,
+    /// Field whose values stratify the split, when the reference is free text (a reference answer
+    /// is unique per sample, which makes every stratum a single sample).
+    pub stratify: Option<String>,
     /// Fraction of samples held out for the final quality figure (0 to 1).
     #[serde(default = "default_heldout")]
     pub heldout: Fraction,
@@ -157,6 +161,12 @@ fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample
                 }
             },
         };
+        if let Some(field) = &config.stratify
+            && !fields.contains_key(field)
+        {
+            errors.push(LineError { span: whole, message: format!("line {}: has no field `{field}` (named by `stratify`)", n + 1) });
+            continue;
+        }
         samples.push(Sample { id, label, fields });
     }
     if samples.is_empty() && errors.is_empty() {
@@ -166,9 +176,13 @@ fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample
 }
 
 fn split(samples: Vec<Sample>, config: &DatasetConfig, seed: u64) -> Value {
-    let mut strata: BTreeMap<Option<&str>, Vec<usize>> = BTreeMap::new();
+    let mut strata: BTreeMap<Option<String>, Vec<usize>> = BTreeMap::new();
     for (i, s) in samples.iter().enumerate() {
-        strata.entry(s.label.as_deref()).or_default().push(i);
+        let stratum = match &config.stratify {
+            Some(field) => s.fields.get(field).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)),
+            None => s.label.clone(),
+        };
+        strata.entry(stratum).or_default().push(i);
     }
     let mut heldout = vec![false; samples.len()];
     for members in strata.values_mut() {
@@ -201,7 +215,7 @@ mod tests {
     use super::*;
 
     fn config(heldout: f64) -> DatasetConfig {
-        DatasetConfig { path: FileRef { path: "d.jsonl".into(), span: None }, id: "id".into(), label: Some("y".into()), heldout: Fraction(heldout) }
+        DatasetConfig { path: FileRef { path: "d.jsonl".into(), span: None }, id: "id".into(), label: Some("y".into()), stratify: None, heldout: Fraction(heldout) }
     }
 
     fn check(text: &str) -> Vec<String> {
