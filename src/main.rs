@@ -167,6 +167,7 @@ pub fn registry() -> Registry {
         .register::<dataset::Dataset>()
         .register::<infer::Infer>()
         .register::<judge::Judge>()
+        .register::<llm_judge::LlmJudge>()
         .register::<license_filter::LicenseFilter>()
         .register::<prompt::Prompt>()
         .register::<prompt::Render>()

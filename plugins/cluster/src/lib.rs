@@ -2,7 +2,9 @@
 //!
 //! Every failed verdict gets one signature, checked in this order: `empty` (no text),
 //! `repetition` (a word sequence looping), `truncated` (cut at `max_tokens` without naming a
-//! label), `no_label` (names no label), and otherwise the confusion cell `confused:GOLD→PREDICTED`.
+//! label), `no_label` (names no label), and otherwise the confusion cell `confused:GOLD→PREDICTED`
+//! — or, for an `llm_judge` judgement, `judge:MODE`, the rubric's failure mode the judge chose
+//! (named, described and given a fix hypothesis by the rubric).
 //! A failure mode is the set of failures sharing a signature, so its id is the signature itself
 //! and stays the same across iterations. Each mode is named and described for people, with a fix
 //! hypothesis the `revise` stage acts on, and a few member examples. Modes are ordered by size.
@@ -70,7 +72,14 @@ impl Stage for ClusterStage {
             let mut list: Vec<Value> = modes
                 .into_iter()
                 .map(|(sig, members)| {
-                    let (name, description, fix) = describe(&sig, &labels);
+                    let (name, description, fix) = match sig.strip_prefix("judge:") {
+                        Some(mode) => {
+                            let m = &judgement["failure_modes"][mode];
+                            let text = |k: &str| m[k].as_str().map_or_else(|| format!("failures the judge filed under `{mode}`"), str::to_string);
+                            (mode.replace('_', " "), text("description"), text("fix"))
+                        }
+                        None => describe(&sig, &labels),
+                    };
                     json!({
                         "id": sig,
                         "name": name,
@@ -99,6 +108,10 @@ fn signature(verdict: &Value, finish_reason: &str) -> String {
     }
     if repeats(answer) {
         return "repetition".into();
+    }
+    // An LLM judge filed it under one of its rubric's failure modes.
+    if let Some(mode) = verdict["failure_mode"].as_str() {
+        return format!("judge:{mode}");
     }
     match predicted {
         None if finish_reason == "length" => "truncated".into(),
@@ -160,6 +173,8 @@ mod tests {
         assert_eq!(signature(&v("The intent of this ticket is", "billing", None), "length"), "truncated");
         assert_eq!(signature(&v("I am not sure.", "billing", None), "stop"), "no_label");
         assert_eq!(signature(&v("refund", "billing", Some("refund")), "stop"), "confused:billing→refund");
+        let judged = json!({"answer": "Lyon is the capital.", "label": "Paris", "failure_mode": "wrong_fact"});
+        assert_eq!(signature(&judged, "stop"), "judge:wrong_fact");
         assert!(!repeats("a b a b c"));
         assert!(repeats("go go go"));
     }

