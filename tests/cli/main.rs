@@ -64,9 +64,13 @@ impl Project {
     }
     /// `run` with an event log; returns (exit code, events).
     fn run_logged(&self, extra: &[&str]) -> (i32, Vec<Value>, Output) {
+        self.run_logged_on("select.toml", extra)
+    }
+    /// `run_logged` on another pipeline file.
+    fn run_logged_on(&self, file: &str, extra: &[&str]) -> (i32, Vec<Value>, Output) {
         let log = self.path("events.jsonl");
         let _ = std::fs::remove_file(&log);
-        let mut args = vec!["run", "select.toml", "--events", log.to_str().unwrap()];
+        let mut args = vec!["run", file, "--events", log.to_str().unwrap()];
         args.extend_from_slice(extra);
         let out = self.run(&args);
         let events = std::fs::read_to_string(&log).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -496,6 +500,86 @@ fn judge_scores_real_answers_and_a_judge_change_reruns_only_the_judge() {
     assert_eq!(judge["normalize"], "exact");
 }
 
+/// `llm_judge` on the real model, judging its own answers to six questions of `qa.toml` against
+/// the shipped rubric: every verdict is read or unscored (never silently either), the figures
+/// add up from the verdicts, agreement with the shipped human labels is recomputed here; an edited
+/// rubric re-judges without re-answering, edited labels re-judge nothing, and a judge cut off
+/// before its JSON ends leaves every answer unscored — not failed.
+#[test]
+fn rubric_judge_grades_real_answers_and_reruns_only_what_changed() {
+    let p = Project::new();
+    let keep = ["t001", "t002", "t011", "t014", "t024", "t028"];
+    let filter = |file: &str| -> String { p.read(file).lines().filter(|l| keep.iter().any(|k| l.contains(&format!("\"id\": \"{k}\"")))).map(|l| format!("{l}\n")).collect() };
+    let (data, labels) = (filter("data/trivia.jsonl"), filter("labels/qa.jsonl"));
+    p.write("data/trivia.jsonl", &data);
+    p.write("labels/qa.jsonl", &labels);
+    let (code, events, out) = p.run_logged_on("qa.toml", &[]);
+    assert_eq!(code, 0, "{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(items(&events).iter().filter(|i| i.starts_with("judge/")).count(), 6);
+    let judge: Value = serde_json::from_slice(&p.run(&["show", "qa.toml", "judge"]).stdout).unwrap();
+    let m = &judge["models"]["smollm2-135m-instruct"];
+    let verdicts = m["verdicts"].as_array().unwrap();
+    assert_eq!(verdicts.len(), 6);
+    let modes = ["wrong_fact", "no_answer", "rambling", "unspecified"];
+    for v in verdicts {
+        match v["pass"].as_bool() {
+            Some(true) => assert!(v["failure_mode"].is_null(), "{v}"),
+            Some(false) => assert!(modes.contains(&v["failure_mode"].as_str().unwrap()), "{v}"),
+            None => assert!(v["unscored"].is_string() && v["judge_reply"].is_string(), "{v}"),
+        }
+    }
+    for split in ["dev", "heldout"] {
+        let s = &m["splits"][split];
+        let mine: Vec<&Value> = verdicts.iter().filter(|v| v["split"] == split).collect();
+        let scored: Vec<bool> = mine.iter().filter_map(|v| v["pass"].as_bool()).collect();
+        assert_eq!(s["n"], mine.len());
+        assert_eq!(s["unscored"], mine.len() - scored.len());
+        assert_eq!(s["passes"], scored.iter().filter(|p| **p).count());
+    }
+    // Agreement over the labeled answers (the labels were written for exactly these answers).
+    let pairs: Vec<(bool, bool)> = verdicts.iter().filter_map(|v| Some((v["human"].as_bool()?, v["pass"].as_bool()?))).collect();
+    assert_eq!(verdicts.iter().filter(|v| v["human"].is_boolean()).count(), 6, "every answer is labeled");
+    let a = &judge["agreement"];
+    assert_eq!(a["n"], pairs.len());
+    assert_eq!(a["stale"], 0);
+    let agree = pairs.iter().filter(|(h, j)| h == j).count() as f64 / pairs.len() as f64;
+    assert!((a["agreement"].as_f64().unwrap() - agree).abs() < 1e-6, "{a}");
+    let decision: Value = serde_json::from_slice(&p.run(&["show", "qa.toml", "decision"]).stdout).unwrap();
+    assert_eq!(decision["judge_agreement"], *a);
+
+    // A rubric edit re-judges every answer; the answers stay.
+    p.write("rubrics/qa.toml", &p.read("rubrics/qa.toml").replace("the answer repeats itself or rambles", "the answer repeats itself, rambles or hedges"));
+    let (code, events, _) = p.run_logged_on("qa.toml", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(started(&events), ["judge", "decision"]);
+    assert_eq!(items(&events).len(), 6);
+    assert!(items(&events).iter().all(|i| i.starts_with("judge/")), "{:?}", items(&events));
+    let judge: Value = serde_json::from_slice(&p.run(&["show", "qa.toml", "judge"]).stdout).unwrap();
+    let agree = judge["agreement"]["agreement"].as_f64().unwrap();
+
+    // Flipped labels: new agreement figures, no judge call.
+    let flipped = p.read("labels/qa.jsonl").replace("\"pass\": true", "\"pass\": T").replace("\"pass\": false", "\"pass\": true").replace("\"pass\": T", "\"pass\": false");
+    p.write("labels/qa.jsonl", &flipped);
+    let (code, events, _) = p.run_logged_on("qa.toml", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(started(&events), ["judge", "decision"]);
+    assert!(items(&events).is_empty(), "{:?}", items(&events));
+    let judge: Value = serde_json::from_slice(&p.run(&["show", "qa.toml", "judge"]).stdout).unwrap();
+    let flipped_agree = judge["agreement"]["agreement"].as_f64().unwrap();
+    assert!((flipped_agree - (1.0 - agree)).abs() < 1e-6, "{}", judge["agreement"]);
+
+    // A judge cut off mid-JSON: every answer unscored, none counted as a fail or a pass.
+    p.write("qa.toml", &p.read("qa.toml").replace("sampler = { max_tokens = 64 }", "sampler = { max_tokens = 3 }"));
+    let (code, _, out) = p.run_logged_on("qa.toml", &[]);
+    assert_eq!(code, 0, "{}", text(&out.stderr));
+    let judge: Value = serde_json::from_slice(&p.run(&["show", "qa.toml", "judge"]).stdout).unwrap();
+    let m = &judge["models"]["smollm2-135m-instruct"];
+    assert!(m["verdicts"].as_array().unwrap().iter().all(|v| v["pass"].is_null() && v["unscored"].as_str().unwrap().starts_with("not JSON")));
+    assert_eq!(m["splits"]["heldout"]["scored"], 0);
+    assert_eq!(judge["metrics"]["unscored_rate"], 1.0);
+    assert!(text(&out.stdout).contains("misses"), "{}", text(&out.stdout));
+}
+
 /// The quality loop on the real model: iteration 1 judges and clusters the failures, `revise`
 /// writes rules and dev-split examples into the prompt, iteration 2 runs the revision and the
 /// held-out McNemar check decides whether it stays. The figures it reports are recomputed here
@@ -538,15 +622,14 @@ from = "decision"
 targets_met = { min = 1 }
 
 [iterate]
-max_iterations = 2
+max_iterations = 3
+patience = 1
 feedback = { from = "revise", to = "prompt" }
 "#;
     p.write("select.toml", &(p.read("select.toml") + loop_stages));
     let out = p.run(&["run", "--json", "select.toml"]);
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["iterations"].as_array().unwrap().len(), 2);
-    assert_eq!(report["stop"], "max_iterations");
 
     let show = |stage: &str, it: u32| -> Value {
         serde_json::from_slice(&p.run(&["show", "select.toml", stage, "--iteration", &it.to_string()]).stdout).unwrap()
@@ -586,6 +669,14 @@ feedback = { from = "revise", to = "prompt" }
     let check = &show("revise", 2)["revision"]["history"][0];
     assert_eq!((check["wins"].as_u64().unwrap() as usize, check["losses"].as_u64().unwrap() as usize), (wins, losses), "{check}");
     assert_eq!(check["accepted"], json_bool(wins > losses && check["p_value"].as_f64().unwrap() < 0.05));
+    // `patience = 1`: a rejected revision ends the loop; an accepted one earns a third iteration.
+    let n = report["iterations"].as_array().unwrap().len();
+    if check["accepted"] == false {
+        assert_eq!((n, report["stop"].as_str().unwrap()), (2, "no_progress"), "{}", report["stop"]);
+        assert_eq!(show("revise", 2)["metrics"]["improved"], 0.0);
+    } else {
+        assert_eq!(n, 3, "{}", report["stop"]);
+    }
 
     let (code, events, _) = p.run_logged(&[]);
     assert_eq!(code, 0);

@@ -14,7 +14,10 @@
 //! `min_gain` more passes than failures among the discordant pairs. Otherwise the parent prompt is
 //! restored and the modes it targeted are not tried again; when no untried mode is left, the
 //! prompt stops changing and the loop ends as converged. `accepted` in the output holds the
-//! held-out quality of the version in force, which `select` decides on.
+//! held-out quality of the version in force, which `select` decides on; `metrics.improved` (1 or 0,
+//! once a revision has been judged) is what `[iterate] patience` counts.
+//!
+//! For an `llm_judge` judgement the rule for a failure mode is the rubric's own fix for it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -60,7 +63,7 @@ fn default_min_gain() -> u32 {
 impl StagePlugin for Revise {
     type Config = ReviseConfig;
     const KIND: &'static str = "revise";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "a new prompt version aimed at the largest failure modes (dev examples), kept only if held-out quality improves (McNemar)";
     const INPUTS: &'static [Port] = &[
         Port::new("prompt", "prompt"),
@@ -132,6 +135,10 @@ impl Stage for ReviseStage {
             .map_or(Vec::new(), |c| c.iter().filter(|c| !tried.contains(c["id"].as_str().unwrap_or_default())).take(self.0.max_clusters).collect());
         let (system, template) = base;
         let mut out = json!({"source": prompt["source"], "system": system, "template": template});
+        // Progress for `[iterate] patience`: whether the revision judged here was accepted.
+        if let Some(accepted) = accepted_check["accepted"].as_bool() {
+            out["metrics"] = json!({"improved": if accepted { 1.0 } else { 0.0 }});
+        }
         if modes.is_empty() {
             // Nothing left to try: the prompt stays as it is, and the loop converges.
             out["revision"] = json!({"version": version, "tried": tried, "history": history, "for_model": model});
@@ -145,7 +152,7 @@ impl Stage for ReviseStage {
         let labels: Vec<&str> = clusters["labels"].as_array().map_or(Vec::new(), |l| l.iter().filter_map(Value::as_str).collect());
         let mut rules = String::from("Rules learned from mistakes:\n");
         for mode in &modes {
-            rules.push_str(&format!("- {}\n", rule(mode["id"].as_str().unwrap_or_default(), &labels)));
+            rules.push_str(&format!("- {}\n", rule(mode, &labels)));
             if let Some(example) = mode["examples"].as_array().and_then(|e| e.first()) {
                 let id = example["id"].as_str().unwrap_or_default();
                 let label = example["label"].as_str().unwrap_or_default();
@@ -181,8 +188,13 @@ impl Stage for ReviseStage {
 
 /// The instruction to the model for a failure mode (the mode's `fix_hypothesis` is written for
 /// people; this is its imperative form).
-fn rule(mode: &str, labels: &[&str]) -> String {
-    match mode.strip_prefix("confused:").and_then(|cell| cell.split_once('→')) {
+fn rule(mode: &Value, labels: &[&str]) -> String {
+    let id = mode["id"].as_str().unwrap_or_default();
+    if id.starts_with("judge:") || labels.is_empty() {
+        // A rubric's failure mode: the rubric's own fix, already an instruction.
+        return mode["fix_hypothesis"].as_str().unwrap_or("Answer the question directly.").to_string();
+    }
+    match id.strip_prefix("confused:").and_then(|cell| cell.split_once('→')) {
         Some((gold, predicted)) => format!("A ticket like the example below is `{gold}`: do not answer `{predicted}` for it."),
         None => format!("Answer with one word only, exactly one of: {}.", labels.join(", ")),
     }

@@ -17,17 +17,35 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use catalog::Catalog;
-use engine::diag::Diagnostic;
-use engine::{BuildContext, Bound, Item, Port, Stage, StageError, StageInput, StagePlugin};
+use engine::diag::{Diagnostic, SourceFile};
+use engine::{BuildContext, Bound, FileRef, Item, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use toml::Spanned;
 
+mod prices;
+
 pub struct Select;
 
 /// Metrics a target may name: quality from `judge` (held-out), speed from `infer`.
-const QUALITY: [&str; 8] = ["accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "ndcg", "ndcg_ci_low", "ndcg_ci_high", "unparsed_rate"];
+const QUALITY: [&str; 12] = [
+    "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "macro_f1",
+    "ndcg",
+    "ndcg_ci_low",
+    "ndcg_ci_high",
+    "pass_rate",
+    "pass_rate_ci_low",
+    "pass_rate_ci_high",
+    "unparsed_rate",
+    "unscored_rate",
+];
+/// Cohen's κ from which a judge counts as agreeing with people ("substantial", Landis & Koch).
+const TRUSTED_KAPPA: f64 = 0.6;
+
 const SPEED: [&str; 4] = ["latency_p50_ms", "latency_p95_ms", "tokens_per_s", "usd_per_mtok"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -38,8 +56,9 @@ pub struct SelectConfig {
     pub catalog: Spanned<String>,
     /// What a candidate must achieve, by metric: `accuracy = { min = 0.8 }`,
     /// `latency_p95_ms = { max = 2000 }`. Quality metrics: accuracy, accuracy_ci_low,
-    /// accuracy_ci_high, macro_f1, ndcg, ndcg_ci_low, ndcg_ci_high, unparsed_rate (held-out); speed: latency_p50_ms,
-    /// latency_p95_ms, tokens_per_s, usd_per_mtok (needs `usd_per_hour`).
+    /// accuracy_ci_high, macro_f1, ndcg, ndcg_ci_low, ndcg_ci_high, pass_rate, pass_rate_ci_low,
+    /// pass_rate_ci_high (an `llm_judge`), unparsed_rate, unscored_rate (held-out); speed: latency_p50_ms,
+    /// latency_p95_ms, tokens_per_s, usd_per_mtok (needs `prices` or `usd_per_hour`).
     #[schemars(with = "BTreeMap<String, Bound>")]
     pub targets: Spanned<BTreeMap<String, Bound>>,
     /// What an hour of the machine that served the candidates costs, in US dollars (a cloud
@@ -47,6 +66,10 @@ pub struct SelectConfig {
     /// processed (prompt and completion, as served one request at a time) is reported as
     /// `usd_per_mtok`, and may be a target.
     pub usd_per_hour: Option<f64>,
+    /// A price table (TOML): `[machines.NAME]` with `hardware`, `gpu` and `usd_per_hour`, and
+    /// `[serving]` mapping model ids (or `default`) to machines. Each candidate's cost per million
+    /// tokens uses its own machine's price. Instead of `usd_per_hour`.
+    pub prices: Option<FileRef>,
 }
 
 impl StagePlugin for Select {
@@ -83,16 +106,32 @@ impl StagePlugin for Select {
         {
             errors.push(cx.error_at(None, format!("`usd_per_hour` must be a positive price, not {price}"), ""));
         }
-        if config.usd_per_hour.is_none() && config.targets.get_ref().contains_key("usd_per_mtok") {
+        if config.usd_per_hour.is_none() && config.prices.is_none() && config.targets.get_ref().contains_key("usd_per_mtok") {
             errors.push(
-                cx.error_at(Some(config.targets.span()), "a `usd_per_mtok` target needs `usd_per_hour`", "in these targets")
-                    .help("set `usd_per_hour` to what an hour of the serving machine costs"),
+                cx.error_at(Some(config.targets.span()), "a `usd_per_mtok` target needs `prices` or `usd_per_hour`", "in these targets")
+                    .help("set `prices` to a price table, or `usd_per_hour` to what an hour of the serving machine costs"),
             );
+        }
+        let mut prices = None;
+        if let Some(file) = &config.prices {
+            if config.usd_per_hour.is_some() {
+                errors.push(cx.error_at(file.span.clone(), "set `prices` or `usd_per_hour`, not both", "a price table").help("`usd_per_hour` is one price for every candidate's machine; the table has one per machine"));
+            }
+            match cx.file(file) {
+                Err(d) => errors.push(d),
+                Ok(path) => match std::fs::read_to_string(&path) {
+                    Err(e) => errors.push(cx.error_at(file.span.clone(), format!("cannot read `{}`: {e}", file.path), "here")),
+                    Ok(text) => match prices::Prices::parse(&SourceFile::new(cx.display_path(file), text), cx.stage_id) {
+                        Ok(p) => prices = Some(p),
+                        Err(e) => errors.extend(e),
+                    },
+                },
+            }
         }
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Arc::new(SelectStage { catalog, targets: config.targets.into_inner(), usd_per_hour: config.usd_per_hour }))
+        Ok(Arc::new(SelectStage { catalog, targets: config.targets.into_inner(), usd_per_hour: config.usd_per_hour, prices }))
     }
 }
 
@@ -100,6 +139,8 @@ struct SelectStage {
     catalog: Catalog,
     targets: BTreeMap<String, Bound>,
     usd_per_hour: Option<f64>,
+    /// Parsed when built (the file is digested into the fingerprint).
+    prices: Option<prices::Prices>,
 }
 
 #[async_trait::async_trait]
@@ -129,11 +170,13 @@ impl Stage for SelectStage {
             let latency_s: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["timing"]["latency_ms"].as_f64()).sum::<f64>() / 1000.0);
             let prompt_tokens: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["prompt_tokens"].as_f64()).sum());
             let processed = prompt_tokens + completion;
+            let machine = self.prices.as_ref().and_then(|p| p.machine(id));
+            let usd_per_hour = machine.map(|(_, m)| m.usd_per_hour).or(self.usd_per_hour);
             let speed = [
                 ("latency_p50_ms", timing["latency_p50_ms"].as_f64()),
                 ("latency_p95_ms", timing["latency_p95_ms"].as_f64()),
                 ("tokens_per_s", (latency_s > 0.0).then(|| completion / latency_s)),
-                ("usd_per_mtok", self.usd_per_hour.filter(|_| processed > 0.0 && latency_s > 0.0).map(|p| p * latency_s / 3600.0 / processed * 1e6)),
+                ("usd_per_mtok", usd_per_hour.filter(|_| processed > 0.0 && latency_s > 0.0).map(|p| p * latency_s / 3600.0 / processed * 1e6)),
             ];
             for (name, v) in speed {
                 if let Some(v) = v {
@@ -157,7 +200,8 @@ impl Stage for SelectStage {
                     Some(_) => {}
                 }
             }
-            rows.push(Row { id: id.clone(), split, active: model.params_active_b, total: model.params_total_b, values, misses, shortfall, license: model.license.clone() });
+            let serving = machine.map(|(name, m)| json!({"machine": name, "hardware": m.hardware, "gpu": m.gpu, "usd_per_hour": m.usd_per_hour}));
+            rows.push(Row { id: id.clone(), split, active: model.params_active_b, total: model.params_total_b, values, misses, shortfall, license: model.license.clone(), serving });
         }
         if rows.is_empty() {
             return Err(StageError::new("no candidates were judged"));
@@ -166,7 +210,7 @@ impl Stage for SelectStage {
         rows.sort_by(|a, b| a.active.total_cmp(&b.active).then(a.total.total_cmp(&b.total)).then(a.id.cmp(&b.id)));
         let mut meeting: Vec<&Row> = rows.iter().filter(|r| r.misses.is_empty()).collect();
         meeting.sort_by(|a, b| {
-            a.active.total_cmp(&b.active).then(a.total.total_cmp(&b.total)).then(b.accuracy().total_cmp(&a.accuracy())).then(a.id.cmp(&b.id))
+            a.active.total_cmp(&b.active).then(a.total.total_cmp(&b.total)).then(b.quality().total_cmp(&a.quality())).then(a.id.cmp(&b.id))
         });
         let selected = meeting.first().map(|r| r.id.clone());
         let closest = if selected.is_none() {
@@ -190,7 +234,7 @@ impl Stage for SelectStage {
                 };
                 let quality: BTreeMap<&str, f64> = r.values.iter().filter(|(k, _)| QUALITY.contains(k)).map(|(k, v)| (*k, *v)).collect();
                 let timing: BTreeMap<&str, f64> = r.values.iter().filter(|(k, _)| SPEED.contains(k)).map(|(k, v)| (*k, *v)).collect();
-                json!({
+                let mut row = json!({
                     "model": r.id,
                     "params_active_b": r.active,
                     "params_total_b": r.total,
@@ -200,7 +244,11 @@ impl Stage for SelectStage {
                     "timing": timing,
                     "meets_targets": r.misses.is_empty(),
                     "verdict": verdict,
-                })
+                });
+                if let Some(serving) = &r.serving {
+                    row["serving"] = serving.clone();
+                }
+                row
             })
             .collect();
         candidates.extend(excluded.iter().map(|m| {
@@ -221,8 +269,16 @@ impl Stage for SelectStage {
             }
             (None, None) => unreachable!("rows is not empty"),
         };
+        // Quality from an LLM judge is only as good as the judge: say when people disagree with it.
+        let summary = match (judgement["task"].as_str(), judgement["agreement"]["kappa"].as_f64()) {
+            (Some("rubric"), Some(k)) if k < TRUSTED_KAPPA => {
+                format!("{summary}; caution: the judge agrees with people at only κ {k:.2} ({} labeled answers)", judgement["agreement"]["n"])
+            }
+            (Some("rubric"), None) => format!("{summary}; caution: the judge is not checked against human labels"),
+            _ => summary,
+        };
         let best = rows.iter().find(|r| Some(&r.id) == selected.as_ref().or(closest.as_ref())).expect("a selected or closest row");
-        Ok(json!({
+        let mut decision = json!({
             "targets": targets,
             "prompt_version": version,
             "selected": selected,
@@ -233,12 +289,18 @@ impl Stage for SelectStage {
                 "targets_met": if selected.is_some() { 1.0 } else { 0.0 },
                 "accuracy": best.values.get("accuracy"),
             },
-        }))
+        });
+        if judgement["agreement"].is_object() {
+            decision["judge_agreement"] = judgement["agreement"].clone();
+        }
+        Ok(decision)
     }
 }
 
 struct Row {
     id: String,
+    /// Its machine in the price table, when there is one.
+    serving: Option<Value>,
     split: &'static str,
     active: f64,
     total: f64,
@@ -249,8 +311,9 @@ struct Row {
 }
 
 impl Row {
-    fn accuracy(&self) -> f64 {
-        self.values.get("accuracy").copied().unwrap_or(0.0)
+    /// The task's main quality figure: accuracy, nDCG or rubric pass rate.
+    fn quality(&self) -> f64 {
+        ["accuracy", "ndcg", "pass_rate"].iter().find_map(|k| self.values.get(k).copied()).unwrap_or(0.0)
     }
 }
 
@@ -268,7 +331,7 @@ mod tests {
 
     fn stage(targets: &str) -> SelectStage {
         let catalog = Catalog::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../catalogs/open-models.toml")).unwrap();
-        SelectStage { catalog, targets: toml::from_str(targets).unwrap(), usd_per_hour: None }
+        SelectStage { catalog, targets: toml::from_str(targets).unwrap(), usd_per_hour: None, prices: None }
     }
 
     /// Candidates with held-out accuracy, unparsed count (of 100) and p95 latency.
@@ -361,6 +424,25 @@ mod tests {
         // $0.36/h × 50 s = $0.005 for 21,000 tokens → $0.238095 per million.
         let cost = out["candidates"][0]["timing"]["usd_per_mtok"].as_f64().unwrap();
         assert!((cost - 0.238095).abs() < 1e-6, "{cost}");
+        assert_eq!(out["selected"], "smollm2-135m-instruct");
+    }
+
+    #[test]
+    fn each_candidate_is_priced_on_its_own_machine() {
+        let mut s = stage("usd_per_mtok = { max = 0.5 }");
+        let table = "[machines.cpu]\nhardware = \"2 vCPU\"\nusd_per_hour = 0.36\n\n[machines.h100]\nhardware = \"1× H100\"\ngpu = \"H100\"\nusd_per_hour = 3.6\n\n[serving]\ndefault = \"cpu\"\n\"smollm2-360m-instruct\" = \"h100\"\n";
+        s.prices = Some(prices::Prices::parse(&SourceFile::new("prices.toml", table), "decision").unwrap());
+        let mut input = input(&[("smollm2-135m-instruct", 0.9, 0, 300.0), ("smollm2-360m-instruct", 0.9, 0, 300.0)]);
+        let answers: Vec<Value> = (0..100).map(|_| json!({"prompt_tokens": 200, "completion_tokens": 10, "timing": {"latency_ms": 500.0}})).collect();
+        let entry = json!({"answers": answers, "timing": {}});
+        input.inputs.insert("answers".into(), Arc::new(json!({"models": {"smollm2-135m-instruct": entry.clone(), "smollm2-360m-instruct": entry}})));
+        let out = s.finish(&input, vec![]).unwrap();
+        let row = |id: &str| out["candidates"].as_array().unwrap().iter().find(|c| c["model"] == id).unwrap().clone();
+        // The same measured time on a machine ten times the price: ten times the cost.
+        assert!((row("smollm2-135m-instruct")["timing"]["usd_per_mtok"].as_f64().unwrap() - 0.238095).abs() < 1e-6);
+        assert!((row("smollm2-360m-instruct")["timing"]["usd_per_mtok"].as_f64().unwrap() - 2.380952).abs() < 1e-6);
+        assert_eq!(row("smollm2-360m-instruct")["serving"]["gpu"], "H100");
+        assert!(row("smollm2-360m-instruct")["verdict"].as_str().unwrap().starts_with("misses usd_per_mtok 2.381"), "{}", row("smollm2-360m-instruct")["verdict"]);
         assert_eq!(out["selected"], "smollm2-135m-instruct");
     }
 }
