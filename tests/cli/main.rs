@@ -669,6 +669,8 @@ feedback = { from = "revise", to = "prompt" }
     let check = &show("revise", 2)["revision"]["history"][0];
     assert_eq!((check["wins"].as_u64().unwrap() as usize, check["losses"].as_u64().unwrap() as usize), (wins, losses), "{check}");
     assert_eq!(check["accepted"], json_bool(wins > losses && check["p_value"].as_f64().unwrap() < 0.05));
+    let moved = (wins as f64 - losses as f64) / before.len() as f64;
+    assert!((check["heldout_delta"].as_f64().unwrap() - moved).abs() < 1e-6, "{check}");
     // `patience = 1`: a rejected revision ends the loop; an accepted one earns a third iteration.
     let n = report["iterations"].as_array().unwrap().len();
     if check["accepted"] == false {

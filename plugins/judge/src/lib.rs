@@ -413,6 +413,22 @@ pub fn proportion(passes: &[bool], bootstrap: u32, seed: u64) -> Value {
     json!({"value": round(rate(passes)), "ci95": ci})
 }
 
+/// How much a pass rate moved between two versions judged on the same samples: the mean of
+/// (after − before) over `(before, after)` pairs, with a paired percentile-bootstrap 95%
+/// interval (samples resampled together, so the interval reflects the pairing).
+pub fn paired_difference(pairs: &[(bool, bool)], bootstrap: u32, seed: u64) -> Value {
+    let delta = |p: &[(bool, bool)]| p.iter().map(|(b, a)| f64::from(u8::from(*a)) - f64::from(u8::from(*b))).sum::<f64>() / p.len().max(1) as f64;
+    let ci = if bootstrap > 0 && !pairs.is_empty() {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let n = pairs.len();
+        let mut deltas: Vec<f64> = (0..bootstrap).map(|_| delta(&(0..n).map(|_| pairs[rng.usize(..n)]).collect::<Vec<_>>())).collect();
+        json!(interval(&mut deltas))
+    } else {
+        Value::Null
+    };
+    json!({"value": round(delta(pairs)), "ci95": ci})
+}
+
 /// How a judge agrees with people, from `(human, judge)` pass/fail pairs: raw agreement, Cohen's
 /// κ, TPR (of the answers people passed, the share the judge passed) and TNR (likewise for
 /// fails). A figure with no denominator is null.
@@ -559,6 +575,20 @@ mod tests {
         // One rater constant and the other agreeing: chance agreement is 1, κ undefined.
         assert_eq!(agreement(&[(true, true), (true, true)])["kappa"], Value::Null);
         assert_eq!(agreement(&[(true, true)])["tnr"], Value::Null);
+    }
+
+    #[test]
+    fn paired_difference_brackets_the_shift() {
+        // 20 pairs: 6 fixed, 2 broken, 12 unchanged → +0.2.
+        let mut pairs = vec![(false, true); 6];
+        pairs.extend([(true, false); 2]);
+        pairs.extend([(true, true); 6]);
+        pairs.extend([(false, false); 6]);
+        let d = paired_difference(&pairs, 1000, 3);
+        assert_eq!(d["value"], 0.2);
+        let ci: Vec<f64> = d["ci95"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert!(ci[0] < 0.2 && 0.2 < ci[1] && ci[0] > -0.2, "{ci:?}");
+        assert_eq!(paired_difference(&[(true, true); 5], 100, 3)["ci95"], json!([0.0, 0.0]));
     }
 
     #[test]

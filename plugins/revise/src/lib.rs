@@ -63,7 +63,7 @@ fn default_min_gain() -> u32 {
 impl StagePlugin for Revise {
     type Config = ReviseConfig;
     const KIND: &'static str = "revise";
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str = "a new prompt version aimed at the largest failure modes (dev examples), kept only if held-out quality improves (McNemar)";
     const INPUTS: &'static [Port] = &[
         Port::new("prompt", "prompt"),
@@ -108,7 +108,19 @@ impl Stage for ReviseStage {
         if let Some(parent) = revision["parent"].as_object() {
             let test = mcnemar(&parent_verdicts(parent), &heldout);
             let accepted = test.wins > test.losses && test.wins - test.losses >= self.0.min_gain as usize && test.p_value < self.0.alpha;
-            accepted_check = json!({"version": version, "accepted": accepted, "wins": test.wins, "losses": test.losses, "p_value": judge::round(test.p_value)});
+            let parent_heldout = parent_verdicts(parent);
+            let pairs: Vec<(bool, bool)> = heldout.iter().filter_map(|(id, after)| Some((*parent_heldout.get(id)?, *after))).collect();
+            // How far the held-out accuracy moved, with a paired bootstrap interval.
+            let moved = judge::paired_difference(&pairs, 1000, input.seed);
+            accepted_check = json!({
+                "version": version,
+                "accepted": accepted,
+                "wins": test.wins,
+                "losses": test.losses,
+                "p_value": judge::round(test.p_value),
+                "heldout_delta": moved["value"],
+                "heldout_delta_ci95": moved["ci95"],
+            });
             history.push(accepted_check.clone());
             if !accepted {
                 base = (parent["system"].clone(), parent["template"].clone());
@@ -205,13 +217,17 @@ fn parent_verdicts(parent: &serde_json::Map<String, Value>) -> BTreeMap<String, 
 }
 
 fn verdict_text(check: &Value) -> String {
+    let ci = &check["heldout_delta_ci95"];
     format!(
-        "revision {} {} (held-out: {} fixed, {} broken, McNemar p = {})",
+        "revision {} {} (held-out: {} fixed, {} broken, accuracy {:+.3} [{:+.3}, {:+.3}], McNemar p = {:.3})",
         check["version"],
         if check["accepted"] == true { "accepted" } else { "rejected, previous prompt restored" },
         check["wins"],
         check["losses"],
-        check["p_value"]
+        check["heldout_delta"].as_f64().unwrap_or(0.0),
+        ci[0].as_f64().unwrap_or(0.0),
+        ci[1].as_f64().unwrap_or(0.0),
+        check["p_value"].as_f64().unwrap_or(1.0)
     )
 }
 
