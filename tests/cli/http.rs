@@ -302,7 +302,8 @@ enum Fault {
     Drop,
     Truncated,
     Malformed,
-    /// No answer within the client's timeout.
+    /// No answer within the client's timeout. (The timeout is 15 s, far above a real answer even
+    /// on a loaded machine, so no unplanned timeout adds a retry.)
     Slow,
 }
 
@@ -353,7 +354,7 @@ impl FaultProxy {
                         Fault::TooMany => reply(&mut client, "429 Too Many Requests", "Retry-After: 0\r\n", r#"{"error":"slow down"}"#),
                         Fault::Drop => drop(client),
                         Fault::Slow => {
-                            std::thread::sleep(Duration::from_secs(5));
+                            std::thread::sleep(Duration::from_secs(17));
                             drop(client);
                         }
                         Fault::Malformed => reply(&mut client, "200 OK", "", r#"{"choices": [{"message": {"content": "#),
@@ -413,7 +414,7 @@ fn read_request(mut client: &TcpStream) -> Option<Vec<u8>> {
 fn http_faults_are_retried_to_the_same_answers() {
     let server = LlamaServer::start(CANARY);
     let proxy = FaultProxy::start(server.port);
-    let faulty = served_project(&[format!("http://127.0.0.1:{}/v1", proxy.port)], 20, "max_concurrency = 2, retries = 8, backoff_s = 0.02, timeout_s = 3");
+    let faulty = served_project(&[format!("http://127.0.0.1:{}/v1", proxy.port)], 20, "max_concurrency = 2, retries = 8, backoff_s = 0.02, timeout_s = 15");
     let (code, _, out) = run(&faulty, Some(CANARY), &[]);
     assert_eq!(code, 0, "{}", text(&out.stderr));
     let injected = proxy.injected.load(std::sync::atomic::Ordering::SeqCst);

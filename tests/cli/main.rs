@@ -612,6 +612,7 @@ targets = { accuracy = { min = 0.99 } }
 [stages.failures]
 kind = "cluster"
 needs = ["judge", "answers"]
+namer = { catalog = "../catalogs/open-models.toml", model = "smollm2-135m-instruct" }
 
 [stages.revise]
 kind = "revise"
@@ -646,6 +647,11 @@ feedback = { from = "revise", to = "prompt" }
     assert!(system.contains("Rules learned from mistakes"), "{system}");
     let clusters = show("failures", 1);
     let modes = clusters["models"]["smollm2-135m-instruct"]["clusters"].as_array().unwrap();
+    // Every mode was put to the namer: named by it, or its unreadable reply shown.
+    for mode in modes {
+        assert_eq!(mode["named_by"], "smollm2-135m-instruct", "{mode}");
+        assert!(mode["signature_name"].is_string() && mode["llm_fix_hypothesis"].is_string() || mode["naming"].is_string(), "{mode}");
+    }
     for targeted in revised["revision"]["targeted"].as_array().unwrap() {
         let mode = modes.iter().find(|m| &m["id"] == targeted).expect("a targeted mode exists");
         for example in mode["examples"].as_array().unwrap() {

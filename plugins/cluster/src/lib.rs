@@ -9,6 +9,15 @@
 //! and stays the same across iterations. Each mode is named and described for people, with a fix
 //! hypothesis the `revise` stage acts on, and a few member examples. Modes are ordered by size.
 //!
+//! With `embeddings`, a mode of at least twice `min_size` members is split by what its answers say
+//! (sentence embeddings, k-medoids, k by silhouette; [`semantic`]); a part's id is
+//! `SIGNATURE~MEDOID`, stable while that sample stays in the mode.
+//!
+//! With `namer`, a model names each mode (name, description, fix hypothesis) from its examples and
+//! a few passing answers, constrained to JSON; one memoized item per mode, so unchanged modes are
+//! not renamed. The rule-based name stays (`signature_name`), and `revise` keeps acting on the
+//! rule-based fix: the model's is recorded as `llm_fix_hypothesis`.
+//!
 //! Only the dev split is clustered: the held-out split stays unseen by revision.
 
 mod semantic;
@@ -17,10 +26,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use engine::diag::Diagnostic;
-use engine::{BuildContext, Item, Port, Stage, StageError, StageInput, StagePlugin};
+use engine::{BuildContext, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use toml::Spanned;
 
 pub struct Cluster;
 
@@ -40,6 +50,8 @@ pub struct ClusterConfig {
     /// Mean silhouette a split must reach to be kept (−1 to 1; below it the mode stays whole).
     #[serde(default = "default_min_silhouette")]
     pub min_silhouette: f64,
+    /// A model that names each failure mode (rule-based names otherwise).
+    pub namer: Option<NamerConfig>,
 }
 
 fn default_min_size() -> usize {
@@ -69,15 +81,153 @@ impl StagePlugin for Cluster {
         if config.min_size < 2 || !(-1.0..=1.0).contains(&config.min_silhouette) {
             return Err(vec![cx.error_at(None, format!("`min_size` must be at least 2 and `min_silhouette` within −1 to 1 (got {} and {})", config.min_size, config.min_silhouette), "")]);
         }
-        Ok(Arc::new(ClusterStage(config)))
+        let namer = match &config.namer {
+            None => None,
+            Some(n) => {
+                let (catalog, catalog_path) = catalog::Catalog::load_for_stage(&n.catalog, cx)?;
+                let output = (infer::OutputConstraint::JsonSchema(naming_schema()), n.model.span());
+                let judge = infer::Candidate::resolve(&catalog, n.catalog.get_ref(), n.model.get_ref(), Some(n.model.span()), Some(&output), &n.http, cx).map_err(|d| vec![d])?;
+                let concurrency = if judge.is_http() { n.http.max_concurrency.0 } else { 1 };
+                let settings = infer::RunSettings {
+                    sampler: infer::Sampler { max_tokens: 128, ..Default::default() },
+                    prepare: n.prepare,
+                    output: Some(output.0),
+                    device: infer::DeviceSpec::Cpu,
+                    catalog_dir: catalog_path.parent().map(std::path::PathBuf::from).unwrap_or_default(),
+                };
+                Some(Namer { judge, settings, concurrency })
+            }
+        };
+        Ok(Arc::new(ClusterStage(config, namer)))
     }
 }
 
-struct ClusterStage(ClusterConfig);
+struct ClusterStage(ClusterConfig, Option<Namer>);
+
+/// The model that names failure modes, resolved.
+struct Namer {
+    judge: infer::Candidate,
+    settings: infer::RunSettings,
+    concurrency: usize,
+}
+
+/// A model that names each failure mode (name, description, fix hypothesis) from its failed
+/// answers and a few that passed; one memoized call per mode.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NamerConfig {
+    /// Model catalog, relative to the pipeline file.
+    #[schemars(with = "String")]
+    pub catalog: Spanned<String>,
+    /// A model id of the catalog.
+    #[schemars(with = "String")]
+    pub model: Spanned<String>,
+    /// Convert its GGUF weights to Q8_0 first (as in `infer`).
+    pub prepare: Option<infer::Prepare>,
+    #[serde(default)]
+    pub http: infer::http::HttpSettings,
+}
+
+/// What the namer must reply.
+fn naming_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 48},
+            "description": {"type": "string", "maxLength": 160},
+            "fix_hypothesis": {"type": "string", "maxLength": 160},
+        },
+        "required": ["name", "description", "fix_hypothesis"],
+        "additionalProperties": false,
+    })
+}
 
 #[async_trait::async_trait]
 impl Stage for ClusterStage {
-    fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+    fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
+        let Some(namer) = &self.1 else { return Ok(Vec::new()) };
+        let grouped = self.group(input)?;
+        let judgement = input.input("judgement")?;
+        let mut items = Vec::new();
+        for (model, m) in grouped["models"].as_object().expect("models") {
+            // Answers that passed, for contrast: the first few of the dev split.
+            let passes: Vec<&Value> = judgement["models"][model]["verdicts"]
+                .as_array()
+                .map_or(Vec::new(), |v| v.iter().filter(|v| v["split"] == "dev" && v["pass"] == true).take(CONTRAST).collect());
+            for c in m["clusters"].as_array().expect("clusters") {
+                let mut item = namer.judge.item_input(&namer.settings);
+                item["messages"] = json!(naming_messages(c, &passes));
+                items.push(Item { id: format!("{model}/{}", c["id"].as_str().unwrap_or_default()), input: item });
+            }
+        }
+        Ok(items)
+    }
+
+    async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
+        let namer = self.1.as_ref().ok_or_else(|| StageError::new("no `namer` to run"))?;
+        let messages: Vec<infer::Message> = serde_json::from_value(item.input["messages"].clone()).map_err(|e| StageError::new(format!("naming messages are malformed: {e}")))?;
+        namer.judge.chat(&messages, &namer.settings, cx).await.map_err(StageError::new)
+    }
+
+    fn item_concurrency(&self) -> usize {
+        self.1.as_ref().map_or(1, |n| n.concurrency)
+    }
+
+    fn volatile_keys(&self) -> &'static [&'static str] {
+        &["timing", "transport"]
+    }
+
+    fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        let mut grouped = self.group(input)?;
+        let Some(namer) = &self.1 else { return Ok(grouped) };
+        let replies: BTreeMap<String, &Value> = results.iter().map(|(item, reply)| (item.id.clone(), reply)).collect();
+        for (model, m) in grouped["models"].as_object_mut().expect("models") {
+            for c in m["clusters"].as_array_mut().expect("clusters") {
+                let reply = replies.get(&format!("{model}/{}", c["id"].as_str().unwrap_or_default())).and_then(|r| r["text"].as_str()).unwrap_or_default();
+                c["named_by"] = json!(namer.judge.id);
+                match serde_json::from_str::<Value>(reply.trim()) {
+                    Ok(named) if named["name"].is_string() && named["description"].is_string() && named["fix_hypothesis"].is_string() => {
+                        // The rule-based name stays beside it; `revise` acts on the rule-based fix.
+                        c["signature_name"] = c["name"].take();
+                        c["name"] = named["name"].clone();
+                        c["description"] = named["description"].clone();
+                        c["llm_fix_hypothesis"] = named["fix_hypothesis"].clone();
+                    }
+                    _ => c["naming"] = json!(format!("unreadable reply, rule-based name kept: {reply:?}")),
+                }
+            }
+        }
+        grouped["named_by"] = json!(namer.judge.id);
+        Ok(grouped)
+    }
+}
+
+/// Passing answers shown to the namer, for contrast.
+const CONTRAST: usize = 3;
+
+/// The namer's conversation for one failure mode: its examples (failed answers) against a few
+/// answers that passed.
+fn naming_messages(mode: &Value, passes: &[&Value]) -> Vec<Value> {
+    let line = |v: &Value| format!("- expected {}: \"{}\"\n", v["label"], clean(v["answer"].as_str().unwrap_or_default()));
+    let mut user = String::from("Failed answers (expected, then what the model answered):\n");
+    for e in mode["examples"].as_array().map_or(&[][..], Vec::as_slice) {
+        user.push_str(&line(e));
+    }
+    if !passes.is_empty() {
+        user.push_str("\nAnswers that passed, for contrast:\n");
+        for p in passes {
+            user.push_str(&line(p));
+        }
+    }
+    vec![
+        json!({"role": "system", "content": "You name failure modes of a language model from its failed answers. Reply with JSON only: {\"name\": \"<3 to 6 words>\", \"description\": \"<one sentence: what the failed answers have in common>\", \"fix_hypothesis\": \"<one sentence: an instruction that would prevent it>\"}"}),
+        json!({"role": "user", "content": user}),
+    ]
+}
+
+impl ClusterStage {
+    /// Failures grouped into modes (signatures, then embeddings), before any naming by a model.
+    fn group(&self, input: &StageInput) -> Result<Value, StageError> {
         let judgement = input.input("judgement")?;
         let answers = input.input("answers")?;
         let labels: Vec<&str> = judgement["labels"].as_array().map_or(Vec::new(), |l| l.iter().filter_map(Value::as_str).collect());
@@ -276,7 +426,7 @@ mod tests {
     /// when a member that is not a medoid leaves.
     #[test]
     fn embeddings_split_a_mode_by_what_the_answers_say() {
-        let stage = ClusterStage(ClusterConfig { examples: 2, embeddings: Some(minilm()), min_size: 3, min_silhouette: 0.15 });
+        let stage = ClusterStage(ClusterConfig { examples: 2, embeddings: Some(minilm()), min_size: 3, min_silhouette: 0.15, namer: None }, None);
         let answers = [
             "I'm sorry, but I can't help with that request.",
             "Sorry, I am unable to assist with this.",
