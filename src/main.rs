@@ -154,6 +154,9 @@ struct ShowArgs {
     /// Iteration (1-based) [default: the last].
     #[arg(long)]
     iteration: Option<u32>,
+    /// For a revised prompt: a unified diff against the version it was revised from.
+    #[arg(long)]
+    diff: bool,
 }
 
 fn default_jobs() -> usize {
@@ -363,6 +366,13 @@ fn show(args: &ShowArgs) -> u8 {
     let iteration = args.iteration.map(|k| k.saturating_sub(1));
     let found = report.output(&args.stage, iteration).and_then(|d| store.get_object(&d).map(|v| (d, v)));
     match found {
+        Some((_, value)) if args.diff => match output::prompt_diff(&value) {
+            Some(diff) => {
+                output::stdout(&diff);
+                exit::OK
+            }
+            None => error(&format!("stage `{}` has no revised prompt here: `--diff` needs a prompt a `revise` stage wrote", args.stage), exit::INVALID, json),
+        },
         Some((_, value)) => {
             output::stdout(&(serde_json::to_string_pretty(&value).expect("JSON") + "\n"));
             exit::OK

@@ -503,8 +503,9 @@ fn judge_scores_real_answers_and_a_judge_change_reruns_only_the_judge() {
 /// `llm_judge` on the real model, judging its own answers to six questions of `qa.toml` against
 /// the shipped rubric: every verdict is read or unscored (never silently either), the figures
 /// add up from the verdicts, agreement with the shipped human labels is recomputed here; an edited
-/// rubric re-judges without re-answering, edited labels re-judge nothing, and a judge cut off
-/// before its JSON ends leaves every answer unscored — not failed.
+/// rubric re-judges without re-answering, edited labels re-judge nothing, a new row computes only
+/// its own items, a changed prompt reruns inference onward, and a judge cut off before its JSON
+/// ends leaves every answer unscored — not failed.
 #[test]
 fn rubric_judge_grades_real_answers_and_reruns_only_what_changed() {
     let p = Project::new();
@@ -567,6 +568,20 @@ fn rubric_judge_grades_real_answers_and_reruns_only_what_changed() {
     let judge: Value = serde_json::from_slice(&p.run(&["show", "qa.toml", "judge"]).stdout).unwrap();
     let flipped_agree = judge["agreement"]["agreement"].as_f64().unwrap();
     assert!((flipped_agree - (1.0 - agree)).abs() < 1e-6, "{}", judge["agreement"]);
+
+    // One new row: only its items, in every stage that has items.
+    p.write("data/trivia.jsonl", &(p.read("data/trivia.jsonl") + "{\"id\": \"n01\", \"topic\": \"science\", \"question\": \"What is the boiling point of water in Celsius?\", \"reference\": \"100 degrees Celsius\"}\n"));
+    let (code, events, _) = p.run_logged_on("qa.toml", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(started(&events), ["questions", "rendered", "answers", "judge", "decision"]);
+    assert_eq!(items(&events), ["answers/smollm2-135m-instruct/n01", "judge/smollm2-135m-instruct/n01", "rendered/n01"]);
+
+    // A changed prompt: inference onward, every item; the dataset stays.
+    p.write("prompts/qa.j2", &p.read("prompts/qa.j2").replace("one short sentence", "one sentence"));
+    let (code, events, _) = p.run_logged_on("qa.toml", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(started(&events), ["prompt", "rendered", "answers", "judge", "decision"]);
+    assert_eq!(items(&events).iter().filter(|i| i.starts_with("answers/")).count(), 7);
 
     // A judge cut off mid-JSON: every answer unscored, none counted as a fail or a pass.
     p.write("qa.toml", &p.read("qa.toml").replace("sampler = { max_tokens = 64 }", "sampler = { max_tokens = 3 }"));
@@ -643,6 +658,12 @@ feedback = { from = "revise", to = "prompt" }
         .collect();
     let revised = show("prompt", 2);
     assert_eq!(revised["revision"]["version"], 2);
+    // Diffable against its parent.
+    let diff = p.run(&["show", "select.toml", "prompt", "--iteration", "2", "--diff"]);
+    let diff = text(&diff.stdout);
+    assert!(diff.starts_with("prompt version 2, revised from version 1 for: "), "{diff}");
+    assert!(diff.contains("--- version 1\n+++ version 2\n") && diff.contains("\n+{% raw %}Rules learned from mistakes:\n"), "{diff}");
+    assert_eq!(p.run(&["show", "select.toml", "judge", "--diff"]).status.code(), Some(2), "only a revised prompt has a parent to diff against");
     let system = revised["system"].as_str().unwrap();
     assert!(system.contains("Rules learned from mistakes"), "{system}");
     let clusters = show("failures", 1);

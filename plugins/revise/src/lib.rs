@@ -63,7 +63,7 @@ fn default_min_gain() -> u32 {
 impl StagePlugin for Revise {
     type Config = ReviseConfig;
     const KIND: &'static str = "revise";
-    const VERSION: u32 = 4;
+    const VERSION: u32 = 5;
     const SUMMARY: &'static str = "a new prompt version aimed at the largest failure modes (dev examples), kept only if held-out quality improves (McNemar)";
     const INPUTS: &'static [Port] = &[
         Port::new("prompt", "prompt"),
@@ -162,18 +162,29 @@ impl Stage for ReviseStage {
             return Ok(out);
         }
         let labels: Vec<&str> = clusters["labels"].as_array().map_or(Vec::new(), |l| l.iter().filter_map(Value::as_str).collect());
-        let mut rules = String::from("Rules learned from mistakes:\n");
+        // One rule per distinct instruction (the parts of a mode split by embeddings share one),
+        // each with the examples of every mode it came from.
+        let mut grouped: Vec<(String, Vec<String>)> = Vec::new();
         for mode in &modes {
-            rules.push_str(&format!("- {}\n", rule(mode, &labels)));
+            let instruction = rule(mode, &labels);
+            let at = grouped.iter().position(|(r, _)| *r == instruction).unwrap_or_else(|| {
+                grouped.push((instruction, Vec::new()));
+                grouped.len() - 1
+            });
             if let Some(example) = mode["examples"].as_array().and_then(|e| e.first()) {
                 let id = example["id"].as_str().unwrap_or_default();
                 let label = example["label"].as_str().unwrap_or_default();
                 if let Some(text) = texts.get(id) {
-                    rules.push_str(&format!("  Example: \"{}\" → {label}\n", clean(text)));
-                    rules.push_str(&format!("  Wrong: answering \"{}\" to it; the answer is {label}.\n", clean(example["answer"].as_str().unwrap_or_default())));
+                    grouped[at].1.push(format!("  Example: \"{}\" → {label}\n", clean(text)));
+                    grouped[at].1.push(format!("  Wrong: answering \"{}\" to it; the answer is {label}.\n", clean(example["answer"].as_str().unwrap_or_default())));
                 }
             }
             tried.insert(mode["id"].as_str().unwrap_or_default().to_string());
+        }
+        let mut rules = String::from("Rules learned from mistakes:\n");
+        for (instruction, examples) in grouped {
+            rules.push_str(&format!("- {instruction}\n"));
+            rules.extend(examples);
         }
         let base_system = out["system"].as_str().unwrap_or_default().split("{% raw %}Rules learned from mistakes:").next().unwrap_or_default().trim_end().to_string();
         let previous_rules = out["system"].as_str().and_then(|s| s.split_once("{% raw %}Rules learned from mistakes:\n")).map(|(_, r)| r.trim_end_matches("{% endraw %}").to_string()).unwrap_or_default();
