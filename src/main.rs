@@ -2,6 +2,7 @@
 
 mod output;
 mod progress;
+mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -327,7 +328,15 @@ fn run(args: RunArgs) -> u8 {
                         .collect()
                 })
                 .unwrap_or_default();
-            output::run(&pipeline, &report, &summaries, &lock_path, json);
+            // The report is for people: a run that cannot write it still succeeded.
+            let html = match report::write(&pipeline, &report, &store, &output::stop_text(&report)) {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not write the run report");
+                    None
+                }
+            };
+            output::run(&pipeline, &report, &summaries, &lock_path, html.as_deref(), json);
             match report.stop {
                 engine::exec::StopReason::Failed => exit::STAGE_FAILED,
                 engine::exec::StopReason::Interrupted => exit::INTERRUPTED,

@@ -96,7 +96,7 @@ pub fn plan(plan: &PlanReport, json: bool) {
     }
 }
 
-pub fn run(pipeline: &Pipeline, report: &RunReport, summaries: &[(String, String)], lock: &Path, json: bool) {
+pub fn run(pipeline: &Pipeline, report: &RunReport, summaries: &[(String, String)], lock: &Path, html: Option<&Path>, json: bool) {
     if json {
         println!(
             "{}",
@@ -107,6 +107,7 @@ pub fn run(pipeline: &Pipeline, report: &RunReport, summaries: &[(String, String
                 "iterations": report.iterations,
                 "summaries": summaries.iter().map(|(id, s)| (id.clone(), json!(s))).collect::<serde_json::Map<_, _>>(),
                 "lockfile": lock.display().to_string(),
+                "report": html.map(|h| h.display().to_string()),
             })
         );
         return;
@@ -136,8 +137,23 @@ pub fn run(pipeline: &Pipeline, report: &RunReport, summaries: &[(String, String
         }
     }
     let executed: usize = report.iterations.iter().flat_map(|i| &i.stages).filter(|s| s.status == Status::Executed).count();
+    let stop = stop_text(report);
+    for (id, summary) in summaries {
+        println!("{id}: {summary}");
+    }
+    println!("{stop} ({executed} stage run(s) executed)");
+    if report.succeeded() {
+        println!("lockfile: {}", lock.display());
+    }
+    if let Some(html) = html {
+        println!("report: {} (and report.md beside it)", html.display());
+    }
+}
+
+/// Why the run stopped, in words.
+pub fn stop_text(report: &RunReport) -> String {
     let n = report.iterations.len();
-    let stop = match report.stop {
+    match report.stop {
         StopReason::Done => "done".to_string(),
         StopReason::TargetsMet => format!("targets met after {n} iteration(s)"),
         StopReason::Converged => format!("converged after {n} iteration(s): the feedback no longer changes anything"),
@@ -146,13 +162,6 @@ pub fn run(pipeline: &Pipeline, report: &RunReport, summaries: &[(String, String
         StopReason::BudgetSpent => format!("stopped after {n} iteration(s): the item budget (`max_items`) is spent"),
         StopReason::Failed => "FAILED: see the failed stage above; finished work was kept, rerun to retry".to_string(),
         StopReason::Interrupted => "interrupted: finished work was kept; rerun to continue".to_string(),
-    };
-    for (id, summary) in summaries {
-        println!("{id}: {summary}");
-    }
-    println!("{stop} ({executed} stage run(s) executed)");
-    if report.succeeded() {
-        println!("lockfile: {}", lock.display());
     }
 }
 

@@ -304,6 +304,9 @@ fn run_json_summary() {
     let stages: Vec<(&str, &str)> =
         v["iterations"][0]["stages"].as_array().unwrap().iter().map(|s| (s["id"].as_str().unwrap(), s["status"].as_str().unwrap())).collect();
     assert_eq!(stages, [("tickets", "executed"), ("prompt", "executed"), ("rendered", "executed")]);
+    // A report is written even without a decision to show.
+    let report = PathBuf::from(v["report"].as_str().unwrap());
+    assert!(p.dir.join(&report).is_file() || report.is_file(), "{}", report.display());
 }
 
 #[test]
@@ -547,6 +550,7 @@ fn rubric_judge_grades_real_answers_and_reruns_only_what_changed() {
     assert!((a["agreement"].as_f64().unwrap() - agree).abs() < 1e-6, "{a}");
     let decision: Value = serde_json::from_slice(&p.run(&["show", "qa.toml", "decision"]).stdout).unwrap();
     assert_eq!(decision["judge_agreement"], *a);
+    report_opens_offline_in_chromium(&p.path(".pipeline/reports/qa"), decision["summary"].as_str().unwrap());
 
     // A rubric edit re-judges every answer; the answers stay.
     p.write("rubrics/qa.toml", &p.read("rubrics/qa.toml").replace("the answer repeats itself or rambles", "the answer repeats itself, rambles or hedges"));
@@ -593,6 +597,41 @@ fn rubric_judge_grades_real_answers_and_reruns_only_what_changed() {
     assert_eq!(m["splits"]["heldout"]["scored"], 0);
     assert_eq!(judge["metrics"]["unscored_rate"], 1.0);
     assert!(text(&out.stdout).contains("misses"), "{}", text(&out.stdout));
+}
+
+/// The run report: self-contained (nothing to fetch), and in headless Chromium with the network
+/// cut off its plots render (the screenshot has the plot's blue) and the decision is on the page.
+/// The screenshot is kept under the target dir for CI (`report.png`).
+fn report_opens_offline_in_chromium(dir: &Path, decision: &str) {
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.contains(decision), "report.md has the decision");
+    assert!(html.contains("<svg") && html.contains("class=\"point\""), "report.html has plots");
+    for fetch in ["src=", "href=", "@import", "url("] {
+        assert!(!html.contains(fetch), "report.html would fetch something ({fetch})");
+    }
+    let chromium = std::env::var("PIPELINE_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("report.png");
+    let _ = std::fs::remove_file(&shot);
+    let url = format!("file://{}", dir.join("report.html").display());
+    // No network: every host resolves to nothing and every proxy is a closed port.
+    let offline = ["--headless", "--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"];
+    let out = Command::new(&chromium).args(offline).args(["--window-size=1200,2400", &format!("--screenshot={}", shot.display()), &url]).output();
+    let out = out.unwrap_or_else(|e| panic!("cannot run {chromium} (scripts/test installs it): {e}"));
+    assert!(shot.exists(), "no screenshot: {}", text(&out.stderr));
+    let dom = Command::new(&chromium).args(offline).args(["--dump-dom", &url]).output().unwrap();
+    let dom = text(&dom.stdout);
+    assert!(dom.contains("<circle class=\"point\""), "the plots are in the rendered page");
+    assert!(dom.contains(&decision.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")), "the decision is on the page");
+    // The plot colour (#3465a4) is on screen: the SVG was painted, not just parsed.
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    let blue = buf[..info.buffer_size()].chunks(channels).filter(|p| p[0] == 0x34 && p[1] == 0x65 && p[2] == 0xa4).count();
+    assert!(blue > 50, "{blue} plot-coloured pixels in {}", shot.display());
+    println!("report screenshot: {}", shot.display());
 }
 
 /// The quality loop on the real model: iteration 1 judges and clusters the failures, `revise`

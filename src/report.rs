@@ -1,0 +1,364 @@
+//! The run report: `report.html` (self-contained: inline CSS and SVG, no script, no network) and
+//! `report.md` (for a pull-request comment), written into the store after every run.
+//!
+//! It reads the run's artifacts by stage kind: the decision (`select`), the judgement (`judge`,
+//! `llm_judge`) of every iteration, the failure modes (`cluster`) of the last one, and every
+//! revised prompt (`revise`'s output, fed back as a prompt) with its diff.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use engine::{Pipeline, RunReport, Store};
+use serde_json::Value;
+
+/// What the report shows, gathered from the store.
+struct Facts {
+    title: String,
+    description: String,
+    stop: String,
+    decision: Option<Value>,
+    /// Per iteration: (iteration, metric name, value, CI).
+    quality: Vec<(u32, String, f64, Option<(f64, f64)>)>,
+    clusters: Option<Value>,
+    /// (version, diff).
+    diffs: Vec<(u64, String)>,
+}
+
+/// Write `report.html` and `report.md` under `<store>/reports/<pipeline>/`; returns the HTML path.
+pub fn write(pipeline: &Pipeline, report: &RunReport, store: &Store, stop: &str) -> std::io::Result<PathBuf> {
+    let facts = gather(pipeline, report, store, stop);
+    let dir = store.root().join("reports").join(&pipeline.name);
+    std::fs::create_dir_all(&dir)?;
+    let html = dir.join("report.html");
+    write_atomic(&html, &render_html(&facts))?;
+    write_atomic(&dir.join("report.md"), &render_markdown(&facts))?;
+    Ok(html)
+}
+
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn gather(pipeline: &Pipeline, report: &RunReport, store: &Store, stop: &str) -> Facts {
+    let of_kind = |it: &engine::exec::IterationReport, kinds: &[&str]| -> Option<Value> {
+        it.stages.iter().filter(|s| kinds.contains(&s.kind.as_str())).find_map(|s| store.get_object(&s.output?))
+    };
+    let last = report.iterations.last();
+    let mut quality = Vec::new();
+    let mut diffs = Vec::new();
+    for it in &report.iterations {
+        if let Some(j) = of_kind(it, &["judge", "llm_judge"]) {
+            let m = &j["metrics"];
+            for name in ["accuracy", "ndcg", "pass_rate"] {
+                if let Some(v) = m[name].as_f64() {
+                    let ci = m[format!("{name}_ci_low")].as_f64().zip(m[format!("{name}_ci_high")].as_f64());
+                    quality.push((it.iteration + 1, name.to_string(), v, ci));
+                    break;
+                }
+            }
+        }
+        if let Some(p) = of_kind(it, &["prompt"])
+            && let Some(diff) = crate::output::prompt_diff(&p)
+        {
+            diffs.push((p["revision"]["version"].as_u64().unwrap_or(0), diff));
+        }
+    }
+    Facts {
+        title: pipeline.name.clone(),
+        description: pipeline.description.clone().unwrap_or_default(),
+        stop: stop.to_string(),
+        decision: last.and_then(|it| of_kind(it, &["select"])),
+        quality,
+        clusters: last.and_then(|it| of_kind(it, &["cluster"])),
+        diffs,
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn num(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x.fract() == 0.0 && x.abs() < 1e9 => format!("{x:.0}"),
+        Some(x) if x.abs() >= 100.0 => format!("{x:.0}"),
+        Some(x) => format!("{x:.3}").trim_end_matches('0').trim_end_matches('.').to_string(),
+        None => "–".into(),
+    }
+}
+
+/// The candidate table's rows: model, size, license, quality (with CI), speed, cost, verdict.
+fn candidate_rows(decision: &Value) -> Vec<[String; 9]> {
+    decision["candidates"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .map(|c| {
+            let q = &c["quality"];
+            let (name, value) = ["accuracy", "ndcg", "pass_rate"].iter().find_map(|k| q[k].as_f64().map(|v| (*k, v))).unwrap_or(("quality", f64::NAN));
+            let quality = if value.is_nan() {
+                "–".to_string()
+            } else {
+                let ci = q[format!("{name}_ci_low")].as_f64().zip(q[format!("{name}_ci_high")].as_f64());
+                format!("{name} {value:.3}{}", ci.map_or(String::new(), |(l, h)| format!(" [{l:.3}, {h:.3}]")))
+            };
+            let t = &c["timing"];
+            [
+                c["model"].as_str().unwrap_or_default().to_string(),
+                format!("{} / {}", num(&c["params_active_b"]), num(&c["params_total_b"])),
+                c["license"].as_str().unwrap_or_default().to_string(),
+                quality,
+                format!("{} / {}", num(&t["latency_p50_ms"]), num(&t["latency_p95_ms"])),
+                num(&t["tokens_per_s"]),
+                num(&t["usd_per_mtok"]),
+                c["serving"]["machine"].as_str().unwrap_or("–").to_string(),
+                c["verdict"].as_str().unwrap_or_default().to_string(),
+            ]
+        })
+        .collect()
+}
+
+const HEADERS: [&str; 9] = ["model", "params active / total (B)", "license", "held-out quality [95% CI]", "latency p50 / p95 (ms)", "tokens/s", "$ / 1M tokens", "machine", "verdict"];
+
+/// A point on a plot: label, x, y, and a vertical interval.
+struct Point {
+    label: String,
+    x: f64,
+    y: f64,
+    ci: Option<(f64, f64)>,
+    highlight: bool,
+}
+
+/// An SVG scatter (or line, `connect`) plot with axes, ticks, error bars and labels.
+fn plot(title: &str, x_label: &str, y_label: &str, points: &[Point], log_x: bool, connect: bool) -> String {
+    let (w, h, left, right, top, bottom) = (560.0, 300.0, 60.0, 20.0, 30.0, 45.0);
+    let fx = |x: f64| if log_x { x.max(1e-9).log10() } else { x };
+    let xs: Vec<f64> = points.iter().map(|p| fx(p.x)).collect();
+    let (mut x0, mut x1) = (xs.iter().copied().fold(f64::INFINITY, f64::min), xs.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+    if !(x1 > x0) {
+        (x0, x1) = (x0 - 1.0, x1 + 1.0);
+    }
+    let pad = (x1 - x0) * 0.08;
+    let (x0, x1) = (x0 - pad, x1 + pad);
+    let (y0, y1) = (0.0, 1.0);
+    let sx = |x: f64| left + (fx(x) - x0) / (x1 - x0) * (w - left - right);
+    let sy = |y: f64| top + (1.0 - (y.clamp(y0, y1) - y0) / (y1 - y0)) * (h - top - bottom);
+    let mut s = format!(r#"<figure><svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{t}"><title>{t}</title>"#, t = esc(title));
+    let _ = write!(s, r##"<rect x="{left}" y="{top}" width="{}" height="{}" fill="#fafafa" stroke="#999"/>"##, w - left - right, h - top - bottom);
+    for k in 0..=4 {
+        let y = f64::from(k) / 4.0;
+        let _ = write!(s, r##"<line x1="{left}" x2="{}" y1="{py}" y2="{py}" stroke="#ddd"/><text x="{}" y="{}" font-size="11" text-anchor="end">{y:.2}</text>"##, w - right, left - 6.0, sy(y) + 4.0, py = sy(y));
+    }
+    let ticks: Vec<f64> = if log_x { (x0.ceil() as i32..=x1.floor() as i32).map(|e| 10f64.powi(e)).collect() } else { (0..=4).map(|k| x0 + (x1 - x0) * f64::from(k) / 4.0).collect() };
+    for t in ticks {
+        let label = if log_x { format!("{t}") } else { format!("{t:.1}") };
+        let _ = write!(s, r##"<text x="{}" y="{}" font-size="11" text-anchor="middle">{}</text>"##, sx(if log_x { t } else { t }), h - bottom + 16.0, esc(&label));
+    }
+    let _ = write!(s, r##"<text x="{}" y="{}" font-size="12" text-anchor="middle">{}</text>"##, (left + w - right) / 2.0, h - 8.0, esc(x_label));
+    let _ = write!(s, r##"<text x="14" y="{}" font-size="12" text-anchor="middle" transform="rotate(-90 14 {})">{}</text>"##, (top + h - bottom) / 2.0, (top + h - bottom) / 2.0, esc(y_label));
+    if connect && points.len() > 1 {
+        let path: Vec<String> = points.iter().map(|p| format!("{:.1},{:.1}", sx(p.x), sy(p.y))).collect();
+        let _ = write!(s, r##"<polyline points="{}" fill="none" stroke="#3465a4" stroke-width="2"/>"##, path.join(" "));
+    }
+    for p in points {
+        let (cx, cy) = (sx(p.x), sy(p.y));
+        if let Some((lo, hi)) = p.ci {
+            let _ = write!(s, r##"<line class="ci" x1="{cx:.1}" x2="{cx:.1}" y1="{:.1}" y2="{:.1}" stroke="#3465a4"/>"##, sy(lo), sy(hi));
+        }
+        let fill = if p.highlight { "#cc0000" } else { "#3465a4" };
+        let _ = write!(s, r##"<circle class="point" cx="{cx:.1}" cy="{cy:.1}" r="5" fill="{fill}"><title>{}: {:.3}</title></circle>"##, esc(&p.label), p.y);
+        let _ = write!(s, r##"<text x="{:.1}" y="{:.1}" font-size="11">{}</text>"##, cx + 7.0, cy - 7.0, esc(&p.label));
+    }
+    s.push_str(&format!("</svg><figcaption>{}</figcaption></figure>", esc(title)));
+    s
+}
+
+/// Candidates no other candidate beats on both quality (higher) and cost (lower).
+fn pareto(points: &[(f64, f64)]) -> Vec<bool> {
+    points.iter().map(|&(c, q)| !points.iter().any(|&(c2, q2)| c2 <= c && q2 >= q && (c2 < c || q2 > q))).collect()
+}
+
+fn quality_of(c: &Value) -> Option<(f64, Option<(f64, f64)>)> {
+    let q = &c["quality"];
+    ["accuracy", "ndcg", "pass_rate"]
+        .iter()
+        .find_map(|k| q[k].as_f64().map(|v| (v, q[format!("{k}_ci_low")].as_f64().zip(q[format!("{k}_ci_high")].as_f64()))))
+}
+
+fn render_html(f: &Facts) -> String {
+    let mut body = String::new();
+    let _ = write!(body, "<h1>{}</h1><p>{}</p>", esc(&f.title), esc(&f.description));
+    match &f.decision {
+        Some(d) => {
+            let _ = write!(body, r#"<section id="decision"><h2>Decision</h2><p class="summary">{}</p>"#, esc(d["summary"].as_str().unwrap_or_default()));
+            if let Some(targets) = d["targets"].as_object() {
+                body.push_str("<table><tr><th>target</th><th>bound</th></tr>");
+                for (k, v) in targets {
+                    let _ = write!(body, "<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(v.as_str().unwrap_or_default()));
+                }
+                body.push_str("</table>");
+            }
+            let _ = write!(body, "<p>Loop: {}</p></section>", esc(&f.stop));
+            let judged: Vec<&Value> = d["candidates"].as_array().map_or(Vec::new(), |c| c.iter().filter(|c| quality_of(c).is_some()).collect());
+            let selected = d["selected"].as_str();
+            let size_points: Vec<Point> = judged
+                .iter()
+                .map(|c| {
+                    let (y, ci) = quality_of(c).expect("filtered");
+                    let label = c["model"].as_str().unwrap_or_default().to_string();
+                    Point { highlight: Some(label.as_str()) == selected, label, x: c["params_total_b"].as_f64().unwrap_or(1.0), y, ci }
+                })
+                .collect();
+            body.push_str(r#"<section id="plots"><h2>Plots</h2>"#);
+            body.push_str(&plot("Quality vs size", "total parameters (B, log scale)", "held-out quality", &size_points, true, false));
+            let costed: Vec<(&Value, f64, f64)> = judged.iter().filter_map(|c| Some((*c, c["timing"]["usd_per_mtok"].as_f64()?, quality_of(c)?.0))).collect();
+            if costed.is_empty() {
+                body.push_str("<p>Cost/quality Pareto front: no candidate has a measured cost (set a price table on the `select` stage).</p>");
+            } else {
+                let front = pareto(&costed.iter().map(|(_, c, q)| (*c, *q)).collect::<Vec<_>>());
+                let points: Vec<Point> = costed
+                    .iter()
+                    .zip(&front)
+                    .map(|((c, cost, q), on)| Point { label: format!("{}{}", c["model"].as_str().unwrap_or_default(), if *on { " (Pareto)" } else { "" }), x: *cost, y: *q, ci: None, highlight: *on })
+                    .collect();
+                body.push_str(&plot("Cost vs quality (red: the Pareto front)", "$ per 1M tokens", "held-out quality", &points, false, false));
+            }
+        }
+        None => body.push_str(r#"<p>This pipeline has no `select` stage: no decision.</p><section id="plots"><h2>Plots</h2>"#),
+    }
+    if !f.quality.is_empty() {
+        let points: Vec<Point> = f.quality.iter().map(|(it, name, v, ci)| Point { label: format!("{it}: {name} {v:.3}"), x: f64::from(*it), y: *v, ci: *ci, highlight: false }).collect();
+        body.push_str(&plot("Quality per iteration (the prompt version judged in it; best candidate, held-out)", "iteration", "held-out quality", &points, false, true));
+    }
+    body.push_str("</section>");
+    if let Some(d) = &f.decision {
+            body.push_str(r#"<section id="candidates"><h2>Candidates</h2><table><tr>"#);
+            for h in HEADERS {
+                let _ = write!(body, "<th>{}</th>", esc(h));
+            }
+            body.push_str("</tr>");
+            for row in candidate_rows(d) {
+                body.push_str("<tr>");
+                for cell in row {
+                    let _ = write!(body, "<td>{}</td>", esc(&cell));
+                }
+                body.push_str("</tr>");
+            }
+            body.push_str("</table></section>");
+    }
+    if let Some(clusters) = &f.clusters {
+        body.push_str(r#"<section id="clusters"><h2>Failure modes (dev split, last iteration)</h2>"#);
+        for (model, m) in clusters["models"].as_object().into_iter().flatten() {
+            let _ = write!(body, "<h3>{}</h3><table><tr><th>size</th><th>mode</th><th>description</th><th>examples</th></tr>", esc(model));
+            for c in m["clusters"].as_array().map_or(&[][..], Vec::as_slice) {
+                let examples: Vec<String> = c["examples"]
+                    .as_array()
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .map(|e| format!("<li><code>{}</code>: expected {}, answered “{}”</li>", esc(e["id"].as_str().unwrap_or_default()), esc(&e["label"].to_string()), esc(e["answer"].as_str().unwrap_or_default())))
+                    .collect();
+                let _ = write!(
+                    body,
+                    "<tr><td>{}</td><td><b>{}</b><br><code>{}</code></td><td>{}</td><td><ul>{}</ul></td></tr>",
+                    c["size"],
+                    esc(c["name"].as_str().unwrap_or_default()),
+                    esc(c["id"].as_str().unwrap_or_default()),
+                    esc(c["description"].as_str().unwrap_or_default()),
+                    examples.join("")
+                );
+            }
+            body.push_str("</table>");
+        }
+        body.push_str("</section>");
+    }
+    if !f.diffs.is_empty() {
+        body.push_str(r#"<section id="prompts"><h2>Prompt versions</h2>"#);
+        for (_, diff) in &f.diffs {
+            body.push_str("<pre class=\"diff\">");
+            for line in diff.lines() {
+                let class = match line.chars().next() {
+                    Some('+') if !line.starts_with("+++") => "add",
+                    Some('-') if !line.starts_with("---") => "del",
+                    _ => "ctx",
+                };
+                let _ = writeln!(body, "<span class=\"{class}\">{}</span>", esc(line));
+            }
+            body.push_str("</pre>");
+        }
+        body.push_str("</section>");
+    }
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}: pipeline report</title><style>{CSS}</style></head><body>{body}</body></html>\n",
+        esc(&f.title)
+    )
+}
+
+const CSS: &str = "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}\
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .5em;text-align:left;vertical-align:top;font-size:.9em}\
+th{background:#eee}.summary{font-size:1.1em;font-weight:600}figure{display:inline-block;margin:.5em}\
+pre.diff{background:#f6f8fa;padding:.5em;overflow:auto}.add{color:#22863a}.del{color:#b31d28}";
+
+fn render_markdown(f: &Facts) -> String {
+    let mut s = format!("## `{}`: pipeline report\n\n", f.title);
+    if !f.description.is_empty() {
+        let _ = writeln!(s, "{}\n", f.description);
+    }
+    match &f.decision {
+        Some(d) => {
+            let _ = writeln!(s, "**Decision:** {}\n\nLoop: {}\n", d["summary"].as_str().unwrap_or_default(), f.stop);
+            let _ = writeln!(s, "| {} |\n|{}|", HEADERS.join(" | "), HEADERS.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+            for row in candidate_rows(d) {
+                let cells: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
+                let _ = writeln!(s, "| {} |", cells.join(" | "));
+            }
+            s.push('\n');
+        }
+        None => s.push_str("No `select` stage: no decision.\n\n"),
+    }
+    if !f.quality.is_empty() {
+        s.push_str("| iteration | held-out quality | 95% CI |\n|---|---|---|\n");
+        for (it, name, v, ci) in &f.quality {
+            let _ = writeln!(s, "| {it} | {name} {v:.3} | {} |", ci.map_or("–".into(), |(l, h)| format!("{l:.3} – {h:.3}")));
+        }
+        s.push('\n');
+    }
+    if let Some(clusters) = &f.clusters {
+        for (model, m) in clusters["models"].as_object().into_iter().flatten() {
+            let _ = writeln!(s, "Failure modes of `{model}` (dev split):\n\n| size | mode | id |\n|---|---|---|");
+            for c in m["clusters"].as_array().map_or(&[][..], Vec::as_slice) {
+                let _ = writeln!(s, "| {} | {} | `{}` |", c["size"], c["name"].as_str().unwrap_or_default().replace('|', "\\|"), c["id"].as_str().unwrap_or_default());
+            }
+            s.push('\n');
+        }
+    }
+    for (_, diff) in &f.diffs {
+        let _ = writeln!(s, "<details><summary>{}</summary>\n\n```diff\n{}```\n</details>\n", diff.lines().next().unwrap_or_default(), diff.lines().skip(1).map(|l| format!("{l}\n")).collect::<String>());
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pareto_front_keeps_the_undominated() {
+        // (cost, quality): b dominates c; a is cheapest, d is best.
+        let front = pareto(&[(0.1, 0.5), (0.5, 0.7), (0.6, 0.6), (2.0, 0.9)]);
+        assert_eq!(front, [true, true, false, true]);
+    }
+
+    #[test]
+    fn plots_escape_labels_and_draw_every_point() {
+        let points = vec![
+            Point { label: "<m1>".into(), x: 0.135, y: 0.26, ci: Some((0.16, 0.37)), highlight: false },
+            Point { label: "m2".into(), x: 70.0, y: 0.8, ci: None, highlight: true },
+        ];
+        let svg = plot("t", "x", "y", &points, true, false);
+        assert_eq!(svg.matches("class=\"point\"").count(), 2);
+        assert_eq!(svg.matches("class=\"ci\"").count(), 1);
+        assert!(svg.contains("&lt;m1&gt;") && !svg.contains("<m1>"));
+    }
+}
