@@ -1,5 +1,6 @@
 //! `pipeline`: parse arguments, call the engine, format for humans or `--json`.
 
+mod compare;
 mod output;
 mod progress;
 mod report;
@@ -54,6 +55,9 @@ enum Command {
     Graph(GraphArgs),
     /// Print a stage's output artifact from the last run.
     Show(ShowArgs),
+    /// What moved between two runs (pipeline files, or `FILE@N` for iteration N of one): per
+    /// candidate, held-out quality and its paired change with a 95% CI; per failure mode, its size.
+    Compare(CompareArgs),
     /// Print the JSON Schema of pipeline files (for the registered stage kinds) or of catalogs.
     Schema {
         #[arg(value_enum, default_value_t = SchemaOf::Pipeline)]
@@ -109,6 +113,19 @@ struct WithStore {
     /// Store directory [default: .pipeline/ beside the pipeline file].
     #[arg(long, env = "PIPELINE_STORE")]
     store: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    /// The run before: a pipeline file, or `FILE@N` for its iteration N.
+    a: String,
+    /// The run after.
+    b: String,
+    /// Store directory [default: .pipeline/ beside each pipeline file].
+    #[arg(long, env = "PIPELINE_STORE")]
+    store: Option<PathBuf>,
+    #[command(flatten)]
+    json: JsonFlag,
 }
 
 #[derive(clap::Args)]
@@ -196,6 +213,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Graph(args) => graph(&args),
         Command::Show(args) => show(&args),
+        Command::Compare(args) => compare_runs(&args),
         Command::Schema { of } => {
             let schema = match of {
                 SchemaOf::Pipeline => engine::schema::pipeline_schema(&registry()),
@@ -397,6 +415,36 @@ fn show(args: &ShowArgs) -> u8 {
             json,
         ),
     }
+}
+
+fn compare_runs(args: &CompareArgs) -> u8 {
+    let json = args.json.json;
+    let mut sides = Vec::new();
+    let mut seed = 0;
+    for spec in [&args.a, &args.b] {
+        // `FILE@N`: iteration N of the file's last run.
+        let (file, iteration) = match spec.rsplit_once('@') {
+            Some((file, n)) if n.parse::<u32>().is_ok_and(|n| n > 0) => (file, n.parse().ok()),
+            _ => (spec.as_str(), None),
+        };
+        let pipeline = match load(Path::new(file), json) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+        seed = pipeline.seed;
+        let store = store_for(&pipeline, &args.store);
+        match compare::Side::load(spec, &pipeline, &store, iteration) {
+            Ok(side) => sides.push(side),
+            Err(e) => return error(&e, exit::STORE, json),
+        }
+    }
+    let c = compare::compare(&sides[0], &sides[1], seed);
+    if json {
+        println!("{c}");
+    } else {
+        output::stdout(&compare::render(&c));
+    }
+    exit::OK
 }
 
 fn error(message: &str, code: u8, json: bool) -> u8 {

@@ -737,6 +737,15 @@ feedback = { from = "revise", to = "prompt" }
     assert_eq!(check["accepted"], json_bool(wins > losses && check["p_value"].as_f64().unwrap() < 0.05));
     let moved = (wins as f64 - losses as f64) / before.len() as f64;
     assert!((check["heldout_delta"].as_f64().unwrap() - moved).abs() < 1e-6, "{check}");
+    // `pipeline compare` between the two iterations says the same, with the same interval.
+    let out = p.run(&["compare", "select.toml@1", "select.toml@2", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let compared: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let change = &compared["candidates"][0]["pass_rate_change"];
+    assert_eq!((change["fixed"].as_u64().unwrap() as usize, change["broken"].as_u64().unwrap() as usize), (wins, losses));
+    assert_eq!((&change["value"], &change["ci95"]), (&check["heldout_delta"], &check["heldout_delta_ci95"]), "{change} vs {check}");
+    assert!(compared["failure_modes"].as_array().unwrap().iter().all(|m| m["change"] == m["b"].as_i64().unwrap() - m["a"].as_i64().unwrap()));
+    assert_eq!(p.run(&["compare", "select.toml@1", "select.toml@9"]).status.code(), Some(3), "no such iteration");
     // `patience = 1`: a rejected revision ends the loop; an accepted one earns a third iteration.
     let n = report["iterations"].as_array().unwrap().len();
     if check["accepted"] == false {
