@@ -151,10 +151,18 @@ fn plot(title: &str, x_label: &str, y_label: &str, points: &[Point], log_x: bool
         let y = f64::from(k) / 4.0;
         let _ = write!(s, r##"<line x1="{left}" x2="{}" y1="{py}" y2="{py}" stroke="#ddd"/><text x="{}" y="{}" font-size="11" text-anchor="end">{y:.2}</text>"##, w - right, left - 6.0, sy(y) + 4.0, py = sy(y));
     }
-    let ticks: Vec<f64> = if log_x { (x0.ceil() as i32..=x1.floor() as i32).map(|e| 10f64.powi(e)).collect() } else { (0..=4).map(|k| x0 + (x1 - x0) * f64::from(k) / 4.0).collect() };
+    // Whole numbers (iterations) get whole ticks.
+    let whole = points.iter().all(|p| p.x.fract() == 0.0);
+    let ticks: Vec<f64> = if log_x {
+        (x0.ceil() as i32..=x1.floor() as i32).map(|e| 10f64.powi(e)).collect()
+    } else if whole {
+        (x0.ceil() as i64..=x1.floor() as i64).map(|t| t as f64).collect()
+    } else {
+        (0..=4).map(|k| x0 + (x1 - x0) * f64::from(k) / 4.0).collect()
+    };
     for t in ticks {
-        let label = if log_x { format!("{t}") } else { format!("{t:.1}") };
-        let _ = write!(s, r##"<text x="{}" y="{}" font-size="11" text-anchor="middle">{}</text>"##, sx(if log_x { t } else { t }), h - bottom + 16.0, esc(&label));
+        let label = if log_x || whole { format!("{t}") } else { format!("{t:.2}") };
+        let _ = write!(s, r##"<text x="{}" y="{}" font-size="11" text-anchor="middle">{}</text>"##, sx(t), h - bottom + 16.0, esc(&label));
     }
     let _ = write!(s, r##"<text x="{}" y="{}" font-size="12" text-anchor="middle">{}</text>"##, (left + w - right) / 2.0, h - 8.0, esc(x_label));
     let _ = write!(s, r##"<text x="14" y="{}" font-size="12" text-anchor="middle" transform="rotate(-90 14 {})">{}</text>"##, (top + h - bottom) / 2.0, (top + h - bottom) / 2.0, esc(y_label));
@@ -360,5 +368,8 @@ mod tests {
         assert_eq!(svg.matches("class=\"point\"").count(), 2);
         assert_eq!(svg.matches("class=\"ci\"").count(), 1);
         assert!(svg.contains("&lt;m1&gt;") && !svg.contains("<m1>"));
+        // One iteration: a whole-number axis, ticked at 1 only.
+        let one = plot("t", "iteration", "y", &[Point { label: "1".into(), x: 1.0, y: 0.5, ci: None, highlight: false }], false, true);
+        assert!(one.contains(">1</text>") && !one.contains(">0.4"), "{one}");
     }
 }
