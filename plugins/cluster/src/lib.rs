@@ -83,33 +83,14 @@ impl StagePlugin for Cluster {
         }
         let namer = match &config.namer {
             None => None,
-            Some(n) => {
-                let (catalog, catalog_path) = catalog::Catalog::load_for_stage(&n.catalog, cx)?;
-                let output = (infer::OutputConstraint::JsonSchema(naming_schema()), n.model.span());
-                let judge = infer::Candidate::resolve(&catalog, n.catalog.get_ref(), n.model.get_ref(), Some(n.model.span()), Some(&output), &n.http, cx).map_err(|d| vec![d])?;
-                let concurrency = if judge.is_http() { n.http.max_concurrency.0 } else { 1 };
-                let settings = infer::RunSettings {
-                    sampler: infer::Sampler { max_tokens: 128, ..Default::default() },
-                    prepare: n.prepare,
-                    output: Some(output.0),
-                    device: infer::DeviceSpec::Cpu,
-                    catalog_dir: catalog_path.parent().map(std::path::PathBuf::from).unwrap_or_default(),
-                };
-                Some(Namer { judge, settings, concurrency })
-            }
+            Some(n) => Some(infer::CalledModel::build(&n.catalog, &n.model, naming_schema(), infer::Sampler { max_tokens: 128, ..Default::default() }, n.prepare, &n.http, cx)?),
         };
         Ok(Arc::new(ClusterStage(config, namer)))
     }
 }
 
-struct ClusterStage(ClusterConfig, Option<Namer>);
-
-/// The model that names failure modes, resolved.
-struct Namer {
-    judge: infer::Candidate,
-    settings: infer::RunSettings,
-    concurrency: usize,
-}
+/// The config, and the model that names failure modes, resolved.
+struct ClusterStage(ClusterConfig, Option<infer::CalledModel>);
 
 /// A model that names each failure mode (name, description, fix hypothesis) from its failed
 /// answers and a few that passed; one memoized call per mode.
@@ -155,9 +136,7 @@ impl Stage for ClusterStage {
                 .as_array()
                 .map_or(Vec::new(), |v| v.iter().filter(|v| v["split"] == "dev" && v["pass"] == true).take(CONTRAST).collect());
             for c in m["clusters"].as_array().expect("clusters") {
-                let mut item = namer.judge.item_input(&namer.settings);
-                item["messages"] = json!(naming_messages(c, &passes));
-                items.push(Item { id: format!("{model}/{}", c["id"].as_str().unwrap_or_default()), input: item });
+                items.push(Item { id: format!("{model}/{}", c["id"].as_str().unwrap_or_default()), input: namer.item_input(json!(naming_messages(c, &passes))) });
             }
         }
         Ok(items)
@@ -165,8 +144,7 @@ impl Stage for ClusterStage {
 
     async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
         let namer = self.1.as_ref().ok_or_else(|| StageError::new("no `namer` to run"))?;
-        let messages: Vec<infer::Message> = serde_json::from_value(item.input["messages"].clone()).map_err(|e| StageError::new(format!("naming messages are malformed: {e}")))?;
-        namer.judge.chat(&messages, &namer.settings, cx).await.map_err(StageError::new)
+        namer.run(item, cx).await
     }
 
     fn item_concurrency(&self) -> usize {
@@ -184,7 +162,7 @@ impl Stage for ClusterStage {
         for (model, m) in grouped["models"].as_object_mut().expect("models") {
             for c in m["clusters"].as_array_mut().expect("clusters") {
                 let reply = replies.get(&format!("{model}/{}", c["id"].as_str().unwrap_or_default())).and_then(|r| r["text"].as_str()).unwrap_or_default();
-                c["named_by"] = json!(namer.judge.id);
+                c["named_by"] = json!(namer.candidate.id);
                 match serde_json::from_str::<Value>(reply.trim()) {
                     Ok(named) if named["name"].is_string() && named["description"].is_string() && named["fix_hypothesis"].is_string() => {
                         // The rule-based name stays beside it; `revise` acts on the rule-based fix.
@@ -197,7 +175,7 @@ impl Stage for ClusterStage {
                 }
             }
         }
-        grouped["named_by"] = json!(namer.judge.id);
+        grouped["named_by"] = json!(namer.candidate.id);
         Ok(grouped)
     }
 }

@@ -368,6 +368,51 @@ impl Candidate {
     }
 }
 
+/// A catalog model another stage calls (a judge, a namer): resolved at build, its output
+/// constrained to a JSON Schema, run on CPU (embedded) or over HTTP, one memoized item per call.
+pub struct CalledModel {
+    pub candidate: Candidate,
+    pub settings: RunSettings,
+    /// Items in flight: `http.max_concurrency` over HTTP, else 1 (embedded requests take turns).
+    pub concurrency: usize,
+}
+
+impl CalledModel {
+    /// Model `model` of the catalog at `catalog` (relative to the pipeline file); its replies must
+    /// match `schema`.
+    pub fn build(
+        catalog: &Spanned<String>,
+        model: &Spanned<String>,
+        schema: Value,
+        sampler: Sampler,
+        prepare: Option<Prepare>,
+        http: &http::HttpSettings,
+        cx: &BuildContext,
+    ) -> Result<CalledModel, Vec<Diagnostic>> {
+        let (loaded, path) = Catalog::load_for_stage(catalog, cx)?;
+        let output = (OutputConstraint::JsonSchema(schema), model.span());
+        let candidate = Candidate::resolve(&loaded, catalog.get_ref(), model.get_ref(), Some(model.span()), Some(&output), http, cx).map_err(|d| vec![d])?;
+        let concurrency = if candidate.is_http() { http.max_concurrency.0 } else { 1 };
+        let catalog_dir = path.parent().map(PathBuf::from).unwrap_or_default();
+        let settings = RunSettings { sampler, prepare, output: Some(output.0), device: DeviceSpec::Cpu, catalog_dir };
+        Ok(CalledModel { candidate, settings, concurrency })
+    }
+
+    /// An item's input for a call with these chat messages.
+    pub fn item_input(&self, messages: Value) -> Value {
+        let mut input = self.candidate.item_input(&self.settings);
+        input["messages"] = messages;
+        input
+    }
+
+    /// Run an item made by [`CalledModel::item_input`].
+    pub async fn run(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
+        let messages: Vec<Message> =
+            serde_json::from_value(item.input["messages"].clone()).map_err(|e| StageError::new(format!("messages of `{}` are malformed: {e}", item.id)))?;
+        self.candidate.chat(&messages, &self.settings, cx).await.map_err(StageError::new)
+    }
+}
+
 impl StagePlugin for Infer {
     type Config = InferConfig;
     const KIND: &'static str = "infer";

@@ -21,13 +21,11 @@
 //! of the best candidate on the held-out split), read by `cluster`, `revise` and `select`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use catalog::Catalog;
 use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
-use infer::{Candidate, Message, OutputConstraint, Prepare, RunSettings, Sampler};
+use infer::{CalledModel, Prepare, Sampler};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -315,7 +313,6 @@ impl StagePlugin for LlmJudge {
     const OUTPUT: &'static str = "judgement";
 
     fn build(config: LlmJudgeConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
-        let (catalog, catalog_path) = Catalog::load_for_stage(&config.catalog, cx)?;
         let mut errors = Vec::new();
         let rubric = match read_source(cx, &config.rubric).and_then(|f| Rubric::parse(&f, cx.stage_id)) {
             Ok(r) => Some(r),
@@ -333,35 +330,22 @@ impl StagePlugin for LlmJudge {
             errors.push(cx.error_at(None, format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), ""));
         }
         let Some(rubric) = rubric else { return Err(errors) };
-        // Where the rubric's schema cannot be enforced (never: every backend takes a JSON
-        // schema), `resolve` says so at the model.
-        let output = (OutputConstraint::JsonSchema(rubric.verdict_schema()), config.model.span());
-        let judge = match Candidate::resolve(&catalog, config.catalog.get_ref(), config.model.get_ref(), Some(config.model.span()), Some(&output), &config.http, cx) {
-            Ok(j) => Some(j),
+        let judge = CalledModel::build(&config.catalog, &config.model, rubric.verdict_schema(), config.sampler.clone(), config.prepare, &config.http, cx);
+        match judge {
+            Ok(judge) if errors.is_empty() => Ok(Arc::new(LlmJudgeStage { stage: cx.stage_id.to_string(), config, judge })),
+            Ok(_) => Err(errors),
             Err(e) => {
-                errors.push(e);
-                None
+                errors.extend(e);
+                Err(errors)
             }
-        };
-        let Some(judge) = judge.filter(|_| errors.is_empty()) else { return Err(errors) };
-        let concurrency = if judge.is_http() { config.http.max_concurrency.0 } else { 1 };
-        let settings = RunSettings {
-            sampler: config.sampler.clone(),
-            prepare: config.prepare,
-            output: Some(output.0),
-            device: infer::DeviceSpec::Cpu,
-            catalog_dir: catalog_path.parent().map(PathBuf::from).unwrap_or_default(),
-        };
-        Ok(Arc::new(LlmJudgeStage { stage: cx.stage_id.to_string(), config, judge, settings, concurrency }))
+        }
     }
 }
 
 struct LlmJudgeStage {
     stage: String,
     config: LlmJudgeConfig,
-    judge: Candidate,
-    settings: RunSettings,
-    concurrency: usize,
+    judge: CalledModel,
 }
 
 impl LlmJudgeStage {
@@ -388,13 +372,12 @@ impl LlmJudgeStage {
 #[async_trait::async_trait]
 impl Stage for LlmJudgeStage {
     fn resolved(&self) -> Option<Value> {
-        Some(json!({"judge": self.judge.pin()}))
+        Some(json!({"judge": self.judge.candidate.pin()}))
     }
 
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
         let rubric = self.rubric(input)?;
         let samples = Self::samples(input)?;
-        let base = self.judge.item_input(&self.settings);
         let mut items = Vec::new();
         for (model, answers) in Self::answers(input)? {
             for a in answers {
@@ -404,21 +387,18 @@ impl Stage for LlmJudgeStage {
                 let messages = rubric
                     .messages(&fields, sample["label"].as_str(), a["text"].as_str().unwrap_or_default())
                     .map_err(|e| StageError::new(format!("rendering the rubric's template for `{id}`: {e}")))?;
-                let mut item = base.clone();
-                item["messages"] = json!(messages);
-                items.push(Item { id: format!("{model}/{id}"), input: item });
+                items.push(Item { id: format!("{model}/{id}"), input: self.judge.item_input(json!(messages)) });
             }
         }
         Ok(items)
     }
 
     async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
-        let messages: Vec<Message> = serde_json::from_value(item.input["messages"].clone()).map_err(|e| StageError::new(format!("judge messages are malformed: {e}")))?;
-        self.judge.chat(&messages, &self.settings, cx).await.map_err(StageError::new)
+        self.judge.run(item, cx).await
     }
 
     fn item_concurrency(&self) -> usize {
-        self.concurrency
+        self.judge.concurrency
     }
 
     fn volatile_keys(&self) -> &'static [&'static str] {
@@ -524,10 +504,10 @@ impl Stage for LlmJudgeStage {
             a["unscored"] = json!(unscored_labeled);
             a
         });
-        let summary = summary(best.as_ref().map(|(m, _, s)| (m.as_str(), s)), agreement.as_ref(), self.judge.id.as_str());
+        let summary = summary(best.as_ref().map(|(m, _, s)| (m.as_str(), s)), agreement.as_ref(), self.judge.candidate.id.as_str());
         Ok(json!({
             "task": "rubric",
-            "judge": self.judge.id,
+            "judge": self.judge.candidate.id,
             "labels": [],
             "failure_modes": rubric.failure_modes,
             "models": out,
