@@ -37,7 +37,7 @@ pub fn compare(a: &Side, b: &Side, seed: u64) -> Value {
         let (ja, jb) = (&a.judgement["models"][model], &b.judgement["models"][model]);
         let quality = |j: &Value| -> Option<(String, f64, Value)> {
             let (split, figures) = judge::quality(j);
-            let name = ["accuracy", "ndcg", "pass_rate"].into_iter().find(|k| figures.contains_key(k))?;
+            let name = judge::MAIN_METRICS.into_iter().find(|k| figures.contains_key(k))?;
             let ci = json!([figures.get(format!("{name}_ci_low").as_str()), figures.get(format!("{name}_ci_high").as_str())]);
             Some((format!("{name} ({split})"), figures[name], ci))
         };

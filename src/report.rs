@@ -50,13 +50,8 @@ fn gather(pipeline: &Pipeline, report: &RunReport, store: &Store, stop: &str) ->
     let mut diffs = Vec::new();
     for it in &report.iterations {
         if let Some(j) = of_kind(it, &["judge", "llm_judge"]) {
-            let m = &j["metrics"];
-            for name in ["accuracy", "ndcg", "pass_rate"] {
-                if let Some(v) = m[name].as_f64() {
-                    let ci = m[format!("{name}_ci_low")].as_f64().zip(m[format!("{name}_ci_high")].as_f64());
-                    quality.push((it.iteration + 1, name.to_string(), v, ci));
-                    break;
-                }
+            if let Some((name, v, ci)) = main_quality(&j["metrics"]) {
+                quality.push((it.iteration + 1, name.to_string(), v, ci));
             }
         }
         if let Some(p) = of_kind(it, &["prompt"])
@@ -96,14 +91,9 @@ fn candidate_rows(decision: &Value) -> Vec<[String; 9]> {
         .map_or(&[][..], Vec::as_slice)
         .iter()
         .map(|c| {
-            let q = &c["quality"];
-            let (name, value) = ["accuracy", "ndcg", "pass_rate"].iter().find_map(|k| q[k].as_f64().map(|v| (*k, v))).unwrap_or(("quality", f64::NAN));
-            let quality = if value.is_nan() {
-                "–".to_string()
-            } else {
-                let ci = q[format!("{name}_ci_low")].as_f64().zip(q[format!("{name}_ci_high")].as_f64());
+            let quality = main_quality(&c["quality"]).map_or("–".to_string(), |(name, value, ci)| {
                 format!("{name} {value:.3}{}", ci.map_or(String::new(), |(l, h)| format!(" [{l:.3}, {h:.3}]")))
-            };
+            });
             let t = &c["timing"];
             [
                 c["model"].as_str().unwrap_or_default().to_string(),
@@ -188,11 +178,17 @@ fn pareto(points: &[(f64, f64)]) -> Vec<bool> {
     points.iter().map(|&(c, q)| !points.iter().any(|&(c2, q2)| c2 <= c && q2 >= q && (c2 < c || q2 > q))).collect()
 }
 
+/// The task's main quality figure in a map of figures (a judge's `metrics`, a candidate's
+/// `quality`): its name, value and 95% interval.
+fn main_quality(figures: &Value) -> Option<(&'static str, f64, Option<(f64, f64)>)> {
+    judge::MAIN_METRICS.iter().find_map(|&k| {
+        let ci = figures[format!("{k}_ci_low")].as_f64().zip(figures[format!("{k}_ci_high")].as_f64());
+        figures[k].as_f64().map(|v| (k, v, ci))
+    })
+}
+
 fn quality_of(c: &Value) -> Option<(f64, Option<(f64, f64)>)> {
-    let q = &c["quality"];
-    ["accuracy", "ndcg", "pass_rate"]
-        .iter()
-        .find_map(|k| q[k].as_f64().map(|v| (v, q[format!("{k}_ci_low")].as_f64().zip(q[format!("{k}_ci_high")].as_f64()))))
+    main_quality(&c["quality"]).map(|(_, v, ci)| (v, ci))
 }
 
 fn render_html(f: &Facts) -> String {

@@ -213,17 +213,8 @@ impl JudgeStage {
                 .iter()
                 .map(|(split, scores)| {
                     let values: Vec<f64> = scores.iter().map(|(s, _)| *s).collect();
-                    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-                    let ci = if self.0.bootstrap > 0 && !values.is_empty() {
-                        let mut rng = fastrand::Rng::with_seed(seed);
-                        let mut means: Vec<f64> =
-                            (0..self.0.bootstrap).map(|_| mean(&(0..values.len()).map(|_| values[rng.usize(..values.len())]).collect::<Vec<_>>())).collect();
-                        json!(interval(&mut means))
-                    } else {
-                        Value::Null
-                    };
                     let unparsed = scores.iter().filter(|(_, u)| *u).count();
-                    (split.to_string(), json!({"n": values.len(), "unparsed": unparsed, "ndcg": {"value": round(mean(&values)), "ci95": ci}}))
+                    (split.to_string(), json!({"n": values.len(), "unparsed": unparsed, "ndcg": mean_with_interval(&values, self.0.bootstrap, seed)}))
                 })
                 .collect();
             if let Some(held) = splits.get("heldout").or_else(|| splits.get("dev")) {
@@ -284,6 +275,10 @@ fn ndcg(ranking: &[&str], grades: &BTreeMap<&str, f64>, k: usize) -> f64 {
     let idcg: f64 = ideal.iter().take(k).enumerate().map(|(i, r)| gain(*r, i)).sum();
     if idcg > 0.0 { dcg / idcg } else { 0.0 }
 }
+
+/// A task's main quality figure, by kind of judgement (labels, rankings, rubric): the first of
+/// these a judgement reports.
+pub const MAIN_METRICS: [&str; 3] = ["accuracy", "ndcg", "pass_rate"];
 
 /// The quality figures of one judged model (an entry of a judgement's `models`), on the held-out
 /// split (the dev split when nothing is held out): `accuracy`, `accuracy_ci_low`,
@@ -401,32 +396,30 @@ fn scores(pairs: &[(usize, Option<usize>)], labels: &[&str], bootstrap: u32, see
 /// A pass rate with its percentile-bootstrap 95% interval (`{"value", "ci95"}`; no interval when
 /// `bootstrap` is 0 or there is nothing to resample).
 pub fn proportion(passes: &[bool], bootstrap: u32, seed: u64) -> Value {
-    let rate = |p: &[bool]| p.iter().filter(|&&x| x).count() as f64 / p.len().max(1) as f64;
-    let ci = if bootstrap > 0 && !passes.is_empty() {
+    mean_with_interval(&passes.iter().map(|&p| f64::from(u8::from(p))).collect::<Vec<_>>(), bootstrap, seed)
+}
+
+/// A mean with its percentile-bootstrap 95% interval (`{"value", "ci95"}`): the resamples every
+/// interval here is drawn from, seeded so reruns give the same interval.
+fn mean_with_interval(values: &[f64], bootstrap: u32, seed: u64) -> Value {
+    let mean = |v: &mut dyn Iterator<Item = f64>, n: usize| v.sum::<f64>() / n.max(1) as f64;
+    let n = values.len();
+    let ci = if bootstrap > 0 && n > 0 {
         let mut rng = fastrand::Rng::with_seed(seed);
-        let n = passes.len();
-        let mut rates: Vec<f64> = (0..bootstrap).map(|_| (0..n).filter(|_| passes[rng.usize(..n)]).count() as f64 / n as f64).collect();
-        json!(interval(&mut rates))
+        let mut means: Vec<f64> = (0..bootstrap).map(|_| mean(&mut (0..n).map(|_| values[rng.usize(..n)]), n)).collect();
+        json!(interval(&mut means))
     } else {
         Value::Null
     };
-    json!({"value": round(rate(passes)), "ci95": ci})
+    json!({"value": round(mean(&mut values.iter().copied(), n)), "ci95": ci})
 }
 
 /// How much a pass rate moved between two versions judged on the same samples: the mean of
 /// (after − before) over `(before, after)` pairs, with a paired percentile-bootstrap 95%
 /// interval (samples resampled together, so the interval reflects the pairing).
 pub fn paired_difference(pairs: &[(bool, bool)], bootstrap: u32, seed: u64) -> Value {
-    let delta = |p: &[(bool, bool)]| p.iter().map(|(b, a)| f64::from(u8::from(*a)) - f64::from(u8::from(*b))).sum::<f64>() / p.len().max(1) as f64;
-    let ci = if bootstrap > 0 && !pairs.is_empty() {
-        let mut rng = fastrand::Rng::with_seed(seed);
-        let n = pairs.len();
-        let mut deltas: Vec<f64> = (0..bootstrap).map(|_| delta(&(0..n).map(|_| pairs[rng.usize(..n)]).collect::<Vec<_>>())).collect();
-        json!(interval(&mut deltas))
-    } else {
-        Value::Null
-    };
-    json!({"value": round(delta(pairs)), "ci95": ci})
+    let deltas: Vec<f64> = pairs.iter().map(|(b, a)| f64::from(u8::from(*a)) - f64::from(u8::from(*b))).collect();
+    mean_with_interval(&deltas, bootstrap, seed)
 }
 
 /// How a judge agrees with people, from `(human, judge)` pass/fail pairs: raw agreement, Cohen's

@@ -313,7 +313,7 @@ struct Row {
 impl Row {
     /// The task's main quality figure: accuracy, nDCG or rubric pass rate.
     fn quality(&self) -> f64 {
-        ["accuracy", "ndcg", "pass_rate"].iter().find_map(|k| self.values.get(k).copied()).unwrap_or(0.0)
+        judge::MAIN_METRICS.iter().find_map(|k| self.values.get(k).copied()).unwrap_or(0.0)
     }
 }
 
