@@ -4,6 +4,7 @@ mod compare;
 mod output;
 mod progress;
 mod report;
+mod review;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -65,8 +66,27 @@ enum Command {
     },
     /// List the stage kinds this binary knows.
     Kinds(JsonFlag),
+    /// Read a run's traces on a local page and label them pass or fail (labels go to a JSONL file
+    /// beside the pipeline, which `llm_judge` measures its judge against).
+    Review(ReviewArgs),
     /// Serve a catalog model, embedded, behind an OpenAI-compatible API (`/v1/chat/completions`).
     Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ReviewArgs {
+    #[command(flatten)]
+    inner: WithStore,
+    /// Iteration (1-based) of the last run [default: the last].
+    #[arg(long)]
+    iteration: Option<u32>,
+    /// Labels file [default: the `labels` of the pipeline's `llm_judge` stage, else
+    /// labels/<pipeline>.jsonl beside the pipeline file].
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Port on 127.0.0.1 (the page is served on loopback only); 0 picks a free one.
+    #[arg(long, default_value_t = 0)]
+    port: u16,
 }
 
 #[derive(clap::Args)]
@@ -226,6 +246,7 @@ fn main() -> ExitCode {
             output::kinds(&registry(), args.json);
             exit::OK
         }
+        Command::Review(args) => review(args),
         Command::Serve(args) => serve(&args),
     })
 }
@@ -414,6 +435,38 @@ fn show(args: &ShowArgs) -> u8 {
             exit::STORE,
             json,
         ),
+    }
+}
+
+fn review(args: ReviewArgs) -> u8 {
+    let json = args.inner.common.json.json;
+    let pipeline = match load(&args.inner.common.file, json) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let store = store_for(&pipeline, &args.inner.store);
+    let review = match review::Review::load(&pipeline, &store, args.iteration, args.labels) {
+        Ok(r) => r,
+        Err(e) => return error(&e, exit::STORE, json),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let (n, labels) = (review.len(), review.labels_path().to_path_buf());
+    let ready = |addr: std::net::SocketAddr| {
+        let url = format!("http://{addr}/");
+        if json {
+            println!("{}", serde_json::json!({"url": url, "traces": n, "labels": labels}));
+        } else {
+            println!("review {n} traces of `{}` at {url}\nlabels are saved to {} — Ctrl-C to stop", pipeline.name, labels.display());
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match runtime.block_on(review::serve(review, args.port, ready, shutdown)) {
+        Ok(()) => exit::OK,
+        Err(e) => error(&e, exit::INVALID, json),
     }
 }
 

@@ -252,21 +252,29 @@ fn environment() -> minijinja::Environment<'static> {
 }
 
 /// One person's verdict on one answer.
-#[derive(Debug, Deserialize)]
+/// One person's verdict on one answer: a line of the labels file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Label {
-    id: String,
-    model: String,
-    answer: String,
-    pass: bool,
-    #[serde(default)]
-    #[allow(dead_code)] // kept for people; the judge does not read it
-    note: Option<String>,
+pub struct Label {
+    pub id: String,
+    pub model: String,
+    /// The answer's text when it was labeled: a label of an answer that has since changed is stale.
+    pub answer: String,
+    pub pass: bool,
+    /// Why (for people, and for the rubric's author); the judge does not read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Labels by (sample, model); the last line for an answer wins.
 fn parse_labels(file: &SourceFile, stage: &str) -> Result<BTreeMap<(String, String), Label>, Vec<Diagnostic>> {
-    let mut labels = BTreeMap::new();
+    Ok(read_labels(file, &format!("stage `{stage}`"))?.into_iter().map(|l| ((l.id.clone(), l.model.clone()), l)).collect())
+}
+
+/// Every line of a labels file, in file order; errors name the line and column. `stage` names
+/// who reads the file in the messages.
+pub fn read_labels(file: &SourceFile, stage: &str) -> Result<Vec<Label>, Vec<Diagnostic>> {
+    let mut labels = Vec::new();
     let mut problems = Vec::new();
     let mut offset = 0;
     for line in file.text.split_inclusive('\n') {
@@ -277,9 +285,7 @@ fn parse_labels(file: &SourceFile, stage: &str) -> Result<BTreeMap<(String, Stri
             continue;
         }
         match serde_json::from_str::<Label>(text) {
-            Ok(l) => {
-                labels.insert((l.id.clone(), l.model.clone()), l);
-            }
+            Ok(l) => labels.push(l),
             Err(e) => {
                 // serde_json counts columns from 1 within the line.
                 let at = start + e.column().saturating_sub(1).min(text.len());
@@ -287,7 +293,7 @@ fn parse_labels(file: &SourceFile, stage: &str) -> Result<BTreeMap<(String, Stri
                 let message = e.to_string();
                 let message = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
                 problems.push(
-                    Diagnostic::error(format!("stage `{stage}`: invalid label: {message}"))
+                    Diagnostic::error(format!("{stage}: invalid label: {message}"))
                         .at(file, at..(at + 1).min(start + text.len()).max(at), "here")
                         .help(r#"each line is {"id": "<sample id>", "model": "<candidate>", "answer": "<the answer's text>", "pass": true|false, "note": "..."}"#),
                 );
@@ -295,6 +301,13 @@ fn parse_labels(file: &SourceFile, stage: &str) -> Result<BTreeMap<(String, Stri
         }
     }
     if problems.is_empty() { Ok(labels) } else { Err(problems) }
+}
+
+/// A label as one line of the labels file, in the file's style (`{"id": "t001", ...}`).
+pub fn label_line(l: &Label) -> String {
+    let s = |v: &str| serde_json::to_string(v).expect("a string serializes");
+    let note = l.note.as_deref().filter(|n| !n.is_empty()).map_or(String::new(), |n| format!(", \"note\": {}", s(n)));
+    format!("{{\"id\": {}, \"model\": {}, \"answer\": {}, \"pass\": {}{note}}}", s(&l.id), s(&l.model), s(&l.answer), l.pass)
 }
 
 fn read_source(cx: &mut BuildContext, file: &FileRef) -> Result<SourceFile, Vec<Diagnostic>> {
