@@ -56,6 +56,8 @@ pub struct Review {
     pipeline: String,
     iteration: u32,
     judge: String,
+    /// The rubric's failure modes (`llm_judge`), by id: a fail label may be filed under one.
+    failure_modes: serde_json::Map<String, Value>,
     traces: Vec<Trace>,
     by_key: BTreeMap<(String, String), usize>,
     labels: PathBuf,
@@ -119,7 +121,8 @@ impl Review {
                 .find_map(|s| s.files.iter().find(|(written, _)| s.config["labels"] == written.as_str()).map(|(_, path)| path.clone()))
                 .unwrap_or_else(|| pipeline.base_dir.join("labels").join(format!("{}.jsonl", pipeline.name)))
         });
-        let review = Review { pipeline: pipeline.name.clone(), iteration: it.iteration + 1, judge, traces, by_key, labels };
+        let failure_modes = judgement["failure_modes"].as_object().cloned().unwrap_or_default();
+        let review = Review { pipeline: pipeline.name.clone(), iteration: it.iteration + 1, judge, failure_modes, traces, by_key, labels };
         review.read_labels()?;
         Ok(review)
     }
@@ -156,15 +159,23 @@ impl Review {
             .into_iter()
             .filter_map(|(key, l)| {
                 let t = &self.traces[*self.by_key.get(&key)?];
-                Some(json!({"id": l.id, "model": l.model, "pass": l.pass, "note": l.note, "stale": l.answer != t.answer}))
+                Some(json!({"id": l.id, "model": l.model, "pass": l.pass, "failure_mode": l.failure_mode, "note": l.note, "stale": l.answer != t.answer}))
             })
             .collect())
     }
 
     /// Record a label: the answer's last line in the file is replaced, or a line appended.
-    fn save(&self, id: &str, model: &str, pass: bool, note: Option<String>) -> Result<(), LabelError> {
+    fn save(&self, id: &str, model: &str, pass: bool, failure_mode: Option<String>, note: Option<String>) -> Result<(), LabelError> {
         let &i = self.by_key.get(&(id.to_string(), model.to_string())).ok_or(LabelError::NoTrace)?;
-        let label = Label { id: id.to_string(), model: model.to_string(), answer: self.traces[i].answer.clone(), pass, note: note.filter(|n| !n.trim().is_empty()) };
+        let failure_mode = failure_mode.filter(|m| !pass && !m.is_empty());
+        if let Some(m) = &failure_mode
+            && !self.failure_modes.contains_key(m)
+        {
+            let known: Vec<&str> = self.failure_modes.keys().map(String::as_str).collect();
+            return Err(LabelError::Invalid(format!("no failure mode `{m}` in the rubric; it has: {}", if known.is_empty() { "none".into() } else { known.join(", ") })));
+        }
+        let note = note.filter(|n| !n.trim().is_empty());
+        let label = Label { id: id.to_string(), model: model.to_string(), answer: self.traces[i].answer.clone(), pass, failure_mode, note };
         let (text, _) = self.read_labels().map_err(LabelError::File)?;
         let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
         // Every line parsed above, so this finds the answer's lines exactly.
@@ -181,6 +192,7 @@ impl Review {
 
 enum LabelError {
     NoTrace,
+    Invalid(String),
     File(String),
 }
 
@@ -267,6 +279,7 @@ async fn traces(State(app): State<Arc<App>>) -> Response {
             "pipeline": r.pipeline,
             "iteration": r.iteration,
             "judge": r.judge,
+            "failure_modes": r.failure_modes,
             "labels_file": r.labels.display().to_string(),
             "traces": r.traces,
             "labels": labels,
@@ -283,13 +296,15 @@ struct LabelRequest {
     model: String,
     pass: bool,
     #[serde(default)]
+    failure_mode: Option<String>,
+    #[serde(default)]
     note: Option<String>,
 }
 
 async fn label(State(app): State<Arc<App>>, Json(req): Json<LabelRequest>) -> Response {
     let _writing = app.writing.lock().await;
     let r = &app.review;
-    match r.save(&req.id, &req.model, req.pass, req.note) {
+    match r.save(&req.id, &req.model, req.pass, req.failure_mode, req.note) {
         Ok(()) => {
             tracing::info!(id = req.id, model = req.model, pass = req.pass, "labeled");
             match r.labels_json() {
@@ -297,6 +312,7 @@ async fn label(State(app): State<Arc<App>>, Json(req): Json<LabelRequest>) -> Re
                 Err(e) => (StatusCode::CONFLICT, Json(json!({"error": e}))).into_response(),
             }
         }
+        Err(LabelError::Invalid(e)) => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"error": e}))).into_response(),
         Err(LabelError::NoTrace) => (StatusCode::NOT_FOUND, Json(json!({"error": format!("no answer of `{}` to `{}` in this run", req.model, req.id)}))).into_response(),
         // The file changed under us into something that is not a labels file: leave it be.
         Err(LabelError::File(e)) => (StatusCode::CONFLICT, Json(json!({"error": e}))).into_response(),
@@ -324,25 +340,28 @@ mod tests {
         };
         let traces = vec![trace("a", "Paris."), trace("b", "Lyon \"city\".")];
         let by_key = traces.iter().enumerate().map(|(i, t)| ((t.id.clone(), t.model.clone()), i)).collect();
-        let r = Review { pipeline: "x".into(), iteration: 1, judge: "llm_judge".into(), traces, by_key, labels: path.clone() };
+        let failure_modes = json!({"wrong_fact": {}}).as_object().unwrap().clone();
+        let r = Review { pipeline: "x".into(), iteration: 1, judge: "llm_judge".into(), failure_modes, traces, by_key, labels: path.clone() };
         // No file yet: it is created, with its directory.
-        assert!(r.save("b", "m", false, Some("wrong city".into())).is_ok());
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"id\": \"b\", \"model\": \"m\", \"answer\": \"Lyon \\\"city\\\".\", \"pass\": false, \"note\": \"wrong city\"}\n");
+        assert!(matches!(r.save("b", "m", false, Some("wrong_city".into()), None), Err(LabelError::Invalid(_))));
+        assert!(!path.exists());
+        assert!(r.save("b", "m", false, Some("wrong_fact".into()), Some("wrong city".into())).is_ok());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"id\": \"b\", \"model\": \"m\", \"answer\": \"Lyon \\\"city\\\".\", \"pass\": false, \"failure_mode\": \"wrong_fact\", \"note\": \"wrong city\"}\n");
         // A hand-written line for another model stays byte for byte; the answer's line is replaced.
         let other = "{\"id\":\"a\",\"model\":\"other\",\"answer\":\"x\",\"pass\":true}";
         std::fs::write(&path, format!("{other}\n{}", std::fs::read_to_string(&path).unwrap())).unwrap();
-        assert!(r.save("b", "m", true, Some("  ".into())).is_ok());
-        assert!(r.save("a", "m", true, None).is_ok());
+        assert!(r.save("b", "m", true, Some("wrong_fact".into()), Some("  ".into())).is_ok());
+        assert!(r.save("a", "m", true, None, None).is_ok());
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             format!("{other}\n{{\"id\": \"b\", \"model\": \"m\", \"answer\": \"Lyon \\\"city\\\".\", \"pass\": true}}\n{{\"id\": \"a\", \"model\": \"m\", \"answer\": \"Paris.\", \"pass\": true}}\n")
         );
         let labels = r.labels_json().unwrap();
         assert_eq!(labels.len(), 2, "the other model's label is not this run's");
-        assert!(matches!(r.save("zz", "m", true, None), Err(LabelError::NoTrace)));
+        assert!(matches!(r.save("zz", "m", true, None, None), Err(LabelError::NoTrace)));
         // A broken labels file is reported and left as it is.
         std::fs::write(&path, "{\"id\": \"a\"\n").unwrap();
-        let Err(LabelError::File(e)) = r.save("a", "m", false, None) else { panic!("saved over a broken file") };
+        let Err(LabelError::File(e)) = r.save("a", "m", false, None, None) else { panic!("saved over a broken file") };
         assert!(e.contains("x.jsonl:1:"), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"id\": \"a\"\n");
     }

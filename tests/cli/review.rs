@@ -125,12 +125,16 @@ fn review_page_labels_traces_in_chromium_and_the_judge_is_measured_against_them(
     assert_eq!(b.eval("document.getElementById('answer').textContent"), answer_of("t011"));
     b.click("#note");
     b.type_text("names a person, not a number");
+    // Leave the note, file the fail under the rubric's third failure mode (`3`), click "Fail".
+    b.press("Escape");
+    b.press("3");
+    assert_eq!(b.eval("document.getElementById('mode').value"), "wrong_fact");
     b.click("#fail");
     b.wait_for("document.getElementById('progress').textContent === '3 / 6 labeled'");
     let saved = labels(&p);
     assert_eq!(saved.len(), 3);
     assert_eq!(&saved[..2], &labeled.lines().map(|l| serde_json::from_str(l).unwrap()).collect::<Vec<Value>>()[..], "earlier labels stay as they were");
-    assert_eq!(saved[2], serde_json::json!({"id": "t011", "model": MODEL, "answer": answer_of("t011"), "pass": false, "note": "names a person, not a number"}));
+    assert_eq!(saved[2], serde_json::json!({"id": "t011", "model": MODEL, "answer": answer_of("t011"), "pass": false, "failure_mode": "wrong_fact", "note": "names a person, not a number"}));
     // The page moved on to the next unlabeled trace.
     assert_ne!(b.eval("document.querySelector('#list li.current').dataset.id"), "t011");
 
@@ -197,4 +201,20 @@ fn review_page_labels_traces_in_chromium_and_the_judge_is_measured_against_them(
     assert_eq!(judge["agreement"]["labels"], 4);
     let humans: Vec<(&str, bool)> = judge["models"][MODEL]["verdicts"].as_array().unwrap().iter().filter_map(|v| Some((v["id"].as_str()?, v["human"].as_bool()?))).collect();
     assert!(humans.contains(&("t011", true)) && humans.contains(&(next.as_str(), true)), "{humans:?}");
+
+    // Labels as worked examples: the judge is shown up to 2 labeled dev-split answers, so every
+    // answer is judged again, and those labels leave the agreement figures.
+    p.write("qa.toml", &p.read("qa.toml").replace("labels = \"labels/qa.jsonl\"", "labels = \"labels/qa.jsonl\"\nlabel_examples = 2"));
+    let (code, events, _) = p.run_logged_on("qa.toml", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(items(&events).iter().filter(|i| i.starts_with("judge/")).count(), 6);
+    let judge: Value = serde_json::from_slice(&p.run(&["show", "qa.toml", "judge"]).stdout).unwrap();
+    let verdicts = judge["models"][MODEL]["verdicts"].as_array().unwrap();
+    let dev_labeled = verdicts.iter().filter(|v| v["split"] == "dev" && v["human"].is_boolean()).count();
+    let shown: Vec<&Value> = verdicts.iter().filter(|v| v["label_example"] == true).collect();
+    assert_eq!(shown.len(), dev_labeled.min(2), "{verdicts:?}");
+    assert!(shown.iter().all(|v| v["split"] == "dev"));
+    let a = &judge["agreement"];
+    assert_eq!(a["examples"], shown.len());
+    assert_eq!(a["n"].as_u64().unwrap() + a["unscored"].as_u64().unwrap() + a["stale"].as_u64().unwrap() + a["examples"].as_u64().unwrap(), 4);
 }

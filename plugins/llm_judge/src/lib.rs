@@ -15,7 +15,9 @@
 //! With human labels (`labels`, JSONL: `{"id", "model", "answer", "pass"}`, the last label of an
 //! answer wins), the judge's agreement with people is reported: Cohen's κ, TPR and TNR over the
 //! labeled answers whose text is still the text that was labeled. Labels enter no item: editing
-//! them recomputes only the figures.
+//! them recomputes only the figures — unless `label_examples` turns some of them (dev split only)
+//! into worked examples, which the judge then sees in every conversation; those are left out of
+//! the agreement figures. `pipeline review` writes this file.
 //!
 //! The output has the `judgement` shape of `judge` (per candidate: `splits`, `verdicts`; `metrics`
 //! of the best candidate on the held-out split), read by `cluster`, `revise` and `select`.
@@ -46,6 +48,11 @@ pub struct LlmJudgeConfig {
     pub rubric: FileRef,
     /// People's pass/fail labels (JSONL), to measure the judge against.
     pub labels: Option<FileRef>,
+    /// Up to this many labeled dev-split answers join the rubric's worked examples (people's
+    /// fails and passes in turn, noted ones first; the note is the example's reasoning). They are
+    /// left out of the agreement figures, and a change to them re-judges every answer.
+    #[serde(default)]
+    pub label_examples: usize,
     /// The judge's decoding settings.
     #[serde(default = "judge_sampler")]
     pub sampler: Sampler,
@@ -113,6 +120,28 @@ struct Example {
     pass: bool,
     failure_mode: Option<String>,
     reasoning: String,
+}
+
+impl Example {
+    /// A person's label as a worked example, for the sample it labels; none when the label
+    /// cannot be one (a fail filed under no failure mode of the rubric).
+    fn from_label(label: &Label, sample: &Value, rubric: &Rubric) -> Option<Example> {
+        let failure_mode = match (&label.failure_mode, label.pass) {
+            (_, true) => None,
+            (Some(m), false) if rubric.failure_modes.contains_key(m) => Some(m.clone()),
+            _ => return None,
+        };
+        let note = label.note.as_deref().map(str::trim).filter(|n| !n.is_empty());
+        let reasoning = note.map_or_else(|| format!("People judged this answer a {}.", if label.pass { "pass" } else { "fail" }), str::to_string);
+        Some(Example {
+            input: sample["fields"].as_object().cloned().unwrap_or_default(),
+            reference: sample["label"].as_str().map(str::to_string),
+            answer: label.answer.clone(),
+            pass: label.pass,
+            failure_mode,
+            reasoning: reasoning.chars().take(rubric.max_reasoning_chars).collect(),
+        })
+    }
 }
 
 /// The rubric's failure mode for an answer that passes.
@@ -208,11 +237,11 @@ impl Rubric {
         environment().render_str(self.template.get_ref(), minijinja::Value::from(minijinja::value::Serde(json!({"input": input, "reference": reference, "answer": answer}))))
     }
 
-    /// The judge's conversation for one answer: rubric, worked examples, the answer.
-    fn messages(&self, input: &serde_json::Map<String, Value>, reference: Option<&str>, answer: &str) -> Result<Vec<Value>, minijinja::Error> {
+    /// The judge's conversation for one answer: rubric, worked examples (the rubric's, then
+    /// `more`), the answer.
+    fn messages(&self, more: &[Example], input: &serde_json::Map<String, Value>, reference: Option<&str>, answer: &str) -> Result<Vec<Value>, minijinja::Error> {
         let mut messages = vec![json!({"role": "system", "content": self.system_message()})];
-        for example in &self.examples {
-            let ex = example.get_ref();
+        for ex in self.examples.iter().map(Spanned::get_ref).chain(more) {
             messages.push(json!({"role": "user", "content": self.user_message(&ex.input, ex.reference.as_deref(), &ex.answer)?}));
             let verdict = json!({"reasoning": ex.reasoning, "pass": ex.pass, "failure_mode": if ex.pass { NONE } else { ex.failure_mode.as_deref().unwrap_or(NONE) }});
             messages.push(json!({"role": "assistant", "content": verdict.to_string()}));
@@ -261,7 +290,11 @@ pub struct Label {
     /// The answer's text when it was labeled: a label of an answer that has since changed is stale.
     pub answer: String,
     pub pass: bool,
-    /// Why (for people, and for the rubric's author); the judge does not read it.
+    /// For a fail: the rubric's failure mode it is filed under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<String>,
+    /// Why: for people, and the reasoning of the worked example a label becomes
+    /// (`label_examples`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
@@ -295,7 +328,7 @@ pub fn read_labels(file: &SourceFile, stage: &str) -> Result<Vec<Label>, Vec<Dia
                 problems.push(
                     Diagnostic::error(format!("{stage}: invalid label: {message}"))
                         .at(file, at..(at + 1).min(start + text.len()).max(at), "here")
-                        .help(r#"each line is {"id": "<sample id>", "model": "<candidate>", "answer": "<the answer's text>", "pass": true|false, "note": "..."}"#),
+                        .help(r#"each line is {"id": "<sample id>", "model": "<candidate>", "answer": "<the answer's text>", "pass": true|false, "failure_mode": "<for a fail>", "note": "..."}"#),
                 );
             }
         }
@@ -306,8 +339,15 @@ pub fn read_labels(file: &SourceFile, stage: &str) -> Result<Vec<Label>, Vec<Dia
 /// A label as one line of the labels file, in the file's style (`{"id": "t001", ...}`).
 pub fn label_line(l: &Label) -> String {
     let s = |v: &str| serde_json::to_string(v).expect("a string serializes");
-    let note = l.note.as_deref().filter(|n| !n.is_empty()).map_or(String::new(), |n| format!(", \"note\": {}", s(n)));
-    format!("{{\"id\": {}, \"model\": {}, \"answer\": {}, \"pass\": {}{note}}}", s(&l.id), s(&l.model), s(&l.answer), l.pass)
+    let mut line = format!("{{\"id\": {}, \"model\": {}, \"answer\": {}, \"pass\": {}", s(&l.id), s(&l.model), s(&l.answer), l.pass);
+    if let Some(m) = l.failure_mode.as_deref().filter(|_| !l.pass) {
+        line.push_str(&format!(", \"failure_mode\": {}", s(m)));
+    }
+    if let Some(n) = l.note.as_deref().filter(|n| !n.is_empty()) {
+        line.push_str(&format!(", \"note\": {}", s(n)));
+    }
+    line.push('}');
+    line
 }
 
 fn read_source(cx: &mut BuildContext, file: &FileRef) -> Result<SourceFile, Vec<Diagnostic>> {
@@ -338,6 +378,9 @@ impl StagePlugin for LlmJudge {
             && let Err(e) = read_source(cx, labels).and_then(|f| parse_labels(&f, cx.stage_id))
         {
             errors.extend(e);
+        }
+        if config.label_examples > 0 && config.labels.is_none() {
+            errors.push(cx.error_at(None, format!("`label_examples` is {}, but there is no `labels` file to take them from", config.label_examples), ""));
         }
         if config.bootstrap > 100_000 {
             errors.push(cx.error_at(None, format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), ""));
@@ -376,6 +419,43 @@ impl LlmJudgeStage {
         Ok(list)
     }
 
+    /// People's labels, by (sample, model); none without a labels file.
+    fn labels(&self, input: &StageInput) -> Result<BTreeMap<(String, String), Label>, StageError> {
+        let Some(file) = &self.config.labels else { return Ok(BTreeMap::new()) };
+        let text = std::str::from_utf8(input.file(file)?).map_err(|_| StageError::new("the labels file is not UTF-8"))?;
+        parse_labels(&SourceFile::new(&file.path, text), &self.stage).map_err(|d| StageError::new(d[0].render(false)))
+    }
+
+    /// The labels that become worked examples (`label_examples`), and their (sample, model) keys.
+    /// Dev-split samples only; fails and passes in turn, noted labels first, then by key.
+    #[allow(clippy::type_complexity)]
+    fn label_examples(&self, input: &StageInput, rubric: &Rubric, samples: &BTreeMap<&str, &Value>) -> Result<(Vec<Example>, Vec<(String, String)>), StageError> {
+        if self.config.label_examples == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let labels = self.labels(input)?;
+        let mut usable: [Vec<(&(String, String), Example)>; 2] = [Vec::new(), Vec::new()];
+        for (key, label) in &labels {
+            let Some(sample) = samples.get(key.0.as_str()).filter(|s| s["split"] == "dev") else { continue };
+            if let Some(ex) = Example::from_label(label, sample, rubric) {
+                usable[usize::from(label.pass)].push((key, ex));
+            }
+        }
+        for list in &mut usable {
+            // Stable: among noted and among unnoted labels, the key order stays.
+            list.sort_by_key(|(key, _)| labels[*key].note.as_deref().is_none_or(|n| n.trim().is_empty()));
+        }
+        let [fails, passes] = usable;
+        let (mut fails, mut passes) = (fails.into_iter(), passes.into_iter());
+        let (mut examples, mut keys) = (Vec::new(), Vec::new());
+        while examples.len() < self.config.label_examples {
+            let Some((key, ex)) = (if examples.len() % 2 == 0 { fails.next().or_else(|| passes.next()) } else { passes.next().or_else(|| fails.next()) }) else { break };
+            keys.push(key.clone());
+            examples.push(ex);
+        }
+        Ok((examples, keys))
+    }
+
     fn samples(input: &StageInput) -> Result<BTreeMap<&str, &Value>, StageError> {
         let rows = input.input("dataset")?["samples"].as_array().ok_or_else(|| StageError::new("the dataset has no `samples`"))?;
         Ok(rows.iter().filter_map(|r| Some((r["id"].as_str()?, r))).collect())
@@ -391,6 +471,7 @@ impl Stage for LlmJudgeStage {
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
         let rubric = self.rubric(input)?;
         let samples = Self::samples(input)?;
+        let (more, _) = self.label_examples(input, &rubric, &samples)?;
         let mut items = Vec::new();
         for (model, answers) in Self::answers(input)? {
             for a in answers {
@@ -398,7 +479,7 @@ impl Stage for LlmJudgeStage {
                 let sample = samples.get(id).ok_or_else(|| StageError::new(format!("answer for `{id}` ({model}) has no sample in the dataset")))?;
                 let fields = sample["fields"].as_object().cloned().unwrap_or_default();
                 let messages = rubric
-                    .messages(&fields, sample["label"].as_str(), a["text"].as_str().unwrap_or_default())
+                    .messages(&more, &fields, sample["label"].as_str(), a["text"].as_str().unwrap_or_default())
                     .map_err(|e| StageError::new(format!("rendering the rubric's template for `{id}`: {e}")))?;
                 items.push(Item { id: format!("{model}/{id}"), input: self.judge.item_input(json!(messages)) });
             }
@@ -421,13 +502,8 @@ impl Stage for LlmJudgeStage {
     fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let rubric = self.rubric(input)?;
         let samples = Self::samples(input)?;
-        let labels = match &self.config.labels {
-            Some(file) => {
-                let text = std::str::from_utf8(input.file(file)?).map_err(|_| StageError::new("the labels file is not UTF-8"))?;
-                parse_labels(&SourceFile::new(&file.path, text), &self.stage).map_err(|d| StageError::new(d[0].render(false)))?
-            }
-            None => BTreeMap::new(),
-        };
+        let labels = self.labels(input)?;
+        let (_, examples) = self.label_examples(input, &rubric, &samples)?;
         let mut results = results.into_iter();
         let mut out = serde_json::Map::new();
         let mut best: Option<(String, f64, Value)> = None;
@@ -460,9 +536,12 @@ impl Stage for LlmJudgeStage {
                     }
                 }
                 by_split.entry(split).or_default().push(read.as_ref().ok().map(|v| v.pass));
-                if let Some(label) = labels.get(&(id.to_string(), model.clone())) {
+                let key = (id.to_string(), model.clone());
+                if let Some(label) = labels.get(&key) {
                     verdict["human"] = json!(label.pass);
                     match (&read, label.answer == answer) {
+                        // The judge was shown this very label: agreeing with it proves nothing.
+                        _ if examples.contains(&key) => verdict["label_example"] = json!(true),
                         (_, false) => stale += 1,
                         (Ok(v), true) => pairs.push((label.pass, v.pass)),
                         (Err(_), true) => unscored_labeled += 1,
@@ -515,6 +594,8 @@ impl Stage for LlmJudgeStage {
             // judge left unscored: neither counts toward agreement.
             a["stale"] = json!(stale);
             a["unscored"] = json!(unscored_labeled);
+            // Labels shown to the judge as worked examples (`label_examples`).
+            a["examples"] = json!(examples.len());
             a
         });
         let summary = summary(best.as_ref().map(|(m, _, s)| (m.as_str(), s)), agreement.as_ref(), self.judge.candidate.id.as_str());
@@ -603,7 +684,7 @@ reasoning = "Lyon is not Paris."
     fn messages_hold_rubric_examples_and_the_answer() {
         let r = rubric(RUBRIC).unwrap();
         let input = json!({"question": "What is 2 + 2?"}).as_object().unwrap().clone();
-        let m = r.messages(&input, Some("4"), "Four.").unwrap();
+        let m = r.messages(&[], &input, Some("4"), "Four.").unwrap();
         assert_eq!(m.len(), 4);
         assert!(m[0]["content"].as_str().unwrap().contains("- wrong_fact: states a different fact"));
         assert_eq!(m[2]["content"], r#"{"reasoning":"Lyon is not Paris.","pass":false,"failure_mode":"wrong_fact"}"#);
@@ -623,6 +704,30 @@ reasoning = "Lyon is not Paris."
         assert!(e[0].render(false).contains("cannot render this example"), "{}", e[0].render(false));
         let e = rubric("task = 3").unwrap_err();
         assert!(e[0].render(false).contains("r.toml:1:8"), "{}", e[0].render(false));
+    }
+
+    #[test]
+    fn a_label_becomes_an_example_only_with_a_rubric_failure_mode() {
+        let r = rubric(RUBRIC).unwrap();
+        let sample = json!({"id": "q1", "split": "dev", "label": "Paris", "fields": {"question": "Capital of France?"}});
+        let label = |pass: bool, mode: Option<&str>, note: Option<&str>| Label {
+            id: "q1".into(),
+            model: "m".into(),
+            answer: "Lyon.".into(),
+            pass,
+            failure_mode: mode.map(str::to_string),
+            note: note.map(str::to_string),
+        };
+        let ex = Example::from_label(&label(false, Some("wrong_fact"), Some(&"x".repeat(500))), &sample, &r).unwrap();
+        assert_eq!((ex.pass, ex.failure_mode.as_deref(), ex.reasoning.len()), (false, Some("wrong_fact"), 160));
+        assert_eq!((ex.reference.as_deref(), &ex.input["question"]), (Some("Paris"), &json!("Capital of France?")));
+        assert!(Example::from_label(&label(false, None, None), &sample, &r).is_none(), "a fail with no mode");
+        assert!(Example::from_label(&label(false, Some("other"), None), &sample, &r).is_none(), "a mode the rubric lacks");
+        let ex = Example::from_label(&label(true, Some("wrong_fact"), None), &sample, &r).unwrap();
+        assert_eq!((ex.failure_mode.as_deref(), ex.reasoning.as_str()), (None, "People judged this answer a pass."));
+        let m = r.messages(&[ex], &sample["fields"].as_object().unwrap().clone(), Some("Paris"), "Paris.").unwrap();
+        assert_eq!(m.len(), 6, "system, the rubric's example, the label's example, the answer");
+        assert_eq!(m[3]["content"], "Question: Capital of France?\nReference: Paris\nAnswer: Lyon.");
     }
 
     #[test]
