@@ -26,6 +26,22 @@ use serde_json::Value;
 
 use crate::hash::{Digest, canonical_json};
 
+/// Fault injection for the crash tests (`tests/cli/crash.rs`): with `PIPELINE_CRASH_AT_WRITE=N`
+/// the process aborts in the middle of its N-th store write (half the temporary file written, not
+/// renamed), as a `kill -9` at the worst moment would leave it. Unset, it costs one atomic add.
+mod crash_test {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+
+    pub fn at_this_write() -> bool {
+        let at = *AT.get_or_init(|| std::env::var("PIPELINE_CRASH_AT_WRITE").ok().and_then(|v| v.parse().ok()));
+        at.is_some_and(|n| WRITES.fetch_add(1, Ordering::SeqCst) + 1 == n)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path}: {source}")]
@@ -103,6 +119,11 @@ impl Store {
         let tmp = tmp_dir.join(format!("{}-{n}", std::process::id()));
         let result = (|| {
             let mut f = File::create(&tmp)?;
+            if crash_test::at_this_write() {
+                // Half the bytes, then die: the torn write a kill can leave.
+                let _ = f.write_all(&bytes[..bytes.len() / 2]);
+                std::process::abort();
+            }
             f.write_all(bytes)?;
             fs::rename(&tmp, path)
         })();
