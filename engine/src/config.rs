@@ -132,10 +132,7 @@ const STAGE_COMMON_KEYS: &[&str] = &["kind", "needs"];
 
 /// Read and validate a pipeline file. `Err` holds every problem found.
 pub fn load(path: &Path, registry: &Registry) -> Result<Pipeline, Vec<Diagnostic>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        vec![Diagnostic::error(format!("cannot read pipeline file `{}`: {e}", path.display()))]
-    })?;
-    parse(SourceFile::new(path, text), registry)
+    parse(SourceFile::read(path, "pipeline file").map_err(|d| vec![d])?, registry)
 }
 
 struct RawStage {
@@ -441,7 +438,8 @@ fn parse_stages(
         let node = if unknown {
             None
         } else {
-            let mut cx = BuildContext { pipeline: file, base_dir, stage_id: &id, files: Vec::new() };
+            let key_spans = config.iter().map(|(k, v)| (k.get_ref().to_string(), v.span())).collect();
+            let mut cx = BuildContext { pipeline: file, base_dir, stage_id: &id, files: Vec::new(), stage_span: key.span(), key_spans };
             match plugin.build(Spanned::new(value.span(), DeValue::Table(config)), &mut cx) {
                 Ok((stage, config)) => Some(StageNode {
                     id: id.clone(),

@@ -32,6 +32,26 @@ impl SourceFile {
     }
 }
 
+impl SourceFile {
+    /// Read a text file. `what` names it in errors ("pipeline file"); bytes that are not UTF-8
+    /// are an error located at the first of them, not silently replaced.
+    pub fn read(path: &Path, what: &str) -> Result<SourceFile, Diagnostic> {
+        let bytes = std::fs::read(path).map_err(|e| Diagnostic::error(format!("cannot read {what} `{}`: {e}", path.display())))?;
+        match String::from_utf8(bytes) {
+            Ok(text) => Ok(SourceFile::new(path, text)),
+            Err(e) => {
+                let at = e.utf8_error().valid_up_to();
+                let byte = e.as_bytes()[at];
+                // The valid prefix is unchanged in the lossy text; the bad byte became U+FFFD.
+                let file = SourceFile::new(path, String::from_utf8_lossy(e.as_bytes()).into_owned());
+                Err(Diagnostic::error(format!("{what} `{}` is not UTF-8 text (byte 0x{byte:02x})", path.display()))
+                    .at(&file, at..at + '\u{fffd}'.len_utf8(), "not UTF-8")
+                    .help("save it as UTF-8"))
+            }
+        }
+    }
+}
+
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     while !s.is_char_boundary(i) {
         i -= 1;

@@ -199,6 +199,9 @@ pub struct BuildContext<'a> {
     pub base_dir: &'a Path,
     pub stage_id: &'a str,
     pub(crate) files: Vec<(FileRef, PathBuf)>,
+    /// Where the stage's id is written (its table header), and each of its keys' values.
+    pub(crate) stage_span: Range<usize>,
+    pub(crate) key_spans: Vec<(String, Range<usize>)>,
 }
 
 impl BuildContext<'_> {
@@ -226,12 +229,17 @@ impl BuildContext<'_> {
         if self.base_dir == Path::new(".") { PathBuf::from(&file.path) } else { self.base_dir.join(&file.path) }
     }
 
-    /// A diagnostic located at a config field (falls back to no location).
+    /// Where the value of the stage's key `name` is written, if it is.
+    pub fn key(&self, name: &str) -> Option<Range<usize>> {
+        self.key_spans.iter().find(|(k, _)| k == name).map(|(_, span)| span.clone())
+    }
+
+    /// A diagnostic located at a config field (see [`Self::key`]); without one, at the stage.
     pub fn error_at(&self, span: Option<Range<usize>>, message: impl Into<String>, label: impl Into<String>) -> Diagnostic {
         let d = Diagnostic::error(format!("stage `{}`: {}", self.stage_id, message.into()));
         match span {
             Some(span) => d.at(self.pipeline, span, label),
-            None => d,
+            None => d.at(self.pipeline, self.stage_span.clone(), "in this stage"),
         }
     }
 }

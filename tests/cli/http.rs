@@ -69,7 +69,7 @@ fn get(port: u16, path: &str, key: &str) -> Option<String> {
 }
 
 /// The SmolLM2 GGUF, fetched and verified through the catalog as the embedded backend does.
-fn smollm2() -> PathBuf {
+pub fn smollm2() -> PathBuf {
     let root = crate::root();
     let catalog = catalog::Catalog::load(&root.join("catalogs/open-models.toml")).unwrap_or_else(|d| panic!("{}", d[0].render(false)));
     let source = catalog.get("smollm2-135m-instruct").unwrap().runnable_source().unwrap().clone();

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 mod browser;
 mod crash;
+mod disk;
 mod http;
 mod review;
 

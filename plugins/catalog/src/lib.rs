@@ -134,9 +134,7 @@ pub enum ResponseFormat {
 impl Catalog {
     /// Read and check a catalog; every problem is reported with its location.
     pub fn load(path: &Path) -> Result<Catalog, Vec<Diagnostic>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| vec![Diagnostic::error(format!("cannot read catalog `{}`: {e}", path.display()))])?;
-        Self::parse(&SourceFile::new(path, text))
+        Self::parse(&SourceFile::read(path, "catalog").map_err(|d| vec![d])?)
     }
 
     pub fn parse(file: &SourceFile) -> Result<Catalog, Vec<Diagnostic>> {
@@ -149,12 +147,16 @@ impl Catalog {
         })?;
         let mut problems = Vec::new();
         let mut seen = HashSet::new();
-        let locate = |id: &str| file.text.find(&format!("\"{id}\"")).map(|i| i..i + id.len() + 2);
+        // The id of the nth model that has it (a duplicate id is written twice).
+        let mut occurrences: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for m in &catalog.models {
+            let nth = occurrences.entry(m.id.as_str()).or_default();
+            let at = file.text.match_indices(&format!("\"{}\"", m.id)).nth(*nth).map(|(i, _)| i..i + m.id.len() + 2);
+            *nth += 1;
             let mut problem = |msg: String| {
                 let d = Diagnostic::error(format!("catalog model `{}`: {msg}", m.id));
-                problems.push(match locate(&m.id) {
-                    Some(span) => d.at(file, span, "this model"),
+                problems.push(match &at {
+                    Some(span) => d.at(file, span.clone(), "this model"),
                     None => d,
                 });
             };

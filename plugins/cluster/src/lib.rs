@@ -76,10 +76,10 @@ impl StagePlugin for Cluster {
 
     fn build(config: ClusterConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         if config.examples == 0 || config.examples > 50 {
-            return Err(vec![cx.error_at(None, format!("`examples` must be 1 to 50, not {}", config.examples), "")]);
+            return Err(vec![cx.error_at(cx.key("examples"), format!("`examples` must be 1 to 50, not {}", config.examples), "")]);
         }
         if config.min_size < 2 || !(-1.0..=1.0).contains(&config.min_silhouette) {
-            return Err(vec![cx.error_at(None, format!("`min_size` must be at least 2 and `min_silhouette` within −1 to 1 (got {} and {})", config.min_size, config.min_silhouette), "")]);
+            return Err(vec![cx.error_at(cx.key("min_size").or(cx.key("min_silhouette")), format!("`min_size` must be at least 2 and `min_silhouette` within −1 to 1 (got {} and {})", config.min_size, config.min_silhouette), "")]);
         }
         let namer = match &config.namer {
             None => None,

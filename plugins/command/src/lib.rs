@@ -43,7 +43,7 @@ impl StagePlugin for Command {
     fn build(config: CommandConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         let mut errors = Vec::new();
         if config.run.is_empty() || config.run[0].is_empty() {
-            errors.push(cx.error_at(None, "`run` needs at least the program to run", ""));
+            errors.push(cx.error_at(cx.key("run"), "`run` needs at least the program to run", ""));
         }
         for f in &config.files {
             if let Err(d) = cx.file(f) {

@@ -70,11 +70,19 @@ impl StagePlugin for Dataset {
     fn build(config: DatasetConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         let path = cx.file(&config.path).map_err(|d| vec![d])?;
         // Check every line now, so `pipeline validate` reports them all with their locations.
-        let text = std::fs::read(&path).map_err(|e| vec![cx.error_at(config.path.span.clone(), format!("cannot read `{}`: {e}", config.path.path), "here")])?;
-        let file = SourceFile::new(cx.display_path(&config.path), String::from_utf8_lossy(&text).into_owned());
+        let file = SourceFile::read(&path, "dataset").map_err(|d| vec![d])?;
+        let file = SourceFile::new(cx.display_path(&config.path), file.text);
         parse_samples(&file, &config).map_err(|errors| errors.into_iter().map(|e| e.diagnostic(&file)).collect::<Vec<_>>())?;
         Ok(Arc::new(DatasetStage(config)))
     }
+}
+
+/// Read a JSONL golden set as the stage does: the dataset artifact (samples split into dev and
+/// held-out by `seed`), or every bad line as a located diagnostic. The fuzz target
+/// `dataset_reader` drives this.
+pub fn read(file: &SourceFile, config: &DatasetConfig, seed: u64) -> Result<Value, Vec<Diagnostic>> {
+    let samples = parse_samples(file, config).map_err(|errors| errors.into_iter().map(|e| e.diagnostic(file)).collect::<Vec<_>>())?;
+    Ok(split(samples, config, seed))
 }
 
 struct DatasetStage(DatasetConfig);

@@ -220,6 +220,22 @@ fn default_max_tokens() -> usize {
     64
 }
 
+impl Sampler {
+    /// Why these settings cannot decode, if they cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_tokens == 0 {
+            return Err("`max_tokens` is 0: at least 1 token must be generated".into());
+        }
+        if !(self.temperature.is_finite() && (0.0..=2.0).contains(&self.temperature)) {
+            return Err(format!("`temperature` is {}: it must be 0 (greedy) to 2", self.temperature));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err("`stop` holds an empty string, which would stop before the first token".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for Sampler {
     fn default() -> Self {
         Sampler { max_tokens: default_max_tokens(), temperature: 0.0, stop: Vec::new() }
@@ -390,6 +406,7 @@ impl CalledModel {
         cx: &BuildContext,
     ) -> Result<CalledModel, Vec<Diagnostic>> {
         let (loaded, path) = Catalog::load_for_stage(catalog, cx)?;
+        sampler.check().map_err(|e| vec![cx.error_at(cx.key("sampler"), e, "these settings")])?;
         let output = (OutputConstraint::JsonSchema(schema), model.span());
         let candidate = Candidate::resolve(&loaded, catalog.get_ref(), model.get_ref(), Some(model.span()), Some(&output), http, cx).map_err(|d| vec![d])?;
         let concurrency = if candidate.is_http() { http.max_concurrency.0 } else { 1 };
@@ -429,6 +446,9 @@ impl StagePlugin for Infer {
             && let Err(e) = constraint.check()
         {
             errors.push(cx.error_at(Some(span.clone()), e, "this constraint"));
+        }
+        if let Err(e) = config.sampler.check() {
+            errors.push(cx.error_at(cx.key("sampler"), e, "these settings"));
         }
         let device = *config.device.get_ref();
         if device != DeviceSpec::Cpu && !cfg!(feature = "cuda") {

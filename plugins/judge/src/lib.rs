@@ -77,10 +77,10 @@ impl StagePlugin for Judge {
 
     fn build(config: JudgeConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         if config.k == 0 || !(0.0..=1.0).contains(&config.pass_ndcg) {
-            return Err(vec![cx.error_at(None, format!("`k` must be at least 1 and `pass_ndcg` within 0 to 1 (got {} and {})", config.k, config.pass_ndcg), "")]);
+            return Err(vec![cx.error_at(cx.key("k").or(cx.key("pass_ndcg")), format!("`k` must be at least 1 and `pass_ndcg` within 0 to 1 (got {} and {})", config.k, config.pass_ndcg), "")]);
         }
         if config.bootstrap > 100_000 {
-            return Err(vec![cx.error_at(None, format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), "")]);
+            return Err(vec![cx.error_at(cx.key("bootstrap"), format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), "")]);
         }
         Ok(Arc::new(JudgeStage(config)))
     }

@@ -380,10 +380,10 @@ impl StagePlugin for LlmJudge {
             errors.extend(e);
         }
         if config.label_examples > 0 && config.labels.is_none() {
-            errors.push(cx.error_at(None, format!("`label_examples` is {}, but there is no `labels` file to take them from", config.label_examples), ""));
+            errors.push(cx.error_at(cx.key("label_examples"), format!("`label_examples` is {}, but there is no `labels` file to take them from", config.label_examples), ""));
         }
         if config.bootstrap > 100_000 {
-            errors.push(cx.error_at(None, format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), ""));
+            errors.push(cx.error_at(cx.key("bootstrap"), format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), ""));
         }
         let Some(rubric) = rubric else { return Err(errors) };
         let judge = CalledModel::build(&config.catalog, &config.model, rubric.verdict_schema(), config.sampler.clone(), config.prepare, &config.http, cx);

@@ -49,7 +49,7 @@ impl StagePlugin for Prompt {
         if let Some(system) = &config.system
             && let Err(e) = check_syntax(system)
         {
-            errors.push(cx.error_at(None, format!("`system` is not a valid template: {e}"), ""));
+            errors.push(cx.error_at(cx.key("system"), format!("`system` is not a valid template: {e}"), ""));
         }
         if !errors.is_empty() {
             return Err(errors);

@@ -76,10 +76,10 @@ impl StagePlugin for Revise {
     fn build(config: ReviseConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         let mut errors = Vec::new();
         if !(config.alpha > 0.0 && config.alpha < 1.0) {
-            errors.push(cx.error_at(None, format!("`alpha` must be between 0 and 1, not {}", config.alpha), ""));
+            errors.push(cx.error_at(cx.key("alpha"), format!("`alpha` must be between 0 and 1, not {}", config.alpha), ""));
         }
         if config.max_clusters == 0 || config.max_clusters > 20 {
-            errors.push(cx.error_at(None, format!("`max_clusters` must be 1 to 20, not {}", config.max_clusters), ""));
+            errors.push(cx.error_at(cx.key("max_clusters"), format!("`max_clusters` must be 1 to 20, not {}", config.max_clusters), ""));
         }
         if errors.is_empty() { Ok(Arc::new(ReviseStage(config))) } else { Err(errors) }
     }

@@ -104,7 +104,7 @@ impl StagePlugin for Select {
         if let Some(price) = config.usd_per_hour
             && !(price.is_finite() && price > 0.0)
         {
-            errors.push(cx.error_at(None, format!("`usd_per_hour` must be a positive price, not {price}"), ""));
+            errors.push(cx.error_at(cx.key("usd_per_hour"), format!("`usd_per_hour` must be a positive price, not {price}"), ""));
         }
         if config.usd_per_hour.is_none() && config.prices.is_none() && config.targets.get_ref().contains_key("usd_per_mtok") {
             errors.push(
