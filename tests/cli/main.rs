@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 mod browser;
+mod concurrency;
 mod crash;
 mod disk;
 mod http;

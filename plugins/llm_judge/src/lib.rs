@@ -274,10 +274,10 @@ struct Verdict {
     failure_mode: Option<String>,
 }
 
+/// The rubric's template renders in the same sandbox as prompts (no files, no environment, bounded
+/// work).
 fn environment() -> minijinja::Environment<'static> {
-    let mut env = minijinja::Environment::new();
-    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-    env
+    prompt::environment()
 }
 
 /// One person's verdict on one answer.

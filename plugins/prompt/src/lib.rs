@@ -86,11 +86,21 @@ impl Stage for PromptStage {
     }
 }
 
-fn environment() -> Environment<'static> {
+/// The environment every template of a pipeline renders in (prompts here, rubrics in
+/// `llm_judge`): a sandbox. It has no loader, so `include`, `import` and `extends` reach no file;
+/// no function reads the environment, the clock or the disk; a template sees only the context it
+/// is given (a sample's fields and id). Undefined names are errors, and fuel bounds the work one
+/// rendering may do, so a runaway loop fails instead of hanging the run.
+pub fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env
 }
+
+/// Instructions one rendering may run: ample for any prompt (a loop over a few thousand list
+/// items), far short of a loop that would not end.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
 
 pub struct Render;
 
@@ -189,6 +199,42 @@ mod tests {
             render("Ticket {{ id }}: {{ text | upper }}", json!({"text": "refund please"})).unwrap(),
             json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ticket s1: REFUND PLEASE"}])
         );
+    }
+
+    #[test]
+    fn templates_cannot_reach_files_the_environment_or_unbounded_work() {
+        unsafe { std::env::set_var("PIPELINE_TEMPLATE_CANARY", "canary-8b1f") };
+        let fields = json!({"text": "hello"});
+        for (template, why) in [
+            ("{% include '/etc/passwd' %}", "include"),
+            ("{% include 'Cargo.toml' %}", "include"),
+            ("{% import '/etc/hostname' as h %}{{ h }}", "import"),
+            ("{% extends '/etc/passwd' %}", "extends"),
+            ("{{ env.PIPELINE_TEMPLATE_CANARY }}", "env"),
+            ("{{ environ }}", "environ"),
+            ("{{ os.environ }}", "os"),
+            ("{{ self }}", "self"),
+            ("{{ config }}", "config"),
+            ("{{ lookup('PIPELINE_TEMPLATE_CANARY') }}", "lookup"),
+            ("{{ open('/etc/passwd') }}", "open"),
+            ("{{ now() }}", "clock"),
+            ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "runaway loop"),
+            ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "unbounded recursion"),
+            ("{{ 'x' * 4000000000 }}", "a 4 GB string"),
+        ] {
+            let started = std::time::Instant::now();
+            let out = render(template, fields.clone());
+            assert!(out.is_err(), "{why}: `{template}` rendered {out:?}");
+            let e = out.unwrap_err().message;
+            assert!(!e.contains("root:") && !e.contains("canary-8b1f") && !e.contains("[workspace]"), "{why}: {e}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(5), "{why} took {:?}", started.elapsed());
+        }
+        // What a template does see: the sample (and `debug()` shows nothing more).
+        let seen = render("{{ debug() }}", fields).unwrap()[1]["content"].as_str().unwrap().to_string();
+        assert!(seen.contains("hello") && seen.contains("s1") && !seen.contains("canary-8b1f"), "{seen}");
+        // A realistic prompt stays well inside the fuel.
+        let examples: Vec<Value> = (0..2000).map(|i| json!({"q": format!("question {i}"), "a": "answer"})).collect();
+        assert!(render("{% for e in examples %}Q: {{ e.q }}\nA: {{ e.a }}\n{% endfor %}", json!({"examples": examples})).is_ok());
     }
 
     #[test]
