@@ -383,6 +383,15 @@ fn run(args: RunArgs) -> u8 {
             }
         }
         Err(e @ engine::RunError::LockMismatch(_)) => error(&format!("--locked: {e}\n  the lockfile {} was left as it is", lock_path.display()), exit::LOCKED, json),
+        // A full disk, a read-only or vanished store: say what survives and how to go on.
+        Err(e @ engine::RunError::Store(engine::store::StoreError::Io { .. })) => error(
+            &format!(
+                "{e}\n  work that finished before this was kept, and the lockfile {} was left as it is; once the store can be written (free space, or `--store DIR`), the next run continues from there",
+                lock_path.display()
+            ),
+            exit::STORE,
+            json,
+        ),
         Err(e) => error(&e.to_string(), exit::STORE, json),
     }
 }

@@ -30,9 +30,7 @@ impl SourceFile {
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         (line, before[line_start..].chars().count() + 1)
     }
-}
 
-impl SourceFile {
     /// Read a text file. `what` names it in errors ("pipeline file"); bytes that are not UTF-8
     /// are an error located at the first of them, not silently replaced.
     pub fn read(path: &Path, what: &str) -> Result<SourceFile, Diagnostic> {

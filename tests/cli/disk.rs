@@ -58,6 +58,7 @@ cp -a small/store full-store"#,
     assert_eq!(p.read("exit.txt").trim(), "exit 3", "{}\n{}", text(&out.stdout), text(&out.stderr));
     let err = text(&out.stderr);
     assert!(err.contains("No space left on device") && err.contains("small/store/"), "the error names the file and the cause: {err}");
+    assert!(err.contains("the next run continues from there"), "the error says how to go on: {err}");
     assert_eq!(p.read("select.lock"), lock, "the previous lockfile is untouched");
     let finished: BTreeSet<String> = items(&std::fs::read_to_string(p.path("events.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect::<Vec<_>>()).into_iter().collect();
     assert!(!finished.is_empty(), "some items finished before the disk was full");
