@@ -11,8 +11,7 @@ use crate::{Project, started, text};
 /// the other's memoized answers): with `--jobs 2` they run at the same time.
 fn two_inference_stages() -> Project {
     let p = Project::new();
-    let data: String = p.read("data/tickets.jsonl").lines().take(6).map(|l| format!("{l}\n")).collect();
-    p.write("data/tickets.jsonl", &data);
+    p.keep_tickets(6);
     let stage = |id: &str, tokens: u32| {
         format!("\n[stages.{id}]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instruct\"]\nsampler = {{ max_tokens = {tokens}, stop = [\"\\n\"] }}\n")
     };

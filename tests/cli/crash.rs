@@ -11,49 +11,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{Project, text};
+use crate::{Project, loop_stages, text};
 
-const STAGES: &str = r#"
-[stages.answers]
-kind = "infer"
-needs = ["rendered"]
-catalog = "../catalogs/open-models.toml"
-models = ["smollm2-135m-instruct"]
-sampler = { max_tokens = 8, stop = ["\n"] }
-
-[stages.judge]
-kind = "judge"
-needs = ["tickets", "answers"]
-bootstrap = 100
-
-[stages.decision]
-kind = "select"
-needs = ["judge", "answers", "revise"]
-catalog = "../catalogs/open-models.toml"
-targets = { accuracy = { min = 0.99 } }
-
-[stages.failures]
-kind = "cluster"
-needs = ["judge", "answers"]
-
-[stages.revise]
-kind = "revise"
-needs = ["prompt", "failures", "judge", "tickets"]
-
-[targets]
-from = "decision"
-targets_met = { min = 1 }
-
-[iterate]
-max_iterations = 2
-feedback = { from = "revise", to = "prompt" }
-"#;
 
 fn project() -> Project {
     let p = Project::new();
-    let data: String = p.read("data/tickets.jsonl").lines().take(8).map(|l| format!("{l}\n")).collect();
-    p.write("data/tickets.jsonl", &data);
-    p.write("select.toml", &(p.read("select.toml") + STAGES));
+    p.keep_tickets(8);
+    p.write("select.toml", &(p.read("select.toml") + &loop_stages(false, "max_iterations = 2")));
     p
 }
 

@@ -118,8 +118,7 @@ fn weights_whose_sha256_does_not_match_are_refused() {
         ),
     );
     p.write("select.toml", &(p.read("select.toml") + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"tampered.toml\"\nmodels = [\"tampered\"]\n"));
-    let data: String = p.read("data/tickets.jsonl").lines().take(3).map(|l| format!("{l}\n")).collect();
-    p.write("data/tickets.jsonl", &data);
+    p.keep_tickets(3);
     let out = p.run(&["run", "select.toml"]);
     no_panic(&out);
     assert_eq!(out.status.code(), Some(1), "{}\n{}", text(&out.stdout), text(&out.stderr));

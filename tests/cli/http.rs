@@ -79,8 +79,7 @@ pub fn smollm2() -> PathBuf {
 /// A project whose catalog serves SmolLM2 from `base_urls`, on the first `samples` tickets.
 fn served_project(base_urls: &[String], samples: usize, http: &str) -> Project {
     let p = Project::new();
-    let data: String = p.read("data/tickets.jsonl").lines().take(samples).map(|l| format!("{l}\n")).collect();
-    p.write("data/tickets.jsonl", &data);
+    p.keep_tickets(samples);
     write_catalog(&p, base_urls);
     let toml = p.read("select.toml")
         + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"served.toml\"\nmodels = [\"smollm2-served\"]\nsampler = { max_tokens = 6, stop = [\"\\n\"] }\n"

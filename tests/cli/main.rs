@@ -67,6 +67,11 @@ impl Project {
     fn write(&self, rel: &str, text: &str) {
         std::fs::write(self.path(rel), text).unwrap();
     }
+    /// Cut `data/tickets.jsonl` to its first `n` tickets (tests that run the model keep few).
+    fn keep_tickets(&self, n: usize) {
+        let data: String = self.read("data/tickets.jsonl").lines().take(n).map(|l| format!("{l}\n")).collect();
+        self.write("data/tickets.jsonl", &data);
+    }
     /// `run` with an event log; returns (exit code, events).
     fn run_logged(&self, extra: &[&str]) -> (i32, Vec<Value>, Output) {
         self.run_logged_on("select.toml", extra)
@@ -81,6 +86,50 @@ impl Project {
         let events = std::fs::read_to_string(&log).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         (out.status.code().unwrap(), events, out)
     }
+}
+
+/// The quality loop after `select.toml`'s `rendered`: SmolLM2 answers (8 tokens), `judge`,
+/// `select` (an unreachable target, so the loop runs), `cluster` (with an LLM namer if `namer`),
+/// `revise`, fed back to the prompt. `iterate` holds the `[iterate]` settings besides `feedback`.
+fn loop_stages(namer: bool, iterate: &str) -> String {
+    let namer = if namer { "namer = { catalog = \"../catalogs/open-models.toml\", model = \"smollm2-135m-instruct\" }\n" } else { "" };
+    format!(
+        r#"
+[stages.answers]
+kind = "infer"
+needs = ["rendered"]
+catalog = "../catalogs/open-models.toml"
+models = ["smollm2-135m-instruct"]
+sampler = {{ max_tokens = 8, stop = ["\n"] }}
+
+[stages.judge]
+kind = "judge"
+needs = ["tickets", "answers"]
+bootstrap = 100
+
+[stages.decision]
+kind = "select"
+needs = ["judge", "answers", "revise"]
+catalog = "../catalogs/open-models.toml"
+targets = {{ accuracy = {{ min = 0.99 }} }}
+
+[stages.failures]
+kind = "cluster"
+needs = ["judge", "answers"]
+{namer}
+[stages.revise]
+kind = "revise"
+needs = ["prompt", "failures", "judge", "tickets"]
+
+[targets]
+from = "decision"
+targets_met = {{ min = 1 }}
+
+[iterate]
+{iterate}
+feedback = {{ from = "revise", to = "prompt" }}
+"#
+    )
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -391,8 +440,7 @@ fn ctrl_c_stops_cleanly_and_keeps_finished_work() {
 #[test]
 fn infer_runs_smollm2_offline_and_reproduces() {
     let p = Project::new();
-    let data: String = p.read("data/tickets.jsonl").lines().take(4).map(|l| format!("{l}\n")).collect();
-    p.write("data/tickets.jsonl", &data);
+    p.keep_tickets(4);
     let toml = p.read("select.toml")
         + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instruct\"]\nsampler = { max_tokens = 6, stop = [\"\\n\"] }\n";
     p.write("select.toml", &toml);
@@ -444,8 +492,7 @@ const INTENTS: [&str; 6] = ["billing", "refund", "technical", "account", "shippi
 #[test]
 fn infer_output_is_constrained() {
     let p = Project::new();
-    let data: String = p.read("data/tickets.jsonl").lines().take(4).map(|l| format!("{l}\n")).collect();
-    p.write("data/tickets.jsonl", &data);
+    p.keep_tickets(4);
     let stage = "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instruct\"]\n";
     let base = p.read("select.toml") + stage;
     p.write("select.toml", &(base.clone() + "sampler = { max_tokens = 12 }\noutput = { choice = [\"billing\", \"refund\", \"technical\", \"account\", \"shipping\", \"cancel\"] }\n"));
@@ -477,8 +524,7 @@ fn infer_output_is_constrained() {
 #[test]
 fn judge_scores_real_answers_and_a_judge_change_reruns_only_the_judge() {
     let p = Project::new();
-    let data: String = p.read("data/tickets.jsonl").lines().take(6).map(|l| format!("{l}\n")).collect();
-    p.write("data/tickets.jsonl", &data);
+    p.keep_tickets(6);
     let toml = p.read("select.toml")
         + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instruct\"]\nsampler = { max_tokens = 8, stop = [\"\\n\"] }\n"
         + "\n[stages.judge]\nkind = \"judge\"\nneeds = [\"tickets\", \"answers\"]\nbootstrap = 200\n";
@@ -647,46 +693,9 @@ fn report_opens_offline_in_chromium(dir: &Path, decision: &str) {
 #[test]
 fn the_loop_revises_the_prompt_from_dev_failures_and_checks_it_on_held_out() {
     let p = Project::new();
-    let data: String = p.read("data/tickets.jsonl").lines().take(30).map(|l| format!("{l}\n")).collect();
-    p.write("data/tickets.jsonl", &data);
-    let loop_stages = r#"
-[stages.answers]
-kind = "infer"
-needs = ["rendered"]
-catalog = "../catalogs/open-models.toml"
-models = ["smollm2-135m-instruct"]
-sampler = { max_tokens = 8, stop = ["\n"] }
-
-[stages.judge]
-kind = "judge"
-needs = ["tickets", "answers"]
-bootstrap = 100
-
-[stages.decision]
-kind = "select"
-needs = ["judge", "answers", "revise"]
-catalog = "../catalogs/open-models.toml"
-targets = { accuracy = { min = 0.99 } }
-
-[stages.failures]
-kind = "cluster"
-needs = ["judge", "answers"]
-namer = { catalog = "../catalogs/open-models.toml", model = "smollm2-135m-instruct" }
-
-[stages.revise]
-kind = "revise"
-needs = ["prompt", "failures", "judge", "tickets"]
-
-[targets]
-from = "decision"
-targets_met = { min = 1 }
-
-[iterate]
-max_iterations = 3
-patience = 1
-feedback = { from = "revise", to = "prompt" }
-"#;
-    p.write("select.toml", &(p.read("select.toml") + loop_stages));
+    p.keep_tickets(30);
+    let loop_stages = loop_stages(true, "max_iterations = 3\npatience = 1");
+    p.write("select.toml", &(p.read("select.toml") + &loop_stages));
     let out = p.run(&["run", "--json", "select.toml"]);
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
