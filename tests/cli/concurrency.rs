@@ -24,8 +24,8 @@ fn texts(p: &Project, stage: &str) -> Vec<(String, String)> {
     out["models"]["smollm2-135m-instruct"]["answers"].as_array().unwrap().iter().map(|a| (a["id"].as_str().unwrap().to_string(), a["text"].as_str().unwrap().to_string())).collect()
 }
 
-/// mistral.rs 0.8.1 mixes answers up when requests overlap on CPU; requests to one embedded
-/// model take turns, so stages running at once get exactly what they get one after the other.
+/// Stages running at once send their requests to one embedded model together (mistral.rs batches
+/// them), and get exactly what they get one after the other.
 #[test]
 fn inference_stages_running_at_once_answer_as_they_do_one_after_the_other() {
     let together = two_inference_stages();

@@ -1,6 +1,7 @@
-//! Does mistral.rs 0.8.1 give the same greedy answers with several requests in flight as one at a
-//! time, and is it faster? The `infer` stage runs embedded requests one at a time because of what
-//! this prints; rerun it on a new mistral.rs before changing that.
+//! Does mistral.rs give the same greedy answers with several requests in flight as one at a time,
+//! and is it faster? Unpatched 0.8.1 mixed answers up here (`BENCHMARKS.md`); the vendored copy
+//! (`vendor/README.md`) must print 0 differing answers. The test suite's proof is
+//! `plugins/infer/src/embedded/tests.rs`; this prints the speed too.
 //!
 //!     cargo run --example concurrency -p infer -- [IN_FLIGHT] [--no-prefix-cache]    (default 8)
 //!

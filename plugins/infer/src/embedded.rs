@@ -1,4 +1,17 @@
-//! mistral.rs in-process: one loaded model per weights digest per process, one request at a time.
+//! mistral.rs in-process: one loaded model per weights digest per process, shared by every stage
+//! and by `pipeline serve`, with many requests in flight.
+//!
+//! Requests overlap freely: mistral.rs schedules them (continuous batching; on CPU it batches
+//! sequences of equal length, the rest interleave step by step). The vendored mistral.rs
+//! (vendor/README.md) fixes what made 0.8.1 mix answers up under load, and the tests below prove
+//! that greedy answers do not depend on how many requests are in flight.
+//!
+//! On a GPU requests still run one at a time: batched greedy outputs on CUDA are not yet proven
+//! equal to one at a time (0.8.1 changed them with load on an H200, and no GPU was at hand to test
+//! the vendored fixes there), and the load must never change a result.
+//!
+//! A request that fails while others are in flight is redone alone (the others wait for it), so
+//! a failure load may cause is never recorded as an answer; [`Answer::redone_alone`] counts it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -7,24 +20,55 @@ use std::time::Instant;
 
 use catalog::Source;
 use mistralrs::{Constraint, Device, GgufModelBuilder, Model, RequestBuilder, StopTokens, TextMessageRole};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, RwLock};
 
 use crate::{Answer, DeviceSpec, Message, OutputConstraint, Prepare, Sampler, Timing};
 
 /// The names llguidance (toktrie_hf_tokenizers 1.9) takes for end of sequence.
 const LLGUIDANCE_EOS: [&str; 5] = ["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<｜end▁of▁sentence｜>"];
 
+/// Sequences one model runs at once (mistral.rs' `max_num_seqs`); requests past it wait inside
+/// mistral.rs. Stages bound what they send with their own `max_in_flight`.
+pub const MAX_SEQS: usize = 64;
+
 pub struct Runner {
     model: Model,
-    /// Requests to one model never overlap (see the crate docs).
-    turn: Mutex<()>,
+    /// Shared by requests in flight; a request redone alone holds it exclusively.
+    alone: RwLock<()>,
+    /// Every request runs alone (a GPU: see the module docs).
+    one_at_a_time: bool,
+}
+
+/// How a model is loaded, besides its weights and device.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// mistral.rs reuses the KV cache of an earlier prompt with the same prefix (a shared system
+    /// prompt is computed once). Answers are the same either way (tested below).
+    pub prefix_cache: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { prefix_cache: true }
+    }
 }
 
 static LOADED: OnceLock<Mutex<HashMap<String, Arc<Runner>>>> = OnceLock::new();
 
 /// The runner for these weights, fetching, verifying and loading them on first use.
 pub async fn load(source: &Source, sha256: &str, base: &Path, prepare: Option<Prepare>, device: DeviceSpec) -> Result<Arc<Runner>, String> {
-    let key = format!("{sha256}{}:{device:?}", if prepare.is_some() { ":q8_0" } else { "" });
+    load_with(source, sha256, base, prepare, device, LoadOptions::default()).await
+}
+
+pub async fn load_with(
+    source: &Source,
+    sha256: &str,
+    base: &Path,
+    prepare: Option<Prepare>,
+    device: DeviceSpec,
+    options: LoadOptions,
+) -> Result<Arc<Runner>, String> {
+    let key = format!("{sha256}{}:{device:?}:{options:?}", if prepare.is_some() { ":q8_0" } else { "" });
     let mut loaded = LOADED.get_or_init(Default::default).lock().await;
     if let Some(runner) = loaded.get(&key) {
         return Ok(runner.clone());
@@ -46,7 +90,8 @@ pub async fn load(source: &Source, sha256: &str, base: &Path, prepare: Option<Pr
     let started = Instant::now();
     // A local directory as the model id: nothing is fetched from a hub. Tokenizer and chat
     // template come from the GGUF file.
-    let builder = GgufModelBuilder::new(dir, vec![file]).with_max_num_seqs(1);
+    let builder = GgufModelBuilder::new(dir, vec![file]).with_max_num_seqs(MAX_SEQS);
+    let builder = if options.prefix_cache { builder } else { builder.with_prefix_cache_n(None) };
     let builder = match device {
         DeviceSpec::Cpu => builder.with_force_cpu(),
         DeviceSpec::Cuda(n) => builder.with_device(Device::new_cuda(n).map_err(|e| format!("CUDA device {n}: {e}"))?),
@@ -56,13 +101,37 @@ pub async fn load(source: &Source, sha256: &str, base: &Path, prepare: Option<Pr
         .await
         .map_err(|e| format!("loading {}: {e}", weights.path.display()))?;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
-    let runner = Arc::new(Runner { model, turn: Mutex::new(()) });
+    let one_at_a_time = matches!(device, DeviceSpec::Cuda(_));
+    let runner = Arc::new(Runner { model, alone: RwLock::new(()), one_at_a_time });
     loaded.insert(key, runner.clone());
     Ok(runner)
 }
 
 impl Runner {
+    /// The model's answer to `messages`. A request that fails with others in flight is redone
+    /// alone; one that fails alone is an error.
     pub async fn chat(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>) -> Result<Answer, String> {
+        if self.one_at_a_time {
+            let _alone = self.alone.write().await;
+            return self.send(messages, sampler, output).await;
+        }
+        let first = {
+            let _shared = self.alone.read().await;
+            self.send(messages, sampler, output).await
+        };
+        match first {
+            Ok(answer) => Ok(answer),
+            Err(e) => {
+                tracing::warn!("embedded request failed with others in flight, redoing it alone: {e}");
+                let _alone = self.alone.write().await;
+                let mut answer = self.send(messages, sampler, output).await?;
+                answer.redone_alone = true;
+                Ok(answer)
+            }
+        }
+    }
+
+    async fn send(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>) -> Result<Answer, String> {
         let mut request = RequestBuilder::new();
         for m in messages {
             let role = match m.role.as_str() {
@@ -95,11 +164,13 @@ impl Runner {
                 OutputConstraint::Lark(grammar) => Constraint::Lark(grammar.clone()),
             });
         }
-        let _turn = self.turn.lock().await;
         let started = Instant::now();
         let response = self.model.send_chat_request(request).await.map_err(|e| format!("mistral.rs: {e}"))?;
         let latency = started.elapsed();
         let choice = response.choices.first().ok_or("mistral.rs returned no choice")?;
+        if !matches!(choice.finish_reason.as_str(), "stop" | "length") {
+            return Err(format!("mistral.rs finished with `{}`", choice.finish_reason));
+        }
         let text = choice.message.content.clone().unwrap_or_default();
         let usage = &response.usage;
         Ok(Answer {
@@ -107,6 +178,7 @@ impl Runner {
             finish_reason: choice.finish_reason.clone(),
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
+            redone_alone: false,
             timing: Timing {
                 latency_ms: latency.as_secs_f64() * 1000.0,
                 prefill_ms: Some(f64::from(usage.total_prompt_time_sec) * 1000.0),
@@ -115,3 +187,6 @@ impl Runner {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -356,6 +356,7 @@ fn parse_completion(bytes: &[u8]) -> Result<Answer, String> {
         finish_reason: choice.finish_reason.unwrap_or_default(),
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
+        redone_alone: false,
         timing: Timing { latency_ms: 0.0, prefill_ms: None, decode_ms: None },
     })
 }

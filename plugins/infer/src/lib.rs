@@ -9,9 +9,11 @@
 //! (a Python package or a local file) run embedded in mistral.rs, an `openai_compatible` source
 //! over HTTP ([`http`]).
 //!
-//! Embedded: one model is loaded once per process and shared by every stage that uses it. Requests
-//! to a model run one at a time: mistral.rs 0.8.1 was seen returning one request's answer to
-//! another when requests overlapped on CPU, and changing greedy outputs with load on GPU.
+//! Embedded: one model is loaded once per process and shared by every stage that uses it. Up to
+//! `max_in_flight` items of a stage are in flight at once and mistral.rs batches them; the load
+//! never changes an answer (the vendored mistral.rs fixes what did, and `embedded`'s tests prove
+//! greedy answers at 2, 8 and 32 in flight bitwise equal to one at a time), so `max_in_flight` is
+//! not part of any memo key.
 //!
 //! HTTP: requests run concurrently up to `http.max_concurrency`; the memo key holds the served
 //! model name, never the URLs (replicas serve the same model) nor the key.
@@ -52,6 +54,10 @@ pub struct InferConfig {
     pub models: Vec<Spanned<String>>,
     #[serde(default)]
     pub sampler: Sampler,
+    /// Most items of this stage in flight at once for embedded models (default 8, at most 64):
+    /// mistral.rs batches them. Answers do not depend on it.
+    #[schemars(with = "Option<usize>", range(min = 1, max = 64))]
+    pub max_in_flight: Option<Spanned<usize>>,
     /// Convert GGUF weights to this quantization before running (cached per machine). `q8_0`
     /// runs on candle's AVX2 kernels where the shipped Q4_1 runs on scalar code.
     pub prepare: Option<Prepare>,
@@ -256,9 +262,16 @@ pub struct Answer {
     pub finish_reason: String,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Failed with other requests in flight and was redone alone (embedded; reported under the
+    /// volatile `transport` key).
+    #[serde(skip)]
+    pub redone_alone: bool,
     /// Measurements (volatile: left out of the lockfile).
     pub timing: Timing,
 }
+
+/// Embedded items of one stage in flight at once, unless `max_in_flight` says otherwise.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
 
 #[derive(Debug, Serialize)]
 pub struct Timing {
@@ -372,7 +385,12 @@ impl Candidate {
             Backend::Embedded { source, sha256 } => {
                 let runner = embedded::load(source, sha256, &settings.catalog_dir, settings.prepare, settings.device).await?;
                 let answer = runner.chat(messages, &settings.sampler, settings.output.as_ref()).await?;
-                Ok(serde_json::to_value(answer).expect("answers serialize"))
+                let redone = answer.redone_alone;
+                let mut value = serde_json::to_value(answer).expect("answers serialize");
+                if redone {
+                    value["transport"] = json!({"redone_alone": true});
+                }
+                Ok(value)
             }
             Backend::Http(endpoint) => {
                 let (answer, transport) = endpoint.chat(messages, &settings.sampler, settings.output.as_ref(), cx.seed, &cx.cancel).await?;
@@ -389,7 +407,7 @@ impl Candidate {
 pub struct CalledModel {
     pub candidate: Candidate,
     pub settings: RunSettings,
-    /// Items in flight: `http.max_concurrency` over HTTP, else 1 (embedded requests take turns).
+    /// Items in flight: `http.max_concurrency` over HTTP, else [`DEFAULT_MAX_IN_FLIGHT`].
     pub concurrency: usize,
 }
 
@@ -409,7 +427,7 @@ impl CalledModel {
         sampler.check().map_err(|e| vec![cx.error_at(cx.key("sampler"), e, "these settings")])?;
         let output = (OutputConstraint::JsonSchema(schema), model.span());
         let candidate = Candidate::resolve(&loaded, catalog.get_ref(), model.get_ref(), Some(model.span()), Some(&output), http, cx).map_err(|d| vec![d])?;
-        let concurrency = if candidate.is_http() { http.max_concurrency.0 } else { 1 };
+        let concurrency = if candidate.is_http() { http.max_concurrency.0 } else { DEFAULT_MAX_IN_FLIGHT };
         let catalog_dir = path.parent().map(PathBuf::from).unwrap_or_default();
         let settings = RunSettings { sampler, prepare, output: Some(output.0), device: DeviceSpec::Cpu, catalog_dir };
         Ok(CalledModel { candidate, settings, concurrency })
@@ -450,6 +468,14 @@ impl StagePlugin for Infer {
         if let Err(e) = config.sampler.check() {
             errors.push(cx.error_at(cx.key("sampler"), e, "these settings"));
         }
+        let max_in_flight = match &config.max_in_flight {
+            None => DEFAULT_MAX_IN_FLIGHT,
+            Some(n) if (1..=embedded::MAX_SEQS).contains(n.get_ref()) => *n.get_ref(),
+            Some(n) => {
+                errors.push(cx.error_at(Some(n.span()), format!("`max_in_flight` is {}: it must be 1 to {}", n.get_ref(), embedded::MAX_SEQS), "out of range"));
+                DEFAULT_MAX_IN_FLIGHT
+            }
+        };
         let device = *config.device.get_ref();
         if device != DeviceSpec::Cpu && !cfg!(feature = "cuda") {
             errors.push(
@@ -475,10 +501,15 @@ impl StagePlugin for Infer {
             return Err(errors);
         }
         let catalog_dir = catalog_path.parent().map(PathBuf::from).unwrap_or_default();
-        let http_concurrency = candidates.iter().any(Candidate::is_http).then_some(config.http.max_concurrency.0);
+        // Items of all candidates share one limit: enough for each backend's own.
+        let concurrency = candidates
+            .iter()
+            .map(|c| if c.is_http() { config.http.max_concurrency.0 } else { max_in_flight })
+            .max()
+            .unwrap_or(1);
         let settings = RunSettings { sampler: config.sampler, prepare: config.prepare, output: output.map(|(c, _)| c), device, catalog_dir };
         let models_from_config = !config.models.is_empty();
-        Ok(Arc::new(InferStage { settings, candidates, models_from_config, http_concurrency }))
+        Ok(Arc::new(InferStage { settings, candidates, models_from_config, concurrency }))
     }
 }
 
@@ -487,9 +518,8 @@ struct InferStage {
     candidates: Vec<Candidate>,
     /// `models` was set; otherwise a `candidates` input must say which run.
     models_from_config: bool,
-    /// Set when a candidate is served over HTTP: the engine keeps this many items in flight
-    /// (embedded requests still take turns).
-    http_concurrency: Option<usize>,
+    /// Items the engine keeps in flight.
+    concurrency: usize,
 }
 
 impl InferStage {
@@ -554,7 +584,7 @@ impl Stage for InferStage {
     }
 
     fn item_concurrency(&self) -> usize {
-        self.http_concurrency.unwrap_or(1)
+        self.concurrency
     }
 
     fn volatile_keys(&self) -> &'static [&'static str] {
@@ -583,6 +613,7 @@ impl Stage for InferStage {
             let latencies: Vec<f64> = answers.iter().filter_map(|a| a["timing"]["latency_ms"].as_f64()).collect();
             let completion: u64 = answers.iter().filter_map(|a| a["completion_tokens"].as_u64()).sum();
             let mut entry = c.pin();
+            let redone = answers.iter().filter(|a| a["transport"]["redone_alone"] == true).count();
             entry["answers"] = json!(answers);
             entry["timing"] = match &c.backend {
                 Backend::Embedded { .. } => {
@@ -606,6 +637,9 @@ impl Stage for InferStage {
                     "items_retried": attempts.iter().filter(|&&a| a > 1).count(),
                     "concurrency_limit_at_end": endpoint.concurrency_limit(),
                 });
+            } else if redone > 0 {
+                // Failed with others in flight, answered alone (volatile, like all of `transport`).
+                entry["transport"] = json!({"redone_alone": redone});
             }
             models.insert(c.id.clone(), entry);
         }

@@ -2,8 +2,8 @@
 //! completions API, so other tools (or another `pipeline` with an `openai_compatible` source) use
 //! exactly the model a pipeline measured.
 //!
-//! Requests take turns on the model, like the `infer` stage's (mistral.rs 0.8.1 mixes answers up
-//! when requests overlap). Decoding is greedy unless a request sets `temperature` above 0. The
+//! Requests run concurrently and mistral.rs batches them, as in the `infer` stage; an answer does
+//! not depend on what else is in flight (`embedded`'s tests). Decoding is greedy unless a request sets `temperature` above 0. The
 //! response's `system_fingerprint` is the weights digest (and preparation), so a client can record
 //! what answered.
 

@@ -223,18 +223,32 @@ impl<Backer: FcfsBacker> DefaultScheduler<Backer> {
                 };
             }
             (_, 0) => {
+                // Local change (vendor/README.md): admit only what fits `max_num_seqs`, and
+                // keep the state of sequences that bucketing had sent back mid-generation
+                // (upstream reset every one to `RunningPrompt`, re-prefilling them, and with a
+                // prefix-cache hit appending their tokens again at the wrong positions).
+                waiting.sort_ascending_ids();
+                let mut new_waiting = Backer::new();
                 for seq in waiting.into_iter() {
-                    seq.set_state(SequenceState::RunningPrompt);
-                    self.running.push(seq);
+                    if self.sequence_fits(&self.running, &seq) {
+                        if seq.is_waiting() {
+                            seq.set_state(SequenceState::RunningPrompt);
+                        }
+                        self.running.push(seq);
+                    } else {
+                        new_waiting.add(seq);
+                    }
                 }
-                self.waiting = Backer::new();
+                self.waiting = new_waiting;
                 let running = std::mem::take(&mut self.running);
                 self.running = self.bucket_and_waitlist_seqs(running);
                 logger.set_num_running(self.running.len());
                 logger.set_num_waiting(self.waiting.len());
+                let (completion, prompt): (Vec<_>, Vec<_>) =
+                    self.running.iter_mut().partition(|seq| seq.is_completion());
                 return DefaultSchedulerOutput {
-                    prompt: self.running.iter_mut().collect::<Vec<_>>().into(),
-                    completion: vec![].into(),
+                    prompt: prompt.into(),
+                    completion: completion.into(),
                 };
             }
             (0, _) => {
@@ -346,5 +360,100 @@ impl Scheduler for DefaultScheduler<VecDeque<Sequence>> {
     }
     fn set_prefix_caching_enabled(&mut self, _enabled: bool) {
         // DefaultScheduler doesn't use PagedAttention prefix caching
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Local change (vendor/README.md): the scheduler when nothing is running.
+
+    use std::collections::VecDeque;
+    use std::num::NonZeroUsize;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::{mpsc::channel, Mutex};
+
+    use super::{DefaultScheduler, DefaultSchedulerMethod};
+    use crate::engine::IntervalLogger;
+    use crate::sampler::Sampler;
+    use crate::sequence::{
+        SeqStepType, Sequence, SequenceGroup, SequenceRecognizer, SequenceState,
+    };
+
+    fn sequence(id: usize, len: usize) -> Sequence {
+        let (tx, _rx) = channel(1);
+        let sampler =
+            Sampler::new(None, 0, None, None, None, None, None, 32, 1.0, 0.0, vec![]).unwrap();
+        let group = Arc::new(Mutex::new(SequenceGroup::new(1, false, true, None)));
+        Sequence::new_waiting(
+            (0..len as u32).collect(),
+            "prompt".to_string(),
+            id,
+            0,
+            1, // layers
+            tx,
+            sampler,
+            vec![],
+            vec![],
+            None,
+            false,
+            false,
+            group,
+            0,
+            0,
+            SequenceRecognizer::None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            SeqStepType::PromptAndDecode,
+            None,
+            None,
+            None,
+            false,
+            vec![],
+        )
+    }
+
+    fn scheduler(max_num_seqs: usize) -> DefaultScheduler<VecDeque<Sequence>> {
+        DefaultScheduler::new(DefaultSchedulerMethod::Fixed(
+            NonZeroUsize::new(max_num_seqs).unwrap(),
+        ))
+    }
+
+    /// Upstream moved every waiting sequence to running when none ran, past `max_num_seqs`.
+    #[test]
+    fn admits_at_most_max_num_seqs_when_idle() {
+        let logger = IntervalLogger::new(Duration::from_secs(3600), None);
+        let mut s = scheduler(2);
+        for id in 0..5 {
+            s.waiting.push_back(sequence(id, 8));
+        }
+        let out = s.schedule(&logger);
+        let ids: Vec<usize> = out.prompt.iter().map(|seq| *seq.id()).collect();
+        assert_eq!(ids, [0, 1]);
+        assert!(out.completion.is_empty());
+        assert_eq!(s.waiting.len(), 3);
+    }
+
+    /// A sequence sent back to waiting mid-generation (another length bucket ran) resumes
+    /// decoding: upstream reset it to `RunningPrompt`, so it was prefilled again.
+    #[test]
+    fn keeps_mid_generation_state_when_idle() {
+        let logger = IntervalLogger::new(Duration::from_secs(3600), None);
+        let mut s = scheduler(4);
+        let decoding = sequence(0, 8);
+        decoding.set_state(SequenceState::RunningCompletion);
+        s.waiting.push_back(decoding);
+        let out = s.schedule(&logger);
+        assert!(out.prompt.is_empty());
+        let ids: Vec<usize> = out.completion.iter().map(|seq| *seq.id()).collect();
+        assert_eq!(ids, [0]);
+        assert!(out.completion[0].is_completion());
     }
 }

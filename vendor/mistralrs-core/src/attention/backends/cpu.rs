@@ -416,10 +416,11 @@ where
 
     // final output
     let mut out = vec![T::cast(0.0); b * h * dv];
-    // scratch: one tile  ×  heads ×  dv  (flattened)
-    let mut scratch = vec![0f32; kv_tiles * h * dv];
-    let mut scratch_s = vec![0f32; kv_tiles * h]; // softmax S per tile
-    let mut scratch_m = vec![f32::NEG_INFINITY; kv_tiles * h];
+    // scratch: batch × tile × heads × dv (flattened). Local change (vendor/README.md): upstream
+    // 0.8.1 had no batch dimension here, so with b > 1 every sequence read the last one's tiles.
+    let mut scratch = vec![0f32; b * kv_tiles * h * dv];
+    let mut scratch_s = vec![0f32; b * kv_tiles * h]; // softmax S per tile
+    let mut scratch_m = vec![f32::NEG_INFINITY; b * kv_tiles * h];
 
     // Store as plain usize so the capture is Sync (raw *mut T is not Sync)
     let scratch_ptr = scratch.as_mut_ptr() as usize;
@@ -448,8 +449,8 @@ where
                     let v_head = h_i / rv2;
 
                     // pointers into scratch
-                    let base_vk = ((tile_idx * h + h_i) * dv) as isize;
-                    let base_s = (tile_idx * h + h_i) as isize;
+                    let base_vk = (((b_i * kv_tiles + tile_idx) * h + h_i) * dv) as isize;
+                    let base_s = ((b_i * kv_tiles + tile_idx) * h + h_i) as isize;
 
                     let q_base = b_i * qstride[0] + h_i * qstride[2];
                     let q_row = &q_data[q_base..q_base + d];
@@ -533,14 +534,15 @@ where
             let out_off = (b_i * h + h_i) * dv;
 
             // start with tile 0
+            let first = b_i * kv_tiles * h + h_i;
             let mut vkq = vec![0f32; dv];
-            vkq.copy_from_slice(&scratch[(h_i * dv)..(h_i * dv + dv)]);
-            let mut s = scratch_s[h_i];
-            let mut m = scratch_m[h_i];
+            vkq.copy_from_slice(&scratch[(first * dv)..(first * dv + dv)]);
+            let mut s = scratch_s[first];
+            let mut m = scratch_m[first];
 
             for tile_idx in 1..kv_tiles {
-                let base = (tile_idx * h + h_i) * dv;
-                let base_s = tile_idx * h + h_i;
+                let base_s = (b_i * kv_tiles + tile_idx) * h + h_i;
+                let base = base_s * dv;
 
                 let m_b = scratch_m[base_s];
                 let s_b = scratch_s[base_s];
@@ -731,6 +733,59 @@ mod tests {
     use candle_core::Result as CandleResult;
 
     const EPS: f32 = 1e-4;
+
+    /// Deterministic values in [-1, 1), so a failure reproduces.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Local change (vendor/README.md): a decode step (q_len 1) over a batch gives every
+    /// sequence its own attention, bitwise what it gets alone. K and V are strided as the KV
+    /// cache hands them over: (b, kv_heads, capacity, d) transposed and narrowed to kv_len.
+    #[test]
+    fn test_flash_attn_cpu_single_q_batch_matches_each_sequence() -> CandleResult<()> {
+        let (b, h, kv_h, d, capacity) = (3, 4, 2, 8, 64);
+        let sdpa = SdpaParams {
+            softmax_scale: 1.0 / (d as f32).sqrt(),
+            softcap: None,
+            n_kv_groups: h / kv_h,
+            sliding_window: None,
+            sinks: None,
+        };
+        // Spans one tile, a tile boundary, and several tiles.
+        for kv_len in [5, TILE_KV + 1, 3 * TILE_KV + 7] {
+            let q = Tensor::from_vec(values(b * h * d, 1), (b, h, 1, d), &Device::Cpu)?
+                .transpose(1, 2)?;
+            let cache = |seed| -> CandleResult<Tensor> {
+                Tensor::from_vec(values(b * kv_h * capacity * d, seed), (b, kv_h, capacity, d), &Device::Cpu)?
+                    .narrow(2, 0, kv_len)?
+                    .transpose(1, 2)
+            };
+            let (k, v) = (cache(2)?, cache(3)?);
+            assert!(!k.is_contiguous());
+            let batched = run_flash_attn_cpu::<f32>(&q, &k, &v, None, &sdpa)?;
+            assert_eq!(batched.dims(), &[b, h, 1, d]);
+            for b_i in 0..b {
+                let one = |t: &Tensor| t.narrow(0, b_i, 1);
+                let alone = run_flash_attn_cpu::<f32>(&one(&q)?, &one(&k)?, &one(&v)?, None, &sdpa)?;
+                let bits = |t: &Tensor| -> CandleResult<Vec<u32>> {
+                    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect())
+                };
+                assert_eq!(
+                    bits(&batched.narrow(0, b_i, 1)?)?,
+                    bits(&alone)?,
+                    "sequence {b_i} of {b}, kv_len {kv_len}"
+                );
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn test_flash_attn_cpu_single_q() -> CandleResult<()> {

@@ -1,0 +1,153 @@
+//! Answers do not depend on load: on the real SmolLM2 (Q8_0, as the main job runs it), greedy
+//! answers — text, finish reason, token counts — with 2, 8 and 32 requests in flight are bitwise
+//! those of one at a time, each load repeated 5 times (the bug this guards against was
+//! timing-dependent), with the prefix cache on and off.
+//!
+//! The 32 requests mix what batching could get wrong: prompts of equal length (on CPU mistral.rs
+//! batches only sequences of equal length, so these decode as one batch), prompts of different
+//! lengths behind a shared system prompt (prefix-cache hits while others decode), and output
+//! constrained to a `choice` and to a `json_schema`, in flight together.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::{LoadOptions, Runner, load_with};
+use crate::{DeviceSpec, Message, OutputConstraint, Prepare, Sampler};
+
+const REPEATS: usize = 5;
+
+struct Request {
+    messages: Vec<Message>,
+    sampler: Sampler,
+    output: Option<OutputConstraint>,
+}
+
+fn message(role: &str, content: impl Into<String>) -> Message {
+    Message { role: role.into(), content: content.into() }
+}
+
+fn requests() -> Vec<Request> {
+    let sampler = |max_tokens| Sampler { max_tokens, temperature: 0.0, stop: Vec::new() };
+    let system = "You answer questions about everyday things in one short sentence.";
+    let mut out = Vec::new();
+    // Equal length: only the two digits differ, and each digit is one token.
+    for n in [12, 34, 56, 78, 21, 43, 65, 87, 19, 28, 37, 46] {
+        out.push(Request { messages: vec![message("user", format!("Say something about the number {n}."))], sampler: sampler(8), output: None });
+    }
+    for q in [
+        "Why is the sky blue?",
+        "What is a bicycle for?",
+        "How do plants drink water from the soil?",
+        "What does a baker do early in the morning before the shop opens?",
+        "Why do cats purr?",
+        "What is rain?",
+        "How does a refrigerator keep food cold for days?",
+        "Name a fruit.",
+    ] {
+        out.push(Request { messages: vec![message("system", system), message("user", q)], sampler: sampler(6), output: None });
+    }
+    let choice = OutputConstraint::Choice(vec!["yes".into(), "no".into(), "maybe".into()]);
+    for q in ["Is water wet?", "Can fish fly?", "Is the moon made of cheese?", "Do birds sing?", "Is ice cold?", "Can a car swim?", "Is fire hot?", "Do trees walk?"] {
+        out.push(Request { messages: vec![message("system", system), message("user", q)], sampler: sampler(4), output: Some(choice.clone()) });
+    }
+    let schema = OutputConstraint::JsonSchema(json!({
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"],
+        "additionalProperties": false
+    }));
+    for (a, b) in [(3, 4), (10, 20), (7, 1), (42, 17)] {
+        out.push(Request {
+            messages: vec![message("user", format!("Return the numbers {a} and {b} as JSON with keys a and b."))],
+            sampler: sampler(32),
+            output: Some(schema.clone()),
+        });
+    }
+    out
+}
+
+/// What must not change with load.
+type Outcome = (String, String, usize, usize);
+
+async fn answer(runner: &Runner, r: &Request) -> Outcome {
+    let a = runner.chat(&r.messages, &r.sampler, r.output.as_ref()).await.expect("the model answers");
+    assert!(!a.redone_alone, "a request failed under load and was redone alone");
+    (a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens)
+}
+
+/// Every request, at most `in_flight` at once (each task takes the next request when it is free).
+async fn run_all(runner: &Arc<Runner>, requests: &Arc<Vec<Request>>, in_flight: usize) -> Vec<Outcome> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..in_flight {
+        let (runner, requests, next) = (runner.clone(), requests.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut done = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(r) = requests.get(i) else { break };
+                done.push((i, answer(&runner, r).await));
+            }
+            done
+        });
+    }
+    let mut out: Vec<Option<Outcome>> = (0..requests.len()).map(|_| None).collect();
+    while let Some(done) = tasks.join_next().await {
+        for (i, o) in done.expect("no task panics") {
+            out[i] = Some(o);
+        }
+    }
+    out.into_iter().map(|o| o.expect("every request answered")).collect()
+}
+
+async fn runner(prefix_cache: bool) -> Arc<Runner> {
+    let catalog_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../catalogs/open-models.toml");
+    let catalog = catalog::Catalog::load(&catalog_path).map_err(|d| d[0].render(false)).expect("the catalog loads");
+    let model = catalog.get("smollm2-135m-instruct").expect("SmolLM2 is in the catalog");
+    let source = model.runnable_source().expect("SmolLM2 has weights").clone();
+    let catalog::Source::PythonPackage { sha256, .. } = &source else { panic!("SmolLM2 ships in a Python package") };
+    load_with(&source, sha256, catalog_path.parent().unwrap(), Some(Prepare::Q8_0), DeviceSpec::Cpu, LoadOptions { prefix_cache })
+        .await
+        .expect("SmolLM2 loads")
+}
+
+async fn check_independent_of_load(prefix_cache: bool) -> Vec<Outcome> {
+    let runner = runner(prefix_cache).await;
+    let requests = Arc::new(requests());
+    let alone = run_all(&runner, &requests, 1).await;
+    // The equal-length prompts really are of equal length, so they batch.
+    let lengths: Vec<usize> = alone[..12].iter().map(|o| o.2).collect();
+    assert!(lengths.iter().all(|&n| n == lengths[0]), "equal-length prompts tokenize to {lengths:?}");
+    // The constrained outputs hold to their constraints (else this would test little).
+    for o in &alone[20..28] {
+        assert!(["yes", "no", "maybe"].contains(&o.0.as_str()), "choice gave {:?}", o.0);
+    }
+    assert_eq!(alone.len(), 32);
+    for o in &alone[28..] {
+        let v: serde_json::Value = serde_json::from_str(&o.0).unwrap_or_else(|e| panic!("json_schema gave {:?}: {e}", o.0));
+        assert!(v["a"].is_i64() && v["b"].is_i64(), "json_schema gave {v}");
+    }
+    for in_flight in [2, 8, 32] {
+        for repeat in 0..REPEATS {
+            let started = std::time::Instant::now();
+            let loaded = run_all(&runner, &requests, in_flight).await;
+            eprintln!("prefix cache {prefix_cache}, {in_flight} in flight, repeat {repeat}: {:.1} s", started.elapsed().as_secs_f64());
+            for (i, (one, many)) in alone.iter().zip(&loaded).enumerate() {
+                assert_eq!(one, many, "request {i} at {in_flight} in flight (repeat {repeat}, prefix cache {prefix_cache}) differs from one at a time");
+            }
+        }
+    }
+    alone
+}
+
+/// One test, the settings one after the other: two models decoding at once on two cores would
+/// only slow each other down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_answers_do_not_depend_on_load() {
+    let cached = check_independent_of_load(true).await;
+    let uncached = check_independent_of_load(false).await;
+    // A prefix-cache hit computes what a full prefill computes.
+    assert_eq!(cached, uncached, "answers with the prefix cache differ from answers without it");
+}
