@@ -54,8 +54,9 @@ pub struct InferConfig {
     pub models: Vec<Spanned<String>>,
     #[serde(default)]
     pub sampler: Sampler,
-    /// Most items of this stage in flight at once for embedded models (default 8, at most 64):
-    /// mistral.rs batches them. Answers do not depend on it.
+    /// Most items of this stage in flight at once for embedded models (default 1, at most 64):
+    /// mistral.rs batches them. Answers do not depend on it. On CPU it batches only prompts of
+    /// equal token length, and mixed lengths run slower with more in flight (BENCHMARKS.md).
     #[schemars(with = "Option<usize>", range(min = 1, max = 64))]
     pub max_in_flight: Option<Spanned<usize>>,
     /// Convert GGUF weights to this quantization before running (cached per machine). `q8_0`
@@ -270,8 +271,10 @@ pub struct Answer {
     pub timing: Timing,
 }
 
-/// Embedded items of one stage in flight at once, unless `max_in_flight` says otherwise.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+/// Embedded items of one stage in flight at once, unless `max_in_flight` says otherwise. One:
+/// on CPU, mistral.rs 0.8.1 batches only sequences of equal length, and the main job (prompts
+/// of mixed lengths) took 12 min 37 s at 8 in flight against 11 min 21 s at 1 (BENCHMARKS.md).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1;
 
 #[derive(Debug, Serialize)]
 pub struct Timing {
