@@ -376,7 +376,7 @@ mod tests {
         assert_eq!(signature(&v("  ", "billing", None), "stop"), "empty");
         assert_eq!(signature(&v("the the the the", "billing", None), "length"), "repetition");
         assert_eq!(signature(&v("refund please refund please refund please", "billing", Some("refund")), "stop"), "repetition");
-        assert_eq!(signature(&v("The intent of this ticket is", "billing", None), "length"), "truncated");
+        assert_eq!(signature(&v("The answer to this question is", "billing", None), "length"), "truncated");
         assert_eq!(signature(&v("I am not sure.", "billing", None), "stop"), "no_label");
         assert_eq!(signature(&v("refund", "billing", Some("refund")), "stop"), "confused:billing→refund");
         let judged = json!({"answer": "Lyon is the capital.", "label": "Paris", "failure_mode": "wrong_fact"});
@@ -412,7 +412,7 @@ mod tests {
             "Unfortunately I can't assist with this request.",
             "I'm afraid I cannot help here, sorry.",
             "The customer says the package arrived broken and wants a replacement.",
-            "The ticket describes a delivery that came damaged.",
+            "The message describes a delivery that came damaged.",
             "This customer received a damaged parcel in the mail.",
             "The user reports that the box was crushed on arrival.",
             "The customer's order was delivered in bad condition.",

@@ -10,8 +10,8 @@
 //! equal to one at a time (0.8.1 changed them with load on an H200, and no GPU was at hand to test
 //! the vendored fixes there), and the load must never change a result.
 //!
-//! A request that fails while others are in flight is redone alone (the others wait for it), so
-//! a failure load may cause is never recorded as an answer; [`Answer::redone_alone`] counts it.
+//! A failed request is redone once, alone (the others wait for it), so a failure that load may
+//! cause is never recorded as an answer; [`Answer::redone_alone`] counts it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -108,8 +108,8 @@ pub async fn load_with(
 }
 
 impl Runner {
-    /// The model's answer to `messages`. A request that fails with others in flight is redone
-    /// alone; one that fails alone is an error.
+    /// The model's answer to `messages`. A failed request is redone once, alone (the others in
+    /// flight wait); if it fails again, that is the error.
     pub async fn chat(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>) -> Result<Answer, String> {
         if self.one_at_a_time {
             let _alone = self.alone.write().await;

@@ -487,7 +487,7 @@ mod tests {
     fn answers_are_read_as_labels() {
         let cases = [
             ("billing", Normalize::FirstLabel, Some("billing")),
-            ("Intent: Billing.", Normalize::FirstLabel, Some("billing")),
+            ("Label: Billing.", Normalize::FirstLabel, Some("billing")),
             ("refund, not billing", Normalize::FirstLabel, Some("refund")),
             ("rebilling", Normalize::FirstLabel, None),
             ("technical_issue", Normalize::FirstLabel, None),

@@ -196,8 +196,8 @@ mod tests {
     #[test]
     fn renders_sample_fields_into_messages() {
         assert_eq!(
-            render("Ticket {{ id }}: {{ text | upper }}", json!({"text": "refund please"})).unwrap(),
-            json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ticket s1: REFUND PLEASE"}])
+            render("Sample {{ id }}: {{ text | upper }}", json!({"text": "refund please"})).unwrap(),
+            json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sample s1: REFUND PLEASE"}])
         );
     }
 
