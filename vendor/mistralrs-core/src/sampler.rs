@@ -1030,7 +1030,13 @@ impl Sampler {
         //     );
         // }
 
-        let logits = logits.to_vec1()?;
+        let logits: Vec<f32> = logits.to_vec1()?;
+        // Local change (vendor/README.md): a NaN or +inf logit (an overflow, a broken kernel) is
+        // an error, not a token: argmax over NaN picks an arbitrary token, and the answer would
+        // look like any other. (-inf is legitimate: constraints mask tokens with it.)
+        if let Some(i) = logits.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
+            candle_core::bail!("non-finite logit {} for token {i}", logits[i]);
+        }
         let mut logits = self.apply_penalties(logits, context)?;
         for processor in &self.logits_processors {
             logits = processor.apply(&logits, context)?;
@@ -1083,6 +1089,28 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::{ModelGenerationDefaults, SamplingParams};
+
+    // Local change (vendor/README.md): the test of the non-finite check in `Sampler::sample`.
+    #[test]
+    fn non_finite_logits_are_an_error_not_a_token() {
+        use super::Sampler;
+        use candle_core::{Device, Tensor};
+        use rand::SeedableRng;
+        use rand_isaac::Isaac64Rng;
+        use std::sync::{Arc, Mutex};
+
+        let sampler = Sampler::new(None, 10, None, None, None, None, None, 32, 0.1, 0.05, vec![]).unwrap();
+        let rng = Arc::new(Mutex::new(Isaac64Rng::seed_from_u64(42)));
+        let sample = |values: &[f32]| {
+            let logits = Tensor::new(values, &Device::Cpu).unwrap();
+            sampler.sample(logits, &[0], false, rng.clone(), false, false)
+        };
+        assert_eq!(sample(&[0.5, 3.0, f32::NEG_INFINITY, 1.0]).unwrap().token, 1);
+        for bad in [f32::NAN, f32::INFINITY] {
+            let err = sample(&[0.5, bad, 3.0, 1.0]).expect_err("a non-finite logit was sampled");
+            assert!(err.to_string().contains("non-finite logit"), "{err}");
+        }
+    }
 
     #[test]
     fn test_argmax() {

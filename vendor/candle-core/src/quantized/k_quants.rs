@@ -52,6 +52,19 @@ pub trait GgmlType: Sized + Clone + Send + Sync {
 
     /// Generic implementation of the dot product without simd optimizations.
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32;
+
+    /// Local change (vendor/README.md): `vec_dot` of four columns `xs` with two rows `ys`;
+    /// element `[r][c]` is bitwise `Self::vec_dot(n, xs[c], ys[r])`. A kernel may share the
+    /// blocks' loads between the eight dot products; by default it computes them one by one.
+    fn vec_dot_2x4(n: usize, xs: [&[Self]; 4], ys: [&[Self::VecDotType]; 2]) -> [[f32; 4]; 2] {
+        std::array::from_fn(|r| std::array::from_fn(|c| Self::vec_dot(n, xs[c], ys[r])))
+    }
+
+    /// Local change (vendor/README.md): `vec_dot` of eight columns `xs` with one row `ys` (a
+    /// decode step's single row); element `[c]` is bitwise `Self::vec_dot(n, xs[c], ys)`.
+    fn vec_dot_1x8(n: usize, xs: [&[Self]; 8], ys: &[Self::VecDotType]) -> [f32; 8] {
+        std::array::from_fn(|c| Self::vec_dot(n, xs[c], ys))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -657,6 +670,17 @@ impl GgmlType for BlockQ8_0 {
         return super::simd128::vec_dot_q8_0_q8_0(n, xs, ys);
 
         Self::vec_dot_unopt(n, xs, ys)
+    }
+
+    // Local change (vendor/README.md): the AVX2 kernel's eight dot products share their loads.
+    #[cfg(target_feature = "avx2")]
+    fn vec_dot_2x4(n: usize, xs: [&[Self]; 4], ys: [&[Self::VecDotType]; 2]) -> [[f32; 4]; 2] {
+        super::avx::vec_dot_q8_0_q8_0_2x4(n, xs, ys)
+    }
+
+    #[cfg(target_feature = "avx2")]
+    fn vec_dot_1x8(n: usize, xs: [&[Self]; 8], ys: &[Self::VecDotType]) -> [f32; 8] {
+        super::avx::vec_dot_q8_0_q8_0_1x8(n, xs, ys)
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
@@ -2297,21 +2321,85 @@ pub fn matmul<T: GgmlType>(
         }
     }
 
-    for row_idx in 0..m {
-        let lhs_row = &lhs_b[row_idx * k_in_blocks..(row_idx + 1) * k_in_blocks];
-        let dst_row = &mut dst[row_idx * n..(row_idx + 1) * n];
-
-        dst_row
-            .into_par_iter()
-            .enumerate()
-            .with_min_len(128)
-            .with_max_len(512)
-            .for_each(|(col_idx, dst)| {
-                let rhs_col = &rhs_t[col_idx * k_in_blocks..(col_idx + 1) * k_in_blocks];
-                *dst = T::vec_dot(k, rhs_col, lhs_row);
-            });
+    // Local change (vendor/README.md): one parallel loop per matmul, over tiles of rows × columns,
+    // instead of one per row of `lhs` (a 133-token prompt was 133 fork/joins per matmul, and every
+    // row streamed all the weights). Every element is still `T::vec_dot` of the same column and
+    // row, so the result is bitwise that of the loop per row.
+    let lhs_b = lhs_b.as_slice();
+    if dst.len() < m * n {
+        crate::bail!("unexpected dst length {} ({m},{k},{n})", dst.len());
     }
+    let row_tiles = m.div_ceil(MATMUL_TILE_ROWS);
+    let col_tiles = n.div_ceil(MATMUL_TILE_COLS);
+    let dst_ptr = SendPtr(dst.as_mut_ptr());
+    // Tiles of one column block are consecutive: a worker's share of the range reuses the same
+    // columns of `rhs_t` from its cache across all rows.
+    (0..row_tiles * col_tiles)
+        .into_par_iter()
+        .for_each(move |tile| {
+            let (col_tile, row_tile) = (tile / row_tiles, tile % row_tiles);
+            let rows = row_tile * MATMUL_TILE_ROWS..m.min((row_tile + 1) * MATMUL_TILE_ROWS);
+            let cols = col_tile * MATMUL_TILE_COLS..n.min((col_tile + 1) * MATMUL_TILE_COLS);
+            let lhs_row = |row: usize| &lhs_b[row * k_in_blocks..(row + 1) * k_in_blocks];
+            let rhs_col = |col: usize| &rhs_t[col * k_in_blocks..(col + 1) * k_in_blocks];
+            // SAFETY: `row < m` and `col < n`, so the element is inside `dst` (checked above to
+            // hold `m * n`), and each (row, column) belongs to exactly one tile, so no two tasks
+            // write the same element.
+            let put = |row: usize, col: usize, value: f32| unsafe { *dst_ptr.get().add(row * n + col) = value };
+            // Pairs of rows × quads of columns through `vec_dot_2x4`; the rest (at the edges of
+            // the matrix) one element at a time. Both are bitwise `vec_dot`.
+            let (pairs_end, quads_end) = (rows.start + rows.len() / 2 * 2, cols.start + cols.len() / 4 * 4);
+            for row in (rows.start..pairs_end).step_by(2) {
+                for col in (cols.start..quads_end).step_by(4) {
+                    let values = T::vec_dot_2x4(
+                        k,
+                        [rhs_col(col), rhs_col(col + 1), rhs_col(col + 2), rhs_col(col + 3)],
+                        [lhs_row(row), lhs_row(row + 1)],
+                    );
+                    for (r, values) in values.iter().enumerate() {
+                        for (c, &value) in values.iter().enumerate() {
+                            put(row + r, col + c, value);
+                        }
+                    }
+                }
+                for col in quads_end..cols.end {
+                    put(row, col, T::vec_dot(k, rhs_col(col), lhs_row(row)));
+                    put(row + 1, col, T::vec_dot(k, rhs_col(col), lhs_row(row + 1)));
+                }
+            }
+            // A row left over (every row of a decode step): octets of columns through
+            // `vec_dot_1x8`, bitwise `vec_dot` too.
+            let octets_end = cols.start + cols.len() / 8 * 8;
+            for row in pairs_end..rows.end {
+                for col in (cols.start..octets_end).step_by(8) {
+                    let values = T::vec_dot_1x8(k, std::array::from_fn(|c| rhs_col(col + c)), lhs_row(row));
+                    for (c, &value) in values.iter().enumerate() {
+                        put(row, col + c, value);
+                    }
+                }
+                for col in octets_end..cols.end {
+                    put(row, col, T::vec_dot(k, rhs_col(col), lhs_row(row)));
+                }
+            }
+        });
     Ok(())
+}
+
+/// Rows and columns of the output one task of [`matmul`] computes.
+const MATMUL_TILE_ROWS: usize = 8;
+const MATMUL_TILE_COLS: usize = 16;
+
+/// The output pointer shared by [`matmul`]'s tasks, which write disjoint elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks only write disjoint elements through it (see `matmul`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    // A method, so closures capture the whole (Send) wrapper, not its raw-pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 pub fn matmul_f16<T: GgmlType>(
@@ -2503,3 +2591,85 @@ verify_block_sizes!(
     BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, BlockQ2K, BlockQ3K, BlockQ4K,
     BlockQ5K, BlockQ6K, BlockQ8K, f32, f16, bf16
 );
+
+// Local change (vendor/README.md): tests of the tiled `matmul`.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1), so the test needs no random-number crate.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Unpatched 0.10.2's loop, serial: each element is `vec_dot` of its column and row.
+    fn matmul_per_element<T: GgmlType>(m: usize, k: usize, n: usize, lhs: &[f32], rhs_t: &[T]) -> Vec<f32> {
+        let k_in_blocks = k.div_ceil(T::BLCK_SIZE);
+        let mut lhs_b = vec![T::VecDotType::zeros(); m * k_in_blocks];
+        if T::DIRECT_COPY {
+            T::VecDotType::direct_copy(lhs, &mut lhs_b);
+        } else {
+            for row in 0..m {
+                T::VecDotType::from_float(
+                    &lhs[row * k..(row + 1) * k],
+                    &mut lhs_b[row * k_in_blocks..(row + 1) * k_in_blocks],
+                );
+            }
+        }
+        let mut dst = vec![0f32; m * n];
+        for row in 0..m {
+            for col in 0..n {
+                dst[row * n + col] = T::vec_dot(
+                    k,
+                    &rhs_t[col * k_in_blocks..(col + 1) * k_in_blocks],
+                    &lhs_b[row * k_in_blocks..(row + 1) * k_in_blocks],
+                );
+            }
+        }
+        dst
+    }
+
+    fn check<T: GgmlType>(k: usize) {
+        // Rows and columns below, at and above a tile, a prompt's length, and a single row (decode).
+        for &m in &[1, 7, 8, 9, 133] {
+            for &n in &[1, 15, 16, 17, 100] {
+                let lhs = values(m * k, (m * 1000 + n) as u64);
+                let mut rhs_t = vec![T::zeros(); n * k.div_ceil(T::BLCK_SIZE)];
+                T::from_float(&values(n * k, (n * 7919 + m) as u64), &mut rhs_t);
+                let want = matmul_per_element(m, k, n, &lhs, &rhs_t);
+                for threads in [1, 2, 5] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let mut got = vec![f32::NAN; m * n];
+                    pool.install(|| matmul((m, k, n), &lhs, &rhs_t, &mut got)).unwrap();
+                    let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{:?}: m={m} k={k} n={n} threads={threads}", T::DTYPE);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_matmul_is_bitwise_the_loop_per_element() {
+        check::<BlockQ4_0>(128);
+        check::<BlockQ4_1>(128);
+        check::<BlockQ5_0>(64);
+        check::<BlockQ8_0>(128);
+        check::<BlockQ8_0>(576);
+        check::<BlockQ4K>(512);
+        check::<BlockQ6K>(256);
+        check::<f32>(40);
+    }
+
+    #[test]
+    fn matmul_refuses_a_short_output() {
+        let rhs_t = vec![0f32; 2 * 4];
+        let mut dst = vec![0f32; 3];
+        assert!(matmul((2, 4, 2), &[0f32; 8], &rhs_t, &mut dst).is_err());
+    }
+}
