@@ -271,6 +271,11 @@ pub struct Answer {
     pub timing: Timing,
 }
 
+/// The embedded inference code, in every embedded item's key: renamed whenever a change to the
+/// vendored crates changes an answer (`vendor/README.md`), so no answer of an older build is
+/// reused. Changes proven bitwise neutral (candle's tiled matmul) keep it.
+pub const EMBEDDED_ENGINE: &str = "mistral.rs 0.8.1 + vendor: gguf pre-tokenizer by tokenizer.ggml.pre";
+
 /// Embedded items of one stage in flight at once, unless `max_in_flight` says otherwise. One:
 /// on CPU, mistral.rs 0.8.1 batches only sequences of equal length, and the main job (prompts
 /// of mixed lengths) took 12 min 37 s at 8 in flight against 11 min 21 s at 1 (BENCHMARKS.md).
@@ -367,6 +372,7 @@ impl Candidate {
         let mut input = json!({"model": self.id});
         input.as_object_mut().expect("object").extend(self.pin().as_object().expect("object").clone());
         if let Backend::Embedded { .. } = self.backend {
+            input["engine"] = json!(EMBEDDED_ENGINE);
             input["prepare"] = json!(settings.prepare.map(|_| format!("q8_0-v{}", convert::CONVERTER_VERSION)));
             // GPU kernels round differently: their answers are memoized apart. (Only when set,
             // so CPU items keep their keys; which GPU does not enter the key.)

@@ -42,6 +42,8 @@ struct PropsGGUF {
     unk: Option<u32>,
     bos: Option<u32>,
     eos: u32,
+    // Local change (vendor/README.md): `tokenizer.ggml.pre`, the pre-tokenizer's name.
+    pre: Option<String>,
 }
 
 impl TryFrom<ContentMetadata<'_>> for PropsGGUF {
@@ -60,6 +62,7 @@ impl TryFrom<ContentMetadata<'_>> for PropsGGUF {
             unk: c.get_value("unknown_token_id").ok(),
             eos: c.get_value("eos_token_id")?,
             bos: c.get_value("bos_token_id").ok(),
+            pre: c.get_value("pre").ok(),
         };
 
         Ok(props)
@@ -200,6 +203,44 @@ fn unigram_tokenizer(p: &PropsGGUF) -> Result<(Tokenizer, TokenizerKind)> {
     Ok((tokenizer, TokenizerKind::Unigram))
 }
 
+// Local change (vendor/README.md): the split regexes come from `tokenizer.ggml.pre`, as
+// llama.cpp and upstream (PR #2365) choose them; 0.8.1 used `BPE_DEFAULT_REGEX` for every BPE
+// GGUF, which splits newlines and punctuation unlike GPT-2-style tokenizers (SmolLM2's).
+const GPT2_REGEX: &str =
+    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)";
+/// 0.8.1's regex for every BPE GGUF, kept for the `pre` names not listed in `bpe_pre_regexes`.
+const BPE_DEFAULT_REGEX: &str = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+/// The split regexes, in order, for a GGUF's `tokenizer.ggml.pre` (as upstream's
+/// `bpe_pre_tokenizer_spec` and llama.cpp's `llama-vocab.cpp` have them). Names not listed keep
+/// 0.8.1's behaviour, so models that ran before tokenize as they did.
+fn bpe_pre_regexes(pre: Option<&str>) -> &'static [&'static str] {
+    match pre {
+        Some("gpt-2" | "phi-2") => &[GPT2_REGEX],
+        Some("starcoder" | "smollm" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b") => {
+            &["\\p{N}", GPT2_REGEX]
+        }
+        _ => &[BPE_DEFAULT_REGEX],
+    }
+}
+
+fn bpe_pre_tokenizer(pre: Option<&str>) -> Sequence {
+    // example:
+    // "type": "ByteLevel",
+    // "add_prefix_space": false,
+    // "trim_offsets": false,
+    // "use_regex": false
+    let mut steps: Vec<PreTokenizerWrapper> = bpe_pre_regexes(pre)
+        .iter()
+        .map(|regex| {
+            let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false);
+            PreTokenizerWrapper::Split(split.expect("the pre-tokenizer regexes are valid"))
+        })
+        .collect();
+    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
+    Sequence::new(steps)
+}
+
 fn bpe_tokenizer(p: &PropsGGUF) -> Result<(Tokenizer, TokenizerKind)> {
     // BPE merges have each string item as a space-delimited pair:
     // https://github.com/EricLBuehler/mistral.rs/pull/397#discussion_r1631988370
@@ -238,23 +279,7 @@ fn bpe_tokenizer(p: &PropsGGUF) -> Result<(Tokenizer, TokenizerKind)> {
         None,
     )?;
 
-    let split = Split::new(
-        SplitPattern::Regex("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+".to_string()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    ).unwrap();
-
-    // example:
-    // "type": "ByteLevel",
-    // "add_prefix_space": false,
-    // "trim_offsets": false,
-    // "use_regex": false
-    let pre_tokenizer = Sequence::new(vec![
-        PreTokenizerWrapper::Split(split),
-        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
-    ]);
-
-    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    tokenizer.with_pre_tokenizer(Some(bpe_pre_tokenizer(p.pre.as_deref())));
 
     tokenizer.with_decoder(Some(decoders::byte_level::ByteLevel::new(
         false, false, false,
@@ -367,6 +392,36 @@ impl TryFrom<Normalizer<'_>> for NormalizerWrapper {
         };
 
         Ok(value)
+    }
+}
+
+// Local change (vendor/README.md): the test of `bpe_pre_tokenizer`.
+#[cfg(test)]
+mod pre_tokenizer_tests {
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    fn pieces(pre: Option<&str>, text: &str) -> Vec<String> {
+        let mut s = PreTokenizedString::from(text);
+        super::bpe_pre_tokenizer(pre).pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(p, _, _)| p.to_string()).collect()
+    }
+
+    #[test]
+    fn smollm_splits_as_gpt2_with_single_digits() {
+        // ByteLevel maps '\n' to 'Ċ' and ' ' to 'Ġ'. GPT-2's regex keeps a newline before a word
+        // on its own and never glues punctuation to the next word; digits go one by one.
+        let text = "one\n\nline two.\n- item (x) 429";
+        assert_eq!(
+            pieces(Some("smollm"), text),
+            ["one", "Ċ", "Ċ", "line", "Ġtwo", ".", "Ċ", "-", "Ġitem", "Ġ(", "x", ")", "Ġ", "4", "2", "9"]
+        );
+        // 0.8.1 split every BPE GGUF like this (newlines merged, a newline glued to the period
+        // before it), and still does for names it does not know.
+        assert_eq!(
+            pieces(None, text),
+            ["one", "ĊĊ", "line", "Ġtwo", ".Ċ", "-", "Ġitem", "Ġ(", "x", ")", "Ġ", "4", "2", "9"]
+        );
+        assert_eq!(pieces(Some("llama-bpe"), text), pieces(None, text));
     }
 }
 
