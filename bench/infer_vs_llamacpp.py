@@ -223,6 +223,12 @@ def throughput(binary, workdir, rows, template, system, sampler, model, in_fligh
     return len(rows) / seconds, tokens / seconds, answers
 
 
+def sweep(binary, workdir, engines, rows, template, system, sampler, repeat):
+    """{(model, in flight): (items/s, tokens/s, answers)} for every engine at 1 and 8 in flight."""
+    return {(model, n): throughput(binary, workdir, rows, template, system, sampler, model, n, repeat)
+            for _, model in engines for n in (1, 8)}
+
+
 def texts(answers):
     return [a["text"] for a in answers]
 
@@ -261,12 +267,11 @@ def main():
             template = ROOT / "pipelines/prompts/classify.j2"
             print(f"\neval: the main job's {len(rows)} samples, <= 8 new tokens, stop at newline")
             print(f"  {'engine':<30} {'in flight':>9} {'items/s':>8} {'prompt tok/item':>16}")
-            rates = {}
+            got = sweep(binary, workdir, engines, rows, template, system, '{ max_tokens = 8, stop = ["\\n"] }', args.repeat)
+            rates = {key: (ips, texts(answers)) for key, (ips, _, answers) in got.items()}
             for name, model in engines:
                 for n in (1, 8):
-                    ips, _, answers = throughput(binary, workdir, rows, template, system,
-                                                 '{ max_tokens = 8, stop = ["\\n"] }', model, n, args.repeat)
-                    rates[(model, n)] = (ips, texts(answers))
+                    ips, _, answers = got[(model, n)]
                     prompt = sum(a["prompt_tokens"] for a in answers) / len(answers)
                     print(f"  {name:<30} {n:>9} {ips:>8.2f} {prompt:>16.1f}")
             ours = max(rates[(MODEL, 1)][0], rates[(MODEL, 8)][0])
@@ -279,13 +284,11 @@ def main():
         if "decode" in only:
             print(f"\ndecode: {len(PROMPTS)} prompts x {DECODE_TOKENS} new tokens")
             print(f"  {'engine':<30} {'in flight':>9} {'tok/s':>8}")
-            got = {}
+            got = {key: (tps, answers) for key, (_, tps, answers) in
+                   sweep(binary, workdir, engines, decode_rows, user, None, f"{{ max_tokens = {DECODE_TOKENS} }}", args.repeat).items()}
             for name, model in engines:
                 for n in (1, 8):
-                    _, tps, answers = throughput(binary, workdir, decode_rows, user, None,
-                                                 f"{{ max_tokens = {DECODE_TOKENS} }}", model, n, args.repeat)
-                    got[(model, n)] = (tps, answers)
-                    print(f"  {name:<30} {n:>9} {tps:>8.1f}")
+                    print(f"  {name:<30} {n:>9} {got[(model, n)][0]:>8.1f}")
             for n in (1, 8):
                 print(f"  ratio at {n} in flight (ours / llama.cpp): {got[(MODEL, n)][0] / got[('smollm2-llamacpp', n)][0]:.2f}x")
             ours, theirs = got[(MODEL, 1)][1], got[("smollm2-llamacpp", 1)][1]
