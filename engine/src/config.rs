@@ -216,7 +216,11 @@ pub fn parse(file: SourceFile, registry: &Registry) -> Result<Pipeline, Vec<Diag
         found
     };
 
-    let targets = raw_targets.and_then(|(from, bounds)| Some((find(&from, "`targets.from`", &mut diags)?, bounds)));
+    let targets = raw_targets.and_then(|(from, bounds, names)| {
+        let from = find(&from, "`targets.from`", &mut diags)?;
+        check_target_names(&file, &stages[from], &names, &mut diags);
+        Some((from, bounds))
+    });
 
     let iterate = raw_iterate.and_then(|(cfg, span)| {
         let from = find(&cfg.feedback.from, "`iterate.feedback.from`", &mut diags);
@@ -249,6 +253,18 @@ pub fn parse(file: SourceFile, registry: &Registry) -> Result<Pipeline, Vec<Diag
         }
         Some((cfg.max_iterations.max(1), cfg.patience, cfg.max_items, from, to))
     });
+
+    // Each stage against what its inputs will hold (a template's variables against the dataset's
+    // fields), from the facts their stages know at build time.
+    let facts: Vec<Value> = stages.iter().map(|s| s.node.as_ref().map_or(Value::Null, |n| n.stage.facts())).collect();
+    for stage in &stages {
+        let Some(node) = &stage.node else { continue };
+        let inputs: BTreeMap<String, Value> =
+            node.inputs.iter().filter(|(_, up)| !facts[*up].is_null()).map(|(port, up)| (port.clone(), facts[*up].clone())).collect();
+        if !inputs.is_empty() {
+            diags.extend(node.stage.check_inputs(&file, &inputs));
+        }
+    }
 
     if !diags.is_empty() {
         return Err(diags);
@@ -297,17 +313,37 @@ fn typed<T: DeserializeOwned>(file: &SourceFile, value: &Spanned<DeValue<'_>>, w
     }
 }
 
+/// Each target names a metric the `from` stage reports (when its kind can tell at build time).
+fn check_target_names(file: &SourceFile, from: &RawStage, names: &[(String, Range<usize>)], diags: &mut Vec<Diagnostic>) {
+    let Some(node) = &from.node else { return };
+    let Some(reported) = node.stage.metrics() else { return };
+    for (name, span) in names {
+        if reported.contains(&name.as_str()) {
+            continue;
+        }
+        let mut d = Diagnostic::error(format!("target `{name}`: stage `{}` (kind `{}`) reports no such metric", from.id, node.kind))
+            .at(file, span.clone(), "not reported by `targets.from`");
+        d = match (did_you_mean(name, reported.iter().copied()), reported.is_empty()) {
+            (_, true) => d.help(format!("`{}` reports no metrics; point `targets.from` at a stage that judges or decides", from.id)),
+            (Some(s), _) => d.help(format!("did you mean `{s}`? it reports {}", one_of(reported))),
+            (None, _) => d.help(format!("it reports {}", one_of(reported))),
+        };
+        diags.push(d);
+    }
+}
+
 fn parse_targets(
     file: &SourceFile,
     value: &Spanned<DeValue<'_>>,
     diags: &mut Vec<Diagnostic>,
-) -> Option<(Spanned<String>, BTreeMap<String, Bound>)> {
+) -> Option<(Spanned<String>, BTreeMap<String, Bound>, Vec<(String, Range<usize>)>)> {
     let Some(table) = value.get_ref().as_table() else {
         diags.push(Diagnostic::error("`targets` must be a table").at(file, value.span(), format!("found {}", value.get_ref().type_str())));
         return None;
     };
     let mut from = None;
     let mut bounds = BTreeMap::new();
+    let mut names = Vec::new();
     for (key, v) in table.iter() {
         let name = key.get_ref().as_ref();
         if name == "from" {
@@ -323,10 +359,11 @@ fn parse_targets(
                 );
             }
             bounds.insert(name.to_string(), bound);
+            names.push((name.to_string(), key.span()));
         }
     }
     match from {
-        Some(from) if !bounds.is_empty() => Some((from, bounds)),
+        Some(from) if !bounds.is_empty() => Some((from, bounds, names)),
         Some(_) => {
             diags.push(
                 Diagnostic::error("`targets` names no metric")

@@ -28,7 +28,10 @@ impl SourceFile {
         let before = &self.text[..offset];
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        (line, before[line_start..].chars().count() + 1)
+        // A byte-order mark at the start of the file is no column an editor shows.
+        let in_line = &before[line_start..];
+        let in_line = if line_start == 0 { in_line.strip_prefix('\u{feff}').unwrap_or(in_line) } else { in_line };
+        (line, in_line.chars().count() + 1)
     }
 
     /// Read a text file. `what` names it in errors ("pipeline file"); bytes that are not UTF-8

@@ -91,6 +91,26 @@ pub trait Stage: Send + Sync {
         None
     }
 
+    /// What this stage knows at build time about the output it will produce, for the stages that
+    /// read it to check themselves at `validate` (a dataset's field names, a template's variables).
+    /// Null: nothing. Never stored: facts are not part of any key.
+    fn facts(&self) -> Value {
+        Value::Null
+    }
+
+    /// Problems this stage has with what its inputs will hold, from their [`Stage::facts`] by port
+    /// name (a port whose upstream has none is absent), found at `validate`.
+    fn check_inputs(&self, _pipeline: &SourceFile, _facts: &BTreeMap<String, Value>) -> Vec<Diagnostic> {
+        Vec::new()
+    }
+
+    /// The names under `metrics` in this stage's output, as far as its config tells at build time:
+    /// `[targets]` naming another is an error at `validate`. `None`: the stage cannot tell (a user
+    /// command may write any). Stages that report no metrics keep the default.
+    fn metrics(&self) -> Option<&'static [&'static str]> {
+        Some(&[])
+    }
+
     /// Object keys of the output that hold measurements (latency, throughput): they differ from
     /// run to run, so the lockfile pins the output without them, at any depth.
     fn volatile_keys(&self) -> &'static [&'static str] {
@@ -227,6 +247,11 @@ impl BuildContext<'_> {
     /// How to show a referenced file's path to the user (relative to where they are).
     pub fn display_path(&self, file: &FileRef) -> PathBuf {
         if self.base_dir == Path::new(".") { PathBuf::from(&file.path) } else { self.base_dir.join(&file.path) }
+    }
+
+    /// Where the stage's table header is written.
+    pub fn stage_span(&self) -> Range<usize> {
+        self.stage_span.clone()
     }
 
     /// Where the value of the stage's key `name` is written, if it is.

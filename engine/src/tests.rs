@@ -135,6 +135,9 @@ impl StagePlugin for Sum {
     }
 }
 impl Stage for SumStage {
+    fn metrics(&self) -> Option<&'static [&'static str]> {
+        Some(&["total"])
+    }
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let total: i64 = input.input("numbers")?["values"].as_array().unwrap().iter().map(|v| v["value"].as_i64().unwrap()).sum();
         Ok(json!({"metrics": {"total": total}}))
@@ -157,6 +160,9 @@ impl StagePlugin for Improve {
     }
 }
 impl Stage for ImproveStage {
+    fn metrics(&self) -> Option<&'static [&'static str]> {
+        Some(&["improved"])
+    }
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let next = input.input("param")?["value"].as_i64().unwrap() + 1;
         Ok(json!({"value": next.min(3), "metrics": {"improved": if next <= 1 { 1.0 } else { 0.0 }}}))

@@ -69,7 +69,7 @@ fn default_examples() -> usize {
 impl StagePlugin for Cluster {
     type Config = ClusterConfig;
     const KIND: &'static str = "cluster";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "failures on the dev split grouped into named failure modes (empty, repetition, truncated, no label, confusions)";
     const INPUTS: &'static [Port] = &[Port::new("judgement", "judgement"), Port::new("answers", "answers")];
     const OUTPUT: &'static str = "clusters";
@@ -359,7 +359,7 @@ fn describe(signature: &str, labels: &[&str]) -> (String, String, String) {
             let (gold, predicted) = cell.split_once('→').unwrap_or((cell, ""));
             (
                 format!("{gold} read as {predicted}"),
-                format!("Tickets whose intent is `{gold}` were labeled `{predicted}`."),
+                format!("Samples labeled `{gold}` were answered `{predicted}`."),
                 format!("State what distinguishes `{gold}` from `{predicted}`, with an example of each."),
             )
         }
@@ -400,7 +400,7 @@ mod tests {
     }
 
     /// With the real all-MiniLM-L6-v2: ten answers naming no label, five apologies and five
-    /// restatements of the ticket, come out as two modes; their ids (the medoid's sample) stay
+    /// restatements of the sample, come out as two modes; their ids (the medoid's sample) stay
     /// when a member that is not a medoid leaves.
     #[test]
     fn embeddings_split_a_mode_by_what_the_answers_say() {

@@ -64,6 +64,10 @@ struct CommandStage {
 }
 
 impl Stage for CommandStage {
+    fn metrics(&self) -> Option<&'static [&'static str]> {
+        None
+    }
+
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let inputs: serde_json::Map<String, Value> = input.inputs.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect();
         let stdin = serde_json::to_vec(&json!({"inputs": inputs, "seed": input.seed})).expect("JSON");

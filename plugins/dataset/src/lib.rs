@@ -68,12 +68,21 @@ impl StagePlugin for Dataset {
     const OUTPUT: &'static str = "dataset";
 
     fn build(config: DatasetConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        if config.heldout.0 >= 1.0 {
+            return Err(vec![cx.error_at(
+                cx.key("heldout"),
+                format!("`heldout = {:?}` leaves no dev split: failure modes and prompt revisions learn from dev samples only", config.heldout.0),
+                "no dev samples",
+            )
+            .help("use a fraction below 1; with 0 every sample is dev, and the judge reports on dev")]);
+        }
         let path = cx.file(&config.path).map_err(|d| vec![d])?;
         // Check every line now, so `pipeline validate` reports them all with their locations.
         let file = SourceFile::read(&path, "dataset").map_err(|d| vec![d])?;
         let file = SourceFile::new(cx.display_path(&config.path), file.text);
-        parse_samples(&file, &config).map_err(|errors| errors.into_iter().map(|e| e.diagnostic(&file)).collect::<Vec<_>>())?;
-        Ok(Arc::new(DatasetStage(config)))
+        let samples = parse_samples(&file, &config).map_err(|errors| errors.into_iter().map(|e| e.diagnostic(&file)).collect::<Vec<_>>())?;
+        let fields = samples.iter().flat_map(|s| s.fields.keys().cloned()).collect();
+        Ok(Arc::new(DatasetStage { config, fields }))
     }
 }
 
@@ -85,18 +94,28 @@ pub fn read(file: &SourceFile, config: &DatasetConfig, seed: u64) -> Result<Valu
     Ok(split(samples, config, seed))
 }
 
-struct DatasetStage(DatasetConfig);
+struct DatasetStage {
+    config: DatasetConfig,
+    /// Every field name some sample has (at build time).
+    fields: std::collections::BTreeSet<String>,
+}
 
 impl Stage for DatasetStage {
+    /// `{"fields": [...]}`: the field names some sample has, for templates and stages that name
+    /// fields to be checked against at `validate`.
+    fn facts(&self) -> Value {
+        json!({"fields": self.fields})
+    }
+
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
-        let bytes = input.file(&self.0.path)?;
-        let file = SourceFile::new(&self.0.path.path, String::from_utf8_lossy(bytes).into_owned());
-        let samples = parse_samples(&file, &self.0).map_err(|errors| {
+        let bytes = input.file(&self.config.path)?;
+        let file = SourceFile::new(&self.config.path.path, String::from_utf8_lossy(bytes).into_owned());
+        let samples = parse_samples(&file, &self.config).map_err(|errors| {
             let first = &errors[0];
             let (line, col) = file.line_col(first.span.start);
-            StageError::new(format!("{}:{line}:{col}: {} ({} problem(s) in all)", self.0.path.path, first.message, errors.len()))
+            StageError::new(format!("{}:{line}:{col}: {} ({} problem(s) in all)", self.config.path.path, first.message, errors.len()))
         })?;
-        Ok(split(samples, &self.0, input.seed))
+        Ok(split(samples, &self.config, input.seed))
     }
 }
 
@@ -123,9 +142,15 @@ fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut offset = 0;
     for (n, raw) in file.text.split_inclusive('\n').enumerate() {
-        let start = offset;
+        let mut start = offset;
         offset += raw.len();
-        let line = raw.trim_end_matches(['\n', '\r']);
+        let mut line = raw.trim_end_matches(['\n', '\r']);
+        // A UTF-8 byte-order mark (as some editors and spreadsheet exports write) is not part of
+        // the first sample.
+        if n == 0 && let Some(rest) = line.strip_prefix('\u{feff}') {
+            line = rest;
+            start += '\u{feff}'.len_utf8();
+        }
         if line.trim().is_empty() {
             continue;
         }
@@ -253,6 +278,14 @@ mod tests {
             ]
         );
         assert_eq!(check("{\"id\": 7, \"y\": true}"), ["7=true"]);
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_the_first_sample_is_not_part_of_it() {
+        assert_eq!(check("\u{feff}{\"id\": \"a\", \"y\": \"x\"}\n{\"id\": \"b\", \"y\": \"z\"}\n"), ["a=x", "b=z"]);
+        // Positions after it still point at the right column; a mark elsewhere is text.
+        assert_eq!(check("\u{feff}{\"id\": \"a\" \"y\": \"x\"}\n"), ["1:12 line 1 is not valid JSON: expected `,` or `}` at line 1 column 12"]);
+        assert_eq!(check("{\"id\": \"a\", \"y\": \"x\"}\n\u{feff}{\"id\": \"b\", \"y\": \"z\"}\n")[0], "2:1 line 2 is not valid JSON: expected value at line 1 column 1");
     }
 
     #[test]

@@ -58,7 +58,7 @@ fn default_bootstrap() -> u32 {
 #[serde(rename_all = "snake_case")]
 pub enum Normalize {
     /// The label whose name appears first in the answer, as a whole word, ignoring case
-    /// ("Intent: Billing." → `billing`).
+    /// ("Label: Billing." → `billing`).
     #[default]
     FirstLabel,
     /// The whole answer, trimmed and lowercased, must equal a label.
@@ -88,8 +88,17 @@ impl StagePlugin for Judge {
 
 struct JudgeStage(JudgeConfig);
 
+/// The `metrics` of a label judgement (the best candidate's, on its reported split).
+const LABEL_METRICS: &[&str] = &["accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "unparsed_rate"];
+/// The `metrics` of a ranking judgement.
+const RANKING_METRICS: &[&str] = &["ndcg", "ndcg_ci_low", "ndcg_ci_high", "unparsed_rate"];
+
 #[async_trait::async_trait]
 impl Stage for JudgeStage {
+    fn metrics(&self) -> Option<&'static [&'static str]> {
+        Some(if self.0.relevance.is_some() { RANKING_METRICS } else { LABEL_METRICS })
+    }
+
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
         if let Some(field) = &self.0.relevance {
             return self.rankings(input, field);

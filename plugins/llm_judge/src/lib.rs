@@ -464,6 +464,10 @@ impl LlmJudgeStage {
 
 #[async_trait::async_trait]
 impl Stage for LlmJudgeStage {
+    fn metrics(&self) -> Option<&'static [&'static str]> {
+        Some(&["pass_rate", "pass_rate_ci_low", "pass_rate_ci_high", "unscored_rate"])
+    }
+
     fn resolved(&self) -> Option<Value> {
         Some(json!({"judge": self.judge.candidate.pin()}))
     }

@@ -8,6 +8,8 @@
 //! Templates are minijinja with strict undefined values, no loader and no globals beyond the
 //! sample: a template cannot read files or the environment.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
 use std::sync::Arc;
 
 use engine::diag::{Diagnostic, SourceFile};
@@ -54,8 +56,45 @@ impl StagePlugin for Prompt {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Arc::new(PromptStage(config)))
+        // The variables each template reads, located, for `render` to check against the dataset.
+        let mut variables: Vec<Value> = variables(&text)
+            .into_iter()
+            .map(|(name, span)| json!({"name": name, "file": file.path.display().to_string(), "text": text, "span": [span.start, span.end]}))
+            .collect();
+        if let Some(system) = &config.system {
+            let at = cx.key("system").unwrap_or(0..0);
+            variables.extend(variables_of(system).into_iter().map(|name| json!({"name": name, "span": [at.start, at.end]})));
+        }
+        Ok(Arc::new(PromptStage { config, variables }))
     }
+}
+
+/// The names a template reads from its context (a sample's fields and `id`), each with where it
+/// is first read in `source` (whole template when it cannot be found by its spelling).
+fn variables(source: &str) -> Vec<(String, Range<usize>)> {
+    variables_of(source).into_iter().map(|name| {
+        let span = first_use(source, &name).unwrap_or(0..source.len());
+        (name, span)
+    }).collect()
+}
+
+fn variables_of(source: &str) -> BTreeSet<String> {
+    let env = environment();
+    let Ok(template) = env.template_from_str(source) else { return BTreeSet::new() };
+    let globals: BTreeSet<&str> = env.globals().map(|(name, _)| name).collect();
+    template.undeclared_variables(false).into_iter().filter(|n| !globals.contains(n.as_str())).collect()
+}
+
+/// The first place `name` is written as a whole word inside a `{{ }}` or `{% %}` tag.
+fn first_use(source: &str, name: &str) -> Option<Range<usize>> {
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    source.match_indices(name).map(|(at, _)| at..at + name.len()).find(|r| {
+        let before = source[..r.start].chars().next_back();
+        let after = source[r.end..].chars().next();
+        let opened = source[..r.start].rfind("{{").max(source[..r.start].rfind("{%"));
+        let closed = source[..r.start].rfind("}}").max(source[..r.start].rfind("%}"));
+        !before.is_some_and(word) && !after.is_some_and(word) && opened.is_some() && opened > closed
+    })
 }
 
 fn check_syntax(source: &str) -> Result<(), minijinja::Error> {
@@ -76,13 +115,23 @@ fn template_diagnostic(file: &SourceFile, e: &minijinja::Error) -> Diagnostic {
     }
 }
 
-struct PromptStage(PromptConfig);
+struct PromptStage {
+    config: PromptConfig,
+    /// `{name, span, file?, text?}` for each variable a template reads; `file` and `text` when it
+    /// is in the template file, else the span is the `system` key's in the pipeline file.
+    variables: Vec<Value>,
+}
 
 impl Stage for PromptStage {
+    /// `{"variables": [...]}`: what the templates read, for `render` to check at `validate`.
+    fn facts(&self) -> Value {
+        json!({"variables": self.variables})
+    }
+
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
-        let template = std::str::from_utf8(input.file(&self.0.template)?)
-            .map_err(|_| StageError::new(format!("template `{}` is not UTF-8", self.0.template.path)))?;
-        Ok(json!({"source": self.0.template.path, "system": self.0.system, "template": template}))
+        let template = std::str::from_utf8(input.file(&self.config.template)?)
+            .map_err(|_| StageError::new(format!("template `{}` is not UTF-8", self.config.template.path)))?;
+        Ok(json!({"source": self.config.template.path, "system": self.config.system, "template": template}))
     }
 }
 
@@ -138,6 +187,34 @@ struct RenderStage(RenderConfig);
 
 #[async_trait::async_trait]
 impl Stage for RenderStage {
+    /// Every variable a template reads is a field some sample has, or `id`.
+    fn check_inputs(&self, pipeline: &SourceFile, facts: &BTreeMap<String, Value>) -> Vec<Diagnostic> {
+        let (Some(fields), Some(variables)) = (facts.get("dataset").and_then(|f| f["fields"].as_array()), facts.get("prompt").and_then(|f| f["variables"].as_array())) else {
+            return Vec::new();
+        };
+        let mut known: Vec<&str> = fields.iter().filter_map(Value::as_str).chain(["id"]).collect();
+        known.sort_unstable();
+        known.dedup();
+        let mut errors = Vec::new();
+        for v in variables {
+            let name = v["name"].as_str().unwrap_or_default();
+            if known.contains(&name) {
+                continue;
+            }
+            let span = v["span"][0].as_u64().unwrap_or(0) as usize..v["span"][1].as_u64().unwrap_or(0) as usize;
+            let d = Diagnostic::error(format!("the prompt reads `{name}`, which no sample of the dataset has"));
+            let d = match (v["file"].as_str(), v["text"].as_str()) {
+                (Some(path), Some(text)) => d.at(&SourceFile::new(path, text), span, "not a sample field"),
+                _ => d.at(pipeline, span, "this `system` template reads it"),
+            };
+            errors.push(match engine::diag::did_you_mean(name, known.iter().copied()) {
+                Some(s) => d.help(format!("did you mean `{s}`? the samples have {}", engine::diag::one_of(&known))),
+                None => d.help(format!("the samples have {}", engine::diag::one_of(&known))),
+            });
+        }
+        errors
+    }
+
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
         let prompt = input.input("prompt")?;
         let samples = input.input("dataset")?["samples"].as_array().ok_or_else(|| StageError::new("dataset has no `samples`"))?;
@@ -191,6 +268,17 @@ mod tests {
         let item = Item { id: "s1".into(), input: json!({"id": "s1", "fields": fields, "system": "Be brief.", "template": template}) };
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(RenderStage(RenderConfig { split: Split::All }).run_item(&item, &ItemContext { seed: 0, cancel: Default::default() }))
+    }
+
+    #[test]
+    fn finds_what_a_template_reads_and_where() {
+        let source = "{# text in a comment #}Ticket text: {{ text }}\n{% for d in docs %}{{ d }} {{ loop.index }}{% endfor %}{{ range(3) | list }}{{ id }}";
+        let found: Vec<(String, &str)> = variables(source).into_iter().map(|(n, r)| (n, &source[r])).collect();
+        assert_eq!(found, [("docs".to_string(), "docs"), ("id".into(), "id"), ("text".into(), "text")]);
+        // `text` is located inside the tag, not in the comment or the prose before it.
+        assert_eq!(first_use(source, "text"), Some(39..43));
+        assert_eq!(first_use("{{ texts }} {{ text }}", "text"), Some(15..19));
+        assert!(variables("{{ unclosed").is_empty());
     }
 
     #[test]

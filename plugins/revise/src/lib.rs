@@ -3,8 +3,9 @@
 //!
 //! Revision is deterministic: for each of the largest failure modes of the candidate being
 //! improved (the judge's best), the rules section of the system message gains an instruction
-//! (for a confusion: do not answer the wrong label for tickets like the example; for answers
-//! naming no label: answer with exactly one label), a positive example (a dev ticket of the mode with its gold answer) and a negative
+//! (for a confusion: do not answer the wrong label for samples like the example; for answers
+//! naming no label: answer with exactly one label), a positive example (a dev sample of the mode
+//! with its gold answer) and a negative
 //! one (the model's actual wrong answer, and what it should have been). Examples come from the dev
 //! split only, never from held-out samples.
 //!
@@ -22,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use engine::diag::Diagnostic;
+use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, Item, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -63,7 +64,7 @@ fn default_min_gain() -> u32 {
 impl StagePlugin for Revise {
     type Config = ReviseConfig;
     const KIND: &'static str = "revise";
-    const VERSION: u32 = 5;
+    const VERSION: u32 = 6;
     const SUMMARY: &'static str = "a new prompt version aimed at the largest failure modes (dev examples), kept only if held-out quality improves (McNemar)";
     const INPUTS: &'static [Port] = &[
         Port::new("prompt", "prompt"),
@@ -81,14 +82,36 @@ impl StagePlugin for Revise {
         if config.max_clusters == 0 || config.max_clusters > 20 {
             errors.push(cx.error_at(cx.key("max_clusters"), format!("`max_clusters` must be 1 to 20, not {}", config.max_clusters), ""));
         }
-        if errors.is_empty() { Ok(Arc::new(ReviseStage(config))) } else { Err(errors) }
+        let field_span = cx.key("input_field").unwrap_or_else(|| cx.stage_span());
+        if errors.is_empty() { Ok(Arc::new(ReviseStage(config, field_span))) } else { Err(errors) }
     }
 }
 
-struct ReviseStage(ReviseConfig);
+/// The config, and where `input_field` is written (the stage's header when it is the default).
+struct ReviseStage(ReviseConfig, std::ops::Range<usize>);
 
 #[async_trait::async_trait]
 impl Stage for ReviseStage {
+    /// `input_field` is a field some sample of the dataset has.
+    fn check_inputs(&self, pipeline: &SourceFile, facts: &BTreeMap<String, Value>) -> Vec<Diagnostic> {
+        let Some(fields) = facts.get("dataset").and_then(|f| f["fields"].as_array()) else { return Vec::new() };
+        let fields: Vec<&str> = fields.iter().filter_map(Value::as_str).collect();
+        let field = self.0.input_field.as_str();
+        if fields.contains(&field) {
+            return Vec::new();
+        }
+        let d = Diagnostic::error(format!("`input_field = \"{field}\"`: no sample of the dataset has that field, so revisions would show no examples"))
+            .at(pipeline, self.1.clone(), "examples are shown from this field");
+        vec![match engine::diag::did_you_mean(field, fields.iter().copied()) {
+            Some(s) => d.help(format!("did you mean `{s}`? the samples have {}", engine::diag::one_of(&fields))),
+            None => d.help(format!("set `input_field` to one of {}", engine::diag::one_of(&fields))),
+        }]
+    }
+
+    fn metrics(&self) -> Option<&'static [&'static str]> {
+        Some(&["improved"])
+    }
+
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let prompt = input.input("prompt")?;
         let clusters = input.input("clusters")?;
@@ -139,9 +162,18 @@ impl Stage for ReviseStage {
             json!({"version": version, "models": models})
         };
 
-        let texts: BTreeMap<&str, &str> = dataset["samples"]
-            .as_array()
-            .map_or(BTreeMap::new(), |s| s.iter().filter(|s| s["split"] == "dev").filter_map(|s| Some((s["id"].as_str()?, s["fields"][&self.0.input_field].as_str()?))).collect());
+        let dev: Vec<&Value> = dataset["samples"].as_array().map_or(Vec::new(), |s| s.iter().filter(|s| s["split"] == "dev").collect());
+        let field = &self.0.input_field;
+        if let Some(first) = dev.first()
+            && dev.iter().all(|s| s["fields"].get(field).is_none())
+        {
+            let present: BTreeSet<&str> = first["fields"].as_object().map_or(BTreeSet::new(), |f| f.keys().map(String::as_str).collect());
+            return Err(StageError::new(format!(
+                "no dev sample has the field `{field}` that examples are shown from (`input_field`); the samples have {}",
+                present.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let texts: BTreeMap<&str, &str> = dev.iter().filter_map(|s| Some((s["id"].as_str()?, s["fields"][field].as_str()?))).collect();
         let modes: Vec<&Value> = clusters["models"][model]["clusters"]
             .as_array()
             .map_or(Vec::new(), |c| c.iter().filter(|c| !tried.contains(c["id"].as_str().unwrap_or_default())).take(self.0.max_clusters).collect());
@@ -217,8 +249,10 @@ fn rule(mode: &Value, labels: &[&str]) -> String {
         // A rubric's failure mode: the rubric's own fix, already an instruction.
         return mode["fix_hypothesis"].as_str().unwrap_or("Answer the question directly.").to_string();
     }
-    match id.strip_prefix("confused:").and_then(|cell| cell.split_once('→')) {
-        Some((gold, predicted)) => format!("A ticket like the example below is `{gold}`: do not answer `{predicted}` for it."),
+    // A mode split by what its answers say (`SIGNATURE~MEDOID`) names its signature as `parent`.
+    let signature = mode["parent"].as_str().unwrap_or(id);
+    match signature.strip_prefix("confused:").and_then(|cell| cell.split_once('→')) {
+        Some((gold, predicted)) => format!("A sample like the example below is `{gold}`: do not answer `{predicted}` for it."),
         None => format!("Answer with one word only, exactly one of: {}.", labels.join(", ")),
     }
 }
@@ -280,6 +314,49 @@ fn binomial(n: usize, k: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stage() -> ReviseStage {
+        ReviseStage(ReviseConfig { input_field: default_input_field(), max_clusters: 3, alpha: 0.05, min_gain: 1 }, 0..0)
+    }
+
+    /// A first prompt, one confusion mode of candidate `m` on the dev split, over `samples`.
+    fn input(samples: Value) -> StageInput {
+        let example = json!({"id": "s1", "label": "even", "answer": "odd"});
+        StageInput {
+            inputs: [
+                ("prompt".to_string(), Arc::new(json!({"source": "p.j2", "system": null, "template": "{{ question }}"}))),
+                ("clusters".to_string(), Arc::new(json!({"labels": ["even", "odd"], "models": {"m": {"clusters": [{"id": "confused:even→odd", "size": 1, "examples": [example]}]}}}))),
+                ("judgement".to_string(), Arc::new(json!({"best": "m", "models": {"m": {"verdicts": [], "splits": {}}}}))),
+                ("dataset".to_string(), Arc::new(json!({"samples": samples}))),
+            ]
+            .into(),
+            files: Default::default(),
+            seed: 0,
+            cancel: Default::default(),
+        }
+    }
+
+    #[test]
+    fn rules_speak_of_samples_and_show_the_example() {
+        let samples = json!([{"id": "s1", "split": "dev", "label": "even", "fields": {"text": "Is 4 even or odd?"}}]);
+        let out = stage().finish(&input(samples), Vec::new()).unwrap();
+        let system = out["system"].as_str().unwrap();
+        assert!(system.contains("A sample like the example below is `even`: do not answer `odd` for it."), "{system}");
+        assert!(system.contains("Example: \"Is 4 even or odd?\" → even"), "{system}");
+    }
+
+    #[test]
+    fn a_split_mode_is_ruled_on_by_its_signature_not_its_id() {
+        let mode = json!({"id": "confused:technical→refund~t024", "parent": "confused:technical→refund"});
+        assert_eq!(rule(&mode, &["refund", "technical"]), "A sample like the example below is `technical`: do not answer `refund` for it.");
+    }
+
+    #[test]
+    fn a_field_no_dev_sample_has_is_an_error_naming_those_it_has() {
+        let samples = json!([{"id": "s1", "split": "dev", "label": "even", "fields": {"question": "Is 4 even or odd?", "id": "s1"}}]);
+        let err = stage().finish(&input(samples), Vec::new()).unwrap_err().to_string();
+        assert_eq!(err, "no dev sample has the field `text` that examples are shown from (`input_field`); the samples have `id`, `question`");
+    }
 
     #[test]
     fn mcnemar_counts_discordant_pairs_and_gives_the_exact_tail() {

@@ -145,6 +145,10 @@ struct SelectStage {
 
 #[async_trait::async_trait]
 impl Stage for SelectStage {
+    fn metrics(&self) -> Option<&'static [&'static str]> {
+        Some(&["targets_met", "accuracy"])
+    }
+
     fn volatile_keys(&self) -> &'static [&'static str] {
         &["timing"]
     }
