@@ -57,15 +57,14 @@ impl StagePlugin for Prompt {
             return Err(errors);
         }
         // The variables each template reads, located, for `render` to check against the dataset.
-        let mut variables: Vec<Value> = variables(&text)
-            .into_iter()
-            .map(|(name, span)| json!({"name": name, "file": file.path.display().to_string(), "text": text, "span": [span.start, span.end]}))
-            .collect();
+        let mut variables: Vec<Value> =
+            variables(&text).into_iter().map(|(name, span)| json!({"name": name, "in": "template", "span": [span.start, span.end]})).collect();
         if let Some(system) = &config.system {
             let at = cx.key("system").unwrap_or(0..0);
-            variables.extend(variables_of(system).into_iter().map(|name| json!({"name": name, "span": [at.start, at.end]})));
+            variables.extend(variables_of(system).into_iter().map(|name| json!({"name": name, "in": "system", "span": [at.start, at.end]})));
         }
-        Ok(Arc::new(PromptStage { config, variables }))
+        let facts = json!({"template": {"file": file.path.display().to_string(), "text": text}, "variables": variables});
+        Ok(Arc::new(PromptStage { config, facts }))
     }
 }
 
@@ -117,15 +116,16 @@ fn template_diagnostic(file: &SourceFile, e: &minijinja::Error) -> Diagnostic {
 
 struct PromptStage {
     config: PromptConfig,
-    /// `{name, span, file?, text?}` for each variable a template reads; `file` and `text` when it
-    /// is in the template file, else the span is the `system` key's in the pipeline file.
-    variables: Vec<Value>,
+    /// `{"template": {file, text}, "variables": [{name, in, span}]}`: each variable a template
+    /// reads, `in` the template file or the `system` message (the span of its key in the
+    /// pipeline file).
+    facts: Value,
 }
 
 impl Stage for PromptStage {
-    /// `{"variables": [...]}`: what the templates read, for `render` to check at `validate`.
+    /// What the templates read, for `render` to check at `validate`.
     fn facts(&self) -> Value {
-        json!({"variables": self.variables})
+        self.facts.clone()
     }
 
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
@@ -189,9 +189,11 @@ struct RenderStage(RenderConfig);
 impl Stage for RenderStage {
     /// Every variable a template reads is a field some sample has, or `id`.
     fn check_inputs(&self, pipeline: &SourceFile, facts: &BTreeMap<String, Value>) -> Vec<Diagnostic> {
-        let (Some(fields), Some(variables)) = (facts.get("dataset").and_then(|f| f["fields"].as_array()), facts.get("prompt").and_then(|f| f["variables"].as_array())) else {
+        let (Some(fields), Some(prompt)) = (facts.get("dataset").and_then(|f| f["fields"].as_array()), facts.get("prompt")) else {
             return Vec::new();
         };
+        let Some(variables) = prompt["variables"].as_array() else { return Vec::new() };
+        let template = SourceFile::new(prompt["template"]["file"].as_str().unwrap_or_default(), prompt["template"]["text"].as_str().unwrap_or_default());
         let mut known: Vec<&str> = fields.iter().filter_map(Value::as_str).chain(["id"]).collect();
         known.sort_unstable();
         known.dedup();
@@ -203,10 +205,7 @@ impl Stage for RenderStage {
             }
             let span = v["span"][0].as_u64().unwrap_or(0) as usize..v["span"][1].as_u64().unwrap_or(0) as usize;
             let d = Diagnostic::error(format!("the prompt reads `{name}`, which no sample of the dataset has"));
-            let d = match (v["file"].as_str(), v["text"].as_str()) {
-                (Some(path), Some(text)) => d.at(&SourceFile::new(path, text), span, "not a sample field"),
-                _ => d.at(pipeline, span, "this `system` template reads it"),
-            };
+            let d = if v["in"] == "template" { d.at(&template, span, "not a sample field") } else { d.at(pipeline, span, "this `system` template reads it") };
             errors.push(match engine::diag::did_you_mean(name, known.iter().copied()) {
                 Some(s) => d.help(format!("did you mean `{s}`? the samples have {}", engine::diag::one_of(&known))),
                 None => d.help(format!("the samples have {}", engine::diag::one_of(&known))),
@@ -272,7 +271,7 @@ mod tests {
 
     #[test]
     fn finds_what_a_template_reads_and_where() {
-        let source = "{# text in a comment #}Ticket text: {{ text }}\n{% for d in docs %}{{ d }} {{ loop.index }}{% endfor %}{{ range(3) | list }}{{ id }}";
+        let source = "{# text in a comment #}Sample text: {{ text }}\n{% for d in docs %}{{ d }} {{ loop.index }}{% endfor %}{{ range(3) | list }}{{ id }}";
         let found: Vec<(String, &str)> = variables(source).into_iter().map(|(n, r)| (n, &source[r])).collect();
         assert_eq!(found, [("docs".to_string(), "docs"), ("id".into(), "id"), ("text".into(), "text")]);
         // `text` is located inside the tag, not in the comment or the prose before it.
