@@ -5,14 +5,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use artifacts::{Clusters, JudgedModel, Judgement, Split, main_figure};
 use engine::{RunReport, Store};
-use serde_json::{Value, json};
+use serde::Serialize;
+
+use crate::found::artifact;
 
 /// One side: the judgement and the failure modes of the chosen iteration.
 pub struct Side {
     pub name: String,
-    pub judgement: Value,
-    pub clusters: Option<Value>,
+    pub judgement: Judgement,
+    pub clusters: Option<Clusters>,
 }
 
 impl Side {
@@ -23,103 +26,137 @@ impl Side {
             Some(k) => report.iterations.iter().find(|it| it.iteration + 1 == k).ok_or_else(|| format!("`{label}`: its last run has {} iteration(s)", report.iterations.len()))?,
             None => report.iterations.last().ok_or_else(|| format!("`{label}`: its last run has no iteration"))?,
         };
-        let of_kind = |kinds: &[&str]| it.stages.iter().filter(|s| kinds.contains(&s.kind.as_str())).find_map(|s| store.get_object(&s.output?));
-        let judgement = of_kind(&["judge", "llm_judge"]).ok_or_else(|| format!("`{label}` has no judged answers to compare (no `judge` or `llm_judge` output)"))?;
-        Ok(Side { name: label.to_string(), judgement, clusters: of_kind(&["cluster"]) })
+        let (_, judgement) = artifact(it, store).ok_or_else(|| format!("`{label}` has no judged answers to compare (no judgement in its run)"))?;
+        Ok(Side { name: label.to_string(), judgement, clusters: artifact(it, store).map(|(_, c)| c) })
     }
 }
 
-/// The comparison, as JSON (what `--json` prints and the text rendering reads).
-pub fn compare(a: &Side, b: &Side, seed: u64) -> Value {
-    let models = |s: &Side| -> BTreeSet<String> { s.judgement["models"].as_object().map_or(BTreeSet::new(), |m| m.keys().cloned().collect()) };
+/// What moved between two runs (what `--json` prints and the text rendering reads).
+#[derive(Serialize)]
+pub struct Comparison {
+    a: String,
+    b: String,
+    candidates: Vec<CandidateChange>,
+    failure_modes: Vec<ModeChange>,
+}
+
+#[derive(Serialize)]
+struct CandidateChange {
+    model: String,
+    a: Option<Quality>,
+    b: Option<Quality>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pass_rate_change: Option<PassRateChange>,
+}
+
+/// A side's main quality figure, on its reported split.
+#[derive(Serialize)]
+struct Quality {
+    /// `accuracy (heldout)`.
+    metric: String,
+    value: f64,
+    ci95: [Option<f64>; 2],
+}
+
+/// Held-out passes after minus before, over the samples both sides judged.
+#[derive(Serialize)]
+struct PassRateChange {
+    paired_samples: usize,
+    value: f64,
+    ci95: Option<[f64; 2]>,
+    fixed: usize,
+    broken: usize,
+}
+
+#[derive(Serialize)]
+struct ModeChange {
+    model: String,
+    id: String,
+    name: String,
+    a: usize,
+    b: usize,
+    change: i64,
+}
+
+/// The comparison of two sides; intervals are resampled with `seed`.
+pub fn compare(a: &Side, b: &Side, seed: u64) -> Comparison {
+    let models: BTreeSet<&String> = a.judgement.models.keys().chain(b.judgement.models.keys()).collect();
     let mut candidates = Vec::new();
-    for model in models(a).union(&models(b)) {
-        let (ja, jb) = (&a.judgement["models"][model], &b.judgement["models"][model]);
-        let quality = |j: &Value| -> Option<(String, f64, Value)> {
-            let (split, figures) = judge::quality(j);
-            let name = judge::MAIN_METRICS.into_iter().find(|k| figures.contains_key(k))?;
-            let ci = json!([figures.get(format!("{name}_ci_low").as_str()), figures.get(format!("{name}_ci_high").as_str())]);
-            Some((format!("{name} ({split})"), figures[name], ci))
+    for model in models {
+        let (ja, jb) = (a.judgement.models.get(model), b.judgement.models.get(model));
+        let quality = |j: Option<&JudgedModel>| -> Option<Quality> {
+            let (split, figures) = j?.quality();
+            let (name, value, _) = main_figure(|k| figures.get(k).copied())?;
+            let ci95 = [figures.get(format!("{name}_ci_low").as_str()).copied(), figures.get(format!("{name}_ci_high").as_str()).copied()];
+            Some(Quality { metric: format!("{name} ({split})"), value, ci95 })
         };
-        let heldout = |j: &Value| -> BTreeMap<String, bool> {
-            j["verdicts"]
-                .as_array()
-                .map_or(BTreeMap::new(), |v| v.iter().filter(|v| v["split"] == "heldout").filter_map(|v| Some((v["id"].as_str()?.to_string(), v["pass"].as_bool()?))).collect())
-        };
+        fn heldout(j: Option<&JudgedModel>) -> BTreeMap<&str, bool> {
+            j.map_or(BTreeMap::new(), |j| j.verdicts_in(Split::Heldout).filter_map(|v| Some((v.id.as_str(), v.pass?))).collect())
+        }
         let (ha, hb) = (heldout(ja), heldout(jb));
         let pairs: Vec<(bool, bool)> = ha.iter().filter_map(|(id, before)| Some((*before, *hb.get(id)?))).collect();
-        let mut entry = json!({"model": model, "a": quality(ja).map(|q| json!({"metric": q.0, "value": q.1, "ci95": q.2})), "b": quality(jb).map(|q| json!({"metric": q.0, "value": q.1, "ci95": q.2}))});
-        if !pairs.is_empty() {
+        let pass_rate_change = (!pairs.is_empty()).then(|| {
             let d = judge::paired_difference(&pairs, 1000, seed);
-            entry["pass_rate_change"] = json!({
-                "paired_samples": pairs.len(),
-                "value": d["value"],
-                "ci95": d["ci95"],
-                "fixed": pairs.iter().filter(|(x, y)| !x && *y).count(),
-                "broken": pairs.iter().filter(|(x, y)| *x && !y).count(),
-            });
-        }
-        candidates.push(entry);
+            PassRateChange {
+                paired_samples: pairs.len(),
+                value: d.value,
+                ci95: d.ci95,
+                fixed: pairs.iter().filter(|(x, y)| !x && *y).count(),
+                broken: pairs.iter().filter(|(x, y)| *x && !y).count(),
+            }
+        });
+        candidates.push(CandidateChange { model: model.clone(), a: quality(ja), b: quality(jb), pass_rate_change });
     }
-    let sizes = |s: &Side| -> BTreeMap<(String, String), (u64, String)> {
+    let sizes = |s: &Side| -> BTreeMap<(String, String), (usize, String)> {
         let mut out = BTreeMap::new();
-        for (model, m) in s.clusters.as_ref().and_then(|c| c["models"].as_object()).into_iter().flatten() {
-            for c in m["clusters"].as_array().map_or(&[][..], Vec::as_slice) {
-                out.insert((model.clone(), c["id"].as_str().unwrap_or_default().to_string()), (c["size"].as_u64().unwrap_or(0), c["name"].as_str().unwrap_or_default().to_string()));
+        for (model, m) in s.clusters.iter().flat_map(|c| &c.models) {
+            for c in &m.clusters {
+                out.insert((model.clone(), c.id.clone()), (c.size, c.name.clone()));
             }
         }
         out
     };
     let (sa, sb) = (sizes(a), sizes(b));
     let keys: BTreeSet<&(String, String)> = sa.keys().chain(sb.keys()).collect();
-    let mut clusters: Vec<Value> = keys
+    let mut failure_modes: Vec<ModeChange> = keys
         .into_iter()
         .map(|k| {
             let (na, nb) = (sa.get(k).map_or(0, |x| x.0), sb.get(k).map_or(0, |x| x.0));
             let name = sb.get(k).or(sa.get(k)).map(|x| x.1.clone()).unwrap_or_default();
-            json!({"model": k.0, "id": k.1, "name": name, "a": na, "b": nb, "change": nb as i64 - na as i64})
+            ModeChange { model: k.0.clone(), id: k.1.clone(), name, a: na, b: nb, change: nb as i64 - na as i64 }
         })
         .collect();
-    clusters.sort_by_key(|c| std::cmp::Reverse(c["change"].as_i64().unwrap_or(0).abs()));
-    json!({"a": a.name, "b": b.name, "candidates": candidates, "failure_modes": clusters})
+    failure_modes.sort_by_key(|c| std::cmp::Reverse(c.change.abs()));
+    Comparison { a: a.name.clone(), b: b.name.clone(), candidates, failure_modes }
 }
 
 /// The comparison for people.
-pub fn render(c: &Value) -> String {
-    let mut s = format!("compare {} → {}\n\ncandidates (held-out):\n", c["a"].as_str().unwrap_or_default(), c["b"].as_str().unwrap_or_default());
-    let side = |v: &Value| -> String {
-        if v.is_null() {
-            return "–".into();
-        }
-        let ci = &v["ci95"];
-        format!("{} {:.3} [{}, {}]", v["metric"].as_str().unwrap_or_default(), v["value"].as_f64().unwrap_or(0.0), fmt(&ci[0]), fmt(&ci[1]))
+pub fn render(c: &Comparison) -> String {
+    let mut s = format!("compare {} → {}\n\ncandidates (held-out):\n", c.a, c.b);
+    let side = |q: &Option<Quality>| -> String {
+        let Some(q) = q else { return "–".into() };
+        format!("{} {:.3} [{}, {}]", q.metric, q.value, fmt(q.ci95[0]), fmt(q.ci95[1]))
     };
-    for m in c["candidates"].as_array().map_or(&[][..], Vec::as_slice) {
-        s.push_str(&format!("  {}: {} → {}", m["model"].as_str().unwrap_or_default(), side(&m["a"]), side(&m["b"])));
-        let d = &m["pass_rate_change"];
-        if d.is_object() {
+    for m in &c.candidates {
+        s.push_str(&format!("  {}: {} → {}", m.model, side(&m.a), side(&m.b)));
+        if let Some(d) = &m.pass_rate_change {
+            let [low, high] = d.ci95.unwrap_or([0.0, 0.0]);
             s.push_str(&format!(
-                "; change {:+.3} (paired 95% CI {:+.3} to {:+.3}; {} fixed, {} broken of {})",
-                d["value"].as_f64().unwrap_or(0.0),
-                d["ci95"][0].as_f64().unwrap_or(0.0),
-                d["ci95"][1].as_f64().unwrap_or(0.0),
-                d["fixed"],
-                d["broken"],
-                d["paired_samples"]
+                "; change {:+.3} (paired 95% CI {low:+.3} to {high:+.3}; {} fixed, {} broken of {})",
+                d.value, d.fixed, d.broken, d.paired_samples
             ));
         }
         s.push('\n');
     }
-    let modes = c["failure_modes"].as_array().map_or(&[][..], Vec::as_slice);
-    if !modes.is_empty() {
+    if !c.failure_modes.is_empty() {
         s.push_str("\nfailure modes (dev split, size a → b):\n");
-        for m in modes {
-            s.push_str(&format!("  {:>4} → {:<4} {:+}  {} `{}` ({})\n", m["a"], m["b"], m["change"].as_i64().unwrap_or(0), m["model"].as_str().unwrap_or_default(), m["id"].as_str().unwrap_or_default(), m["name"].as_str().unwrap_or_default()));
+        for m in &c.failure_modes {
+            s.push_str(&format!("  {:>4} → {:<4} {:+}  {} `{}` ({})\n", m.a, m.b, m.change, m.model, m.id, m.name));
         }
     }
     s
 }
 
-fn fmt(v: &Value) -> String {
-    v.as_f64().map_or("–".into(), |x| format!("{x:.3}"))
+fn fmt(v: Option<f64>) -> String {
+    v.map_or("–".into(), |x| format!("{x:.3}"))
 }

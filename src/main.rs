@@ -1,6 +1,7 @@
 //! `pipeline`: parse arguments, call the engine, format for humans or `--json`.
 
 mod compare;
+mod found;
 mod output;
 mod progress;
 mod report;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use artifacts::Artifact;
 use engine::{Diagnostic, Registry, Store};
 
 /// Exit codes (also in README.md).
@@ -27,6 +29,59 @@ mod exit {
     pub const LOCKED: u8 = 4;
     /// Interrupted (Ctrl-C); finished work was kept.
     pub const INTERRUPTED: u8 = 130;
+}
+
+/// Why a command stopped short. Each case has its exit code here and nowhere else, and is
+/// reported once, by [`Failure::report`] (nextest's `ExpectedError` is the model). A run that
+/// finished with a failed stage or was interrupted is an outcome, not a failure: its code comes
+/// with its report.
+enum Failure {
+    /// The pipeline file or the arguments are invalid (located diagnostics); nothing ran.
+    Invalid(Vec<Diagnostic>),
+    /// A command asked for something the pipeline does not have (a stage, a revised prompt), or
+    /// a server could not start.
+    Usage(String),
+    /// The store is busy, unreadable or unwritable, or holds no run to read.
+    Store(String),
+    /// `--locked`, and the run does not match the lockfile, or there is none.
+    Locked(String),
+    /// `--locked`, and the lockfile cannot be read.
+    LockfileInvalid(Diagnostic),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Invalid(_) | Failure::Usage(_) => exit::INVALID,
+            Failure::Store(_) => exit::STORE,
+            Failure::Locked(_) | Failure::LockfileInvalid(_) => exit::LOCKED,
+        }
+    }
+
+    /// Say it (as JSON with `--json`); the exit code.
+    fn report(self, json: bool) -> u8 {
+        let code = self.exit_code();
+        match self {
+            Failure::Invalid(diags) => output::diagnostics(&diags, json),
+            Failure::LockfileInvalid(d) => output::diagnostics(&[d], json),
+            Failure::Usage(message) | Failure::Store(message) | Failure::Locked(message) => {
+                if json {
+                    println!("{}", serde_json::json!({"ok": false, "error": message, "exit_code": code}));
+                } else {
+                    eprintln!("{}", Diagnostic::error(message).render(output::color()));
+                }
+            }
+        }
+        code
+    }
+}
+
+/// What a command ends with: its exit code, or why it stopped short.
+type Outcome = Result<u8, Failure>;
+
+/// The one async runtime a command runs on.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
 }
 
 #[derive(Parser)]
@@ -217,6 +272,22 @@ pub fn registry() -> Registry {
     r
 }
 
+impl Command {
+    /// Whether the command reports as JSON.
+    fn json(&self) -> bool {
+        match self {
+            Command::Validate(a) => a.json.json,
+            Command::Plan(a) | Command::Review(ReviewArgs { inner: a, .. }) => a.common.json.json,
+            Command::Run(a) => a.inner.common.json.json,
+            Command::Show(a) => a.inner.common.json.json,
+            Command::Graph(a) => matches!(a.format, GraphFormat::Json),
+            Command::Compare(a) => a.json.json,
+            Command::Kinds(a) => a.json,
+            Command::Schema { .. } | Command::Serve(_) => false,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         // mistral.rs warns about its own device and cache choices; only its errors concern users.
@@ -227,7 +298,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    ExitCode::from(match cli.command {
+    let json = cli.command.json();
+    let outcome = match cli.command {
         Command::Validate(args) => validate(&args),
         Command::Plan(args) => plan(&args),
         Command::Run(args) => run(args),
@@ -240,19 +312,20 @@ fn main() -> ExitCode {
                 SchemaOf::Catalog => catalog::schema(),
             };
             output::stdout(&engine::schema::render(&schema));
-            exit::OK
+            Ok(exit::OK)
         }
         Command::Kinds(args) => {
             output::kinds(&registry(), args.json);
-            exit::OK
+            Ok(exit::OK)
         }
         Command::Review(args) => review(args),
         Command::Serve(args) => serve(&args),
-    })
+    };
+    ExitCode::from(outcome.unwrap_or_else(|failure| failure.report(json)))
 }
 
-fn serve(args: &ServeArgs) -> u8 {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+fn serve(args: &ServeArgs) -> Outcome {
+    let runtime = runtime();
     let config = infer::serve::ServeConfig {
         catalog: &args.catalog,
         model: &args.model,
@@ -266,64 +339,39 @@ fn serve(args: &ServeArgs) -> u8 {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    match runtime.block_on(infer::serve::serve(config, ready, shutdown)) {
-        Ok(()) => exit::OK,
-        Err(e) => error(&e, exit::INVALID, false),
-    }
+    runtime.block_on(infer::serve::serve(config, ready, shutdown)).map_err(Failure::Usage)?;
+    Ok(exit::OK)
 }
 
-fn load(file: &Path, json: bool) -> Result<engine::Pipeline, u8> {
-    engine::load(file, &registry()).map_err(|diags| {
-        output::diagnostics(&diags, json);
-        exit::INVALID
-    })
+fn load(file: &Path) -> Result<engine::Pipeline, Failure> {
+    engine::load(file, &registry()).map_err(Failure::Invalid)
 }
 
 fn store_for(pipeline: &engine::Pipeline, store: &Option<PathBuf>) -> Store {
     Store::new(store.clone().unwrap_or_else(|| pipeline.base_dir.join(".pipeline")))
 }
 
-fn validate(args: &Common) -> u8 {
-    match load(&args.file, args.json.json) {
-        Ok(p) => {
-            output::valid(&p, args.json.json);
-            exit::OK
-        }
-        Err(code) => code,
-    }
+fn validate(args: &Common) -> Outcome {
+    output::valid(&load(&args.file)?, args.json.json);
+    Ok(exit::OK)
 }
 
-fn plan(args: &WithStore) -> u8 {
-    let pipeline = match load(&args.common.file, args.common.json.json) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    match engine::plan(&pipeline, &store_for(&pipeline, &args.store)) {
-        Ok(plan) => {
-            output::plan(&plan, args.common.json.json);
-            exit::OK
-        }
-        Err(e) => error(&e.to_string(), exit::STORE, args.common.json.json),
-    }
+fn plan(args: &WithStore) -> Outcome {
+    let pipeline = load(&args.common.file)?;
+    let plan = engine::plan(&pipeline, &store_for(&pipeline, &args.store)).map_err(|e| Failure::Store(e.to_string()))?;
+    output::plan(&plan, args.common.json.json);
+    Ok(exit::OK)
 }
 
-fn run(args: RunArgs) -> u8 {
+fn run(args: RunArgs) -> Outcome {
     let json = args.inner.common.json.json;
-    let pipeline = match load(&args.inner.common.file, json) {
-        Ok(p) => Arc::new(p),
-        Err(code) => return code,
-    };
+    let pipeline = Arc::new(load(&args.inner.common.file)?);
     let lock_path = engine::lockfile::path_for(&pipeline);
     let locked = if args.locked {
         match engine::lockfile::Lockfile::read(&lock_path) {
             Ok(Some(lock)) => Some(lock),
-            Ok(None) => {
-                return error(&format!("--locked: there is no lockfile at {}; run without --locked first", lock_path.display()), exit::LOCKED, json);
-            }
-            Err(d) => {
-                output::diagnostics(&[d], json);
-                return exit::LOCKED;
-            }
+            Ok(None) => return Err(Failure::Locked(format!("--locked: there is no lockfile at {}; run without --locked first", lock_path.display()))),
+            Err(d) => return Err(Failure::LockfileInvalid(d)),
         }
     } else {
         None
@@ -332,14 +380,11 @@ fn run(args: RunArgs) -> u8 {
     let cancel = Arc::new(AtomicBool::new(false));
     let mut observers: Vec<Arc<dyn engine::Observer>> = vec![Arc::new(progress::Progress::new(!json))];
     if let Some(path) = &args.events {
-        match progress::EventLog::create(path) {
-            Ok(log) => observers.push(Arc::new(log)),
-            Err(e) => return error(&format!("cannot open event log {}: {e}", path.display()), exit::STORE, json),
-        }
+        let log = progress::EventLog::create(path).map_err(|e| Failure::Store(format!("cannot open event log {}: {e}", path.display())))?;
+        observers.push(Arc::new(log));
     }
     let opts = engine::RunOptions { jobs: args.jobs, locked, observer: Arc::new(engine::events::Tee(observers)), cancel: cancel.clone() };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    let result = runtime.block_on(async {
+    let result = runtime().block_on(async {
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 eprintln!("interrupted: letting running items finish and keeping finished work (Ctrl-C again to quit now)");
@@ -376,89 +421,62 @@ fn run(args: RunArgs) -> u8 {
                 }
             };
             output::run(&pipeline, &report, &summaries, &lock_path, html.as_deref(), json);
-            match report.stop {
+            Ok(match report.stop {
                 engine::exec::StopReason::Failed => exit::STAGE_FAILED,
                 engine::exec::StopReason::Interrupted => exit::INTERRUPTED,
                 _ => exit::OK,
-            }
+            })
         }
-        Err(e @ engine::RunError::LockMismatch(_)) => error(&format!("--locked: {e}\n  the lockfile {} was left as it is", lock_path.display()), exit::LOCKED, json),
+        Err(e @ engine::RunError::LockMismatch(_)) => Err(Failure::Locked(format!("--locked: {e}\n  the lockfile {} was left as it is", lock_path.display()))),
         // A full disk, a read-only or vanished store: say what survives and how to go on.
-        Err(e @ engine::RunError::Store(engine::store::StoreError::Io { .. })) => error(
-            &format!(
-                "{e}\n  work that finished before this was kept, and the lockfile {} was left as it is; once the store can be written (free space, or `--store DIR`), the next run continues from there",
-                lock_path.display()
-            ),
-            exit::STORE,
-            json,
-        ),
-        Err(e) => error(&e.to_string(), exit::STORE, json),
+        Err(e @ engine::RunError::Store(engine::store::StoreError::Io { .. })) => Err(Failure::Store(format!(
+            "{e}\n  work that finished before this was kept, and the lockfile {} was left as it is; once the store can be written (free space, or `--store DIR`), the next run continues from there",
+            lock_path.display()
+        ))),
+        Err(e) => Err(Failure::Store(e.to_string())),
     }
 }
 
-fn graph(args: &GraphArgs) -> u8 {
-    match load(&args.file, matches!(args.format, GraphFormat::Json)) {
-        Ok(p) => {
-            output::stdout(&output::graph(&p, args.format));
-            exit::OK
-        }
-        Err(code) => code,
-    }
+fn graph(args: &GraphArgs) -> Outcome {
+    output::stdout(&output::graph(&load(&args.file)?, args.format));
+    Ok(exit::OK)
 }
 
-fn show(args: &ShowArgs) -> u8 {
-    let json = args.inner.common.json.json;
-    let pipeline = match load(&args.inner.common.file, json) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
+fn show(args: &ShowArgs) -> Outcome {
+    let pipeline = load(&args.inner.common.file)?;
     let store = store_for(&pipeline, &args.inner.store);
     let Some(report) = store.get_run::<engine::RunReport>(&pipeline.name) else {
-        return error(&format!("`{}` has not been run yet (no run record in {})", pipeline.name, store.root().display()), exit::STORE, json);
+        return Err(Failure::Store(format!("`{}` has not been run yet (no run record in {})", pipeline.name, store.root().display())));
     };
     if !pipeline.stages.iter().any(|s| s.id == args.stage) {
         let ids: Vec<&str> = pipeline.stages.iter().map(|s| s.id.as_str()).collect();
-        return error(&format!("no stage `{}`; stages are: {}", args.stage, engine::diag::one_of(&ids)), exit::INVALID, json);
+        return Err(Failure::Usage(format!("no stage `{}`; stages are: {}", args.stage, engine::diag::one_of(&ids))));
     }
     let iteration = args.iteration.map(|k| k.saturating_sub(1));
-    let found = report.output(&args.stage, iteration).and_then(|d| store.get_object(&d).map(|v| (d, v)));
-    match found {
-        Some((_, value)) if args.diff => match output::prompt_diff(&value) {
-            Some(diff) => {
-                output::stdout(&diff);
-                exit::OK
-            }
-            None => error(&format!("stage `{}` has no revised prompt here: `--diff` needs a prompt a `revise` stage wrote", args.stage), exit::INVALID, json),
-        },
-        Some((_, value)) => {
-            output::stdout(&(serde_json::to_string_pretty(&value).expect("JSON") + "\n"));
-            exit::OK
-        }
-        None => error(
-            &format!(
-                "stage `{}` has no output in {} of the last run ({} iteration(s))",
-                args.stage,
-                args.iteration.map_or("the last iteration".to_string(), |k| format!("iteration {k}")),
-                report.iterations.len()
-            ),
-            exit::STORE,
-            json,
-        ),
+    let Some(value) = report.output(&args.stage, iteration).and_then(|d| store.get_object(&d)) else {
+        return Err(Failure::Store(format!(
+            "stage `{}` has no output in {} of the last run ({} iteration(s))",
+            args.stage,
+            args.iteration.map_or("the last iteration".to_string(), |k| format!("iteration {k}")),
+            report.iterations.len()
+        )));
+    };
+    if !args.diff {
+        output::stdout(&(serde_json::to_string_pretty(&value).expect("JSON") + "\n"));
+        return Ok(exit::OK);
     }
+    let diff = artifacts::Prompt::read(&value).ok().as_ref().and_then(output::prompt_diff).ok_or_else(|| {
+        Failure::Usage(format!("stage `{}` has no revised prompt here: `--diff` needs a prompt a `revise` stage wrote", args.stage))
+    })?;
+    output::stdout(&diff);
+    Ok(exit::OK)
 }
 
-fn review(args: ReviewArgs) -> u8 {
+fn review(args: ReviewArgs) -> Outcome {
     let json = args.inner.common.json.json;
-    let pipeline = match load(&args.inner.common.file, json) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
+    let pipeline = load(&args.inner.common.file)?;
     let store = store_for(&pipeline, &args.inner.store);
-    let review = match review::Review::load(&pipeline, &store, args.iteration, args.labels) {
-        Ok(r) => r,
-        Err(e) => return error(&e, exit::STORE, json),
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let review = review::Review::load(&pipeline, &store, args.iteration, args.labels).map_err(Failure::Store)?;
     let (n, labels) = (review.len(), review.labels_path().to_path_buf());
     let ready = |addr: std::net::SocketAddr| {
         let url = format!("http://{addr}/");
@@ -473,13 +491,11 @@ fn review(args: ReviewArgs) -> u8 {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    match runtime.block_on(review::serve(review, args.port, ready, shutdown)) {
-        Ok(()) => exit::OK,
-        Err(e) => error(&e, exit::INVALID, json),
-    }
+    runtime().block_on(review::serve(review, args.port, ready, shutdown)).map_err(Failure::Usage)?;
+    Ok(exit::OK)
 }
 
-fn compare_runs(args: &CompareArgs) -> u8 {
+fn compare_runs(args: &CompareArgs) -> Outcome {
     let json = args.json.json;
     let mut sides = Vec::new();
     let mut seed = 0;
@@ -489,31 +505,16 @@ fn compare_runs(args: &CompareArgs) -> u8 {
             Some((file, n)) if n.parse::<u32>().is_ok_and(|n| n > 0) => (file, n.parse().ok()),
             _ => (spec.as_str(), None),
         };
-        let pipeline = match load(Path::new(file), json) {
-            Ok(p) => p,
-            Err(code) => return code,
-        };
+        let pipeline = load(Path::new(file))?;
         seed = pipeline.seed;
         let store = store_for(&pipeline, &args.store);
-        match compare::Side::load(spec, &pipeline, &store, iteration) {
-            Ok(side) => sides.push(side),
-            Err(e) => return error(&e, exit::STORE, json),
-        }
+        sides.push(compare::Side::load(spec, &pipeline, &store, iteration).map_err(Failure::Store)?);
     }
     let c = compare::compare(&sides[0], &sides[1], seed);
     if json {
-        println!("{c}");
+        println!("{}", serde_json::to_string(&c).expect("JSON"));
     } else {
         output::stdout(&compare::render(&c));
     }
-    exit::OK
-}
-
-fn error(message: &str, code: u8, json: bool) -> u8 {
-    if json {
-        println!("{}", serde_json::json!({"ok": false, "error": message, "exit_code": code}));
-    } else {
-        eprintln!("{}", Diagnostic::error(message).render(output::color()));
-    }
-    code
+    Ok(exit::OK)
 }

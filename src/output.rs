@@ -5,7 +5,7 @@ use std::path::Path;
 
 use engine::exec::{PlanStatus, Status, StopReason};
 use engine::{Diagnostic, Pipeline, PlanReport, Registry, RunReport};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::GraphFormat;
 
@@ -214,15 +214,15 @@ pub fn graph(p: &Pipeline, format: GraphFormat) -> String {
 
 /// A revised prompt against its parent, as a unified diff of the system message and template
 /// (`None` when the artifact is not a revision).
-pub fn prompt_diff(prompt: &Value) -> Option<String> {
-    let revision = &prompt["revision"];
-    let parent = revision["parent"].as_object()?;
-    let text = |system: &Value, template: &Value| format!("{}\n--- template ---\n{}\n", system.as_str().unwrap_or_default(), template.as_str().unwrap_or_default());
-    let (old, new) = (text(&parent["system"], &parent["template"]), text(&prompt["system"], &prompt["template"]));
-    let version = revision["version"].as_u64().unwrap_or(0);
-    let targeted: Vec<&str> = revision["targeted"].as_array().map_or(Vec::new(), |t| t.iter().filter_map(Value::as_str).collect());
+pub fn prompt_diff(prompt: &artifacts::Prompt) -> Option<String> {
+    let revision = prompt.revision.as_ref()?;
+    let parent = revision.parent.as_ref()?;
+    let text = |system: &Option<String>, template: &str| format!("{}\n--- template ---\n{template}\n", system.as_deref().unwrap_or_default());
+    let (old, new) = (text(&parent.system, &parent.template), text(&prompt.system, &prompt.template));
+    let version = revision.version;
+    let targeted = revision.targeted.as_deref().unwrap_or_default();
     // The parent is the version in force when it was revised (after a rejection, an older one).
-    let from = parent.get("accepted").and_then(|a| a["version"].as_u64()).unwrap_or(version.saturating_sub(1));
+    let from = parent.accepted.version;
     let mut out = format!("prompt version {version}, revised from version {from} for: {}\n", targeted.join(", "));
     out.push_str(
         &similar::TextDiff::from_lines(&old, &new)

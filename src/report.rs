@@ -1,25 +1,27 @@
 //! The run report: `report.html` (self-contained: inline CSS and SVG, no script, no network) and
 //! `report.md` (for a pull-request comment), written into the store after every run.
 //!
-//! It reads the run's artifacts by stage kind: the decision (`select`), the judgement (`judge`,
-//! `llm_judge`) of every iteration, the failure modes (`cluster`) of the last one, and every
-//! revised prompt (`revise`'s output, fed back as a prompt) with its diff.
+//! It reads the run's artifacts by type, whichever kind of stage produced them: the decision, the
+//! judgement of every iteration, the failure modes of the last one, and every revised prompt
+//! (`revise`'s output, fed back as a prompt) with its diff.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use artifacts::{Clusters, Decision, DecisionRow, Judgement, Prompt, main_figure};
 use engine::{Pipeline, RunReport, Store};
-use serde_json::Value;
+
+use crate::found::artifact;
 
 /// What the report shows, gathered from the store.
 struct Facts {
     title: String,
     description: String,
     stop: String,
-    decision: Option<Value>,
+    decision: Option<Decision>,
     /// Per iteration: (iteration, metric name, value, CI).
     quality: Vec<(u32, String, f64, Option<(f64, f64)>)>,
-    clusters: Option<Value>,
+    clusters: Option<Clusters>,
     /// (version, diff).
     diffs: Vec<(u64, String)>,
 }
@@ -30,43 +32,35 @@ pub fn write(pipeline: &Pipeline, report: &RunReport, store: &Store, stop: &str)
     let dir = store.root().join("reports").join(&pipeline.name);
     std::fs::create_dir_all(&dir)?;
     let html = dir.join("report.html");
-    write_atomic(&html, &render_html(&facts))?;
-    write_atomic(&dir.join("report.md"), &render_markdown(&facts))?;
+    engine::atomic::write(&html, render_html(&facts).as_bytes())?;
+    engine::atomic::write(&dir.join("report.md"), render_markdown(&facts).as_bytes())?;
     Ok(html)
 }
 
-fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
-}
-
 fn gather(pipeline: &Pipeline, report: &RunReport, store: &Store, stop: &str) -> Facts {
-    let of_kind = |it: &engine::exec::IterationReport, kinds: &[&str]| -> Option<Value> {
-        it.stages.iter().filter(|s| kinds.contains(&s.kind.as_str())).find_map(|s| store.get_object(&s.output?))
-    };
     let last = report.iterations.last();
     let mut quality = Vec::new();
     let mut diffs = Vec::new();
     for it in &report.iterations {
-        if let Some(j) = of_kind(it, &["judge", "llm_judge"]) {
-            if let Some((name, v, ci)) = main_quality(&j["metrics"]) {
-                quality.push((it.iteration + 1, name.to_string(), v, ci));
-            }
+        if let Some((_, j)) = artifact::<Judgement>(it, store)
+            && let Some((name, v, ci)) = main_figure(|k| j.metrics.get(k).copied().flatten())
+        {
+            quality.push((it.iteration + 1, name.to_string(), v, ci));
         }
-        if let Some(p) = of_kind(it, &["prompt"])
+        // The prompt judged in this iteration: the first of its prompts (the revision comes after).
+        if let Some((_, p)) = artifact::<Prompt>(it, store)
             && let Some(diff) = crate::output::prompt_diff(&p)
         {
-            diffs.push((p["revision"]["version"].as_u64().unwrap_or(0), diff));
+            diffs.push((p.revision.as_ref().map_or(0, |r| r.version), diff));
         }
     }
     Facts {
         title: pipeline.name.clone(),
         description: pipeline.description.clone().unwrap_or_default(),
         stop: stop.to_string(),
-        decision: last.and_then(|it| of_kind(it, &["select"])),
+        decision: last.and_then(|it| artifact(it, store)).map(|(_, d)| d),
         quality,
-        clusters: last.and_then(|it| of_kind(it, &["cluster"])),
+        clusters: last.and_then(|it| artifact(it, store)).map(|(_, c)| c),
         diffs,
     }
 }
@@ -75,8 +69,8 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-fn num(v: &Value) -> String {
-    match v.as_f64() {
+fn num(v: Option<f64>) -> String {
+    match v {
         Some(x) if x.fract() == 0.0 && x.abs() < 1e9 => format!("{x:.0}"),
         Some(x) if x.abs() >= 100.0 => format!("{x:.0}"),
         Some(x) => format!("{x:.3}").trim_end_matches('0').trim_end_matches('.').to_string(),
@@ -85,26 +79,25 @@ fn num(v: &Value) -> String {
 }
 
 /// The candidate table's rows: model, size, license, quality (with CI), speed, cost, verdict.
-fn candidate_rows(decision: &Value) -> Vec<[String; 9]> {
-    decision["candidates"]
-        .as_array()
-        .map_or(&[][..], Vec::as_slice)
+fn candidate_rows(decision: &Decision) -> Vec<[String; 9]> {
+    decision
+        .candidates
         .iter()
         .map(|c| {
-            let quality = main_quality(&c["quality"]).map_or("–".to_string(), |(name, value, ci)| {
+            let quality = quality_of(c).map_or("–".to_string(), |(name, value, ci)| {
                 format!("{name} {value:.3}{}", ci.map_or(String::new(), |(l, h)| format!(" [{l:.3}, {h:.3}]")))
             });
-            let t = &c["timing"];
+            let t = |k: &str| c.timing.as_ref().and_then(|t| t.get(k).copied());
             [
-                c["model"].as_str().unwrap_or_default().to_string(),
-                format!("{} / {}", num(&c["params_active_b"]), num(&c["params_total_b"])),
-                c["license"].as_str().unwrap_or_default().to_string(),
+                c.model.clone(),
+                format!("{} / {}", num(Some(c.params_active_b)), num(Some(c.params_total_b))),
+                c.license.clone(),
                 quality,
-                format!("{} / {}", num(&t["latency_p50_ms"]), num(&t["latency_p95_ms"])),
-                num(&t["tokens_per_s"]),
-                num(&t["usd_per_mtok"]),
-                c["serving"]["machine"].as_str().unwrap_or("–").to_string(),
-                c["verdict"].as_str().unwrap_or_default().to_string(),
+                format!("{} / {}", num(t("latency_p50_ms")), num(t("latency_p95_ms"))),
+                num(t("tokens_per_s")),
+                num(t("usd_per_mtok")),
+                c.serving.as_ref().map_or("–", |s| s.machine.as_str()).to_string(),
+                c.verdict.clone(),
             ]
         })
         .collect()
@@ -178,17 +171,10 @@ fn pareto(points: &[(f64, f64)]) -> Vec<bool> {
     points.iter().map(|&(c, q)| !points.iter().any(|&(c2, q2)| c2 <= c && q2 >= q && (c2 < c || q2 > q))).collect()
 }
 
-/// The task's main quality figure in a map of figures (a judge's `metrics`, a candidate's
-/// `quality`): its name, value and 95% interval.
-fn main_quality(figures: &Value) -> Option<(&'static str, f64, Option<(f64, f64)>)> {
-    judge::MAIN_METRICS.iter().find_map(|&k| {
-        let ci = figures[format!("{k}_ci_low")].as_f64().zip(figures[format!("{k}_ci_high")].as_f64());
-        figures[k].as_f64().map(|v| (k, v, ci))
-    })
-}
-
-fn quality_of(c: &Value) -> Option<(f64, Option<(f64, f64)>)> {
-    main_quality(&c["quality"]).map(|(_, v, ci)| (v, ci))
+/// A candidate's main quality figure: its name, value and 95% interval (judged candidates only).
+fn quality_of(c: &DecisionRow) -> Option<(&'static str, f64, Option<(f64, f64)>)> {
+    let quality = c.quality.as_ref()?;
+    main_figure(|k| quality.get(k).copied())
 }
 
 fn render_html(f: &Facts) -> String {
@@ -196,28 +182,25 @@ fn render_html(f: &Facts) -> String {
     let _ = write!(body, "<h1>{}</h1><p>{}</p>", esc(&f.title), esc(&f.description));
     match &f.decision {
         Some(d) => {
-            let _ = write!(body, r#"<section id="decision"><h2>Decision</h2><p class="summary">{}</p>"#, esc(d["summary"].as_str().unwrap_or_default()));
-            if let Some(targets) = d["targets"].as_object() {
-                body.push_str("<table><tr><th>target</th><th>bound</th></tr>");
-                for (k, v) in targets {
-                    let _ = write!(body, "<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(v.as_str().unwrap_or_default()));
-                }
-                body.push_str("</table>");
+            let _ = write!(body, r#"<section id="decision"><h2>Decision</h2><p class="summary">{}</p>"#, esc(&d.summary));
+            body.push_str("<table><tr><th>target</th><th>bound</th></tr>");
+            for (k, v) in &d.targets {
+                let _ = write!(body, "<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(v));
             }
+            body.push_str("</table>");
             let _ = write!(body, "<p>Loop: {}</p></section>", esc(&f.stop));
-            let judged: Vec<&Value> = d["candidates"].as_array().map_or(Vec::new(), |c| c.iter().filter(|c| quality_of(c).is_some()).collect());
-            let selected = d["selected"].as_str();
+            let judged: Vec<&DecisionRow> = d.candidates.iter().filter(|c| quality_of(c).is_some()).collect();
+            let selected = d.selected.as_deref();
             let size_points: Vec<Point> = judged
                 .iter()
                 .map(|c| {
-                    let (y, ci) = quality_of(c).expect("filtered");
-                    let label = c["model"].as_str().unwrap_or_default().to_string();
-                    Point { highlight: Some(label.as_str()) == selected, label, x: c["params_total_b"].as_f64().unwrap_or(1.0), y, ci }
+                    let (_, y, ci) = quality_of(c).expect("filtered");
+                    Point { highlight: Some(c.model.as_str()) == selected, label: c.model.clone(), x: c.params_total_b, y, ci }
                 })
                 .collect();
             body.push_str(r#"<section id="plots"><h2>Plots</h2>"#);
             body.push_str(&plot("Quality vs size", "total parameters (B, log scale)", "held-out quality", &size_points, true, false));
-            let costed: Vec<(&Value, f64, f64)> = judged.iter().filter_map(|c| Some((*c, c["timing"]["usd_per_mtok"].as_f64()?, quality_of(c)?.0))).collect();
+            let costed: Vec<(&DecisionRow, f64, f64)> = judged.iter().filter_map(|c| Some((*c, *c.timing.as_ref()?.get("usd_per_mtok")?, quality_of(c)?.1))).collect();
             if costed.is_empty() {
                 body.push_str("<p>Cost/quality Pareto front: no candidate has a measured cost (set a price table on the `select` stage).</p>");
             } else {
@@ -225,7 +208,7 @@ fn render_html(f: &Facts) -> String {
                 let points: Vec<Point> = costed
                     .iter()
                     .zip(&front)
-                    .map(|((c, cost, q), on)| Point { label: format!("{}{}", c["model"].as_str().unwrap_or_default(), if *on { " (Pareto)" } else { "" }), x: *cost, y: *q, ci: None, highlight: *on })
+                    .map(|((c, cost, q), on)| Point { label: format!("{}{}", c.model, if *on { " (Pareto)" } else { "" }), x: *cost, y: *q, ci: None, highlight: *on })
                     .collect();
                 body.push_str(&plot("Cost vs quality (red: the Pareto front)", "$ per 1M tokens", "held-out quality", &points, false, false));
             }
@@ -254,22 +237,22 @@ fn render_html(f: &Facts) -> String {
     }
     if let Some(clusters) = &f.clusters {
         body.push_str(r#"<section id="clusters"><h2>Failure modes (dev split, last iteration)</h2>"#);
-        for (model, m) in clusters["models"].as_object().into_iter().flatten() {
+        for (model, m) in &clusters.models {
             let _ = write!(body, "<h3>{}</h3><table><tr><th>size</th><th>mode</th><th>description</th><th>examples</th></tr>", esc(model));
-            for c in m["clusters"].as_array().map_or(&[][..], Vec::as_slice) {
-                let examples: Vec<String> = c["examples"]
-                    .as_array()
-                    .map_or(&[][..], Vec::as_slice)
+            for c in &m.clusters {
+                let examples: Vec<String> = c
+                    .examples
                     .iter()
-                    .map(|e| format!("<li><code>{}</code>: expected {}, answered “{}”</li>", esc(e["id"].as_str().unwrap_or_default()), esc(&e["label"].to_string()), esc(e["answer"].as_str().unwrap_or_default())))
+                    // The label as JSON writes it: quoted, or `null`.
+                    .map(|e| format!("<li><code>{}</code>: expected {}, answered “{}”</li>", esc(&e.id), esc(&serde_json::to_string(&e.label).expect("JSON")), esc(&e.answer)))
                     .collect();
                 let _ = write!(
                     body,
                     "<tr><td>{}</td><td><b>{}</b><br><code>{}</code></td><td>{}</td><td><ul>{}</ul></td></tr>",
-                    c["size"],
-                    esc(c["name"].as_str().unwrap_or_default()),
-                    esc(c["id"].as_str().unwrap_or_default()),
-                    esc(c["description"].as_str().unwrap_or_default()),
+                    c.size,
+                    esc(&c.name),
+                    esc(&c.id),
+                    esc(&c.description),
                     examples.join("")
                 );
             }
@@ -311,7 +294,7 @@ fn render_markdown(f: &Facts) -> String {
     }
     match &f.decision {
         Some(d) => {
-            let _ = writeln!(s, "**Decision:** {}\n\nLoop: {}\n", d["summary"].as_str().unwrap_or_default(), f.stop);
+            let _ = writeln!(s, "**Decision:** {}\n\nLoop: {}\n", d.summary, f.stop);
             let _ = writeln!(s, "| {} |\n|{}|", HEADERS.join(" | "), HEADERS.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
             for row in candidate_rows(d) {
                 let cells: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
@@ -329,10 +312,10 @@ fn render_markdown(f: &Facts) -> String {
         s.push('\n');
     }
     if let Some(clusters) = &f.clusters {
-        for (model, m) in clusters["models"].as_object().into_iter().flatten() {
+        for (model, m) in &clusters.models {
             let _ = writeln!(s, "Failure modes of `{model}` (dev split):\n\n| size | mode | id |\n|---|---|---|");
-            for c in m["clusters"].as_array().map_or(&[][..], Vec::as_slice) {
-                let _ = writeln!(s, "| {} | {} | `{}` |", c["size"], c["name"].as_str().unwrap_or_default().replace('|', "\\|"), c["id"].as_str().unwrap_or_default());
+            for c in &m.clusters {
+                let _ = writeln!(s, "| {} | {} | `{}` |", c.size, c.name.replace('|', "\\|"), c.id);
             }
             s.push('\n');
         }

@@ -24,11 +24,14 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use artifacts::{Clusters, Dataset, Judgement, Message, Rendered, RenderedSample, RubricMode, Split};
 use engine::diag::SourceFile;
 use engine::{Pipeline, RunReport, Store};
 use llm_judge::Label;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+use crate::found::artifact;
 
 const PAGE: &str = include_str!("review.html");
 
@@ -37,18 +40,38 @@ const PAGE: &str = include_str!("review.html");
 struct Trace {
     id: String,
     model: String,
-    split: String,
-    /// The dataset row's fields.
-    fields: Value,
+    split: Split,
+    /// The dataset sample's fields.
+    fields: Option<serde_json::Map<String, Value>>,
     /// The messages the model was sent.
-    messages: Value,
+    messages: Option<Vec<Message>>,
     answer: String,
-    reference: Value,
-    /// `pass` (true, false, or null: unscored), and whichever of `failure_mode`, `reasoning`,
-    /// `predicted`, `unscored` the judge gave.
-    verdict: Value,
-    /// Failure modes (`cluster`) this answer was filed under: `{id, name}`.
-    clusters: Vec<Value>,
+    reference: Option<String>,
+    verdict: TraceVerdict,
+    /// Failure modes this answer was filed under.
+    clusters: Vec<TraceMode>,
+}
+
+/// `pass` (true, false, or null: unscored), and whichever of the rest the judge gave.
+#[derive(Serialize)]
+struct TraceVerdict {
+    pass: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure_mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    predicted: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unscored: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    judge_reply: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TraceMode {
+    id: String,
+    name: String,
 }
 
 /// A run's traces and where their labels go.
@@ -57,7 +80,7 @@ pub struct Review {
     iteration: u32,
     judge: String,
     /// The rubric's failure modes (`llm_judge`), by id: a fail label may be filed under one.
-    failure_modes: serde_json::Map<String, Value>,
+    failure_modes: BTreeMap<String, RubricMode>,
     traces: Vec<Trace>,
     by_key: BTreeMap<(String, String), usize>,
     labels: PathBuf,
@@ -72,43 +95,43 @@ impl Review {
             Some(k) => report.iterations.iter().find(|it| it.iteration + 1 == k).ok_or_else(|| format!("the last run of `{}` has {} iteration(s)", pipeline.name, report.iterations.len()))?,
             None => report.iterations.last().ok_or_else(|| format!("the last run of `{}` has no iteration", pipeline.name))?,
         };
-        let of_kind = |kinds: &[&str]| it.stages.iter().filter(|s| kinds.contains(&s.kind.as_str())).find_map(|s| Some((s.kind.clone(), store.get_object(&s.output?)?)));
-        let (judge, judgement) = of_kind(&["judge", "llm_judge"]).ok_or_else(|| format!("the last run of `{}` has no judged answers to review (no `judge` or `llm_judge` output)", pipeline.name))?;
-        let by_id = |kind: &str, list: &str| -> BTreeMap<String, Value> {
-            of_kind(&[kind]).and_then(|(_, v)| v[list].as_array().cloned()).into_iter().flatten().filter_map(|s| Some((s["id"].as_str()?.to_string(), s))).collect()
-        };
-        let (rows, rendered) = (by_id("dataset", "samples"), by_id("render", "samples"));
-        let mut modes: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
-        if let Some((_, clusters)) = of_kind(&["cluster"]) {
-            for (model, m) in clusters["models"].as_object().into_iter().flatten() {
-                for c in m["clusters"].as_array().into_iter().flatten() {
-                    for id in c["members"].as_array().into_iter().flatten().filter_map(Value::as_str) {
-                        modes.entry((model.clone(), id.to_string())).or_default().push(json!({"id": c["id"], "name": c["name"]}));
+        let (judge, judgement) =
+            artifact::<Judgement>(it, store).ok_or_else(|| format!("the last run of `{}` has no judged answers to review (no judgement in it)", pipeline.name))?;
+        let dataset = artifact::<Dataset>(it, store).map(|(_, d)| d);
+        let rendered = artifact::<Rendered>(it, store).map(|(_, r)| r);
+        let samples = dataset.as_ref().map_or_else(BTreeMap::new, Dataset::by_id);
+        let rendered: BTreeMap<&str, &RenderedSample> = rendered.iter().flat_map(|r| &r.samples).map(|s| (s.id.as_str(), s)).collect();
+        let mut modes: BTreeMap<(String, String), Vec<TraceMode>> = BTreeMap::new();
+        if let Some((_, clusters)) = artifact::<Clusters>(it, store) {
+            for (model, m) in &clusters.models {
+                for c in &m.clusters {
+                    for id in &c.members {
+                        modes.entry((model.clone(), id.clone())).or_default().push(TraceMode { id: c.id.clone(), name: c.name.clone() });
                     }
                 }
             }
         }
         let mut traces = Vec::new();
-        for (model, m) in judgement["models"].as_object().into_iter().flatten() {
-            for v in m["verdicts"].as_array().into_iter().flatten() {
-                let Some(id) = v["id"].as_str() else { continue };
-                let mut verdict = json!({"pass": v["pass"]});
-                for k in ["failure_mode", "reasoning", "predicted", "unscored", "judge_reply"] {
-                    if !v[k].is_null() {
-                        verdict[k] = v[k].clone();
-                    }
-                }
-                let answer = v["answer"].as_str().map_or_else(|| v["answer"].to_string(), str::to_string);
+        for (model, m) in &judgement.models {
+            for v in &m.verdicts {
+                let verdict = TraceVerdict {
+                    pass: v.pass,
+                    failure_mode: v.failure_mode().map(str::to_string),
+                    reasoning: v.reasoning.clone(),
+                    predicted: v.predicted().map(str::to_string),
+                    unscored: v.unscored.clone(),
+                    judge_reply: v.judge_reply.clone(),
+                };
                 traces.push(Trace {
-                    id: id.to_string(),
+                    id: v.id.clone(),
                     model: model.clone(),
-                    split: v["split"].as_str().unwrap_or("dev").to_string(),
-                    fields: rows.get(id).map_or(Value::Null, |r| r["fields"].clone()),
-                    messages: rendered.get(id).map_or(Value::Null, |r| r["messages"].clone()),
-                    answer,
-                    reference: v["label"].clone(),
+                    split: v.split,
+                    fields: samples.get(v.id.as_str()).map(|s| s.fields.clone()),
+                    messages: rendered.get(v.id.as_str()).map(|r| r.messages.clone()),
+                    answer: v.answer.clone(),
+                    reference: v.label.clone(),
                     verdict,
-                    clusters: modes.remove(&(model.clone(), id.to_string())).unwrap_or_default(),
+                    clusters: modes.remove(&(model.clone(), v.id.clone())).unwrap_or_default(),
                 });
             }
         }
@@ -121,7 +144,7 @@ impl Review {
                 .find_map(|s| s.files.iter().find(|(written, _)| s.config["labels"] == written.as_str()).map(|(_, path)| path.clone()))
                 .unwrap_or_else(|| pipeline.base_dir.join("labels").join(format!("{}.jsonl", pipeline.name)))
         });
-        let failure_modes = judgement["failure_modes"].as_object().cloned().unwrap_or_default();
+        let failure_modes = judgement.failure_modes.unwrap_or_default();
         let review = Review { pipeline: pipeline.name.clone(), iteration: it.iteration + 1, judge, failure_modes, traces, by_key, labels };
         review.read_labels()?;
         Ok(review)
@@ -186,7 +209,7 @@ impl Review {
         }
         let mut out = lines.join("\n");
         out.push('\n');
-        write_atomic(&self.labels, &out).map_err(|e| LabelError::File(format!("cannot write {}: {e}", self.labels.display())))
+        engine::atomic::write(&self.labels, out.as_bytes()).map_err(|e| LabelError::File(format!("cannot write {}: {e}", self.labels.display())))
     }
 }
 
@@ -194,18 +217,6 @@ enum LabelError {
     NoTrace,
     Invalid(String),
     File(String),
-}
-
-/// Replace `path` with `text`: a temporary file beside it, synced, renamed over it.
-fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(text.as_bytes())?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 struct App {
@@ -330,17 +341,17 @@ mod tests {
         let trace = |id: &str, answer: &str| Trace {
             id: id.into(),
             model: "m".into(),
-            split: "dev".into(),
-            fields: Value::Null,
-            messages: Value::Null,
+            split: Split::Dev,
+            fields: None,
+            messages: None,
             answer: answer.into(),
-            reference: Value::Null,
-            verdict: json!({"pass": true}),
+            reference: None,
+            verdict: TraceVerdict { pass: Some(true), failure_mode: None, reasoning: None, predicted: None, unscored: None, judge_reply: None },
             clusters: vec![],
         };
         let traces = vec![trace("a", "Paris."), trace("b", "Lyon \"city\".")];
         let by_key = traces.iter().enumerate().map(|(i, t)| ((t.id.clone(), t.model.clone()), i)).collect();
-        let failure_modes = json!({"wrong_fact": {}}).as_object().unwrap().clone();
+        let failure_modes = [("wrong_fact".to_string(), RubricMode { description: String::new(), fix: String::new() })].into();
         let r = Review { pipeline: "x".into(), iteration: 1, judge: "llm_judge".into(), failure_modes, traces, by_key, labels: path.clone() };
         // No file yet: it is created, with its directory.
         assert!(matches!(r.save("b", "m", false, Some("wrong_city".into()), None), Err(LabelError::Invalid(_))));

@@ -323,10 +323,10 @@ fn check_target_names(file: &SourceFile, from: &RawStage, names: &[(String, Rang
         }
         let mut d = Diagnostic::error(format!("target `{name}`: stage `{}` (kind `{}`) reports no such metric", from.id, node.kind))
             .at(file, span.clone(), "not reported by `targets.from`");
-        d = match (did_you_mean(name, reported.iter().copied()), reported.is_empty()) {
-            (_, true) => d.help(format!("`{}` reports no metrics; point `targets.from` at a stage that judges or decides", from.id)),
-            (Some(s), _) => d.help(format!("did you mean `{s}`? it reports {}", one_of(reported))),
-            (None, _) => d.help(format!("it reports {}", one_of(reported))),
+        d = if reported.is_empty() {
+            d.help(format!("`{}` reports no metrics; point `targets.from` at a stage that judges or decides", from.id))
+        } else {
+            d.suggest(name, reported, "it reports")
         };
         diags.push(d);
     }

@@ -97,6 +97,18 @@ impl Diagnostic {
         self
     }
 
+    /// Help for a name that is none of `valid`: the closest, when one is close, and all of them
+    /// after `these` ("the samples have", "it reports") — unless a close one was found among
+    /// more than a screenful.
+    pub fn suggest(self, got: &str, valid: &[&str], these: &str) -> Diagnostic {
+        let all = format!("{these} {}", one_of(valid));
+        self.help(match did_you_mean(got, valid.iter().copied()) {
+            Some(s) if valid.len() > 8 => format!("did you mean `{s}`?"),
+            Some(s) => format!("did you mean `{s}`? {all}"),
+            None => all,
+        })
+    }
+
     /// Plain-text rendering (no colour), used for snapshots and non-terminal output.
     pub fn render(&self, color: bool) -> String {
         let renderer = if color { Renderer::styled() } else { Renderer::plain() };

@@ -22,147 +22,16 @@ use crate::events::{Event, ItemGroup, Observer, item_group};
 use crate::fingerprint::{FORMAT_VERSION, Fingerprint};
 use crate::hash::Digest;
 use crate::lockfile::{ENGINE_VERSION, LOCK_VERSION, LockedStage, Lockfile};
-use crate::stage::{Cancel, Item, ItemContext, StageInput};
+use crate::stage::{Cancel, Item, ItemContext, Reported, StageInput};
 use crate::store::{Outputs, Store, StoreError};
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("cannot read `{path}`: {source}")]
-    File { path: String, source: std::io::Error },
-    /// `--locked` and the run would not match the lockfile.
-    #[error("{0}")]
-    LockMismatch(String),
-}
+mod plan;
+mod report;
+mod stage;
 
-pub struct RunOptions {
-    /// Stages running at once.
-    pub jobs: usize,
-    /// Enforce this lockfile (and never write one).
-    pub locked: Option<Lockfile>,
-    pub observer: Arc<dyn Observer>,
-    /// Set to stop: no new item or stage starts; finished work is kept.
-    pub cancel: Arc<AtomicBool>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Fresh,
-    Executed,
-    Fed,
-    Failed,
-    Skipped,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StageResult {
-    pub id: String,
-    pub kind: String,
-    pub status: Status,
-    pub fingerprint: Option<Fingerprint>,
-    pub output: Option<Digest>,
-    /// Digest of the output without its measured fields (see [`Stage::volatile_keys`]): what the
-    /// lockfile pins.
-    #[serde(default)]
-    pub stable: Option<Digest>,
-    /// Upstream inputs by their stable digests (the lockfile's view of the fingerprint).
-    #[serde(default)]
-    pub stable_inputs: BTreeMap<String, Digest>,
-    /// Items computed / taken from the memo (executed stages only).
-    pub items_run: usize,
-    pub items_cached: usize,
-    /// Failure message, or why it was skipped.
-    pub note: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct IterationReport {
-    pub iteration: u32,
-    pub stages: Vec<StageResult>,
-    pub metrics: BTreeMap<String, f64>,
-    /// Per target: (value if reported, met).
-    pub targets: BTreeMap<String, TargetResult>,
-    pub targets_met: Option<bool>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TargetResult {
-    pub bound: String,
-    pub value: Option<f64>,
-    pub met: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopReason {
-    /// No `[iterate]`: one pass.
-    Done,
-    TargetsMet,
-    /// The feedback output equals what it would replace: another iteration changes nothing.
-    Converged,
-    MaxIterations,
-    /// `patience` iterations in a row without progress (the feedback stage's `metrics.improved`).
-    NoProgress,
-    /// `max_items` items computed: no further iteration starts.
-    BudgetSpent,
-    Failed,
-    Interrupted,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunReport {
-    pub pipeline: String,
-    pub iterations: Vec<IterationReport>,
-    pub stop: StopReason,
-}
-
-impl RunReport {
-    pub fn failures(&self) -> impl Iterator<Item = (u32, &StageResult)> {
-        self.iterations.iter().flat_map(|it| it.stages.iter().filter(|s| s.status == Status::Failed).map(move |s| (it.iteration, s)))
-    }
-
-    pub fn succeeded(&self) -> bool {
-        !matches!(self.stop, StopReason::Failed | StopReason::Interrupted)
-    }
-
-    /// Output of a stage in an iteration (the last one when `None`).
-    pub fn output(&self, stage: &str, iteration: Option<u32>) -> Option<Digest> {
-        let it = match iteration {
-            Some(k) => self.iterations.iter().find(|it| it.iteration == k)?,
-            None => self.iterations.last()?,
-        };
-        it.stages.iter().find(|s| s.id == stage)?.output
-    }
-
-    pub fn lockfile(&self, pipeline: &Pipeline, files: &BTreeMap<String, Digest>) -> Lockfile {
-        Lockfile {
-            version: LOCK_VERSION,
-            engine: ENGINE_VERSION.to_string(),
-            seed: pipeline.seed,
-            iterations: self.iterations.len() as u32,
-            files: files.clone(),
-            stages: self
-                .iterations
-                .iter()
-                .flat_map(|it| {
-                    it.stages.iter().filter_map(move |s| {
-                        let fp = Fingerprint { inputs: s.stable_inputs.clone(), ..s.fingerprint.clone()? };
-                        Some(LockedStage::new(&s.id, it.iteration, &fp, s.stable?))
-                    })
-                })
-                .collect(),
-        }
-    }
-}
-
-/// Last fingerprint and output of a stage, kept to explain staleness and detect early cutoff.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Record {
-    pub fingerprint: Fingerprint,
-    pub output: Digest,
-}
+pub use plan::{PlanReport, PlanStage, PlanStatus, plan};
+pub use report::{IterationReport, Record, RunError, RunOptions, RunReport, StageResult, Status, StopReason, TargetResult};
+use stage::run_stage;
 
 /// Referenced files, read once per run: the bytes digested are the bytes the stages get.
 pub struct Files(BTreeMap<String, (Arc<[u8]>, Digest)>);
@@ -317,7 +186,7 @@ pub async fn run(pipeline: Arc<Pipeline>, store: Store, opts: RunOptions) -> Res
         }
         let it = pipeline.iterate.as_ref().expect("a feedback edge means `[iterate]`");
         // Progress as the feedback stage reports it; a stage that reports none never stalls.
-        let improved = fed.and_then(|(digest, _)| ctx.store.get_object(&digest)).and_then(|o| o["metrics"]["improved"].as_f64());
+        let improved = fed.and_then(|(digest, _)| ctx.store.get_object(&digest)).and_then(|o| Reported::of(&o).improved());
         stalled = if improved == Some(0.0) { stalled + 1 } else { 0 };
         if it.patience.is_some_and(|p| stalled >= p) {
             stop = StopReason::NoProgress;
@@ -344,19 +213,10 @@ pub async fn run(pipeline: Arc<Pipeline>, store: Store, opts: RunOptions) -> Res
         let path = crate::lockfile::path_for(&pipeline);
         let text = lock.render();
         if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-            write_beside(&path, text.as_bytes()).map_err(|source| RunError::File { path: path.display().to_string(), source })?;
+            crate::atomic::write(&path, text.as_bytes()).map_err(|source| RunError::File { path: path.display().to_string(), source })?;
         }
     }
     Ok(report)
-}
-
-/// Atomic write next to the target (same directory, so the rename cannot cross filesystems).
-fn write_beside(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("lock.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
 }
 
 fn precheck_lock(lock: &Lockfile, pipeline: &Pipeline, files: &Files) -> Result<(), RunError> {
@@ -556,12 +416,7 @@ type TargetCheck = (BTreeMap<String, f64>, BTreeMap<String, TargetResult>, Optio
 fn check_targets(ctx: &Ctx, stages: &[StageResult]) -> TargetCheck {
     let Some(targets) = &ctx.pipeline.targets else { return Default::default() };
     let output = stages[targets.from].output.and_then(|d| ctx.store.get_object(&d));
-    let metrics: BTreeMap<String, f64> = output
-        .as_ref()
-        .and_then(|o| o.get("metrics"))
-        .and_then(Value::as_object)
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
-        .unwrap_or_default();
+    let metrics = output.as_ref().map(|o| Reported::of(o).metrics()).unwrap_or_default();
     if output.is_none() {
         return (metrics, BTreeMap::new(), None);
     }
@@ -577,167 +432,6 @@ fn check_targets(ctx: &Ctx, stages: &[StageResult]) -> TargetCheck {
     (metrics, results, Some(met))
 }
 
-async fn run_stage(
-    ctx: &Arc<Ctx>,
-    iteration: u32,
-    i: usize,
-    inputs: BTreeMap<String, Digest>,
-    stable_inputs: BTreeMap<String, Digest>,
-) -> Result<StageDone, StageFail> {
-    let pipeline = &ctx.pipeline;
-    let node = &pipeline.stages[i];
-    let fp = fingerprint(pipeline, &ctx.files, i, &inputs);
-    let digest = fp.digest();
-    if let Some(lock) = &ctx.locked {
-        // The lockfile pins fingerprints over stable upstream digests: measurements may differ.
-        let fp = Fingerprint { inputs: stable_inputs.clone(), ..fp.clone() };
-        let digest = fp.digest();
-        match lock.stage(&node.id, iteration) {
-            None => {
-                return Err(StageFail::Fatal(RunError::LockMismatch(format!(
-                    "stage `{}` (iteration {}) is not in the lockfile",
-                    node.id,
-                    iteration + 1
-                ))));
-            }
-            Some(locked) if locked.fingerprint != digest => {
-                return Err(StageFail::Fatal(RunError::LockMismatch(format!(
-                    "stage `{}` (iteration {}) differs from the lockfile: {}",
-                    node.id,
-                    iteration + 1,
-                    locked.differences(&fp).join(", ")
-                ))));
-            }
-            Some(_) => {}
-        }
-    }
-    let previous: Option<Record> = ctx.store.get_record(&pipeline.name, &node.id);
-    if let Some(output) = ctx.store.get_done(&digest) {
-        ctx.emit(Event::Fresh { iteration, stage: node.id.clone() });
-        if previous.as_ref().is_none_or(|r| r.fingerprint != fp || r.output != output.full) {
-            ctx.store.put_record(&pipeline.name, &node.id, &Record { fingerprint: fp.clone(), output: output.full })?;
-        }
-        check_locked_output(ctx, iteration, &node.id, &output)?;
-        return Ok(StageDone { fingerprint: fp, stable_inputs, output, executed: false, items_run: 0, items_cached: 0 });
-    }
-    let reasons = dirty_reasons(&fp, previous.as_ref());
-
-    let values = load_inputs(&ctx.store, &inputs).map_err(StageFail::Error)?;
-    let input = Arc::new(stage_input(pipeline, &ctx.files, i, values, Cancel(ctx.cancel.clone())));
-    let items = node.stage.items(&input).map_err(|e| StageFail::Error(e.message))?;
-    let keys: Vec<Digest> = items.iter().map(|it| fp.item_key(&it.input)).collect();
-    let mut outputs: Vec<Option<Value>> = keys.iter().map(|k| ctx.store.get_item(k)).collect();
-    let cached = outputs.iter().filter(|o| o.is_some()).count();
-    let mut groups: Vec<ItemGroup> = Vec::new();
-    for (item, output) in items.iter().zip(&outputs) {
-        let Some(name) = item_group(&item.id) else { continue };
-        let at = match groups.iter().position(|g| g.name == name) {
-            Some(at) => at,
-            None => {
-                groups.push(ItemGroup { name: name.to_string(), items: 0, cached_items: 0 });
-                groups.len() - 1
-            }
-        };
-        groups[at].items += 1;
-        groups[at].cached_items += usize::from(output.is_some());
-    }
-    ctx.emit(Event::Started { iteration, stage: node.id.clone(), reasons, items: items.len(), cached_items: cached, groups });
-
-    let items = Arc::new(items);
-    let mut pending = (0..items.len()).filter(|&k| outputs[k].is_none()).collect::<Vec<_>>().into_iter();
-    let limit = node.stage.item_concurrency().max(1);
-    let mut running: JoinSet<(usize, Result<Value, crate::stage::StageError>)> = JoinSet::new();
-    // A failed item does not stop the others: everything that succeeds is kept, and a rerun
-    // retries only what failed. Failures in a row (a server down, a systematic bug) stop the
-    // stage early instead of failing every item one by one.
-    let give_up_after = limit.max(5);
-    let (mut failures, mut failed_in_a_row) = (Vec::<String>::new(), 0);
-    let mut interrupted = false;
-    let mut ran = 0;
-    loop {
-        while running.len() < limit && failed_in_a_row < give_up_after {
-            if ctx.cancel.load(Ordering::SeqCst) {
-                interrupted = true;
-                break;
-            }
-            let Some(k) = pending.next() else { break };
-            let (stage, items, cx) = (node.stage.clone(), items.clone(), ItemContext { seed: pipeline.seed, cancel: Cancel(ctx.cancel.clone()) });
-            running.spawn(async move { (k, stage.run_item(&items[k], &cx).await) });
-        }
-        let Some(joined) = running.join_next().await else { break };
-        let (k, result) = match joined {
-            Ok(v) => v,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        };
-        match result {
-            Ok(value) => {
-                // Memoize at once: a kill after this point never loses the item.
-                ctx.store.put_item(&keys[k], &value)?;
-                ran += 1;
-                ctx.emit(Event::Item { iteration, stage: node.id.clone(), item: items[k].id.clone() });
-                outputs[k] = Some(value);
-                failed_in_a_row = 0;
-            }
-            Err(e) => {
-                tracing::warn!(stage = node.id, item = items[k].id, "item failed: {}", e.message);
-                failures.push(format!("item `{}`: {}", items[k].id, e.message));
-                failed_in_a_row += 1;
-            }
-        }
-    }
-    if let Some(first) = failures.first() {
-        let n = failures.len();
-        return Err(StageFail::Error(if failed_in_a_row >= give_up_after {
-            format!("stopped after {failed_in_a_row} items failed in a row ({} not started); finished items are kept. First: {first}", pending.len())
-        } else if n == 1 {
-            first.clone()
-        } else {
-            format!("{n} items failed; finished items are kept and a rerun retries only the failed ones. First: {first}")
-        }));
-    }
-    if interrupted {
-        return Err(StageFail::Interrupted);
-    }
-    let results: Vec<(Item, Value)> = items.iter().cloned().zip(outputs.into_iter().map(|o| o.expect("every item computed"))).collect();
-    let stage = node.stage.clone();
-    let finish_input = input.clone();
-    let value = tokio::task::spawn_blocking(move || stage.finish(&finish_input, results))
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-        .map_err(|e| StageFail::Error(e.message))?;
-    let full = ctx.store.put_object(&value)?;
-    let volatile = node.stage.volatile_keys();
-    let stable = if volatile.is_empty() { full } else { Digest::of_json(&without_keys(&value, volatile)) };
-    let output = Outputs { full, stable };
-    ctx.store.put_done(&digest, &output)?;
-    let unchanged = previous.as_ref().is_some_and(|r| r.output == full);
-    ctx.store.put_record(&pipeline.name, &node.id, &Record { fingerprint: fp.clone(), output: full })?;
-    ctx.emit(Event::Finished { iteration, stage: node.id.clone(), output: full, unchanged });
-    check_locked_output(ctx, iteration, &node.id, &output)?;
-    Ok(StageDone { fingerprint: fp, stable_inputs, output, executed: true, items_run: ran, items_cached: cached })
-}
-
-fn check_locked_output(ctx: &Ctx, iteration: u32, id: &str, output: &Outputs) -> Result<(), StageFail> {
-    match ctx.locked.as_ref().and_then(|l| l.stage(id, iteration)) {
-        Some(locked) if locked.output != output.stable => Err(StageFail::Fatal(RunError::LockMismatch(format!(
-            "stage `{id}` (iteration {}) produced {} but the lockfile records {}: the stage is not reproducible",
-            iteration + 1,
-            output.stable.short(),
-            locked.output.short()
-        )))),
-        _ => Ok(()),
-    }
-}
-
-/// `value` with every object key in `keys` removed, at any depth.
-fn without_keys(value: &Value, keys: &[&str]) -> Value {
-    match value {
-        Value::Object(map) => Value::Object(map.iter().filter(|(k, _)| !keys.contains(&k.as_str())).map(|(k, v)| (k.clone(), without_keys(v, keys))).collect()),
-        Value::Array(items) => Value::Array(items.iter().map(|v| without_keys(v, keys)).collect()),
-        other => other.clone(),
-    }
-}
-
 fn dirty_reasons(fp: &Fingerprint, previous: Option<&Record>) -> Vec<String> {
     match previous {
         None => vec!["never run".to_string()],
@@ -746,87 +440,4 @@ fn dirty_reasons(fp: &Fingerprint, previous: Option<&Record>) -> Vec<String> {
             if why.is_empty() { vec!["its previous run did not finish".to_string()] } else { why }
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Planning
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PlanStatus {
-    Fresh,
-    Dirty,
-    /// An upstream stage will run; this one runs unless that output comes out unchanged.
-    Pending,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct PlanStage {
-    pub id: String,
-    pub kind: String,
-    pub status: PlanStatus,
-    pub reasons: Vec<String>,
-    /// For dirty stages with known inputs: items in total and already memoized.
-    pub items: Option<usize>,
-    pub cached_items: Option<usize>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct PlanReport {
-    pub pipeline: String,
-    pub stages: Vec<PlanStage>,
-    /// Set when the pipeline iterates: only the first iteration can be planned.
-    pub max_iterations: Option<u32>,
-}
-
-/// What `run` would do in its first iteration, and why. Reads the store; writes nothing.
-pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<PlanReport, RunError> {
-    let files = Files::read(pipeline)?;
-    let mut outputs: Vec<Option<Digest>> = vec![None; pipeline.stages.len()];
-    let mut stages = Vec::new();
-    for (i, node) in pipeline.stages.iter().enumerate() {
-        let mut inputs = BTreeMap::new();
-        let mut unknown = Vec::new();
-        for (port, up) in &node.inputs {
-            match outputs[*up] {
-                Some(d) => {
-                    inputs.insert(port.clone(), d);
-                }
-                None => unknown.push(pipeline.stages[*up].id.clone()),
-            }
-        }
-        let mut entry = PlanStage { id: node.id.clone(), kind: node.kind.to_string(), status: PlanStatus::Pending, reasons: Vec::new(), items: None, cached_items: None };
-        if !unknown.is_empty() {
-            unknown.dedup();
-            entry.reasons = unknown.iter().map(|u| format!("upstream `{u}` will run (this reruns unless its output is unchanged)")).collect();
-            stages.push(entry);
-            continue;
-        }
-        let fp = fingerprint(pipeline, &files, i, &inputs);
-        if let Some(out) = store.get_done(&fp.digest()) {
-            outputs[i] = Some(out.full);
-            entry.status = PlanStatus::Fresh;
-            stages.push(entry);
-            continue;
-        }
-        entry.status = PlanStatus::Dirty;
-        let previous: Option<Record> = store.get_record(&pipeline.name, &node.id);
-        entry.reasons = dirty_reasons(&fp, previous.as_ref());
-        // Count the items that would run.
-        if let Ok(values) = load_inputs(store, &inputs) {
-            let input = stage_input(pipeline, &files, i, values, Cancel::default());
-            if let Ok(items) = node.stage.items(&input)
-                && !items.is_empty()
-            {
-                let cached = items.iter().filter(|it| store.has_item(&fp.item_key(&it.input))).count();
-                if cached > 0 || previous.is_some() {
-                    entry.reasons.push(format!("{} new item(s), {} cached", items.len() - cached, cached));
-                }
-                entry.items = Some(items.len());
-                entry.cached_items = Some(cached);
-            }
-        }
-        stages.push(entry);
-    }
-    Ok(PlanReport { pipeline: pipeline.name.clone(), stages, max_iterations: pipeline.iterate.as_ref().map(|i| i.max_iterations) })
 }

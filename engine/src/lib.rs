@@ -3,6 +3,7 @@
 //! It knows nothing about models, prompts or datasets: stage kinds are plugins (see
 //! [`stage::StagePlugin`]) registered by the binary in a [`registry::Registry`].
 
+pub mod atomic;
 pub mod config;
 pub mod diag;
 pub mod events;
@@ -21,7 +22,7 @@ pub use events::{Event, ItemGroup, Observer, item_group};
 pub use exec::{PlanReport, RunError, RunOptions, RunReport, plan, run};
 pub use hash::Digest;
 pub use registry::Registry;
-pub use stage::{BuildContext, Cancel, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
+pub use stage::{BuildContext, Cancel, FileRef, Item, ItemContext, Port, Reported, Stage, StageError, StageInput, StagePlugin};
 pub use store::Store;
 
 #[cfg(test)]

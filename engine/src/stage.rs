@@ -26,6 +26,35 @@ use crate::diag::{Diagnostic, SourceFile};
 /// Port type accepting any artifact, any number of times; each is named by its upstream stage id.
 pub const ANY: &str = "*";
 
+/// What the engine reads from a stage's output, and nothing else: `metrics`, named numbers that
+/// `[targets]` checks, among them [`Reported::IMPROVED`], the progress `[iterate] patience`
+/// watches on the feedback stage. Everything else in an artifact is between the stages.
+#[derive(Debug, Default, Deserialize)]
+pub struct Reported {
+    #[serde(default)]
+    metrics: BTreeMap<String, Value>,
+}
+
+impl Reported {
+    /// `metrics.improved`: 0 when the feedback stage made no progress this iteration.
+    pub const IMPROVED: &'static str = "improved";
+
+    /// The contract part of an output (none when it has no `metrics` object).
+    pub fn of(output: &Value) -> Reported {
+        Reported::deserialize(output).unwrap_or_default()
+    }
+
+    /// The metrics that are numbers (a metric without a value, such as an interval not
+    /// computed, is left out).
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        self.metrics.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect()
+    }
+
+    pub fn improved(&self) -> Option<f64> {
+        self.metrics.get(Self::IMPROVED).and_then(Value::as_f64)
+    }
+}
+
 /// A named, typed input of a stage kind. `needs` entries are bound to ports by artifact type.
 #[derive(Debug, Clone, Copy)]
 pub struct Port {
@@ -159,6 +188,16 @@ pub struct StageInput {
 impl StageInput {
     pub fn input(&self, port: &str) -> Result<&Value, StageError> {
         self.inputs.get(port).map(|v| &**v).ok_or_else(|| StageError::new(format!("missing input `{port}`")))
+    }
+
+    /// The artifact at `port`, read as the type the stage declares for it.
+    pub fn read<T: DeserializeOwned>(&self, port: &str) -> Result<T, StageError> {
+        T::deserialize(self.input(port)?).map_err(|e| StageError::new(format!("input `{port}` is not what this stage reads: {e}")))
+    }
+
+    /// Like [`Self::read`], for an optional port: `None` when nothing is bound to it.
+    pub fn read_optional<T: DeserializeOwned>(&self, port: &str) -> Result<Option<T>, StageError> {
+        if self.inputs.contains_key(port) { self.read(port).map(Some) } else { Ok(None) }
     }
 
     pub fn file(&self, file: &FileRef) -> Result<&[u8], StageError> {

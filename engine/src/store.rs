@@ -18,7 +18,6 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -79,8 +78,6 @@ impl Drop for StoreLock {
     }
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 impl Store {
     /// Opening does not touch the disk; directories are created on first write.
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -108,29 +105,17 @@ impl Store {
         self.root.join(dir).join(&hex[..2]).join(&hex[2..])
     }
 
-    /// Write `bytes` to `path` atomically (tmp file + rename).
+    /// Write `bytes` to `path` atomically, staged in `tmp/` ([`crate::atomic`]).
     pub fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-        let tmp_dir = self.root.join("tmp");
-        fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
-        }
-        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = tmp_dir.join(format!("{}-{n}", std::process::id()));
-        let result = (|| {
-            let mut f = File::create(&tmp)?;
+        crate::atomic::write_staged(path, &self.root.join("tmp"), |f| {
             if crash_test::at_this_write() {
                 // Half the bytes, then die: the torn write a kill can leave.
                 let _ = f.write_all(&bytes[..bytes.len() / 2]);
                 std::process::abort();
             }
-            f.write_all(bytes)?;
-            fs::rename(&tmp, path)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map_err(io_err(path))
+            f.write_all(bytes)
+        })
+        .map_err(io_err(path))
     }
 
     /// Store an artifact; returns its digest.

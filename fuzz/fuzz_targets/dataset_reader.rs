@@ -20,9 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let file = SourceFile::new("fuzzed.jsonl", String::from_utf8_lossy(rest).into_owned());
     match dataset::read(&file, &config, u64::from(knobs)) {
         Ok(out) => {
-            let samples = out["samples"].as_array().expect("samples");
-            let counts = &out["counts"];
-            assert_eq!(counts["dev"].as_u64().unwrap() + counts["heldout"].as_u64().unwrap(), samples.len() as u64);
+            assert_eq!(out.counts.dev + out.counts.heldout, out.samples.len());
         }
         Err(diags) => {
             assert!(!diags.is_empty());

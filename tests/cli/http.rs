@@ -260,7 +260,7 @@ fn serve_answers_as_the_embedded_model_does() {
     let banner = lines.next().expect("a banner").unwrap();
     std::thread::spawn(move || lines.for_each(drop));
     let url = banner.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("{banner}")).to_string();
-    assert!(banner.contains("sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53+q8_0"), "{banner}");
+    assert!(banner.contains("sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53+q8_0-v1"), "{banner}");
 
     let over_http = served_project(&[url.clone()], 6, "max_concurrency = 3");
     over_http.write("served.toml", &over_http.read("served.toml").replace("model = \"smollm2\"", "model = \"smollm2-135m-instruct\""));

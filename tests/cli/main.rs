@@ -119,7 +119,8 @@ needs = ["judge", "answers"]
 {namer}
 [stages.revise]
 kind = "revise"
-needs = ["prompt", "failures", "judge", "tickets"]
+# No `input_field`: examples show each ticket as the model saw it (its rendered message).
+needs = ["prompt", "failures", "judge", "tickets", "rendered"]
 
 [targets]
 from = "decision"
@@ -726,11 +727,21 @@ fn the_loop_revises_the_prompt_from_dev_failures_and_checks_it_on_held_out() {
         assert_eq!(mode["named_by"], "smollm2-135m-instruct", "{mode}");
         assert!(mode["signature_name"].is_string() && mode["llm_fix_hypothesis"].is_string() || mode["naming"].is_string(), "{mode}");
     }
+    let text_of: std::collections::BTreeMap<String, String> = show("tickets", 1)["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap().to_string(), s["fields"]["text"].as_str().unwrap().to_string()))
+        .collect();
     for targeted in revised["revision"]["targeted"].as_array().unwrap() {
         let mode = modes.iter().find(|m| &m["id"] == targeted).expect("a targeted mode exists");
         for example in mode["examples"].as_array().unwrap() {
             assert_eq!(split_of[example["id"].as_str().unwrap()], "dev", "examples come from the dev split only");
         }
+        // Shown as the model saw it, less the template's words: the ticket itself.
+        let first = mode["examples"][0]["id"].as_str().unwrap();
+        let shown: String = text_of[first].split_whitespace().collect::<Vec<_>>().join(" ").replace('"', "'").chars().take(40).collect();
+        assert!(system.contains(&format!("Example: \"{shown}")), "example `{first}` is not shown as its ticket's text:\n{system}");
     }
 
     // The acceptance check, recomputed from the verdicts of both iterations.

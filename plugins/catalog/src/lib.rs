@@ -66,6 +66,16 @@ pub enum Tier {
     High,
 }
 
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Low => "low",
+            Tier::Medium => "medium",
+            Tier::High => "high",
+        }
+    }
+}
+
 impl Model {
     pub fn tier(&self) -> Tier {
         match self.params_total_b {

@@ -25,6 +25,7 @@ mod semantic;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use artifacts::{Answers, Artifact, Clusters, FailureExample, FailureMode, Judgement, Message, ModelClusters, Split, Verdict};
 use engine::diag::Diagnostic;
 use engine::{BuildContext, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
@@ -71,8 +72,8 @@ impl StagePlugin for Cluster {
     const KIND: &'static str = "cluster";
     const VERSION: u32 = 2;
     const SUMMARY: &'static str = "failures on the dev split grouped into named failure modes (empty, repetition, truncated, no label, confusions)";
-    const INPUTS: &'static [Port] = &[Port::new("judgement", "judgement"), Port::new("answers", "answers")];
-    const OUTPUT: &'static str = "clusters";
+    const INPUTS: &'static [Port] = &[Port::new("judgement", Judgement::TYPE), Port::new("answers", Answers::TYPE)];
+    const OUTPUT: &'static str = Clusters::TYPE;
 
     fn build(config: ClusterConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         if config.examples == 0 || config.examples > 50 {
@@ -83,7 +84,10 @@ impl StagePlugin for Cluster {
         }
         let namer = match &config.namer {
             None => None,
-            Some(n) => Some(infer::CalledModel::build(&n.catalog, &n.model, naming_schema(), infer::Sampler { max_tokens: 128, ..Default::default() }, n.prepare, &n.http, cx)?),
+            Some(n) => {
+                let sampler = infer::Sampler { max_tokens: 128, ..Default::default() };
+                Some(infer::CalledModel::build(infer::ModelCall { catalog: &n.catalog, model: &n.model, schema: naming_schema(), sampler, prepare: n.prepare, http: &n.http }, cx)?)
+            }
         };
         Ok(Arc::new(ClusterStage(config, namer)))
     }
@@ -127,16 +131,14 @@ fn naming_schema() -> Value {
 impl Stage for ClusterStage {
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
         let Some(namer) = &self.1 else { return Ok(Vec::new()) };
-        let grouped = self.group(input)?;
-        let judgement = input.input("judgement")?;
+        let judgement: Judgement = input.read("judgement")?;
+        let grouped = self.group(&judgement, &input.read("answers")?)?;
         let mut items = Vec::new();
-        for (model, m) in grouped["models"].as_object().expect("models") {
+        for (model, m) in &grouped.models {
             // Answers that passed, for contrast: the first few of the dev split.
-            let passes: Vec<&Value> = judgement["models"][model]["verdicts"]
-                .as_array()
-                .map_or(Vec::new(), |v| v.iter().filter(|v| v["split"] == "dev" && v["pass"] == true).take(CONTRAST).collect());
-            for c in m["clusters"].as_array().expect("clusters") {
-                items.push(Item { id: format!("{model}/{}", c["id"].as_str().unwrap_or_default()), input: namer.item_input(json!(naming_messages(c, &passes))) });
+            let passes: Vec<&Verdict> = judgement.models.get(model).map_or(Vec::new(), |j| j.verdicts_in(Split::Dev).filter(|v| v.passed()).take(CONTRAST).collect());
+            for c in &m.clusters {
+                items.push(Item { id: format!("{model}/{}", c.id), input: namer.item_input(naming_messages(c, &passes)) });
             }
         }
         Ok(items)
@@ -156,28 +158,35 @@ impl Stage for ClusterStage {
     }
 
     fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
-        let mut grouped = self.group(input)?;
-        let Some(namer) = &self.1 else { return Ok(grouped) };
+        let mut grouped = self.group(&input.read("judgement")?, &input.read("answers")?)?;
+        let Some(namer) = &self.1 else { return Ok(grouped.to_json()) };
         let replies: BTreeMap<String, &Value> = results.iter().map(|(item, reply)| (item.id.clone(), reply)).collect();
-        for (model, m) in grouped["models"].as_object_mut().expect("models") {
-            for c in m["clusters"].as_array_mut().expect("clusters") {
-                let reply = replies.get(&format!("{model}/{}", c["id"].as_str().unwrap_or_default())).and_then(|r| r["text"].as_str()).unwrap_or_default();
-                c["named_by"] = json!(namer.candidate.id);
-                match serde_json::from_str::<Value>(reply.trim()) {
-                    Ok(named) if named["name"].is_string() && named["description"].is_string() && named["fix_hypothesis"].is_string() => {
+        for (model, m) in &mut grouped.models {
+            for c in &mut m.clusters {
+                let reply = replies.get(&format!("{model}/{}", c.id)).and_then(|r| r.get("text")).and_then(Value::as_str).unwrap_or_default();
+                c.named_by = Some(namer.candidate.id.clone());
+                match serde_json::from_str::<Naming>(reply.trim()) {
+                    Ok(named) => {
                         // The rule-based name stays beside it; `revise` acts on the rule-based fix.
-                        c["signature_name"] = c["name"].take();
-                        c["name"] = named["name"].clone();
-                        c["description"] = named["description"].clone();
-                        c["llm_fix_hypothesis"] = named["fix_hypothesis"].clone();
+                        c.signature_name = Some(std::mem::replace(&mut c.name, named.name));
+                        c.description = named.description;
+                        c.llm_fix_hypothesis = Some(named.fix_hypothesis);
                     }
-                    _ => c["naming"] = json!(format!("unreadable reply, rule-based name kept: {reply:?}")),
+                    Err(_) => c.naming = Some(format!("unreadable reply, rule-based name kept: {reply:?}")),
                 }
             }
         }
-        grouped["named_by"] = json!(namer.candidate.id);
-        Ok(grouped)
+        grouped.named_by = Some(namer.candidate.id.clone());
+        Ok(grouped.to_json())
     }
+}
+
+/// What the namer replies (`naming_schema`).
+#[derive(Deserialize)]
+struct Naming {
+    name: String,
+    description: String,
+    fix_hypothesis: String,
 }
 
 /// Passing answers shown to the namer, for contrast.
@@ -185,50 +194,46 @@ const CONTRAST: usize = 3;
 
 /// The namer's conversation for one failure mode: its examples (failed answers) against a few
 /// answers that passed.
-fn naming_messages(mode: &Value, passes: &[&Value]) -> Vec<Value> {
-    let line = |v: &Value| format!("- expected {}: \"{}\"\n", v["label"], clean(v["answer"].as_str().unwrap_or_default()));
+fn naming_messages(mode: &FailureMode, passes: &[&Verdict]) -> Vec<Message> {
+    // The label as JSON writes it: quoted, or `null`.
+    let line = |label: &Option<String>, answer: &str| format!("- expected {}: \"{}\"\n", serde_json::to_string(label).expect("JSON"), clean(answer));
     let mut user = String::from("Failed answers (expected, then what the model answered):\n");
-    for e in mode["examples"].as_array().map_or(&[][..], Vec::as_slice) {
-        user.push_str(&line(e));
+    for e in &mode.examples {
+        user.push_str(&line(&e.label, &e.answer));
     }
     if !passes.is_empty() {
         user.push_str("\nAnswers that passed, for contrast:\n");
         for p in passes {
-            user.push_str(&line(p));
+            user.push_str(&line(&p.label, &p.answer));
         }
     }
     vec![
-        json!({"role": "system", "content": "You name failure modes of a language model from its failed answers. Reply with JSON only: {\"name\": \"<3 to 6 words>\", \"description\": \"<one sentence: what the failed answers have in common>\", \"fix_hypothesis\": \"<one sentence: an instruction that would prevent it>\"}"}),
-        json!({"role": "user", "content": user}),
+        Message::new("system", "You name failure modes of a language model from its failed answers. Reply with JSON only: {\"name\": \"<3 to 6 words>\", \"description\": \"<one sentence: what the failed answers have in common>\", \"fix_hypothesis\": \"<one sentence: an instruction that would prevent it>\"}"),
+        Message::new("user", user),
     ]
 }
 
 impl ClusterStage {
     /// Failures grouped into modes (signatures, then embeddings), before any naming by a model.
-    fn group(&self, input: &StageInput) -> Result<Value, StageError> {
-        let judgement = input.input("judgement")?;
-        let answers = input.input("answers")?;
-        let labels: Vec<&str> = judgement["labels"].as_array().map_or(Vec::new(), |l| l.iter().filter_map(Value::as_str).collect());
-        let mut models = serde_json::Map::new();
-        for (model, j) in judgement["models"].as_object().ok_or_else(|| StageError::new("the judgement has no `models`"))? {
-            let finish: BTreeMap<&str, &str> = answers["models"][model]["answers"]
-                .as_array()
-                .map_or(BTreeMap::new(), |a| a.iter().filter_map(|x| Some((x["id"].as_str()?, x["finish_reason"].as_str().unwrap_or_default()))).collect());
-            let mut modes: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-            let dev: Vec<&Value> = j["verdicts"].as_array().map_or(Vec::new(), |v| v.iter().filter(|v| v["split"] == "dev").collect());
-            for v in dev.iter().filter(|v| v["pass"] == false) {
-                let id = v["id"].as_str().unwrap_or_default();
-                modes.entry(signature(v, finish.get(id).copied().unwrap_or_default())).or_default().push(v);
+    fn group(&self, judgement: &Judgement, answers: &Answers) -> Result<Clusters, StageError> {
+        let labels = judgement.labels();
+        let mut models = BTreeMap::new();
+        for (model, j) in &judgement.models {
+            let finish: BTreeMap<&str, &str> = answers.models.get(model).map_or(BTreeMap::new(), |a| a.answers.iter().map(|x| (x.id.as_str(), x.finish_reason.as_str())).collect());
+            let mut modes: BTreeMap<String, Vec<&Verdict>> = BTreeMap::new();
+            let dev: Vec<&Verdict> = j.verdicts_in(Split::Dev).collect();
+            for v in dev.iter().filter(|v| v.failed()) {
+                modes.entry(signature(v, finish.get(v.id.as_str()).copied().unwrap_or_default())).or_default().push(v);
             }
-            let mut list: Vec<Value> = Vec::new();
+            let mut list: Vec<FailureMode> = Vec::new();
             for (sig, members) in modes {
                 let (name, description, fix) = match sig.strip_prefix("judge:") {
                     Some(mode) => {
-                        let m = &judgement["failure_modes"][mode];
-                        let text = |k: &str| m[k].as_str().map_or_else(|| format!("failures the judge filed under `{mode}`"), str::to_string);
-                        (mode.replace('_', " "), text("description"), text("fix"))
+                        let m = judgement.failure_modes.as_ref().and_then(|f| f.get(mode));
+                        let text = |t: Option<&String>| t.map_or_else(|| format!("failures the judge filed under `{mode}`"), String::clone);
+                        (mode.replace('_', " "), text(m.map(|m| &m.description)), text(m.map(|m| &m.fix)))
                     }
-                    None => describe(&sig, &labels),
+                    None => describe(&sig, labels),
                 };
                 let split = match &self.0.embeddings {
                     Some(source) if members.len() >= 2 * self.0.min_size => self.split(source, &members).map_err(|e| StageError::new(format!("failure mode `{sig}`: {e}")))?,
@@ -238,47 +243,50 @@ impl ClusterStage {
                     None => list.push(self.mode(&sig, &name, &description, &fix, &members)),
                     Some((split, silhouette)) => {
                         for (medoid, group) in split {
-                            let like = clean(group[medoid]["answer"].as_str().unwrap_or_default());
-                            let id = format!("{sig}~{}", group[medoid]["id"].as_str().unwrap_or_default());
+                            let like = clean(&group[medoid].answer);
+                            let id = format!("{sig}~{}", group[medoid].id);
                             let mut mode = self.mode(&id, &format!("{name}: answers like \"{like}\""), &description, &fix, &group);
-                            mode["parent"] = json!(sig);
-                            mode["silhouette"] = json!(judge::round(silhouette));
+                            mode.parent = Some(sig.clone());
+                            mode.silhouette = Some(judge::round(silhouette));
                             list.push(mode);
                         }
                     }
                 }
             }
-            list.sort_by(|a, b| b["size"].as_u64().cmp(&a["size"].as_u64()).then_with(|| a["id"].as_str().cmp(&b["id"].as_str())));
-            let failed: usize = list.iter().filter_map(|c| c["size"].as_u64()).sum::<u64>() as usize;
-            models.insert(model.clone(), json!({"dev_samples": dev.len(), "dev_failures": failed, "clusters": list}));
+            list.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.id.cmp(&b.id)));
+            let failed: usize = list.iter().map(|c| c.size).sum();
+            models.insert(model.clone(), ModelClusters { dev_samples: dev.len(), dev_failures: failed, clusters: list });
         }
-        let mut out = json!({"split": "dev", "labels": labels, "models": models});
-        if let Some(source) = &self.0.embeddings {
-            out["embeddings"] = json!(source.python_package);
-        }
-        Ok(out)
+        let embeddings = self.0.embeddings.as_ref().map(|source| source.python_package.clone());
+        Ok(Clusters { split: Split::Dev, labels: labels.to_vec(), models, embeddings, named_by: None })
     }
 }
 
 impl ClusterStage {
-    fn mode(&self, id: &str, name: &str, description: &str, fix: &str, members: &[&Value]) -> Value {
-        json!({
-            "id": id,
-            "name": name,
-            "description": description,
-            "fix_hypothesis": fix,
-            "size": members.len(),
-            "members": members.iter().map(|m| &m["id"]).collect::<Vec<_>>(),
-            "examples": members.iter().take(self.0.examples).map(|m| json!({"id": m["id"], "label": m["label"], "answer": m["answer"]})).collect::<Vec<_>>(),
-        })
+    fn mode(&self, id: &str, name: &str, description: &str, fix: &str, members: &[&Verdict]) -> FailureMode {
+        FailureMode {
+            id: id.to_string(),
+            name: name.to_string(),
+            description: description.to_string(),
+            fix_hypothesis: fix.to_string(),
+            size: members.len(),
+            members: members.iter().map(|m| m.id.clone()).collect(),
+            examples: members.iter().take(self.0.examples).map(|m| FailureExample { id: m.id.clone(), label: m.label.clone(), answer: m.answer.clone() }).collect(),
+            parent: None,
+            silhouette: None,
+            named_by: None,
+            signature_name: None,
+            llm_fix_hypothesis: None,
+            naming: None,
+        }
     }
 
     /// A mode's members split by their answers' embeddings, each group with the index of its
     /// medoid (the member the others are closest to); none when the answers do not separate.
     #[allow(clippy::type_complexity)]
-    fn split<'a>(&self, source: &embed::EmbedderSource, members: &[&'a Value]) -> Result<Option<(Vec<(usize, Vec<&'a Value>)>, f64)>, String> {
+    fn split<'a>(&self, source: &embed::EmbedderSource, members: &[&'a Verdict]) -> Result<Option<(Vec<(usize, Vec<&'a Verdict>)>, f64)>, String> {
         let embedder = embed::Embedder::load(source)?;
-        let texts: Vec<String> = members.iter().map(|m| m["answer"].as_str().unwrap_or_default().trim().to_string()).collect();
+        let texts: Vec<String> = members.iter().map(|m| m.answer.trim().to_string()).collect();
         let vectors = embedder.embed(&texts)?;
         let d: Vec<Vec<f64>> = vectors.iter().map(|a| vectors.iter().map(|b| f64::from(1.0 - embed::cosine(a, b)).max(0.0)).collect()).collect();
         let Some(split) = semantic::best_split(&d, MAX_SPLIT, self.0.min_size, self.0.min_silhouette) else { return Ok(None) };
@@ -287,7 +295,7 @@ impl ClusterStage {
             .iter()
             .enumerate()
             .map(|(c, &medoid)| {
-                let group: Vec<&Value> = (0..members.len()).filter(|&i| split.assignment[i] == c).map(|i| members[i]).collect();
+                let group: Vec<&Verdict> = (0..members.len()).filter(|&i| split.assignment[i] == c).map(|i| members[i]).collect();
                 let at = group.iter().position(|m| std::ptr::eq(*m, members[medoid])).expect("a medoid is a member");
                 (at, group)
             })
@@ -306,9 +314,9 @@ fn clean(text: &str) -> String {
 }
 
 /// The failure mode of one failed verdict.
-fn signature(verdict: &Value, finish_reason: &str) -> String {
-    let answer = verdict["answer"].as_str().unwrap_or_default().trim();
-    let predicted = verdict["predicted"].as_str();
+fn signature(verdict: &Verdict, finish_reason: &str) -> String {
+    let answer = verdict.answer.trim();
+    let predicted = verdict.predicted();
     if answer.is_empty() {
         return "empty".into();
     }
@@ -316,13 +324,13 @@ fn signature(verdict: &Value, finish_reason: &str) -> String {
         return "repetition".into();
     }
     // An LLM judge filed it under one of its rubric's failure modes.
-    if let Some(mode) = verdict["failure_mode"].as_str() {
+    if let Some(mode) = verdict.failure_mode() {
         return format!("judge:{mode}");
     }
     match predicted {
         None if finish_reason == "length" => "truncated".into(),
         None => "no_label".into(),
-        Some(p) => format!("confused:{}→{p}", verdict["label"].as_str().unwrap_or_default()),
+        Some(p) => format!("confused:{}→{p}", verdict.label.as_deref().unwrap_or_default()),
     }
 }
 
@@ -335,7 +343,7 @@ fn repeats(text: &str) -> bool {
 }
 
 /// Name, description and fix hypothesis of a failure mode.
-fn describe(signature: &str, labels: &[&str]) -> (String, String, String) {
+fn describe(signature: &str, labels: &[String]) -> (String, String, String) {
     let options = labels.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ");
     match signature {
         "empty" => ("empty answer".into(), "The model answered nothing.".into(), format!("Say that the answer must be exactly one of {options}.")),
@@ -369,17 +377,22 @@ fn describe(signature: &str, labels: &[&str]) -> (String, String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use artifacts::JudgedModel;
 
     #[test]
     fn each_failure_gets_one_signature() {
-        let v = |answer: &str, label: &str, predicted: Option<&str>| json!({"answer": answer, "label": label, "predicted": predicted});
+        let v = |answer: &str, label: &str, predicted: Option<&str>| Verdict {
+            predicted: Some(predicted.map(str::to_string)),
+            pass: Some(false),
+            ..judge::verdict("s1", Split::Dev, Some(label), answer)
+        };
         assert_eq!(signature(&v("  ", "billing", None), "stop"), "empty");
         assert_eq!(signature(&v("the the the the", "billing", None), "length"), "repetition");
         assert_eq!(signature(&v("refund please refund please refund please", "billing", Some("refund")), "stop"), "repetition");
         assert_eq!(signature(&v("The answer to this question is", "billing", None), "length"), "truncated");
         assert_eq!(signature(&v("I am not sure.", "billing", None), "stop"), "no_label");
         assert_eq!(signature(&v("refund", "billing", Some("refund")), "stop"), "confused:billing→refund");
-        let judged = json!({"answer": "Lyon is the capital.", "label": "Paris", "failure_mode": "wrong_fact"});
+        let judged = Verdict { failure_mode: Some(Some("wrong_fact".into())), pass: Some(false), ..judge::verdict("q1", Split::Dev, Some("Paris"), "Lyon is the capital.") };
         assert_eq!(signature(&judged, "stop"), "judge:wrong_fact");
         assert!(!repeats("a b a b c"));
         assert!(repeats("go go go"));
@@ -417,35 +430,36 @@ mod tests {
             "The user reports that the box was crushed on arrival.",
             "The customer's order was delivered in bad condition.",
         ];
-        let run = |skip: Option<usize>| -> Value {
-            let verdicts: Vec<Value> = answers
+        let run = |skip: Option<usize>| -> Vec<FailureMode> {
+            let verdicts: Vec<Verdict> = answers
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| Some(*i) != skip)
-                .map(|(i, a)| json!({"id": format!("s{i:02}"), "split": "dev", "label": "shipping", "answer": a, "predicted": null, "pass": false}))
+                .map(|(i, a)| Verdict { predicted: Some(None), pass: Some(false), ..judge::verdict(&format!("s{i:02}"), Split::Dev, Some("shipping"), a) })
                 .collect();
-            let judgement = json!({"labels": ["billing", "shipping"], "models": {"m": {"verdicts": verdicts}}});
+            let models = [("m".to_string(), JudgedModel { splits: Default::default(), verdicts, agreement: None })].into();
+            let judgement = Judgement { labels: Some(vec!["billing".into(), "shipping".into()]), ..judge::judgement(models, &[]) };
+            let answers = Answers { sampler: Value::Null, prepare: Value::Null, models: Default::default(), output: None };
             let input = StageInput {
-                inputs: [("judgement".to_string(), Arc::new(judgement)), ("answers".to_string(), Arc::new(json!({"models": {}})))].into_iter().collect(),
+                inputs: [("judgement".to_string(), Arc::new(judgement.to_json())), ("answers".to_string(), Arc::new(answers.to_json()))].into_iter().collect(),
                 files: Default::default(),
                 seed: 1,
                 cancel: Default::default(),
             };
-            stage.finish(&input, vec![]).unwrap()
+            let out = Clusters::read(&stage.finish(&input, vec![]).unwrap()).unwrap();
+            out.models["m"].clusters.clone()
         };
-        let out = run(None);
-        let clusters = out["models"]["m"]["clusters"].as_array().unwrap();
+        let clusters = run(None);
         assert_eq!(clusters.len(), 2, "{clusters:#?}");
-        let members = |c: &Value| -> Vec<String> { c["members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect() };
-        let mut groups: Vec<Vec<String>> = clusters.iter().map(members).collect();
+        let mut groups: Vec<Vec<String>> = clusters.iter().map(|c| c.members.clone()).collect();
         groups.sort();
         assert_eq!(groups, [vec!["s00", "s01", "s02", "s03", "s04"], vec!["s05", "s06", "s07", "s08", "s09"]]);
-        assert!(clusters.iter().all(|c| c["parent"] == "no_label" && c["id"].as_str().unwrap().starts_with("no_label~s")));
-        let ids: Vec<&str> = clusters.iter().map(|c| c["id"].as_str().unwrap()).collect();
+        assert!(clusters.iter().all(|c| c.parent.as_deref() == Some("no_label") && c.id.starts_with("no_label~s")));
+        let ids: Vec<&str> = clusters.iter().map(|c| c.id.as_str()).collect();
         let medoids: Vec<&str> = ids.iter().map(|id| id.split('~').nth(1).unwrap()).collect();
         let other = (0..10).map(|i| format!("s{i:02}")).position(|s| !medoids.contains(&s.as_str())).unwrap();
         let again = run(Some(other));
-        let again_ids: Vec<&str> = again["models"]["m"]["clusters"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+        let again_ids: Vec<&str> = again.iter().map(|c| c.id.as_str()).collect();
         assert_eq!(again_ids.iter().collect::<std::collections::BTreeSet<_>>(), ids.iter().collect(), "ids stay when a non-medoid leaves");
     }
 }

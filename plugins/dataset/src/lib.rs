@@ -8,11 +8,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use artifacts::{Artifact, Split, SplitCounts};
 use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, FileRef, Item, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 pub struct Dataset;
 
@@ -65,7 +66,7 @@ impl StagePlugin for Dataset {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "a JSONL golden set, validated and split into dev / held-out by seed";
     const INPUTS: &'static [Port] = &[];
-    const OUTPUT: &'static str = "dataset";
+    const OUTPUT: &'static str = artifacts::Dataset::TYPE;
 
     fn build(config: DatasetConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         if config.heldout.0 >= 1.0 {
@@ -89,7 +90,7 @@ impl StagePlugin for Dataset {
 /// Read a JSONL golden set as the stage does: the dataset artifact (samples split into dev and
 /// held-out by `seed`), or every bad line as a located diagnostic. The fuzz target
 /// `dataset_reader` drives this.
-pub fn read(file: &SourceFile, config: &DatasetConfig, seed: u64) -> Result<Value, Vec<Diagnostic>> {
+pub fn read(file: &SourceFile, config: &DatasetConfig, seed: u64) -> Result<artifacts::Dataset, Vec<Diagnostic>> {
     let samples = parse_samples(file, config).map_err(|errors| errors.into_iter().map(|e| e.diagnostic(file)).collect::<Vec<_>>())?;
     Ok(split(samples, config, seed))
 }
@@ -104,7 +105,7 @@ impl Stage for DatasetStage {
     /// `{"fields": [...]}`: the field names some sample has, for templates and stages that name
     /// fields to be checked against at `validate`.
     fn facts(&self) -> Value {
-        json!({"fields": self.fields})
+        serde_json::to_value(artifacts::facts::DatasetFacts { fields: self.fields.clone() }).expect("facts serialize")
     }
 
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
@@ -115,7 +116,7 @@ impl Stage for DatasetStage {
             let (line, col) = file.line_col(first.span.start);
             StageError::new(format!("{}:{line}:{col}: {} ({} problem(s) in all)", self.config.path.path, first.message, errors.len()))
         })?;
-        Ok(split(samples, &self.config, input.seed))
+        Ok(split(samples, &self.config, input.seed).to_json())
     }
 }
 
@@ -208,7 +209,7 @@ fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample
     if errors.is_empty() { Ok(samples) } else { Err(errors) }
 }
 
-fn split(samples: Vec<Sample>, config: &DatasetConfig, seed: u64) -> Value {
+fn split(samples: Vec<Sample>, config: &DatasetConfig, seed: u64) -> artifacts::Dataset {
     let mut strata: BTreeMap<Option<String>, Vec<usize>> = BTreeMap::new();
     for (i, s) in samples.iter().enumerate() {
         let stratum = match &config.stratify {
@@ -231,16 +232,12 @@ fn split(samples: Vec<Sample>, config: &DatasetConfig, seed: u64) -> Value {
         }
     }
     let n_heldout = heldout.iter().filter(|h| **h).count();
-    let rows: Vec<Value> = samples
+    let samples: Vec<artifacts::Sample> = samples
         .into_iter()
         .zip(heldout)
-        .map(|(s, h)| json!({"id": s.id, "split": if h { "heldout" } else { "dev" }, "label": s.label, "fields": s.fields}))
+        .map(|(s, h)| artifacts::Sample { id: s.id, split: if h { Split::Heldout } else { Split::Dev }, label: s.label, fields: s.fields })
         .collect();
-    json!({
-        "label_field": config.label,
-        "counts": {"dev": rows.len() - n_heldout, "heldout": n_heldout},
-        "samples": rows,
-    })
+    artifacts::Dataset { label_field: config.label.clone(), counts: SplitCounts { dev: samples.len() - n_heldout, heldout: n_heldout }, samples }
 }
 
 #[cfg(test)]
@@ -296,8 +293,8 @@ mod tests {
         let a = out(1);
         assert_eq!(a, out(1));
         assert_ne!(a, out(2));
-        let held = |label: &str| a["samples"].as_array().unwrap().iter().filter(|s| s["label"] == label && s["split"] == "heldout").count();
+        let held = |label: &str| a.split(Split::Heldout).filter(|s| s.label.as_deref() == Some(label)).count();
         assert_eq!((held("rare"), held("common")), (3, 9)); // 30% of 10 and of 30
-        assert_eq!(a["counts"], json!({"dev": 28, "heldout": 12}));
+        assert_eq!(a.counts, SplitCounts { dev: 28, heldout: 12 });
     }
 }

@@ -18,7 +18,7 @@ const FILE_TYPE_Q8_0: u32 = 7;
 
 pub fn converted_path(source: &Path) -> PathBuf {
     let stem = source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    source.with_file_name(format!("{stem}.to-q8_0-v{CONVERTER_VERSION}.gguf"))
+    source.with_file_name(format!("{stem}.to-{}.gguf", crate::Prepare::Q8_0.spelling()))
 }
 
 /// Convert `source` to Q8_0 at [`converted_path`] unless it is already there.

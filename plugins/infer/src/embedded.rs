@@ -68,7 +68,7 @@ pub async fn load_with(
     device: DeviceSpec,
     options: LoadOptions,
 ) -> Result<Arc<Runner>, String> {
-    let key = format!("{sha256}{}:{device:?}:{options:?}", if prepare.is_some() { ":q8_0" } else { "" });
+    let key = format!("{sha256}{}:{device:?}:{options:?}", prepare.map_or_else(String::new, |p| format!(":{}", p.spelling())));
     let mut loaded = LOADED.get_or_init(Default::default).lock().await;
     if let Some(runner) = loaded.get(&key) {
         return Ok(runner.clone());

@@ -28,11 +28,13 @@ pub mod serve;
 
 pub use convert::to_q8_0 as prepare_q8_0;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use artifacts::{Answers, Artifact, Candidates, ModelAnswers, ModelTiming, Rendered};
 use catalog::{Catalog, Source};
-use engine::diag::{Diagnostic, did_you_mean, one_of};
+use engine::diag::Diagnostic;
 use engine::{BuildContext, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -167,6 +169,16 @@ pub enum Prepare {
     Q8_0,
 }
 
+impl Prepare {
+    /// What the weights become, with the converter's version (`q8_0-v1`): how every key and
+    /// banner that depends on the conversion spells it, and the converted file's suffix.
+    pub fn spelling(self) -> String {
+        match self {
+            Prepare::Q8_0 => format!("q8_0-v{}", convert::CONVERTER_VERSION),
+        }
+    }
+}
+
 fn cpu() -> Spanned<DeviceSpec> {
     Spanned::new(0..0, DeviceSpec::Cpu)
 }
@@ -241,6 +253,18 @@ impl Sampler {
         }
         Ok(())
     }
+
+    /// `max_tokens` fits the context window of `candidate` (when the catalog gives one), with
+    /// room left for a prompt.
+    pub fn check_context(&self, candidate: &Candidate) -> Result<(), String> {
+        match candidate.context_tokens {
+            Some(context) if self.max_tokens >= context as usize => Err(format!(
+                "`max_tokens` is {}, but `{}` has a context of {context} tokens, prompt and answer together",
+                self.max_tokens, candidate.id
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for Sampler {
@@ -249,12 +273,7 @@ impl Default for Sampler {
     }
 }
 
-/// A chat message, as rendered by the `prompt` stage.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
+pub use artifacts::Message;
 
 /// One candidate's answer to one sample.
 #[derive(Debug, Serialize)]
@@ -281,21 +300,29 @@ pub const EMBEDDED_ENGINE: &str = "mistral.rs 0.8.1 + vendor: gguf pre-tokenizer
 /// of mixed lengths) took 12 min 37 s at 8 in flight against 11 min 21 s at 1 (BENCHMARKS.md).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1;
 
-#[derive(Debug, Serialize)]
-pub struct Timing {
-    pub latency_ms: f64,
-    /// Prompt processing, which is most of the time to the first token (embedded only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefill_ms: Option<f64>,
-    /// Generation after the first token (embedded only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub decode_ms: Option<f64>,
+pub use artifacts::AnswerTiming as Timing;
+
+impl Answer {
+    /// As the `answers` artifact holds it (its sample id set when answers are assembled).
+    pub fn into_artifact(self, transport: Option<Value>) -> artifacts::Answer {
+        artifacts::Answer {
+            id: String::new(),
+            text: self.text,
+            finish_reason: self.finish_reason,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            timing: self.timing,
+            transport,
+        }
+    }
 }
 
 /// A catalog model resolved to something this build runs: weights verified when loaded, or an
 /// endpoint. Also what other stages (`llm_judge`) call models through.
 pub struct Candidate {
     pub id: String,
+    /// Its context window, as the catalog gives it.
+    pub context_tokens: Option<u32>,
     backend: Backend,
 }
 
@@ -314,28 +341,31 @@ pub struct RunSettings {
     pub catalog_dir: PathBuf,
 }
 
+/// A model a stage names: which catalog, which id, where it is written, and what its answers
+/// must be.
+pub struct ModelRef<'a> {
+    pub catalog: &'a Catalog,
+    /// The catalog as the pipeline names it, for messages.
+    pub catalog_name: &'a str,
+    pub id: &'a str,
+    /// Where the id is written, for errors.
+    pub span: Option<std::ops::Range<usize>>,
+    /// The output constraint, and where it is set.
+    pub output: Option<&'a (OutputConstraint, std::ops::Range<usize>)>,
+    pub http: &'a http::HttpSettings,
+}
+
 impl Candidate {
-    /// Model `id` of `catalog` (named `catalog_name` in messages), checked against what `output`
-    /// asks (`span`: where the id is written, for errors).
-    pub fn resolve(
-        catalog: &Catalog,
-        catalog_name: &str,
-        id: &str,
-        span: Option<std::ops::Range<usize>>,
-        output: Option<&(OutputConstraint, std::ops::Range<usize>)>,
-        settings: &http::HttpSettings,
-        cx: &BuildContext,
-    ) -> Result<Candidate, Diagnostic> {
+    /// The model `r` names, checked against what its output constraint asks.
+    pub fn resolve(r: ModelRef, cx: &BuildContext) -> Result<Candidate, Diagnostic> {
+        let ModelRef { catalog, catalog_name, id, span, output, http: settings } = r;
         let Some(model) = catalog.get(id) else {
-            let hint = match did_you_mean(id, catalog.ids()) {
-                Some(s) => format!("did you mean `{s}`?"),
-                None => format!("the catalog has: {}", one_of(&catalog.ids())),
-            };
-            return Err(cx.error_at(span, format!("model `{id}` is not in `{catalog_name}`"), "unknown model").help(hint));
+            return Err(cx.error_at(span, format!("model `{id}` is not in `{catalog_name}`"), "unknown model").suggest(id, &catalog.ids(), "the catalog has"));
         };
+        let context_tokens = model.context_tokens;
         match model.runnable_source() {
             Some(source @ (Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. })) => {
-                Ok(Candidate { id: id.to_string(), backend: Backend::Embedded { source: source.clone(), sha256: sha256.clone() } })
+                Ok(Candidate { id: id.to_string(), context_tokens, backend: Backend::Embedded { source: source.clone(), sha256: sha256.clone() } })
             }
             Some(Source::OpenaiCompatible { base_urls, model, api_key_env, response_format }) => {
                 if let Some((OutputConstraint::Regex(_) | OutputConstraint::Lark(_), span)) = output {
@@ -344,7 +374,7 @@ impl Candidate {
                         .help("the OpenAI API has no standard regex or grammar constraint"));
                 }
                 match http::Endpoint::new(id, base_urls, model, api_key_env.as_deref(), *response_format, settings) {
-                    Ok(endpoint) => Ok(Candidate { id: id.to_string(), backend: Backend::Http(endpoint) }),
+                    Ok(endpoint) => Ok(Candidate { id: id.to_string(), context_tokens, backend: Backend::Http(endpoint) }),
                     Err(e) => Err(cx.error_at(span, format!("model `{id}`: {e}"), "")),
                 }
             }
@@ -366,49 +396,58 @@ impl Candidate {
         matches!(self.backend, Backend::Http(_))
     }
 
-    /// An item's input for this model, without its messages: the model, its pin, and every
-    /// setting the answer depends on.
-    pub fn item_input(&self, settings: &RunSettings) -> Value {
-        let mut input = json!({"model": self.id});
-        input.as_object_mut().expect("object").extend(self.pin().as_object().expect("object").clone());
-        if let Backend::Embedded { .. } = self.backend {
-            input["engine"] = json!(EMBEDDED_ENGINE);
-            input["prepare"] = json!(settings.prepare.map(|_| format!("q8_0-v{}", convert::CONVERTER_VERSION)));
+    /// An item's input for this model and these messages: the model, its pin, and every setting
+    /// the answer depends on (its memo key).
+    pub fn item_input(&self, settings: &RunSettings, messages: Vec<Message>) -> Value {
+        let embedded = matches!(self.backend, Backend::Embedded { .. });
+        let (weights_sha256, served_model) = match &self.backend {
+            Backend::Embedded { sha256, .. } => (Some(sha256.clone()), None),
+            Backend::Http(e) => (None, Some(e.model.clone())),
+        };
+        let input = ItemInput {
+            model: self.id.clone(),
+            weights_sha256,
+            served_model,
+            engine: embedded.then(|| EMBEDDED_ENGINE.to_string()),
+            prepare: embedded.then(|| settings.prepare.map(Prepare::spelling)),
             // GPU kernels round differently: their answers are memoized apart. (Only when set,
             // so CPU items keep their keys; which GPU does not enter the key.)
-            if let DeviceSpec::Cuda(_) = settings.device {
-                input["device"] = json!("cuda");
-            }
-        }
-        input["sampler"] = json!(settings.sampler);
-        // Only when set: unconstrained items keep the keys they always had.
-        if let Some(output) = &settings.output {
-            input["output"] = json!(output);
-        }
-        input
+            device: (embedded && matches!(settings.device, DeviceSpec::Cuda(_))).then(|| "cuda".to_string()),
+            sampler: serde_json::to_value(&settings.sampler).expect("samplers serialize"),
+            // Only when set: unconstrained items keep the keys they always had.
+            output: settings.output.as_ref().map(|o| serde_json::to_value(o).expect("constraints serialize")),
+            messages,
+        };
+        serde_json::to_value(input).expect("item inputs serialize")
     }
 
-    /// This model's answer to `messages` (an [`Answer`], plus `transport` over HTTP).
-    pub async fn chat(&self, messages: &[Message], settings: &RunSettings, cx: &ItemContext) -> Result<Value, String> {
+    /// This model's answer to `messages`, with how it was fetched (`transport`).
+    pub async fn chat(&self, messages: &[Message], settings: &RunSettings, cx: &ItemContext) -> Result<artifacts::Answer, String> {
         match &self.backend {
             Backend::Embedded { source, sha256 } => {
                 let runner = embedded::load(source, sha256, &settings.catalog_dir, settings.prepare, settings.device).await?;
                 let answer = runner.chat(messages, &settings.sampler, settings.output.as_ref()).await?;
-                let redone = answer.redone_alone;
-                let mut value = serde_json::to_value(answer).expect("answers serialize");
-                if redone {
-                    value["transport"] = json!({"redone_alone": true});
-                }
-                Ok(value)
+                let transport = answer.redone_alone.then(|| json!({"redone_alone": true}));
+                Ok(answer.into_artifact(transport))
             }
             Backend::Http(endpoint) => {
                 let (answer, transport) = endpoint.chat(messages, &settings.sampler, settings.output.as_ref(), cx.seed, &cx.cancel).await?;
-                let mut value = serde_json::to_value(answer).expect("answers serialize");
-                value["transport"] = serde_json::to_value(transport).expect("transport serializes");
-                Ok(value)
+                Ok(answer.into_artifact(Some(serde_json::to_value(transport).expect("transport serializes"))))
             }
         }
     }
+}
+
+/// A model another stage calls, as its config names it.
+pub struct ModelCall<'a> {
+    /// The catalog, relative to the pipeline file.
+    pub catalog: &'a Spanned<String>,
+    pub model: &'a Spanned<String>,
+    /// The JSON Schema its replies are constrained to.
+    pub schema: Value,
+    pub sampler: Sampler,
+    pub prepare: Option<Prepare>,
+    pub http: &'a http::HttpSettings,
 }
 
 /// A catalog model another stage calls (a judge, a namer): resolved at build, its output
@@ -421,21 +460,15 @@ pub struct CalledModel {
 }
 
 impl CalledModel {
-    /// Model `model` of the catalog at `catalog` (relative to the pipeline file); its replies must
-    /// match `schema`.
-    pub fn build(
-        catalog: &Spanned<String>,
-        model: &Spanned<String>,
-        schema: Value,
-        sampler: Sampler,
-        prepare: Option<Prepare>,
-        http: &http::HttpSettings,
-        cx: &BuildContext,
-    ) -> Result<CalledModel, Vec<Diagnostic>> {
+    /// The model `call` names, resolved; its replies must match `call.schema`.
+    pub fn build(call: ModelCall, cx: &BuildContext) -> Result<CalledModel, Vec<Diagnostic>> {
+        let ModelCall { catalog, model, schema, sampler, prepare, http } = call;
         let (loaded, path) = Catalog::load_for_stage(catalog, cx)?;
         sampler.check().map_err(|e| vec![cx.error_at(cx.key("sampler"), e, "these settings")])?;
         let output = (OutputConstraint::JsonSchema(schema), model.span());
-        let candidate = Candidate::resolve(&loaded, catalog.get_ref(), model.get_ref(), Some(model.span()), Some(&output), http, cx).map_err(|d| vec![d])?;
+        let r = ModelRef { catalog: &loaded, catalog_name: catalog.get_ref(), id: model.get_ref(), span: Some(model.span()), output: Some(&output), http };
+        let candidate = Candidate::resolve(r, cx).map_err(|d| vec![d])?;
+        sampler.check_context(&candidate).map_err(|e| vec![cx.error_at(cx.key("sampler"), e, "these settings")])?;
         let concurrency = if candidate.is_http() { http.max_concurrency.0 } else { DEFAULT_MAX_IN_FLIGHT };
         let catalog_dir = path.parent().map(PathBuf::from).unwrap_or_default();
         let settings = RunSettings { sampler, prepare, output: Some(output.0), device: DeviceSpec::Cpu, catalog_dir };
@@ -443,17 +476,45 @@ impl CalledModel {
     }
 
     /// An item's input for a call with these chat messages.
-    pub fn item_input(&self, messages: Value) -> Value {
-        let mut input = self.candidate.item_input(&self.settings);
-        input["messages"] = messages;
-        input
+    pub fn item_input(&self, messages: Vec<Message>) -> Value {
+        self.candidate.item_input(&self.settings, messages)
     }
 
-    /// Run an item made by [`CalledModel::item_input`].
+    /// Run an item made by [`CalledModel::item_input`]: the reply, an [`artifacts::Answer`].
     pub async fn run(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
-        let messages: Vec<Message> =
-            serde_json::from_value(item.input["messages"].clone()).map_err(|e| StageError::new(format!("messages of `{}` are malformed: {e}", item.id)))?;
-        self.candidate.chat(&messages, &self.settings, cx).await.map_err(StageError::new)
+        let input = ItemInput::read(item)?;
+        let answer = self.candidate.chat(&input.messages, &self.settings, cx).await.map_err(StageError::new)?;
+        Ok(serde_json::to_value(answer).expect("answers serialize"))
+    }
+}
+
+/// A model call's memoized input ([`Candidate::item_input`]): every key but `model`,
+/// `sampler` and `messages` is left out where it does not apply, so the keys of items that
+/// predate it stay as they were.
+#[derive(Serialize, Deserialize)]
+struct ItemInput {
+    model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weights_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    served_model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    engine: Option<String>,
+    /// Embedded only, and written as `null` when the weights are used as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "artifacts::present")]
+    prepare: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+    /// The settings as configured (read back by nothing: the stage has them).
+    sampler: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output: Option<Value>,
+    messages: Vec<Message>,
+}
+
+impl ItemInput {
+    fn read(item: &Item) -> Result<ItemInput, StageError> {
+        ItemInput::deserialize(&item.input).map_err(|e| StageError::new(format!("the input of item `{}` is malformed: {e}", item.id)))
     }
 }
 
@@ -462,8 +523,8 @@ impl StagePlugin for Infer {
     const KIND: &'static str = "infer";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "candidate models answer every rendered sample (embedded mistral.rs; one memoized item per sample × model)";
-    const INPUTS: &'static [Port] = &[Port::new("rendered", "rendered"), Port::optional("candidates", "candidates")];
-    const OUTPUT: &'static str = "answers";
+    const INPUTS: &'static [Port] = &[Port::new("rendered", Rendered::TYPE), Port::optional("candidates", Candidates::TYPE)];
+    const OUTPUT: &'static str = Answers::TYPE;
 
     fn build(config: InferConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         let (catalog, catalog_path) = Catalog::load_for_stage(&config.catalog, cx)?;
@@ -501,8 +562,13 @@ impl StagePlugin for Infer {
             config.models.iter().map(|m| (m.get_ref(), Some(m.span()))).collect()
         };
         for (id, span) in wanted {
-            match Candidate::resolve(&catalog, config.catalog.get_ref(), id, span, output.as_ref(), &config.http, cx) {
-                Ok(c) => candidates.push(c),
+            match Candidate::resolve(ModelRef { catalog: &catalog, catalog_name: config.catalog.get_ref(), id, span, output: output.as_ref(), http: &config.http }, cx) {
+                Ok(c) => {
+                    if let Err(e) = config.sampler.check_context(&c) {
+                        errors.push(cx.error_at(cx.key("sampler"), e, "these settings"));
+                    }
+                    candidates.push(c);
+                }
                 Err(e) => errors.push(e),
             }
         }
@@ -540,9 +606,12 @@ impl InferStage {
             }
             return Ok(self.candidates.iter().collect());
         };
-        let ids = policy["included"].as_array().map_or(Vec::new(), |m| m.iter().filter_map(|m| m["id"].as_str()).collect());
-        ids.iter()
-            .map(|id| {
+        let policy = Candidates::read(policy).map_err(StageError::new)?;
+        policy
+            .included
+            .iter()
+            .map(|m| {
+                let id = &m.id;
                 self.candidates.iter().find(|c| c.id == *id).ok_or_else(|| {
                     StageError::new(format!("model `{id}` passed the policy but is not a runnable model of this stage's catalog (or not in its `models`)"))
                 })
@@ -570,26 +639,23 @@ impl Stage for InferStage {
     }
 
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
-        let samples = input.input("rendered")?["samples"].as_array().ok_or_else(|| StageError::new("rendered prompts have no `samples`"))?;
-        let mut items = Vec::with_capacity(samples.len() * self.candidates.len());
+        let rendered: Rendered = input.read("rendered")?;
+        let mut items = Vec::with_capacity(rendered.samples.len() * self.candidates.len());
         // Sample-major: with candidates on different backends, each has items in flight at once.
         let active = self.active(input)?;
-        for s in samples {
+        for s in &rendered.samples {
             for c in &active {
-                let mut input = c.item_input(&self.settings);
-                input["messages"] = s["messages"].clone();
-                items.push(Item { id: format!("{}/{}", c.id, s["id"].as_str().unwrap_or_default()), input });
+                items.push(Item { id: format!("{}/{}", c.id, s.id), input: c.item_input(&self.settings, s.messages.clone()) });
             }
         }
         Ok(items)
     }
 
     async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
-        let model = item.input["model"].as_str().unwrap_or_default();
-        let candidate = self.candidates.iter().find(|c| c.id == model).ok_or_else(|| StageError::new(format!("unknown model `{model}`")))?;
-        let messages: Vec<Message> = serde_json::from_value(item.input["messages"].clone())
-            .map_err(|e| StageError::new(format!("rendered messages are malformed: {e}")))?;
-        candidate.chat(&messages, &self.settings, cx).await.map_err(StageError::new)
+        let input = ItemInput::read(item)?;
+        let candidate = self.candidates.iter().find(|c| c.id == input.model).ok_or_else(|| StageError::new(format!("unknown model `{}`", input.model)))?;
+        let answer = candidate.chat(&input.messages, &self.settings, cx).await.map_err(StageError::new)?;
+        Ok(serde_json::to_value(answer).expect("answers serialize"))
     }
 
     fn item_concurrency(&self) -> usize {
@@ -601,62 +667,69 @@ impl Stage for InferStage {
     }
 
     fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
-        let samples = input.input("rendered")?["samples"].as_array().map_or(&[][..], Vec::as_slice);
-        let mut models = serde_json::Map::new();
+        let rendered: Rendered = input.read("rendered")?;
+        let mut models = BTreeMap::new();
         // `items` is sample-major, and results come back in `items` order.
         let active = self.active(input)?;
         let k = active.len();
-        if results.len() != samples.len() * k {
-            return Err(StageError::new(format!("expected {} answers, got {}", samples.len() * k, results.len())));
+        if results.len() != rendered.samples.len() * k {
+            return Err(StageError::new(format!("expected {} answers, got {}", rendered.samples.len() * k, results.len())));
         }
         for (i, c) in active.iter().enumerate() {
-            let answers: Vec<Value> = samples
+            let answers: Vec<artifacts::Answer> = rendered
+                .samples
                 .iter()
                 .zip(results.iter().skip(i).step_by(k))
-                .map(|(sample, (_, answer))| {
-                    let mut a = answer.clone();
-                    a["id"] = sample["id"].clone();
-                    a
+                .map(|(sample, (item, answer))| {
+                    let answer = artifacts::Answer::deserialize(answer).map_err(|e| StageError::new(format!("the answer of `{}` is malformed: {e}", item.id)))?;
+                    Ok(artifacts::Answer { id: sample.id.clone(), ..answer })
                 })
-                .collect();
-            let latencies: Vec<f64> = answers.iter().filter_map(|a| a["timing"]["latency_ms"].as_f64()).collect();
-            let completion: u64 = answers.iter().filter_map(|a| a["completion_tokens"].as_u64()).sum();
-            let mut entry = c.pin();
-            let redone = answers.iter().filter(|a| a["transport"]["redone_alone"] == true).count();
-            entry["answers"] = json!(answers);
-            entry["timing"] = match &c.backend {
-                Backend::Embedded { .. } => {
-                    let decode_s: f64 = answers.iter().filter_map(|a| a["timing"]["decode_ms"].as_f64()).sum::<f64>() / 1000.0;
-                    json!({
-                        "latency_p50_ms": percentile(&latencies, 0.50),
-                        "latency_p95_ms": percentile(&latencies, 0.95),
-                        "decode_tokens_per_s": if decode_s > 0.0 { completion as f64 / decode_s } else { 0.0 },
-                    })
-                }
-                Backend::Http(_) => json!({
-                    "latency_p50_ms": percentile(&latencies, 0.50),
-                    "latency_p95_ms": percentile(&latencies, 0.95),
-                }),
+                .collect::<Result<_, StageError>>()?;
+            let latencies: Vec<f64> = answers.iter().map(|a| a.timing.latency_ms).collect();
+            let completion: usize = answers.iter().map(|a| a.completion_tokens).sum();
+            let transport = |a: &artifacts::Answer, key: &str| a.transport.as_ref().and_then(|t| t.get(key)).cloned();
+            let redone = answers.iter().filter(|a| transport(a, "redone_alone") == Some(Value::Bool(true))).count();
+            let busy_s = latencies.iter().sum::<f64>() / 1000.0;
+            let mut timing = ModelTiming {
+                latency_p50_ms: percentile(&latencies, 0.50),
+                latency_p95_ms: percentile(&latencies, 0.95),
+                decode_tokens_per_s: None,
+                busy_s: Some(busy_s),
+                tokens_per_s: (busy_s > 0.0).then(|| completion as f64 / busy_s),
             };
-            if let Backend::Http(endpoint) = &c.backend {
-                // Retries of items computed in this run (cached answers keep their own count).
-                let attempts: Vec<u64> = answers.iter().filter_map(|a| a["transport"]["attempts"].as_u64()).collect();
-                entry["transport"] = json!({
-                    "retries": attempts.iter().map(|a| a.saturating_sub(1)).sum::<u64>(),
-                    "items_retried": attempts.iter().filter(|&&a| a > 1).count(),
-                    "concurrency_limit_at_end": endpoint.concurrency_limit(),
-                });
-            } else if redone > 0 {
-                // Failed with others in flight, answered alone (volatile, like all of `transport`).
-                entry["transport"] = json!({"redone_alone": redone});
+            let mut entry = ModelAnswers { weights_sha256: None, served_model: None, answers: Vec::new(), timing: timing.clone(), transport: None };
+            match &c.backend {
+                Backend::Embedded { sha256, .. } => {
+                    let decode_s: f64 = answers.iter().filter_map(|a| a.timing.decode_ms).sum::<f64>() / 1000.0;
+                    timing.decode_tokens_per_s = Some(if decode_s > 0.0 { completion as f64 / decode_s } else { 0.0 });
+                    entry.weights_sha256 = Some(sha256.clone());
+                    if redone > 0 {
+                        // Failed with others in flight, answered alone (volatile, like all of `transport`).
+                        entry.transport = Some(json!({"redone_alone": redone}));
+                    }
+                }
+                Backend::Http(endpoint) => {
+                    entry.served_model = Some(endpoint.model.clone());
+                    // Retries of items computed in this run (cached answers keep their own count).
+                    let attempts: Vec<u64> = answers.iter().filter_map(|a| transport(a, "attempts")?.as_u64()).collect();
+                    entry.transport = Some(json!({
+                        "retries": attempts.iter().map(|a| a.saturating_sub(1)).sum::<u64>(),
+                        "items_retried": attempts.iter().filter(|&&a| a > 1).count(),
+                        "concurrency_limit_at_end": endpoint.concurrency_limit(),
+                    }));
+                }
             }
+            entry.timing = timing;
+            entry.answers = answers;
             models.insert(c.id.clone(), entry);
         }
-        let mut output = json!({"sampler": self.settings.sampler, "prepare": self.settings.prepare, "models": models});
-        if let Some(constraint) = &self.settings.output {
-            output["output"] = json!(constraint);
-        }
-        Ok(output)
+        let answers = Answers {
+            sampler: serde_json::to_value(&self.settings.sampler).expect("sampler serializes"),
+            prepare: serde_json::to_value(self.settings.prepare).expect("prepare serializes"),
+            models,
+            output: self.settings.output.as_ref().map(|o| serde_json::to_value(o).expect("constraints serialize")),
+        };
+        Ok(answers.to_json())
     }
 }
 

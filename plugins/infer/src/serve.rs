@@ -51,7 +51,7 @@ pub async fn serve(
     };
     let base = config.catalog.parent().unwrap_or(Path::new("."));
     let runner = embedded::load(&source, &sha256, base, config.prepare, config.device).await?;
-    let fingerprint = format!("sha256:{sha256}{}", if config.prepare.is_some() { "+q8_0" } else { "" });
+    let fingerprint = format!("sha256:{sha256}{}", config.prepare.map_or_else(String::new, |p| format!("+{}", p.spelling())));
     let state = Arc::new(Served { id: model.id.clone(), fingerprint: fingerprint.clone(), runner });
     let app = Router::new()
         .route("/v1/models", get(models))

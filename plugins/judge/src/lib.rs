@@ -13,11 +13,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use artifacts::{
+    Agreement, AgreementConfusion, Answers, Artifact, ClassScores, Dataset, Estimate, JudgedModel, Judgement, LABEL_METRICS, RANKING_METRICS, Split, SplitScores, Task, Verdict,
+};
 use engine::diag::Diagnostic;
 use engine::{BuildContext, Item, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub struct Judge;
 
@@ -67,13 +70,24 @@ pub enum Normalize {
     Exact,
 }
 
+impl Normalize {
+    /// As written in a config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Normalize::FirstLabel => "first_label",
+            Normalize::Lowercase => "lowercase",
+            Normalize::Exact => "exact",
+        }
+    }
+}
+
 impl StagePlugin for Judge {
     type Config = JudgeConfig;
     const KIND: &'static str = "judge";
     const VERSION: u32 = 2;
     const SUMMARY: &'static str = "answers scored against references: accuracy, precision / recall / F1 for labels, nDCG@k for rankings, bootstrap intervals";
-    const INPUTS: &'static [Port] = &[Port::new("dataset", "dataset"), Port::new("answers", "answers")];
-    const OUTPUT: &'static str = "judgement";
+    const INPUTS: &'static [Port] = &[Port::new("dataset", Dataset::TYPE), Port::new("answers", Answers::TYPE)];
+    const OUTPUT: &'static str = Judgement::TYPE;
 
     fn build(config: JudgeConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         if config.k == 0 || !(0.0..=1.0).contains(&config.pass_ndcg) {
@@ -88,11 +102,6 @@ impl StagePlugin for Judge {
 
 struct JudgeStage(JudgeConfig);
 
-/// The `metrics` of a label judgement (the best candidate's, on its reported split).
-const LABEL_METRICS: &[&str] = &["accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "unparsed_rate"];
-/// The `metrics` of a ranking judgement.
-const RANKING_METRICS: &[&str] = &["ndcg", "ndcg_ci_low", "ndcg_ci_high", "unparsed_rate"];
-
 #[async_trait::async_trait]
 impl Stage for JudgeStage {
     fn metrics(&self) -> Option<&'static [&'static str]> {
@@ -100,150 +109,125 @@ impl Stage for JudgeStage {
     }
 
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
-        if let Some(field) = &self.0.relevance {
-            return self.rankings(input, field);
-        }
-        let dataset = input.input("dataset")?;
-        let answers = input.input("answers")?;
-        let rows = dataset["samples"].as_array().ok_or_else(|| StageError::new("the dataset has no `samples`"))?;
-        let mut references: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
-        for row in rows {
-            let (Some(id), Some(split)) = (row["id"].as_str(), row["split"].as_str()) else { continue };
-            let label = row["label"].as_str().ok_or_else(|| {
-                StageError::new(format!("sample `{id}` has no label: set `label` on the dataset stage to the field holding the reference"))
-            })?;
-            references.insert(id, (label, split));
-        }
-        let mut labels: Vec<&str> = references.values().map(|(l, _)| *l).collect();
-        labels.sort_unstable();
-        labels.dedup();
-
-        let models = answers["models"].as_object().ok_or_else(|| StageError::new("answers have no `models`"))?;
-        // By id, so ties for `best` go the same way however maps iterate.
-        let mut models: Vec<(&String, &Value)> = models.iter().collect();
-        models.sort_by_key(|(id, _)| id.as_str());
-        let mut out = serde_json::Map::new();
-        let mut best: Option<(String, f64, Value)> = None;
-        for (model, m) in models {
-            let mut verdicts = Vec::new();
-            let mut by_split: BTreeMap<&str, Vec<(usize, Option<usize>)>> = BTreeMap::new();
-            for a in m["answers"].as_array().map_or(&[][..], Vec::as_slice) {
-                let id = a["id"].as_str().unwrap_or_default();
-                let Some(&(label, split)) = references.get(id) else {
-                    return Err(StageError::new(format!("answer for `{id}` ({model}) has no sample in the dataset")));
-                };
-                let text = a["text"].as_str().unwrap_or_default();
-                let predicted = read_label(text, &labels, self.0.normalize);
-                let gold = labels.iter().position(|l| *l == label).expect("labels come from the references");
-                by_split.entry(split).or_default().push((gold, predicted));
-                verdicts.push(json!({
-                    "id": id,
-                    "split": split,
-                    "label": label,
-                    "answer": text,
-                    "predicted": predicted.map(|p| labels[p]),
-                    "pass": predicted == Some(gold),
-                }));
-            }
-            let seed = model_seed(input.seed, model);
-            let splits: serde_json::Map<String, Value> =
-                by_split.iter().map(|(split, pairs)| (split.to_string(), scores(pairs, &labels, self.0.bootstrap, seed))).collect();
-            if let Some(heldout) = splits.get("heldout").or_else(|| splits.get("dev")) {
-                let accuracy = heldout["accuracy"]["value"].as_f64().unwrap_or(0.0);
-                if best.as_ref().is_none_or(|(_, a, _)| accuracy > *a) {
-                    best = Some((model.clone(), accuracy, heldout.clone()));
-                }
-            }
-            out.insert(model.to_string(), json!({"splits": splits, "verdicts": verdicts}));
-        }
-        let metrics = best.as_ref().map_or(json!({}), |(_, _, s)| {
-            json!({
-                "accuracy": s["accuracy"]["value"],
-                "accuracy_ci_low": s["accuracy"]["ci95"][0],
-                "accuracy_ci_high": s["accuracy"]["ci95"][1],
-                "macro_f1": s["macro_f1"]["value"],
-                "unparsed_rate": s["unparsed"].as_f64().unwrap_or(0.0) / s["n"].as_f64().unwrap_or(1.0).max(1.0),
-            })
-        });
-        Ok(json!({
-            "labels": labels,
-            "normalize": self.0.normalize,
-            "models": out,
-            "best": best.map(|(m, _, _)| m),
-            "metrics": metrics,
-        }))
+        let dataset: Dataset = input.read("dataset")?;
+        let answers: Answers = input.read("answers")?;
+        let judgement = match &self.0.relevance {
+            Some(field) => self.rankings(&dataset, &answers, field, input.seed)?,
+            None => self.labels(&dataset, &answers, input.seed)?,
+        };
+        Ok(judgement.to_json())
     }
 }
 
 impl JudgeStage {
-    /// Ranking tasks: nDCG@k per sample, its mean per split with a bootstrap interval.
-    fn rankings(&self, input: &StageInput, field: &str) -> Result<Value, StageError> {
-        let dataset = input.input("dataset")?;
-        let answers = input.input("answers")?;
-        let mut references: BTreeMap<&str, (BTreeMap<&str, f64>, &str)> = BTreeMap::new();
-        for row in dataset["samples"].as_array().ok_or_else(|| StageError::new("the dataset has no `samples`"))? {
-            let (Some(id), Some(split)) = (row["id"].as_str(), row["split"].as_str()) else { continue };
-            let grades = row["fields"][field].as_object().ok_or_else(|| {
-                StageError::new(format!("sample `{id}` has no `{field}` object of relevance grades (`{{\"A\": 2, \"B\": 0}}`)"))
+    /// Label tasks: each answer read as a label, scored per split.
+    fn labels(&self, dataset: &Dataset, answers: &Answers, seed: u64) -> Result<Judgement, StageError> {
+        let mut labels: Vec<&str> = Vec::new();
+        for s in &dataset.samples {
+            let label = s.label.as_deref().ok_or_else(|| {
+                StageError::new(format!("sample `{}` has no label: set `label` on the dataset stage to the field holding the reference", s.id))
             })?;
-            let grades: BTreeMap<&str, f64> = grades.iter().filter_map(|(d, g)| Some((d.as_str(), g.as_f64()?))).collect();
-            references.insert(id, (grades, split));
+            labels.push(label);
         }
-        let mut models: Vec<(&String, &Value)> = answers["models"].as_object().ok_or_else(|| StageError::new("answers have no `models`"))?.iter().collect();
-        models.sort_by_key(|(id, _)| id.as_str());
-        let mut out = serde_json::Map::new();
-        let mut best: Option<(String, f64, Value)> = None;
-        for (model, m) in models {
+        labels.sort_unstable();
+        labels.dedup();
+
+        let mut models = BTreeMap::new();
+        for (model, m) in &answers.models {
             let mut verdicts = Vec::new();
-            let mut by_split: BTreeMap<&str, Vec<(f64, bool)>> = BTreeMap::new();
-            for a in m["answers"].as_array().map_or(&[][..], Vec::as_slice) {
-                let id = a["id"].as_str().unwrap_or_default();
-                let Some((grades, split)) = references.get(id) else {
-                    return Err(StageError::new(format!("answer for `{id}` ({model}) has no sample in the dataset")));
-                };
-                let text = a["text"].as_str().unwrap_or_default();
-                let ranking = read_ranking(text, &grades.keys().copied().collect::<Vec<_>>());
+            let mut by_split: BTreeMap<Split, Vec<(usize, Option<usize>)>> = BTreeMap::new();
+            for (a, sample) in dataset.join(model, m).map_err(StageError::new)? {
+                let (label, split) = (sample.label.as_deref().expect("every sample has a label"), sample.split);
+                let predicted = read_label(&a.text, &labels, self.0.normalize);
+                let gold = labels.iter().position(|l| *l == label).expect("labels come from the references");
+                by_split.entry(split).or_default().push((gold, predicted));
+                verdicts.push(Verdict {
+                    predicted: Some(predicted.map(|p| labels[p].to_string())),
+                    pass: Some(predicted == Some(gold)),
+                    ..verdict(&a.id, split, Some(label), &a.text)
+                });
+            }
+            let seed = model_seed(seed, model);
+            let splits = by_split.iter().map(|(split, pairs)| (*split, scores(pairs, &labels, self.0.bootstrap, seed))).collect();
+            models.insert(model.clone(), JudgedModel { splits, verdicts, agreement: None });
+        }
+        Ok(Judgement {
+            labels: Some(labels.iter().map(|l| l.to_string()).collect()),
+            normalize: Some(self.0.normalize.as_str().to_string()),
+            ..judgement(models, LABEL_METRICS)
+        })
+    }
+
+    /// Ranking tasks: nDCG@k per sample, its mean per split with a bootstrap interval.
+    fn rankings(&self, dataset: &Dataset, answers: &Answers, field: &str, seed: u64) -> Result<Judgement, StageError> {
+        let mut grades_of: BTreeMap<&str, BTreeMap<&str, f64>> = BTreeMap::new();
+        for s in &dataset.samples {
+            let grades = s.fields.get(field).and_then(Value::as_object).ok_or_else(|| {
+                StageError::new(format!("sample `{}` has no `{field}` object of relevance grades (`{{\"A\": 2, \"B\": 0}}`)", s.id))
+            })?;
+            grades_of.insert(&s.id, grades.iter().filter_map(|(d, g)| Some((d.as_str(), g.as_f64()?))).collect());
+        }
+        let mut models = BTreeMap::new();
+        for (model, m) in &answers.models {
+            let mut verdicts = Vec::new();
+            let mut by_split: BTreeMap<Split, Vec<(f64, bool)>> = BTreeMap::new();
+            for (a, sample) in dataset.join(model, m).map_err(StageError::new)? {
+                let (grades, split) = (&grades_of[sample.id.as_str()], &sample.split);
+                let ranking = read_ranking(&a.text, &grades.keys().copied().collect::<Vec<_>>());
                 let score = ndcg(&ranking, grades, self.0.k);
                 let ideal_top = grades.iter().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(a.0))).map(|(d, _)| *d);
-                by_split.entry(split).or_default().push((score, ranking.is_empty()));
-                verdicts.push(json!({
-                    "id": id,
-                    "split": split,
-                    "answer": text,
-                    "ranking": ranking,
-                    "ndcg": round(score),
-                    "label": ideal_top,
-                    "predicted": ranking.first(),
-                    "pass": score >= self.0.pass_ndcg,
-                }));
+                by_split.entry(*split).or_default().push((score, ranking.is_empty()));
+                verdicts.push(Verdict {
+                    predicted: Some(ranking.first().map(|d| d.to_string())),
+                    pass: Some(score >= self.0.pass_ndcg),
+                    ndcg: Some(round(score)),
+                    ranking: Some(ranking.iter().map(|d| d.to_string()).collect()),
+                    ..verdict(&a.id, *split, ideal_top, &a.text)
+                });
             }
-            let seed = model_seed(input.seed, model);
-            let splits: serde_json::Map<String, Value> = by_split
+            let seed = model_seed(seed, model);
+            let splits = by_split
                 .iter()
                 .map(|(split, scores)| {
                     let values: Vec<f64> = scores.iter().map(|(s, _)| *s).collect();
                     let unparsed = scores.iter().filter(|(_, u)| *u).count();
-                    (split.to_string(), json!({"n": values.len(), "unparsed": unparsed, "ndcg": mean_with_interval(&values, self.0.bootstrap, seed)}))
+                    let ndcg = mean_with_interval(&values, self.0.bootstrap, seed);
+                    (*split, SplitScores { unparsed: Some(unparsed), ndcg: Some(ndcg), ..SplitScores::of(values.len()) })
                 })
                 .collect();
-            if let Some(held) = splits.get("heldout").or_else(|| splits.get("dev")) {
-                let v = held["ndcg"]["value"].as_f64().unwrap_or(0.0);
-                if best.as_ref().is_none_or(|(_, b, _)| v > *b) {
-                    best = Some((model.clone(), v, held.clone()));
-                }
-            }
-            out.insert(model.to_string(), json!({"splits": splits, "verdicts": verdicts}));
+            models.insert(model.clone(), JudgedModel { splits, verdicts, agreement: None });
         }
-        let metrics = best.as_ref().map_or(json!({}), |(_, _, s)| {
-            json!({
-                "ndcg": s["ndcg"]["value"],
-                "ndcg_ci_low": s["ndcg"]["ci95"][0],
-                "ndcg_ci_high": s["ndcg"]["ci95"][1],
-                "unparsed_rate": s["unparsed"].as_f64().unwrap_or(0.0) / s["n"].as_f64().unwrap_or(1.0).max(1.0),
-            })
-        });
-        Ok(json!({"task": "ranking", "k": self.0.k, "models": out, "best": best.map(|(m, _, _)| m), "metrics": metrics}))
+        Ok(Judgement { task: Some(Task::Ranking), k: Some(self.0.k), ..judgement(models, RANKING_METRICS) })
     }
+}
+
+/// A verdict with the fields every kind of judgement sets; the rest unset (`pass` too).
+pub fn verdict(id: &str, split: Split, label: Option<&str>, answer: &str) -> Verdict {
+    Verdict {
+        id: id.to_string(),
+        split,
+        label: label.map(str::to_string),
+        answer: answer.to_string(),
+        pass: None,
+        predicted: None,
+        ranking: None,
+        ndcg: None,
+        failure_mode: None,
+        reasoning: None,
+        unscored: None,
+        judge_reply: None,
+        judge_finish_reason: None,
+        human: None,
+        label_example: None,
+    }
+}
+
+/// A judgement of `models`: the best candidate, and its figures named `metrics` as the
+/// judgement's metrics. Kind-specific fields unset.
+pub fn judgement(models: BTreeMap<String, JudgedModel>, metrics: &[&str]) -> Judgement {
+    let best = artifacts::best_candidate(&models).map(str::to_string);
+    let metrics = best.as_ref().and_then(|b| models[b].reported()).map_or_else(BTreeMap::new, |(_, s)| s.metrics(metrics));
+    Judgement { task: None, labels: None, normalize: None, k: None, judge: None, failure_modes: None, models, best, metrics, agreement: None, summary: None }
 }
 
 /// Document ids in the order the answer first mentions them (whole words; any case, except
@@ -285,36 +269,6 @@ fn ndcg(ranking: &[&str], grades: &BTreeMap<&str, f64>, k: usize) -> f64 {
     if idcg > 0.0 { dcg / idcg } else { 0.0 }
 }
 
-/// A task's main quality figure, by kind of judgement (labels, rankings, rubric): the first of
-/// these a judgement reports.
-pub const MAIN_METRICS: [&str; 3] = ["accuracy", "ndcg", "pass_rate"];
-
-/// The quality figures of one judged model (an entry of a judgement's `models`), on the held-out
-/// split (the dev split when nothing is held out): `accuracy`, `accuracy_ci_low`,
-/// `accuracy_ci_high`, `macro_f1` (labels), `ndcg`, `ndcg_ci_low`, `ndcg_ci_high` (rankings) or
-/// `pass_rate`, `pass_rate_ci_low`, `pass_rate_ci_high`, `unscored_rate` (rubrics), `unparsed_rate`,
-/// and which split they come from.
-pub fn quality(judged: &Value) -> (&'static str, BTreeMap<&'static str, f64>) {
-    let split = if judged["splits"]["heldout"].is_object() { "heldout" } else { "dev" };
-    let s = &judged["splits"][split];
-    let n = s["n"].as_f64().unwrap_or(0.0).max(1.0);
-    let figures = [
-        ("ndcg", s["ndcg"]["value"].as_f64()),
-        ("ndcg_ci_low", s["ndcg"]["ci95"][0].as_f64()),
-        ("ndcg_ci_high", s["ndcg"]["ci95"][1].as_f64()),
-        ("accuracy", s["accuracy"]["value"].as_f64()),
-        ("accuracy_ci_low", s["accuracy"]["ci95"][0].as_f64()),
-        ("accuracy_ci_high", s["accuracy"]["ci95"][1].as_f64()),
-        ("macro_f1", s["macro_f1"]["value"].as_f64()),
-        ("unparsed_rate", s["unparsed"].as_f64().map(|u| u / n)),
-        ("pass_rate", s["pass_rate"]["value"].as_f64()),
-        ("pass_rate_ci_low", s["pass_rate"]["ci95"][0].as_f64()),
-        ("pass_rate_ci_high", s["pass_rate"]["ci95"][1].as_f64()),
-        ("unscored_rate", s["unscored"].as_f64().map(|u| u / n)),
-    ];
-    (split, figures.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
-}
-
 /// The label an answer is read as, by index into `labels`.
 fn read_label(text: &str, labels: &[&str], normalize: Normalize) -> Option<usize> {
     let trimmed = text.trim();
@@ -341,7 +295,7 @@ fn read_label(text: &str, labels: &[&str], normalize: Normalize) -> Option<usize
 }
 
 /// Scores for one split: `pairs` are (gold, predicted) label indices.
-fn scores(pairs: &[(usize, Option<usize>)], labels: &[&str], bootstrap: u32, seed: u64) -> Value {
+fn scores(pairs: &[(usize, Option<usize>)], labels: &[&str], bootstrap: u32, seed: u64) -> SplitScores {
     let n = pairs.len();
     let accuracy = |p: &[(usize, Option<usize>)]| p.iter().filter(|(g, q)| Some(*g) == *q).count() as f64 / p.len().max(1) as f64;
     let per_class = |p: &[(usize, Option<usize>)]| -> Vec<(f64, f64, f64, usize)> {
@@ -385,48 +339,50 @@ fn scores(pairs: &[(usize, Option<usize>)], labels: &[&str], bootstrap: u32, see
             accs.push(accuracy(&sample));
             f1s.push(macro_f1(&sample));
         }
-        (json!(interval(&mut accs)), json!(interval(&mut f1s)))
+        (Some(interval(&mut accs)), Some(interval(&mut f1s)))
     } else {
-        (Value::Null, Value::Null)
+        (None, None)
     };
-    json!({
-        "n": n,
-        "unparsed": pairs.iter().filter(|(_, q)| q.is_none()).count(),
-        "accuracy": {"value": round(accuracy(pairs)), "ci95": acc_ci},
-        "macro_f1": {"value": round(macro_f1(pairs)), "ci95": f1_ci},
-        "micro_f1": round(micro_f1),
-        "per_class": labels.iter().zip(&classes).map(|(l, (p, r, f, s))| {
-            (l.to_string(), json!({"precision": round(*p), "recall": round(*r), "f1": round(*f), "support": s}))
-        }).collect::<serde_json::Map<_, _>>(),
-        "confusion": confusion,
-    })
+    SplitScores {
+        unparsed: Some(pairs.iter().filter(|(_, q)| q.is_none()).count()),
+        accuracy: Some(Estimate { value: round(accuracy(pairs)), ci95: acc_ci }),
+        macro_f1: Some(Estimate { value: round(macro_f1(pairs)), ci95: f1_ci }),
+        micro_f1: Some(round(micro_f1)),
+        per_class: Some(
+            labels
+                .iter()
+                .zip(&classes)
+                .map(|(l, (p, r, f, s))| (l.to_string(), ClassScores { precision: round(*p), recall: round(*r), f1: round(*f), support: *s }))
+                .collect(),
+        ),
+        confusion: Some(confusion.into_iter().map(|(g, row)| (g.to_string(), row.into_iter().map(|(q, c)| (q.to_string(), c)).collect())).collect()),
+        ..SplitScores::of(n)
+    }
 }
 
-/// A pass rate with its percentile-bootstrap 95% interval (`{"value", "ci95"}`; no interval when
-/// `bootstrap` is 0 or there is nothing to resample).
-pub fn proportion(passes: &[bool], bootstrap: u32, seed: u64) -> Value {
+/// A pass rate with its percentile-bootstrap 95% interval (no interval when `bootstrap` is 0 or
+/// there is nothing to resample).
+pub fn proportion(passes: &[bool], bootstrap: u32, seed: u64) -> Estimate {
     mean_with_interval(&passes.iter().map(|&p| f64::from(u8::from(p))).collect::<Vec<_>>(), bootstrap, seed)
 }
 
-/// A mean with its percentile-bootstrap 95% interval (`{"value", "ci95"}`): the resamples every
-/// interval here is drawn from, seeded so reruns give the same interval.
-fn mean_with_interval(values: &[f64], bootstrap: u32, seed: u64) -> Value {
+/// A mean with its percentile-bootstrap 95% interval: the resamples every interval here is drawn
+/// from, seeded so reruns give the same interval.
+fn mean_with_interval(values: &[f64], bootstrap: u32, seed: u64) -> Estimate {
     let mean = |v: &mut dyn Iterator<Item = f64>, n: usize| v.sum::<f64>() / n.max(1) as f64;
     let n = values.len();
-    let ci = if bootstrap > 0 && n > 0 {
+    let ci95 = (bootstrap > 0 && n > 0).then(|| {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut means: Vec<f64> = (0..bootstrap).map(|_| mean(&mut (0..n).map(|_| values[rng.usize(..n)]), n)).collect();
-        json!(interval(&mut means))
-    } else {
-        Value::Null
-    };
-    json!({"value": round(mean(&mut values.iter().copied(), n)), "ci95": ci})
+        interval(&mut means)
+    });
+    Estimate { value: round(mean(&mut values.iter().copied(), n)), ci95 }
 }
 
 /// How much a pass rate moved between two versions judged on the same samples: the mean of
 /// (after − before) over `(before, after)` pairs, with a paired percentile-bootstrap 95%
 /// interval (samples resampled together, so the interval reflects the pairing).
-pub fn paired_difference(pairs: &[(bool, bool)], bootstrap: u32, seed: u64) -> Value {
+pub fn paired_difference(pairs: &[(bool, bool)], bootstrap: u32, seed: u64) -> Estimate {
     let deltas: Vec<f64> = pairs.iter().map(|(b, a)| f64::from(u8::from(*a)) - f64::from(u8::from(*b))).collect();
     mean_with_interval(&deltas, bootstrap, seed)
 }
@@ -434,29 +390,33 @@ pub fn paired_difference(pairs: &[(bool, bool)], bootstrap: u32, seed: u64) -> V
 /// How a judge agrees with people, from `(human, judge)` pass/fail pairs: raw agreement, Cohen's
 /// κ, TPR (of the answers people passed, the share the judge passed) and TNR (likewise for
 /// fails). A figure with no denominator is null.
-pub fn agreement(pairs: &[(bool, bool)]) -> Value {
+pub fn agreement(pairs: &[(bool, bool)]) -> Agreement {
     let n = pairs.len() as f64;
     let count = |h: bool, j: bool| pairs.iter().filter(|p| **p == (h, j)).count() as f64;
     let (tp, fn_, fp, tn) = (count(true, true), count(true, false), count(false, true), count(false, false));
-    let ratio = |a: f64, b: f64| if b > 0.0 { json!(round(a / b)) } else { Value::Null };
+    let ratio = |a: f64, b: f64| (b > 0.0).then(|| round(a / b));
     let observed = (tp + tn) / n.max(1.0);
     // Chance agreement from each rater's own pass rate.
     let expected = ((tp + fn_) * (tp + fp) + (fp + tn) * (fn_ + tn)) / (n * n).max(1.0);
-    json!({
-        "n": pairs.len(),
-        "agreement": ratio(tp + tn, n),
-        "kappa": if n > 0.0 && expected < 1.0 { json!(round((observed - expected) / (1.0 - expected))) } else { Value::Null },
-        "tpr": ratio(tp, tp + fn_),
-        "tnr": ratio(tn, tn + fp),
-        "human_pass_rate": ratio(tp + fn_, n),
-        "judge_pass_rate": ratio(tp + fp, n),
-        "confusion": {
-            "human_pass_judge_pass": tp as u64,
-            "human_pass_judge_fail": fn_ as u64,
-            "human_fail_judge_pass": fp as u64,
-            "human_fail_judge_fail": tn as u64,
+    Agreement {
+        n: pairs.len(),
+        agreement: ratio(tp + tn, n),
+        kappa: (n > 0.0 && expected < 1.0).then(|| round((observed - expected) / (1.0 - expected))),
+        tpr: ratio(tp, tp + fn_),
+        tnr: ratio(tn, tn + fp),
+        human_pass_rate: ratio(tp + fn_, n),
+        judge_pass_rate: ratio(tp + fp, n),
+        confusion: AgreementConfusion {
+            human_pass_judge_pass: tp as u64,
+            human_pass_judge_fail: fn_ as u64,
+            human_fail_judge_pass: fp as u64,
+            human_fail_judge_fail: tn as u64,
         },
-    })
+        labels: None,
+        stale: None,
+        unscored: None,
+        examples: None,
+    }
 }
 
 /// The seed of one model's resamples: the run's seed offset by the model id, so candidates do not
@@ -519,16 +479,16 @@ mod tests {
         let labels = ["a", "b", "c"];
         let pairs = [(0, Some(0)), (0, Some(1)), (1, Some(1)), (1, None), (2, Some(2))];
         let s = scores(&pairs, &labels, 0, 1);
-        assert_eq!(s["accuracy"]["value"], 0.6);
-        assert_eq!(s["unparsed"], 1);
+        let accuracy = s.accuracy.unwrap();
+        assert_eq!((accuracy.value, s.unparsed), (0.6, Some(1)));
         // a: p 1, r .5, f1 .666667; b: p .5, r .5, f1 .5; c: 1, 1, 1 → macro .722222
-        assert_eq!(s["per_class"]["a"]["f1"], 0.666667);
-        assert_eq!(s["per_class"]["b"]["precision"], 0.5);
-        assert_eq!(s["macro_f1"]["value"], 0.722222);
+        let per_class = s.per_class.as_ref().unwrap();
+        assert_eq!((per_class["a"].f1, per_class["b"].precision), (0.666667, 0.5));
+        assert_eq!(s.macro_f1.unwrap().value, 0.722222);
         // micro: tp 3, predicted 4, n 5 → p .75, r .6, f1 .666667
-        assert_eq!(s["micro_f1"], 0.666667);
-        assert_eq!(s["confusion"]["b"]["(unparsed)"], 1);
-        assert!(s["accuracy"]["ci95"].is_null());
+        assert_eq!(s.micro_f1, Some(0.666667));
+        assert_eq!(s.confusion.as_ref().unwrap()["b"]["(unparsed)"], 1);
+        assert_eq!(accuracy.ci95, None);
     }
 
     #[test]
@@ -536,13 +496,14 @@ mod tests {
         let labels = ["a", "b"];
         let pairs: Vec<_> = (0..200).map(|i| (i % 2, if i % 5 == 0 { Some(1 - i % 2) } else { Some(i % 2) })).collect();
         let s = scores(&pairs, &labels, 2000, 42);
-        let (lo, hi) = (s["accuracy"]["ci95"][0].as_f64().unwrap(), s["accuracy"]["ci95"][1].as_f64().unwrap());
-        assert_eq!(s["accuracy"]["value"], 0.8);
+        let accuracy = s.accuracy.unwrap();
+        let [lo, hi] = accuracy.ci95.unwrap();
+        assert_eq!(accuracy.value, 0.8);
         assert!(lo < 0.8 && 0.8 < hi, "{lo} {hi}");
         // Binomial standard error at n = 200, p = .8 is .028: a 95% interval spans about ±.055.
         assert!((0.09..0.14).contains(&(hi - lo)), "{lo} {hi}");
         assert_eq!(scores(&pairs, &labels, 2000, 42), s, "same seed, same interval");
-        assert_ne!(scores(&pairs, &labels, 2000, 43)["accuracy"]["ci95"], s["accuracy"]["ci95"]);
+        assert_ne!(scores(&pairs, &labels, 2000, 43).accuracy.unwrap().ci95, accuracy.ci95);
     }
 
     #[test]
@@ -570,13 +531,10 @@ mod tests {
         pairs.extend([(false, false); 3]);
         let a = agreement(&pairs);
         // po = 0.7; pe = 0.5·0.6 + 0.5·0.4 = 0.5; κ = 0.2 / 0.5 = 0.4.
-        assert_eq!(a["kappa"], 0.4);
-        assert_eq!(a["tpr"], 0.8);
-        assert_eq!(a["tnr"], 0.6);
-        assert_eq!(a["agreement"], 0.7);
+        assert_eq!((a.kappa, a.tpr, a.tnr, a.agreement), (Some(0.4), Some(0.8), Some(0.6), Some(0.7)));
         // One rater constant and the other agreeing: chance agreement is 1, κ undefined.
-        assert_eq!(agreement(&[(true, true), (true, true)])["kappa"], Value::Null);
-        assert_eq!(agreement(&[(true, true)])["tnr"], Value::Null);
+        assert_eq!(agreement(&[(true, true), (true, true)]).kappa, None);
+        assert_eq!(agreement(&[(true, true)]).tnr, None);
     }
 
     #[test]
@@ -587,20 +545,20 @@ mod tests {
         pairs.extend([(true, true); 6]);
         pairs.extend([(false, false); 6]);
         let d = paired_difference(&pairs, 1000, 3);
-        assert_eq!(d["value"], 0.2);
-        let ci: Vec<f64> = d["ci95"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(d.value, 0.2);
+        let ci = d.ci95.unwrap();
         assert!(ci[0] < 0.2 && 0.2 < ci[1] && ci[0] > -0.2, "{ci:?}");
-        assert_eq!(paired_difference(&[(true, true); 5], 100, 3)["ci95"], json!([0.0, 0.0]));
+        assert_eq!(paired_difference(&[(true, true); 5], 100, 3).ci95, Some([0.0, 0.0]));
     }
 
     #[test]
     fn proportion_interval_is_seeded() {
         let passes: Vec<bool> = (0..40).map(|i| i % 4 != 0).collect();
         let a = proportion(&passes, 500, 9);
-        assert_eq!(a["value"], 0.75);
+        assert_eq!(a.value, 0.75);
         assert_eq!(a, proportion(&passes, 500, 9));
-        let ci: Vec<f64> = a["ci95"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let ci = a.ci95.unwrap();
         assert!(ci[0] < 0.75 && 0.75 < ci[1], "{ci:?}");
-        assert_eq!(proportion(&[], 500, 9)["ci95"], Value::Null);
+        assert_eq!(proportion(&[], 500, 9).ci95, None);
     }
 }

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 
 use catalog::{Catalog, Model, Tier};
+use artifacts::{Artifact, CandidateModel, Candidates};
 use engine::diag::Diagnostic;
 use engine::{BuildContext, FileRef, Item, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub struct LicenseFilter;
 
@@ -40,7 +41,7 @@ impl StagePlugin for LicenseFilter {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "the catalog's models a policy allows (license, origin, size tier, runnable), each excluded one with its reasons";
     const INPUTS: &'static [Port] = &[];
-    const OUTPUT: &'static str = "candidates";
+    const OUTPUT: &'static str = Candidates::TYPE;
 
     fn build(config: LicenseFilterConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         let path = cx.file(&config.catalog).map_err(|d| vec![d])?;
@@ -101,24 +102,28 @@ impl Stage for LicenseFilterStage {
         let text = std::str::from_utf8(input.file(&self.0.catalog)?).map_err(|_| StageError::new("the catalog is not UTF-8"))?;
         let catalog = Catalog::parse(&engine::diag::SourceFile::new(&self.0.catalog.path, text)).map_err(|d| StageError::new(d[0].render(false)))?;
         let (included, excluded) = apply(&catalog, &self.0);
-        let row = |m: &Model| {
-            json!({"id": m.id, "family": m.family, "license": m.license, "origin": m.origin, "params_total_b": m.params_total_b, "params_active_b": m.params_active_b, "tier": m.tier()})
+        let row = |m: &Model, reasons: Option<Vec<String>>| CandidateModel {
+            id: m.id.clone(),
+            family: m.family.clone(),
+            license: m.license.clone(),
+            origin: m.origin.clone(),
+            params_total_b: m.params_total_b,
+            params_active_b: m.params_active_b,
+            tier: m.tier().as_str().to_string(),
+            reasons,
         };
-        Ok(json!({
-            "catalog": self.0.catalog.path,
-            "included": included.iter().map(|m| row(m)).collect::<Vec<_>>(),
-            "excluded": excluded.iter().map(|(m, reasons)| {
-                let mut r = row(m);
-                r["reasons"] = json!(reasons);
-                r
-            }).collect::<Vec<_>>(),
-            "summary": format!(
+        let candidates = Candidates {
+            catalog: self.0.catalog.path.clone(),
+            included: included.iter().map(|m| row(m, None)).collect(),
+            excluded: excluded.iter().map(|(m, reasons)| row(m, Some(reasons.iter().map(|r| r.to_string()).collect()))).collect(),
+            summary: format!(
                 "{} of {} catalog models pass the policy: {}",
                 included.len(),
                 catalog.models.len(),
                 included.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
             ),
-        }))
+        };
+        Ok(candidates.to_json())
     }
 }
 

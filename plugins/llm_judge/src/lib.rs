@@ -25,9 +25,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use artifacts::{Agreement, Answers, Artifact, Dataset, Estimate, JudgedModel, Judgement, Message, RUBRIC_METRICS, RubricMode, Sample, Split, SplitScores, Task};
 use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
-use infer::{CalledModel, Prepare, Sampler};
+use infer::{CalledModel, ModelCall, Prepare, Sampler};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -125,7 +126,7 @@ struct Example {
 impl Example {
     /// A person's label as a worked example, for the sample it labels; none when the label
     /// cannot be one (a fail filed under no failure mode of the rubric).
-    fn from_label(label: &Label, sample: &Value, rubric: &Rubric) -> Option<Example> {
+    fn from_label(label: &Label, sample: &Sample, rubric: &Rubric) -> Option<Example> {
         let failure_mode = match (&label.failure_mode, label.pass) {
             (_, true) => None,
             (Some(m), false) if rubric.failure_modes.contains_key(m) => Some(m.clone()),
@@ -134,8 +135,8 @@ impl Example {
         let note = label.note.as_deref().map(str::trim).filter(|n| !n.is_empty());
         let reasoning = note.map_or_else(|| format!("People judged this answer a {}.", if label.pass { "pass" } else { "fail" }), str::to_string);
         Some(Example {
-            input: sample["fields"].as_object().cloned().unwrap_or_default(),
-            reference: sample["label"].as_str().map(str::to_string),
+            input: sample.fields.clone(),
+            reference: sample.label.clone(),
             answer: label.answer.clone(),
             pass: label.pass,
             failure_mode,
@@ -239,14 +240,15 @@ impl Rubric {
 
     /// The judge's conversation for one answer: rubric, worked examples (the rubric's, then
     /// `more`), the answer.
-    fn messages(&self, more: &[Example], input: &serde_json::Map<String, Value>, reference: Option<&str>, answer: &str) -> Result<Vec<Value>, minijinja::Error> {
-        let mut messages = vec![json!({"role": "system", "content": self.system_message()})];
+    fn messages(&self, more: &[Example], input: &serde_json::Map<String, Value>, reference: Option<&str>, answer: &str) -> Result<Vec<Message>, minijinja::Error> {
+        let mut messages = vec![Message::new("system", self.system_message())];
         for ex in self.examples.iter().map(Spanned::get_ref).chain(more) {
-            messages.push(json!({"role": "user", "content": self.user_message(&ex.input, ex.reference.as_deref(), &ex.answer)?}));
+            messages.push(Message::new("user", self.user_message(&ex.input, ex.reference.as_deref(), &ex.answer)?));
+            // Keys in this order (reasoning before the verdict it supports), as the schema has them.
             let verdict = json!({"reasoning": ex.reasoning, "pass": ex.pass, "failure_mode": if ex.pass { NONE } else { ex.failure_mode.as_deref().unwrap_or(NONE) }});
-            messages.push(json!({"role": "assistant", "content": verdict.to_string()}));
+            messages.push(Message::new("assistant", verdict.to_string()));
         }
-        messages.push(json!({"role": "user", "content": self.user_message(input, reference, answer)?}));
+        messages.push(Message::new("user", self.user_message(input, reference, answer)?));
         Ok(messages)
     }
 
@@ -362,8 +364,8 @@ impl StagePlugin for LlmJudge {
     const KIND: &'static str = "llm_judge";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "a judge model grades every answer against a rubric (JSON verdicts, constrained); pass rate with bootstrap intervals, agreement with human labels";
-    const INPUTS: &'static [Port] = &[Port::new("dataset", "dataset"), Port::new("answers", "answers")];
-    const OUTPUT: &'static str = "judgement";
+    const INPUTS: &'static [Port] = &[Port::new("dataset", Dataset::TYPE), Port::new("answers", Answers::TYPE)];
+    const OUTPUT: &'static str = Judgement::TYPE;
 
     fn build(config: LlmJudgeConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         let mut errors = Vec::new();
@@ -386,7 +388,8 @@ impl StagePlugin for LlmJudge {
             errors.push(cx.error_at(cx.key("bootstrap"), format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), ""));
         }
         let Some(rubric) = rubric else { return Err(errors) };
-        let judge = CalledModel::build(&config.catalog, &config.model, rubric.verdict_schema(), config.sampler.clone(), config.prepare, &config.http, cx);
+        let call = ModelCall { catalog: &config.catalog, model: &config.model, schema: rubric.verdict_schema(), sampler: config.sampler.clone(), prepare: config.prepare, http: &config.http };
+        let judge = CalledModel::build(call, cx);
         match judge {
             Ok(judge) if errors.is_empty() => Ok(Arc::new(LlmJudgeStage { stage: cx.stage_id.to_string(), config, judge })),
             Ok(_) => Err(errors),
@@ -411,14 +414,6 @@ impl LlmJudgeStage {
         Rubric::parse(&SourceFile::new(&self.config.rubric.path, text), &self.stage).map_err(|d| StageError::new(d[0].render(false)))
     }
 
-    /// Candidates (by id) and their answers, in a stable order.
-    fn answers<'a>(input: &'a StageInput) -> Result<Vec<(&'a String, &'a [Value])>, StageError> {
-        let models = input.input("answers")?["models"].as_object().ok_or_else(|| StageError::new("answers have no `models`"))?;
-        let mut list: Vec<(&String, &[Value])> = models.iter().map(|(id, m)| (id, m["answers"].as_array().map_or(&[][..], Vec::as_slice))).collect();
-        list.sort_by_key(|(id, _)| id.as_str());
-        Ok(list)
-    }
-
     /// People's labels, by (sample, model); none without a labels file.
     fn labels(&self, input: &StageInput) -> Result<BTreeMap<(String, String), Label>, StageError> {
         let Some(file) = &self.config.labels else { return Ok(BTreeMap::new()) };
@@ -429,14 +424,14 @@ impl LlmJudgeStage {
     /// The labels that become worked examples (`label_examples`), and their (sample, model) keys.
     /// Dev-split samples only; fails and passes in turn, noted labels first, then by key.
     #[allow(clippy::type_complexity)]
-    fn label_examples(&self, input: &StageInput, rubric: &Rubric, samples: &BTreeMap<&str, &Value>) -> Result<(Vec<Example>, Vec<(String, String)>), StageError> {
+    fn label_examples(&self, input: &StageInput, rubric: &Rubric, samples: &BTreeMap<&str, &Sample>) -> Result<(Vec<Example>, Vec<(String, String)>), StageError> {
         if self.config.label_examples == 0 {
             return Ok((Vec::new(), Vec::new()));
         }
         let labels = self.labels(input)?;
         let mut usable: [Vec<(&(String, String), Example)>; 2] = [Vec::new(), Vec::new()];
         for (key, label) in &labels {
-            let Some(sample) = samples.get(key.0.as_str()).filter(|s| s["split"] == "dev") else { continue };
+            let Some(sample) = samples.get(key.0.as_str()).filter(|s| s.split == Split::Dev) else { continue };
             if let Some(ex) = Example::from_label(label, sample, rubric) {
                 usable[usize::from(label.pass)].push((key, ex));
             }
@@ -455,17 +450,12 @@ impl LlmJudgeStage {
         }
         Ok((examples, keys))
     }
-
-    fn samples(input: &StageInput) -> Result<BTreeMap<&str, &Value>, StageError> {
-        let rows = input.input("dataset")?["samples"].as_array().ok_or_else(|| StageError::new("the dataset has no `samples`"))?;
-        Ok(rows.iter().filter_map(|r| Some((r["id"].as_str()?, r))).collect())
-    }
 }
 
 #[async_trait::async_trait]
 impl Stage for LlmJudgeStage {
     fn metrics(&self) -> Option<&'static [&'static str]> {
-        Some(&["pass_rate", "pass_rate_ci_low", "pass_rate_ci_high", "unscored_rate"])
+        Some(RUBRIC_METRICS)
     }
 
     fn resolved(&self) -> Option<Value> {
@@ -474,18 +464,17 @@ impl Stage for LlmJudgeStage {
 
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
         let rubric = self.rubric(input)?;
-        let samples = Self::samples(input)?;
+        let (dataset, answers): (Dataset, Answers) = (input.read("dataset")?, input.read("answers")?);
+        let samples = dataset.by_id();
         let (more, _) = self.label_examples(input, &rubric, &samples)?;
         let mut items = Vec::new();
-        for (model, answers) in Self::answers(input)? {
-            for a in answers {
-                let id = a["id"].as_str().unwrap_or_default();
-                let sample = samples.get(id).ok_or_else(|| StageError::new(format!("answer for `{id}` ({model}) has no sample in the dataset")))?;
-                let fields = sample["fields"].as_object().cloned().unwrap_or_default();
+        for (model, m) in &answers.models {
+            for (a, sample) in dataset.join(model, m).map_err(StageError::new)? {
+                let id = &a.id;
                 let messages = rubric
-                    .messages(&more, &fields, sample["label"].as_str(), a["text"].as_str().unwrap_or_default())
+                    .messages(&more, &sample.fields, sample.label.as_deref(), &a.text)
                     .map_err(|e| StageError::new(format!("rendering the rubric's template for `{id}`: {e}")))?;
-                items.push(Item { id: format!("{model}/{id}"), input: self.judge.item_input(json!(messages)) });
+                items.push(Item { id: format!("{model}/{id}"), input: self.judge.item_input(messages) });
             }
         }
         Ok(items)
@@ -505,47 +494,44 @@ impl Stage for LlmJudgeStage {
 
     fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let rubric = self.rubric(input)?;
-        let samples = Self::samples(input)?;
+        let (dataset, answers): (Dataset, Answers) = (input.read("dataset")?, input.read("answers")?);
+        let samples = dataset.by_id();
         let labels = self.labels(input)?;
         let (_, examples) = self.label_examples(input, &rubric, &samples)?;
         let mut results = results.into_iter();
-        let mut out = serde_json::Map::new();
-        let mut best: Option<(String, f64, Value)> = None;
+        let mut models = BTreeMap::new();
         let mut all_pairs = Vec::new();
         let mut stale = 0usize;
         let mut unscored_labeled = 0usize;
-        for (model, answers) in Self::answers(input)? {
+        for (model, m) in &answers.models {
             let mut verdicts = Vec::new();
-            let mut by_split: BTreeMap<&str, Vec<Option<bool>>> = BTreeMap::new();
+            let mut by_split: BTreeMap<Split, Vec<Option<bool>>> = BTreeMap::new();
             let mut pairs = Vec::new();
-            for a in answers {
+            for (a, sample) in dataset.join(model, m).map_err(StageError::new)? {
                 let (_, reply) = results.next().ok_or_else(|| StageError::new("fewer verdicts than answers"))?;
-                let id = a["id"].as_str().unwrap_or_default();
-                let split = samples.get(id).and_then(|s| s["split"].as_str()).unwrap_or("dev");
-                let answer = a["text"].as_str().unwrap_or_default();
-                let text = reply["text"].as_str().unwrap_or_default();
-                let mut verdict = json!({"id": id, "split": split, "label": samples.get(id).map(|s| &s["label"]), "answer": answer});
-                let read = rubric.read_verdict(text);
+                let reply: artifacts::Answer = serde_json::from_value(reply).map_err(|e| StageError::new(format!("the judge's reply to `{model}/{}` is malformed: {e}", a.id)))?;
+                let split = sample.split;
+                let mut verdict = judge::verdict(&a.id, split, sample.label.as_deref(), &a.text);
+                let read = rubric.read_verdict(&reply.text);
                 match &read {
                     Ok(v) => {
-                        verdict["pass"] = json!(v.pass);
-                        verdict["failure_mode"] = json!(v.failure_mode);
-                        verdict["reasoning"] = json!(v.reasoning);
+                        verdict.pass = Some(v.pass);
+                        verdict.failure_mode = Some(v.failure_mode.clone());
+                        verdict.reasoning = Some(v.reasoning.clone());
                     }
                     Err(why) => {
-                        verdict["pass"] = Value::Null;
-                        verdict["unscored"] = json!(why);
-                        verdict["judge_reply"] = json!(text);
-                        verdict["judge_finish_reason"] = reply["finish_reason"].clone();
+                        verdict.unscored = Some(why.clone());
+                        verdict.judge_reply = Some(reply.text.clone());
+                        verdict.judge_finish_reason = Some(reply.finish_reason.clone());
                     }
                 }
                 by_split.entry(split).or_default().push(read.as_ref().ok().map(|v| v.pass));
-                let key = (id.to_string(), model.clone());
+                let key = (a.id.clone(), model.clone());
                 if let Some(label) = labels.get(&key) {
-                    verdict["human"] = json!(label.pass);
-                    match (&read, label.answer == answer) {
+                    verdict.human = Some(label.pass);
+                    match (&read, label.answer == a.text) {
                         // The judge was shown this very label: agreeing with it proves nothing.
-                        _ if examples.contains(&key) => verdict["label_example"] = json!(true),
+                        _ if examples.contains(&key) => verdict.label_example = Some(true),
                         (_, false) => stale += 1,
                         (Ok(v), true) => pairs.push((label.pass, v.pass)),
                         (Err(_), true) => unscored_labeled += 1,
@@ -554,89 +540,77 @@ impl Stage for LlmJudgeStage {
                 verdicts.push(verdict);
             }
             let seed = judge::model_seed(input.seed, model);
-            let splits: serde_json::Map<String, Value> = by_split
+            let splits = by_split
                 .iter()
                 .map(|(split, verdicts)| {
                     let scored: Vec<bool> = verdicts.iter().flatten().copied().collect();
-                    (
-                        split.to_string(),
-                        json!({
-                            "n": verdicts.len(),
-                            "scored": scored.len(),
-                            "unscored": verdicts.len() - scored.len(),
-                            "passes": scored.iter().filter(|&&p| p).count(),
-                            "pass_rate": judge::proportion(&scored, self.config.bootstrap, seed),
-                        }),
-                    )
+                    let scores = SplitScores {
+                        scored: Some(scored.len()),
+                        unscored: Some(verdicts.len() - scored.len()),
+                        passes: Some(scored.iter().filter(|&&p| p).count()),
+                        pass_rate: Some(judge::proportion(&scored, self.config.bootstrap, seed)),
+                        ..SplitScores::of(verdicts.len())
+                    };
+                    (*split, scores)
                 })
                 .collect();
-            if let Some(held) = splits.get("heldout").or_else(|| splits.get("dev")) {
-                let rate = held["pass_rate"]["value"].as_f64().unwrap_or(0.0);
-                if best.as_ref().is_none_or(|(_, b, _)| rate > *b) {
-                    best = Some((model.clone(), rate, held.clone()));
-                }
-            }
-            let mut entry = json!({"splits": splits, "verdicts": verdicts});
-            if !pairs.is_empty() {
-                entry["agreement"] = judge::agreement(&pairs);
-            }
+            let agreement = (!pairs.is_empty()).then(|| judge::agreement(&pairs));
             all_pairs.extend(pairs);
-            out.insert(model.clone(), entry);
+            models.insert(model.clone(), JudgedModel { splits, verdicts, agreement });
         }
-        let metrics = best.as_ref().map_or(json!({}), |(_, _, s)| {
-            json!({
-                "pass_rate": s["pass_rate"]["value"],
-                "pass_rate_ci_low": s["pass_rate"]["ci95"][0],
-                "pass_rate_ci_high": s["pass_rate"]["ci95"][1],
-                "unscored_rate": s["unscored"].as_f64().unwrap_or(0.0) / s["n"].as_f64().unwrap_or(1.0).max(1.0),
-            })
-        });
-        let agreement = (!labels.is_empty()).then(|| {
-            let mut a = judge::agreement(&all_pairs);
-            a["labels"] = json!(labels.len());
+        let agreement = (!labels.is_empty()).then(|| Agreement {
+            labels: Some(labels.len()),
             // Labels of answers that have changed since they were labeled, and labeled answers the
             // judge left unscored: neither counts toward agreement.
-            a["stale"] = json!(stale);
-            a["unscored"] = json!(unscored_labeled);
+            stale: Some(stale),
+            unscored: Some(unscored_labeled),
             // Labels shown to the judge as worked examples (`label_examples`).
-            a["examples"] = json!(examples.len());
-            a
+            examples: Some(examples.len()),
+            ..judge::agreement(&all_pairs)
         });
-        let summary = summary(best.as_ref().map(|(m, _, s)| (m.as_str(), s)), agreement.as_ref(), self.judge.candidate.id.as_str());
-        Ok(json!({
-            "task": "rubric",
-            "judge": self.judge.candidate.id,
-            "labels": [],
-            "failure_modes": rubric.failure_modes,
-            "models": out,
-            "best": best.map(|(m, _, _)| m),
-            "metrics": metrics,
-            "agreement": agreement,
-            "summary": summary,
-        }))
+        let mut judgement = judge::judgement(models, RUBRIC_METRICS);
+        let best = judgement.best_model().and_then(|(id, m)| Some((id, m.reported()?.1)));
+        let summary = summary(best, agreement.as_ref(), self.judge.candidate.id.as_str());
+        judgement.task = Some(Task::Rubric);
+        judgement.judge = Some(self.judge.candidate.id.clone());
+        judgement.labels = Some(Vec::new());
+        judgement.failure_modes = Some(rubric.failure_modes.into_iter().map(|(id, m)| (id, RubricMode { description: m.description, fix: m.fix })).collect());
+        judgement.agreement = Some(agreement);
+        judgement.summary = Some(summary);
+        Ok(judgement.to_json())
     }
 }
 
-fn summary(best: Option<(&str, &Value)>, agreement: Option<&Value>, judge: &str) -> String {
+fn summary(best: Option<(&str, &SplitScores)>, agreement: Option<&Agreement>, judge: &str) -> String {
     let Some((model, s)) = best else { return format!("judged by `{judge}`: no answers") };
-    let ci = &s["pass_rate"]["ci95"];
+    let rate = s.pass_rate.unwrap_or(Estimate { value: 0.0, ci95: None });
+    let (low, high) = rate.ci95.map_or(("null".to_string(), "null".to_string()), |[l, h]| (number(l), number(h)));
+    let count = |c: Option<usize>| c.unwrap_or_default();
     let mut line = format!(
-        "judged by `{judge}`: best `{model}` passes {} [{}, {}] ({} of {} scored, {} unscored)",
-        s["pass_rate"]["value"], ci[0], ci[1], s["passes"], s["scored"], s["unscored"]
+        "judged by `{judge}`: best `{model}` passes {} [{low}, {high}] ({} of {} scored, {} unscored)",
+        number(rate.value),
+        count(s.passes),
+        count(s.scored),
+        count(s.unscored)
     );
     if let Some(a) = agreement {
-        let f = |k: &str| a[k].as_f64().map_or("n/a".to_string(), |x| format!("{x:.2}"));
+        let f = |x: Option<f64>| x.map_or("n/a".to_string(), |x| format!("{x:.2}"));
         line.push_str(&format!(
             "; on {} human-labeled answers people pass {}, the judge {}: κ {}, TPR {}, TNR {}",
-            a["n"],
-            f("human_pass_rate"),
-            f("judge_pass_rate"),
-            f("kappa"),
-            f("tpr"),
-            f("tnr")
+            a.n,
+            f(a.human_pass_rate),
+            f(a.judge_pass_rate),
+            f(a.kappa),
+            f(a.tpr),
+            f(a.tnr)
         ));
     }
     line
+}
+
+/// A figure as JSON writes it (`1.0`, `0.25`), as summaries always showed it.
+fn number(x: f64) -> String {
+    serde_json::Number::from_f64(x).map_or_else(|| "null".to_string(), |n| n.to_string())
 }
 
 #[cfg(test)]
@@ -690,9 +664,9 @@ reasoning = "Lyon is not Paris."
         let input = json!({"question": "What is 2 + 2?"}).as_object().unwrap().clone();
         let m = r.messages(&[], &input, Some("4"), "Four.").unwrap();
         assert_eq!(m.len(), 4);
-        assert!(m[0]["content"].as_str().unwrap().contains("- wrong_fact: states a different fact"));
-        assert_eq!(m[2]["content"], r#"{"reasoning":"Lyon is not Paris.","pass":false,"failure_mode":"wrong_fact"}"#);
-        assert_eq!(m[3]["content"], "Question: What is 2 + 2?\nReference: 4\nAnswer: Four.");
+        assert!(m[0].content.contains("- wrong_fact: states a different fact"));
+        assert_eq!(m[2].content, r#"{"reasoning":"Lyon is not Paris.","pass":false,"failure_mode":"wrong_fact"}"#);
+        assert_eq!(m[3].content, "Question: What is 2 + 2?\nReference: 4\nAnswer: Four.");
         let schema = r.verdict_schema();
         assert_eq!(schema["properties"]["failure_mode"]["enum"], json!(["none", "no_answer", "wrong_fact"]));
     }
@@ -713,7 +687,7 @@ reasoning = "Lyon is not Paris."
     #[test]
     fn a_label_becomes_an_example_only_with_a_rubric_failure_mode() {
         let r = rubric(RUBRIC).unwrap();
-        let sample = json!({"id": "q1", "split": "dev", "label": "Paris", "fields": {"question": "Capital of France?"}});
+        let sample: Sample = serde_json::from_value(json!({"id": "q1", "split": "dev", "label": "Paris", "fields": {"question": "Capital of France?"}})).unwrap();
         let label = |pass: bool, mode: Option<&str>, note: Option<&str>| Label {
             id: "q1".into(),
             model: "m".into(),
@@ -729,9 +703,9 @@ reasoning = "Lyon is not Paris."
         assert!(Example::from_label(&label(false, Some("other"), None), &sample, &r).is_none(), "a mode the rubric lacks");
         let ex = Example::from_label(&label(true, Some("wrong_fact"), None), &sample, &r).unwrap();
         assert_eq!((ex.failure_mode.as_deref(), ex.reasoning.as_str()), (None, "People judged this answer a pass."));
-        let m = r.messages(&[ex], &sample["fields"].as_object().unwrap().clone(), Some("Paris"), "Paris.").unwrap();
+        let m = r.messages(&[ex], &sample.fields, Some("Paris"), "Paris.").unwrap();
         assert_eq!(m.len(), 6, "system, the rubric's example, the label's example, the answer");
-        assert_eq!(m[3]["content"], "Question: Capital of France?\nReference: Paris\nAnswer: Lyon.");
+        assert_eq!(m[3].content, "Question: Capital of France?\nReference: Paris\nAnswer: Lyon.");
     }
 
     #[test]

@@ -12,12 +12,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
 
+use artifacts::facts::{self, DatasetFacts, PromptFacts, RenderFacts, TemplateFile, TemplateVariable, VariableIn};
+use artifacts::{Artifact, Dataset, Message, Rendered, RenderedSample};
 use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
 use minijinja::{Environment, UndefinedBehavior};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub struct Prompt;
 
@@ -37,7 +39,7 @@ impl StagePlugin for Prompt {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "a prompt template (user message from a minijinja file, optional system message)";
     const INPUTS: &'static [Port] = &[];
-    const OUTPUT: &'static str = "prompt";
+    const OUTPUT: &'static str = artifacts::Prompt::TYPE;
 
     fn build(config: PromptConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         let path = cx.file(&config.template).map_err(|d| vec![d])?;
@@ -57,13 +59,13 @@ impl StagePlugin for Prompt {
             return Err(errors);
         }
         // The variables each template reads, located, for `render` to check against the dataset.
-        let mut variables: Vec<Value> =
-            variables(&text).into_iter().map(|(name, span)| json!({"name": name, "in": "template", "span": [span.start, span.end]})).collect();
+        let mut variables: Vec<TemplateVariable> =
+            variables(&text).into_iter().map(|(name, span)| TemplateVariable { name, read_in: VariableIn::Template, span: [span.start, span.end] }).collect();
         if let Some(system) = &config.system {
             let at = cx.key("system").unwrap_or(0..0);
-            variables.extend(variables_of(system).into_iter().map(|name| json!({"name": name, "in": "system", "span": [at.start, at.end]})));
+            variables.extend(variables_of(system).into_iter().map(|name| TemplateVariable { name, read_in: VariableIn::System, span: [at.start, at.end] }));
         }
-        let facts = json!({"template": {"file": file.path.display().to_string(), "text": text}, "variables": variables});
+        let facts = PromptFacts { template: TemplateFile { file: file.path.display().to_string(), text }, variables };
         Ok(Arc::new(PromptStage { config, facts }))
     }
 }
@@ -116,22 +118,29 @@ fn template_diagnostic(file: &SourceFile, e: &minijinja::Error) -> Diagnostic {
 
 struct PromptStage {
     config: PromptConfig,
-    /// `{"template": {file, text}, "variables": [{name, in, span}]}`: each variable a template
-    /// reads, `in` the template file or the `system` message (the span of its key in the
-    /// pipeline file).
-    facts: Value,
+    /// Each variable a template reads, in the template file or the `system` message.
+    facts: PromptFacts,
 }
 
 impl Stage for PromptStage {
     /// What the templates read, for `render` to check at `validate`.
     fn facts(&self) -> Value {
-        self.facts.clone()
+        serde_json::to_value(&self.facts).expect("facts serialize")
     }
 
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let template = std::str::from_utf8(input.file(&self.config.template)?)
             .map_err(|_| StageError::new(format!("template `{}` is not UTF-8", self.config.template.path)))?;
-        Ok(json!({"source": self.config.template.path, "system": self.config.system, "template": template}))
+        let prompt = artifacts::Prompt {
+            source: self.config.template.path.clone(),
+            system: self.config.system.clone(),
+            template: template.to_string(),
+            metrics: None,
+            revision: None,
+            accepted: None,
+            summary: None,
+        };
+        Ok(prompt.to_json())
     }
 }
 
@@ -175,8 +184,8 @@ impl StagePlugin for Render {
     const KIND: &'static str = "render";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "render a prompt for every sample into chat messages (one memoized item per sample)";
-    const INPUTS: &'static [Port] = &[Port::new("dataset", "dataset"), Port::new("prompt", "prompt")];
-    const OUTPUT: &'static str = "rendered";
+    const INPUTS: &'static [Port] = &[Port::new("dataset", Dataset::TYPE), Port::new("prompt", artifacts::Prompt::TYPE)];
+    const OUTPUT: &'static str = Rendered::TYPE;
 
     fn build(config: RenderConfig, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         Ok(Arc::new(RenderStage(config)))
@@ -187,55 +196,65 @@ struct RenderStage(RenderConfig);
 
 #[async_trait::async_trait]
 impl Stage for RenderStage {
+    /// Which samples are rendered, for stages that read rendered prompts to check at `validate`.
+    fn facts(&self) -> Value {
+        let split = match self.0.split {
+            Split::All => None,
+            Split::Dev => Some(artifacts::Split::Dev),
+            Split::Heldout => Some(artifacts::Split::Heldout),
+        };
+        serde_json::to_value(RenderFacts { split }).expect("facts serialize")
+    }
+
     /// Every variable a template reads is a field some sample has, or `id`.
     fn check_inputs(&self, pipeline: &SourceFile, facts: &BTreeMap<String, Value>) -> Vec<Diagnostic> {
-        let (Some(fields), Some(prompt)) = (facts.get("dataset").and_then(|f| f["fields"].as_array()), facts.get("prompt")) else {
+        let (Some(dataset), Some(prompt)) = (facts::read::<DatasetFacts>(facts.get("dataset")), facts::read::<PromptFacts>(facts.get("prompt"))) else {
             return Vec::new();
         };
-        let Some(variables) = prompt["variables"].as_array() else { return Vec::new() };
-        let template = SourceFile::new(prompt["template"]["file"].as_str().unwrap_or_default(), prompt["template"]["text"].as_str().unwrap_or_default());
-        let mut known: Vec<&str> = fields.iter().filter_map(Value::as_str).chain(["id"]).collect();
-        known.sort_unstable();
-        known.dedup();
+        let template = SourceFile::new(prompt.template.file, prompt.template.text);
+        let known: BTreeSet<&str> = dataset.fields.iter().map(String::as_str).chain(["id"]).collect();
+        let known: Vec<&str> = known.into_iter().collect();
         let mut errors = Vec::new();
-        for v in variables {
-            let name = v["name"].as_str().unwrap_or_default();
+        for v in &prompt.variables {
+            let name = v.name.as_str();
             if known.contains(&name) {
                 continue;
             }
-            let span = v["span"][0].as_u64().unwrap_or(0) as usize..v["span"][1].as_u64().unwrap_or(0) as usize;
+            let span = v.span[0]..v.span[1];
             let d = Diagnostic::error(format!("the prompt reads `{name}`, which no sample of the dataset has"));
-            let d = if v["in"] == "template" { d.at(&template, span, "not a sample field") } else { d.at(pipeline, span, "this `system` template reads it") };
-            errors.push(match engine::diag::did_you_mean(name, known.iter().copied()) {
-                Some(s) => d.help(format!("did you mean `{s}`? the samples have {}", engine::diag::one_of(&known))),
-                None => d.help(format!("the samples have {}", engine::diag::one_of(&known))),
-            });
+            let d = match v.read_in {
+                VariableIn::Template => d.at(&template, span, "not a sample field"),
+                VariableIn::System => d.at(pipeline, span, "this `system` template reads it"),
+            };
+            errors.push(d.suggest(name, &known, "the samples have"));
         }
         errors
     }
 
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
-        let prompt = input.input("prompt")?;
-        let samples = input.input("dataset")?["samples"].as_array().ok_or_else(|| StageError::new("dataset has no `samples`"))?;
-        Ok(samples
-            .iter()
+        let prompt: artifacts::Prompt = input.read("prompt")?;
+        let dataset: Dataset = input.read("dataset")?;
+        Ok(dataset
+            .samples
+            .into_iter()
             .filter(|s| match self.0.split {
                 Split::All => true,
-                Split::Dev => s["split"] == "dev",
-                Split::Heldout => s["split"] == "heldout",
+                Split::Dev => s.split == artifacts::Split::Dev,
+                Split::Heldout => s.split == artifacts::Split::Heldout,
             })
-            .map(|s| Item {
-                id: s["id"].as_str().unwrap_or_default().to_string(),
+            .map(|s| {
                 // Only what the rendering depends on: not the split, not the label.
-                input: json!({"id": s["id"], "fields": s["fields"], "system": prompt["system"], "template": prompt["template"]}),
+                let input = RenderInput { id: s.id.clone(), fields: s.fields, system: prompt.system.clone(), template: prompt.template.clone() };
+                Item { id: s.id, input: serde_json::to_value(input).expect("render inputs serialize") }
             })
             .collect())
     }
 
     async fn run_item(&self, item: &Item, _: &ItemContext) -> Result<Value, StageError> {
+        let input = RenderInput::deserialize(&item.input).map_err(|e| StageError::new(format!("render item `{}` is malformed: {e}", item.id)))?;
         let env = environment();
-        let mut context = item.input["fields"].as_object().cloned().unwrap_or_default();
-        context.insert("id".into(), item.input["id"].clone());
+        let mut context = input.fields;
+        context.insert("id".into(), Value::String(input.id));
         let render = |source: &str| {
             env.render_str(source, minijinja::Value::from(minijinja::value::Serde(&context))).map_err(|e| {
                 let at = e.line().map(|l| format!(" (template line {l})")).unwrap_or_default();
@@ -243,25 +262,39 @@ impl Stage for RenderStage {
             })
         };
         let mut messages = Vec::new();
-        if let Some(system) = item.input["system"].as_str() {
-            messages.push(json!({"role": "system", "content": render(system)?}));
+        if let Some(system) = &input.system {
+            messages.push(Message::new("system", render(system)?));
         }
-        messages.push(json!({"role": "user", "content": render(item.input["template"].as_str().unwrap_or_default())?}));
-        Ok(Value::Array(messages))
+        messages.push(Message::new("user", render(&input.template)?));
+        Ok(serde_json::to_value(messages).expect("messages serialize"))
     }
 
     fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
-        let prompt = input.input("prompt")?;
-        Ok(json!({
-            "prompt": prompt["source"],
-            "samples": results.into_iter().map(|(item, messages)| json!({"id": item.id, "messages": messages})).collect::<Vec<_>>(),
-        }))
+        let prompt: artifacts::Prompt = input.read("prompt")?;
+        let samples = results
+            .into_iter()
+            .map(|(item, messages)| {
+                let messages = Vec::<Message>::deserialize(&messages).map_err(|e| StageError::new(format!("rendered messages of `{}` are malformed: {e}", item.id)))?;
+                Ok(RenderedSample { id: item.id, messages })
+            })
+            .collect::<Result<_, StageError>>()?;
+        Ok(Rendered { prompt: prompt.source, samples }.to_json())
     }
+}
+
+/// One rendering's memoized input: the sample, and the prompt's templates.
+#[derive(Serialize, Deserialize)]
+struct RenderInput {
+    id: String,
+    fields: serde_json::Map<String, Value>,
+    system: Option<String>,
+    template: String,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn render(template: &str, fields: Value) -> Result<Value, StageError> {
         let item = Item { id: "s1".into(), input: json!({"id": "s1", "fields": fields, "system": "Be brief.", "template": template}) };

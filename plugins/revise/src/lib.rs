@@ -23,20 +23,24 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use artifacts::facts::{DatasetFacts, RenderFacts};
+use artifacts::{Accepted, Artifact, Clusters, Dataset, FailureMode, Judgement, Parent, Prompt, Rendered, Revision, RevisionCheck, Sample, Split};
 use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, Item, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub struct Revise;
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReviseConfig {
-    /// Dataset field holding the text shown in examples.
-    #[serde(default = "default_input_field")]
-    pub input_field: String,
+    /// The sample field shown as each example's text. Without it, an example is the sample as
+    /// the model saw it: its rendered user message, less the text every sample's message shares
+    /// (the template's own words) — the `render` stage must then be in `needs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_field: Option<String>,
     /// Failure modes targeted per revision (largest first).
     #[serde(default = "default_max_clusters")]
     pub max_clusters: usize,
@@ -48,9 +52,6 @@ pub struct ReviseConfig {
     pub min_gain: u32,
 }
 
-fn default_input_field() -> String {
-    "text".into()
-}
 fn default_max_clusters() -> usize {
     3
 }
@@ -67,12 +68,13 @@ impl StagePlugin for Revise {
     const VERSION: u32 = 6;
     const SUMMARY: &'static str = "a new prompt version aimed at the largest failure modes (dev examples), kept only if held-out quality improves (McNemar)";
     const INPUTS: &'static [Port] = &[
-        Port::new("prompt", "prompt"),
-        Port::new("clusters", "clusters"),
-        Port::new("judgement", "judgement"),
-        Port::new("dataset", "dataset"),
+        Port::new("prompt", Prompt::TYPE),
+        Port::new("clusters", Clusters::TYPE),
+        Port::new("judgement", Judgement::TYPE),
+        Port::new("dataset", Dataset::TYPE),
+        Port::optional("rendered", Rendered::TYPE),
     ];
-    const OUTPUT: &'static str = "prompt";
+    const OUTPUT: &'static str = Prompt::TYPE;
 
     fn build(config: ReviseConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         let mut errors = Vec::new();
@@ -92,20 +94,27 @@ struct ReviseStage(ReviseConfig, std::ops::Range<usize>);
 
 #[async_trait::async_trait]
 impl Stage for ReviseStage {
-    /// `input_field` is a field some sample of the dataset has.
+    /// `input_field` is a field some sample of the dataset has; without it, rendered prompts of
+    /// the dev split are an input.
     fn check_inputs(&self, pipeline: &SourceFile, facts: &BTreeMap<String, Value>) -> Vec<Diagnostic> {
-        let Some(fields) = facts.get("dataset").and_then(|f| f["fields"].as_array()) else { return Vec::new() };
-        let fields: Vec<&str> = fields.iter().filter_map(Value::as_str).collect();
-        let field = self.0.input_field.as_str();
-        if fields.contains(&field) {
+        let dataset = artifacts::facts::read::<DatasetFacts>(facts.get("dataset"));
+        let fields: Vec<&str> = dataset.iter().flat_map(|d| &d.fields).map(String::as_str).collect();
+        let Some(field) = self.0.input_field.as_deref() else {
+            let error = match artifacts::facts::read::<RenderFacts>(facts.get("rendered")) {
+                None => "examples are shown as the model saw them (there is no `input_field`), but no `render` stage is in `needs`",
+                Some(r) if r.split == Some(Split::Heldout) => "the rendered prompts in `needs` are of held-out samples only, and examples come from the dev split",
+                Some(_) => return Vec::new(),
+            };
+            let d = Diagnostic::error(error).at(pipeline, self.1.clone(), "this stage");
+            let field_hint = if fields.is_empty() { String::new() } else { format!(", or set `input_field` to the field to show ({})", engine::diag::one_of(&fields)) };
+            return vec![d.help(format!("add the `render` stage of the dev samples to `needs`{field_hint}"))];
+        };
+        if dataset.is_none() || fields.contains(&field) {
             return Vec::new();
         }
         let d = Diagnostic::error(format!("`input_field = \"{field}\"`: no sample of the dataset has that field, so revisions would show no examples"))
             .at(pipeline, self.1.clone(), "examples are shown from this field");
-        vec![match engine::diag::did_you_mean(field, fields.iter().copied()) {
-            Some(s) => d.help(format!("did you mean `{s}`? the samples have {}", engine::diag::one_of(&fields))),
-            None => d.help(format!("set `input_field` to one of {}", engine::diag::one_of(&fields))),
-        }]
+        vec![d.suggest(field, &fields, "the samples have")]
     }
 
     fn metrics(&self) -> Option<&'static [&'static str]> {
@@ -113,166 +122,207 @@ impl Stage for ReviseStage {
     }
 
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
-        let prompt = input.input("prompt")?;
-        let clusters = input.input("clusters")?;
-        let judgement = input.input("judgement")?;
-        let dataset = input.input("dataset")?;
-        let model = judgement["best"].as_str().ok_or_else(|| StageError::new("the judgement names no best candidate"))?;
-        let heldout: BTreeMap<String, bool> = judgement["models"][model]["verdicts"]
-            .as_array()
-            .map_or(BTreeMap::new(), |v| v.iter().filter(|v| v["split"] == "heldout").filter_map(|v| Some((v["id"].as_str()?.to_string(), v["pass"].as_bool()?))).collect());
-        let revision = &prompt["revision"];
-        let version = revision["version"].as_u64().unwrap_or(1);
-        let mut tried: BTreeSet<String> = revision["tried"].as_array().map_or(BTreeSet::new(), |t| t.iter().filter_map(|s| s.as_str().map(str::to_string)).collect());
-        let mut history: Vec<Value> = revision["history"].as_array().cloned().unwrap_or_default();
+        let prompt: Prompt = input.read("prompt")?;
+        let clusters: Clusters = input.read("clusters")?;
+        let judgement: Judgement = input.read("judgement")?;
+        let dataset: Dataset = input.read("dataset")?;
+        let (model, judged) = judgement.best_model().ok_or_else(|| StageError::new("the judgement names no best candidate"))?;
+        let heldout: BTreeMap<String, bool> = judged.verdicts_in(Split::Heldout).filter_map(|v| Some((v.id.clone(), v.pass?))).collect();
+        let revision = prompt.revision.as_ref();
+        let version = revision.map_or(1, |r| r.version);
+        let mut tried: BTreeSet<String> = revision.map_or_else(BTreeSet::new, |r| r.tried.clone());
+        let mut history: Vec<RevisionCheck> = revision.map_or_else(Vec::new, |r| r.history.clone());
+        let parent = revision.and_then(|r| r.parent.as_ref());
 
         // Judge the revision this prompt is, if it is one.
-        let (mut base, mut accepted_check) = ((prompt["system"].clone(), prompt["template"].clone()), Value::Null);
-        if let Some(parent) = revision["parent"].as_object() {
-            let test = mcnemar(&parent_verdicts(parent), &heldout);
+        let (mut base, mut check) = ((prompt.system.clone(), prompt.template.clone()), None);
+        if let Some(parent) = parent {
+            let test = mcnemar(&parent.heldout, &heldout);
             let accepted = test.wins > test.losses && test.wins - test.losses >= self.0.min_gain as usize && test.p_value < self.0.alpha;
-            let parent_heldout = parent_verdicts(parent);
-            let pairs: Vec<(bool, bool)> = heldout.iter().filter_map(|(id, after)| Some((*parent_heldout.get(id)?, *after))).collect();
+            let pairs: Vec<(bool, bool)> = heldout.iter().filter_map(|(id, after)| Some((*parent.heldout.get(id)?, *after))).collect();
             // How far the held-out accuracy moved, with a paired bootstrap interval.
             let moved = judge::paired_difference(&pairs, 1000, input.seed);
-            accepted_check = json!({
-                "version": version,
-                "accepted": accepted,
-                "wins": test.wins,
-                "losses": test.losses,
-                "p_value": judge::round(test.p_value),
-                "heldout_delta": moved["value"],
-                "heldout_delta_ci95": moved["ci95"],
-            });
-            history.push(accepted_check.clone());
+            let c = RevisionCheck {
+                version,
+                accepted,
+                wins: test.wins,
+                losses: test.losses,
+                p_value: judge::round(test.p_value),
+                heldout_delta: moved.value,
+                heldout_delta_ci95: moved.ci95,
+            };
+            history.push(c.clone());
             if !accepted {
-                base = (parent["system"].clone(), parent["template"].clone());
+                base = (parent.system.clone(), parent.template.clone());
             }
+            check = Some(c);
         }
-        let rejected = accepted_check["accepted"] == false;
-        let accepted_heldout = if rejected { parent_verdicts(revision["parent"].as_object().expect("checked above")) } else { heldout.clone() };
-        // The quality of the prompt version in force (what `select` should decide on): this
-        // one's, unless it was just rejected.
-        let accepted = if rejected {
-            revision["parent"]["accepted"].clone()
-        } else {
-            let models: serde_json::Map<String, Value> = judgement["models"]
-                .as_object()
-                .map_or(serde_json::Map::new(), |m| m.iter().map(|(id, j)| (id.clone(), json!(judge::quality(j).1))).collect());
-            json!({"version": version, "models": models})
+        let rejected = check.as_ref().is_some_and(|c| !c.accepted);
+        // The version in force (what `select` should decide on): this one, unless it was just
+        // rejected; its held-out verdicts and quality.
+        let (accepted_heldout, accepted) = match parent {
+            Some(parent) if rejected => (parent.heldout.clone(), parent.accepted.clone()),
+            _ => (heldout, Accepted { version, models: judgement.models.iter().map(|(id, j)| (id.clone(), names(j.quality().1))).collect() }),
         };
 
-        let dev: Vec<&Value> = dataset["samples"].as_array().map_or(Vec::new(), |s| s.iter().filter(|s| s["split"] == "dev").collect());
-        let field = &self.0.input_field;
-        if let Some(first) = dev.first()
-            && dev.iter().all(|s| s["fields"].get(field).is_none())
-        {
-            let present: BTreeSet<&str> = first["fields"].as_object().map_or(BTreeSet::new(), |f| f.keys().map(String::as_str).collect());
-            return Err(StageError::new(format!(
-                "no dev sample has the field `{field}` that examples are shown from (`input_field`); the samples have {}",
-                present.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
-            )));
-        }
-        let texts: BTreeMap<&str, &str> = dev.iter().filter_map(|s| Some((s["id"].as_str()?, s["fields"][field].as_str()?))).collect();
-        let modes: Vec<&Value> = clusters["models"][model]["clusters"]
-            .as_array()
-            .map_or(Vec::new(), |c| c.iter().filter(|c| !tried.contains(c["id"].as_str().unwrap_or_default())).take(self.0.max_clusters).collect());
+        let dev: Vec<&Sample> = dataset.split(Split::Dev).collect();
+        let rendered: Option<Rendered> = input.read_optional("rendered")?;
+        let texts = match (&self.0.input_field, &rendered) {
+            (Some(field), _) => {
+                if let Some(first) = dev.first()
+                    && dev.iter().all(|s| !s.fields.contains_key(field))
+                {
+                    let present: BTreeSet<&str> = first.fields.keys().map(String::as_str).collect();
+                    return Err(StageError::new(format!(
+                        "no dev sample has the field `{field}` that examples are shown from (`input_field`); the samples have {}",
+                        present.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                dev.iter().filter_map(|s| Some((s.id.clone(), s.fields.get(field)?.as_str()?.to_string()))).collect()
+            }
+            (None, Some(rendered)) => as_seen(rendered, &dev),
+            (None, None) => return Err(StageError::new("examples are shown as the model saw them: put the `render` stage in `needs`, or set `input_field`")),
+        };
+        let modes: Vec<&FailureMode> =
+            clusters.models.get(model).map_or(Vec::new(), |c| c.clusters.iter().filter(|c| !tried.contains(&c.id)).take(self.0.max_clusters).collect());
         let (system, template) = base;
-        let mut out = json!({"source": prompt["source"], "system": system, "template": template});
-        // Progress for `[iterate] patience`: whether the revision judged here was accepted.
-        if let Some(accepted) = accepted_check["accepted"].as_bool() {
-            out["metrics"] = json!({"improved": if accepted { 1.0 } else { 0.0 }});
-        }
+        let mut out = Prompt {
+            source: prompt.source.clone(),
+            system,
+            template,
+            // Progress for `[iterate] patience`: whether the revision judged here was accepted.
+            metrics: check.as_ref().map(|c| [("improved".to_string(), if c.accepted { 1.0 } else { 0.0 })].into()),
+            revision: None,
+            accepted: Some(accepted.clone()),
+            summary: None,
+        };
         if modes.is_empty() {
             // Nothing left to try: the prompt stays as it is, and the loop converges.
-            out["revision"] = json!({"version": version, "tried": tried, "history": history, "for_model": model});
-            out["accepted"] = accepted;
-            out["summary"] = json!(match &accepted_check {
-                Value::Null => "no failure mode left to target; the prompt stays".to_string(),
-                c => format!("{}; no failure mode left to target, the prompt stays", verdict_text(c)),
+            out.revision = Some(Revision { version, for_model: model.to_string(), targeted: None, tried, history, parent: None });
+            out.summary = Some(match &check {
+                None => "no failure mode left to target; the prompt stays".to_string(),
+                Some(c) => format!("{}; no failure mode left to target, the prompt stays", verdict_text(c)),
             });
-            return Ok(out);
+            return Ok(out.to_json());
         }
-        let labels: Vec<&str> = clusters["labels"].as_array().map_or(Vec::new(), |l| l.iter().filter_map(Value::as_str).collect());
         // One rule per distinct instruction (the parts of a mode split by embeddings share one),
         // each with the examples of every mode it came from.
         let mut grouped: Vec<(String, Vec<String>)> = Vec::new();
         for mode in &modes {
-            let instruction = rule(mode, &labels);
+            let instruction = rule(mode, &clusters.labels);
             let at = grouped.iter().position(|(r, _)| *r == instruction).unwrap_or_else(|| {
                 grouped.push((instruction, Vec::new()));
                 grouped.len() - 1
             });
-            if let Some(example) = mode["examples"].as_array().and_then(|e| e.first()) {
-                let id = example["id"].as_str().unwrap_or_default();
-                let label = example["label"].as_str().unwrap_or_default();
-                if let Some(text) = texts.get(id) {
+            if let Some(example) = mode.examples.first() {
+                let label = example.label.as_deref().unwrap_or_default();
+                if let Some(text) = texts.get(example.id.as_str()) {
                     grouped[at].1.push(format!("  Example: \"{}\" → {label}\n", clean(text)));
-                    grouped[at].1.push(format!("  Wrong: answering \"{}\" to it; the answer is {label}.\n", clean(example["answer"].as_str().unwrap_or_default())));
+                    grouped[at].1.push(format!("  Wrong: answering \"{}\" to it; the answer is {label}.\n", clean(&example.answer)));
                 }
             }
-            tried.insert(mode["id"].as_str().unwrap_or_default().to_string());
+            tried.insert(mode.id.clone());
         }
         let mut rules = String::from("Rules learned from mistakes:\n");
         for (instruction, examples) in grouped {
             rules.push_str(&format!("- {instruction}\n"));
             rules.extend(examples);
         }
-        let base_system = out["system"].as_str().unwrap_or_default().split("{% raw %}Rules learned from mistakes:").next().unwrap_or_default().trim_end().to_string();
-        let previous_rules = out["system"].as_str().and_then(|s| s.split_once("{% raw %}Rules learned from mistakes:\n")).map(|(_, r)| r.trim_end_matches("{% endraw %}").to_string()).unwrap_or_default();
+        let current = out.system.as_deref();
+        let base_system = current.unwrap_or_default().split("{% raw %}Rules learned from mistakes:").next().unwrap_or_default().trim_end().to_string();
+        let previous_rules = current.and_then(|s| s.split_once("{% raw %}Rules learned from mistakes:\n")).map(|(_, r)| r.trim_end_matches("{% endraw %}").to_string()).unwrap_or_default();
         let all_rules = format!("{rules}{previous_rules}");
         let system = if base_system.is_empty() { format!("{{% raw %}}{all_rules}{{% endraw %}}") } else { format!("{base_system}\n\n{{% raw %}}{all_rules}{{% endraw %}}") };
-        let targeted: Vec<String> = modes.iter().map(|m| format!("{} ({})", m["id"].as_str().unwrap_or_default(), m["size"])).collect();
-        out["summary"] = json!(match &accepted_check {
-            Value::Null => format!("revision {} targets {}", version + 1, targeted.join(", ")),
-            c => format!("{}; revision {} targets {}", verdict_text(c), version + 1, targeted.join(", ")),
+        let targeted: Vec<String> = modes.iter().map(|m| format!("{} ({})", m.id, m.size)).collect();
+        out.summary = Some(match &check {
+            None => format!("revision {} targets {}", version + 1, targeted.join(", ")),
+            Some(c) => format!("{}; revision {} targets {}", verdict_text(c), version + 1, targeted.join(", ")),
         });
-        out["revision"] = json!({
-            "version": version + 1,
-            "for_model": model,
-            "targeted": modes.iter().map(|m| &m["id"]).collect::<Vec<_>>(),
-            "tried": tried,
-            "history": history,
-            "parent": {"system": out["system"], "template": out["template"], "heldout": accepted_heldout, "accepted": accepted},
+        out.revision = Some(Revision {
+            version: version + 1,
+            for_model: model.to_string(),
+            targeted: Some(modes.iter().map(|m| m.id.clone()).collect()),
+            tried,
+            history,
+            parent: Some(Parent { system: out.system.clone(), template: out.template.clone(), heldout: accepted_heldout, accepted }),
         });
-        out["accepted"] = accepted;
-        out["system"] = json!(system);
-        Ok(out)
+        out.system = Some(system);
+        Ok(out.to_json())
     }
+}
+
+/// Each dev sample's rendered user message (its last), less the text that every one of them
+/// shares at its start and end — the template's own words — so an example shows what varies:
+/// the sample as the model saw it. Cut at whitespace, so no word is split.
+fn as_seen(rendered: &Rendered, dev: &[&Sample]) -> BTreeMap<String, String> {
+    let dev: BTreeSet<&str> = dev.iter().map(|s| s.id.as_str()).collect();
+    let messages: Vec<(&str, &str)> = rendered
+        .samples
+        .iter()
+        .filter(|s| dev.contains(s.id.as_str()))
+        .filter_map(|s| Some((s.id.as_str(), s.messages.iter().rev().find(|m| m.role == "user")?.content.as_str())))
+        .collect();
+    let (mut prefix, mut suffix) = (usize::MAX, usize::MAX);
+    if messages.len() > 1 {
+        let first = messages[0].1;
+        for (_, m) in &messages[1..] {
+            prefix = prefix.min(first.bytes().zip(m.bytes()).take_while(|(a, b)| a == b).count());
+            suffix = suffix.min(first.bytes().rev().zip(m.bytes().rev()).take_while(|(a, b)| a == b).count());
+        }
+    } else {
+        (prefix, suffix) = (0, 0);
+    }
+    messages
+        .into_iter()
+        .map(|(id, m)| {
+            // Widened to whitespace on both sides, so a word the samples share a part of is whole.
+            let mut start = prefix.min(m.len());
+            while !m.is_char_boundary(start) {
+                start -= 1;
+            }
+            let start = m[..start].rfind(char::is_whitespace).map_or(0, |at| at + 1);
+            let mut end = m.len() - suffix.min(m.len() - start);
+            while !m.is_char_boundary(end) {
+                end += 1;
+            }
+            let end = m[end..].find(char::is_whitespace).map_or(m.len(), |at| end + at);
+            let varying = m[start..end].trim();
+            (id.to_string(), if varying.is_empty() { m.trim().to_string() } else { varying.to_string() })
+        })
+        .collect()
+}
+
+/// Quality figures keyed by owned names, as an artifact holds them.
+fn names(figures: BTreeMap<&'static str, f64>) -> BTreeMap<String, f64> {
+    figures.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// The instruction to the model for a failure mode (the mode's `fix_hypothesis` is written for
 /// people; this is its imperative form).
-fn rule(mode: &Value, labels: &[&str]) -> String {
-    let id = mode["id"].as_str().unwrap_or_default();
-    if id.starts_with("judge:") || labels.is_empty() {
+fn rule(mode: &FailureMode, labels: &[String]) -> String {
+    if mode.id.starts_with("judge:") || labels.is_empty() {
         // A rubric's failure mode: the rubric's own fix, already an instruction.
-        return mode["fix_hypothesis"].as_str().unwrap_or("Answer the question directly.").to_string();
+        return mode.fix_hypothesis.clone();
     }
     // A mode split by what its answers say (`SIGNATURE~MEDOID`) names its signature as `parent`.
-    let signature = mode["parent"].as_str().unwrap_or(id);
-    match signature.strip_prefix("confused:").and_then(|cell| cell.split_once('→')) {
+    match mode.signature().strip_prefix("confused:").and_then(|cell| cell.split_once('→')) {
         Some((gold, predicted)) => format!("A sample like the example below is `{gold}`: do not answer `{predicted}` for it."),
         None => format!("Answer with one word only, exactly one of: {}.", labels.join(", ")),
     }
 }
 
-fn parent_verdicts(parent: &serde_json::Map<String, Value>) -> BTreeMap<String, bool> {
-    parent.get("heldout").and_then(Value::as_object).map_or(BTreeMap::new(), |m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_bool()?))).collect())
-}
-
-fn verdict_text(check: &Value) -> String {
-    let ci = &check["heldout_delta_ci95"];
+fn verdict_text(check: &RevisionCheck) -> String {
+    let [low, high] = check.heldout_delta_ci95.unwrap_or([0.0, 0.0]);
     format!(
         "revision {} {} (held-out: {} fixed, {} broken, accuracy {:+.3} [{:+.3}, {:+.3}], McNemar p = {:.3})",
-        check["version"],
-        if check["accepted"] == true { "accepted" } else { "rejected, previous prompt restored" },
-        check["wins"],
-        check["losses"],
-        check["heldout_delta"].as_f64().unwrap_or(0.0),
-        ci[0].as_f64().unwrap_or(0.0),
-        ci[1].as_f64().unwrap_or(0.0),
-        check["p_value"].as_f64().unwrap_or(1.0)
+        check.version,
+        if check.accepted { "accepted" } else { "rejected, previous prompt restored" },
+        check.wins,
+        check.losses,
+        check.heldout_delta,
+        low,
+        high,
+        check.p_value
     )
 }
 
@@ -314,20 +364,34 @@ fn binomial(n: usize, k: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+    use artifacts::{FailureExample, JudgedModel, Message, ModelClusters, RenderedSample};
 
     fn stage() -> ReviseStage {
-        ReviseStage(ReviseConfig { input_field: default_input_field(), max_clusters: 3, alpha: 0.05, min_gain: 1 }, 0..0)
+        ReviseStage(ReviseConfig { input_field: Some("text".into()), max_clusters: 3, alpha: 0.05, min_gain: 1 }, 0..0)
     }
 
     /// A first prompt, one confusion mode of candidate `m` on the dev split, over `samples`.
     fn input(samples: Value) -> StageInput {
-        let example = json!({"id": "s1", "label": "even", "answer": "odd"});
+        let example = FailureExample { id: "s1".into(), label: Some("even".into()), answer: "odd".into() };
+        let prompt = Prompt { source: "p.j2".into(), system: None, template: "{{ question }}".into(), metrics: None, revision: None, accepted: None, summary: None };
+        let mode = FailureMode { examples: vec![example], ..mode("confused:even→odd", None) };
+        let clusters = Clusters {
+            split: Split::Dev,
+            labels: vec!["even".into(), "odd".into()],
+            models: [("m".to_string(), ModelClusters { dev_samples: 1, dev_failures: 1, clusters: vec![mode] })].into(),
+            embeddings: None,
+            named_by: None,
+        };
+        let models = [("m".to_string(), JudgedModel { splits: Default::default(), verdicts: Vec::new(), agreement: None })].into();
+        let judgement = Judgement { best: Some("m".into()), ..judge::judgement(models, &[]) };
+        let dataset = Dataset { label_field: None, counts: artifacts::SplitCounts { dev: 1, heldout: 0 }, samples: serde_json::from_value(samples).unwrap() };
         StageInput {
             inputs: [
-                ("prompt".to_string(), Arc::new(json!({"source": "p.j2", "system": null, "template": "{{ question }}"}))),
-                ("clusters".to_string(), Arc::new(json!({"labels": ["even", "odd"], "models": {"m": {"clusters": [{"id": "confused:even→odd", "size": 1, "examples": [example]}]}}}))),
-                ("judgement".to_string(), Arc::new(json!({"best": "m", "models": {"m": {"verdicts": [], "splits": {}}}}))),
-                ("dataset".to_string(), Arc::new(json!({"samples": samples}))),
+                ("prompt".to_string(), Arc::new(prompt.to_json())),
+                ("clusters".to_string(), Arc::new(clusters.to_json())),
+                ("judgement".to_string(), Arc::new(judgement.to_json())),
+                ("dataset".to_string(), Arc::new(dataset.to_json())),
             ]
             .into(),
             files: Default::default(),
@@ -336,19 +400,38 @@ mod tests {
         }
     }
 
+    /// A failure mode with nothing but its id and signature.
+    fn mode(id: &str, parent: Option<&str>) -> FailureMode {
+        FailureMode {
+            id: id.into(),
+            name: String::new(),
+            description: String::new(),
+            fix_hypothesis: String::new(),
+            size: 1,
+            members: Vec::new(),
+            examples: Vec::new(),
+            parent: parent.map(str::to_string),
+            silhouette: None,
+            named_by: None,
+            signature_name: None,
+            llm_fix_hypothesis: None,
+            naming: None,
+        }
+    }
+
     #[test]
     fn rules_speak_of_samples_and_show_the_example() {
         let samples = json!([{"id": "s1", "split": "dev", "label": "even", "fields": {"text": "Is 4 even or odd?"}}]);
-        let out = stage().finish(&input(samples), Vec::new()).unwrap();
-        let system = out["system"].as_str().unwrap();
+        let out = Prompt::read(&stage().finish(&input(samples), Vec::new()).unwrap()).unwrap();
+        let system = out.system.unwrap();
         assert!(system.contains("A sample like the example below is `even`: do not answer `odd` for it."), "{system}");
         assert!(system.contains("Example: \"Is 4 even or odd?\" → even"), "{system}");
     }
 
     #[test]
     fn a_split_mode_is_ruled_on_by_its_signature_not_its_id() {
-        let mode = json!({"id": "confused:technical→refund~t024", "parent": "confused:technical→refund"});
-        assert_eq!(rule(&mode, &["refund", "technical"]), "A sample like the example below is `technical`: do not answer `refund` for it.");
+        let mode = mode("confused:technical→refund~t024", Some("confused:technical→refund"));
+        assert_eq!(rule(&mode, &["refund".into(), "technical".into()]), "A sample like the example below is `technical`: do not answer `refund` for it.");
     }
 
     #[test]
@@ -373,6 +456,29 @@ mod tests {
         let parent: BTreeMap<_, _> = (0..10).map(|i| (i.to_string(), false)).collect();
         let child: BTreeMap<_, _> = (0..10).map(|i| (i.to_string(), true)).collect();
         assert!((mcnemar(&parent, &child).p_value - 1.0 / 1024.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn examples_show_the_sample_as_the_model_saw_it_without_the_template() {
+        let sample = |id: &str| Sample { id: id.into(), split: Split::Dev, label: None, fields: Default::default() };
+        let message = |id: &str, text: &str| RenderedSample {
+            id: id.into(),
+            messages: vec![Message::new("system", "Be brief."), Message::new("user", format!("Classify the review.\nReview: {text}\n\nAnswer with one word."))],
+        };
+        let rendered = Rendered {
+            prompt: "p.j2".into(),
+            samples: vec![message("a", "Really great café, ok."), message("b", "Reviewed badly."), message("c", "Read it twice."), message("held", "Not shown.")],
+        };
+        let dev = [sample("a"), sample("b"), sample("c")];
+        let seen = as_seen(&rendered, &dev.iter().collect::<Vec<_>>());
+        // `Re` and `.` are shared by every review but belong to its words: they stay.
+        assert_eq!(seen.get("a").map(String::as_str), Some("Really great café, ok."));
+        assert_eq!(seen.get("b").map(String::as_str), Some("Reviewed badly."));
+        assert_eq!(seen.get("c").map(String::as_str), Some("Read it twice."));
+        assert!(!seen.contains_key("held"), "held-out samples are never shown");
+        // One sample: nothing to tell the template from the sample by, so all of it.
+        let one = as_seen(&rendered, &[&dev[0]]);
+        assert_eq!(one["a"], "Classify the review.\nReview: Really great café, ok.\n\nAnswer with one word.");
     }
 
     #[test]

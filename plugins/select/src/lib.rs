@@ -16,33 +16,21 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use artifacts::{Answers, Artifact, Candidates, Decision, DecisionMetrics, DecisionRow, Judgement, MAIN_METRICS, Prompt, QUALITY_METRICS, Serving, Split, Task};
 use catalog::Catalog;
 use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, Bound, FileRef, Item, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use toml::Spanned;
 
 mod prices;
 
 pub struct Select;
 
-/// Metrics a target may name: quality from `judge` (held-out), speed from `infer`.
-const QUALITY: [&str; 12] = [
-    "accuracy",
-    "accuracy_ci_low",
-    "accuracy_ci_high",
-    "macro_f1",
-    "ndcg",
-    "ndcg_ci_low",
-    "ndcg_ci_high",
-    "pass_rate",
-    "pass_rate_ci_low",
-    "pass_rate_ci_high",
-    "unparsed_rate",
-    "unscored_rate",
-];
+/// Metrics a target may name: quality from the judgement (held-out, [`QUALITY_METRICS`]), speed
+/// from `infer`.
 /// Cohen's κ from which a judge counts as agreeing with people ("substantial", Landis & Koch).
 const TRUSTED_KAPPA: f64 = 0.6;
 
@@ -78,8 +66,8 @@ impl StagePlugin for Select {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "the decision: the smallest candidate meeting every target, and why each other one lost";
     const INPUTS: &'static [Port] =
-        &[Port::new("judgement", "judgement"), Port::new("answers", "answers"), Port::new("prompt", "prompt"), Port::optional("candidates", "candidates")];
-    const OUTPUT: &'static str = "decision";
+        &[Port::new("judgement", Judgement::TYPE), Port::new("answers", Answers::TYPE), Port::new("prompt", Prompt::TYPE), Port::optional("candidates", Candidates::TYPE)];
+    const OUTPUT: &'static str = Decision::TYPE;
 
     fn build(config: SelectConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
         let (catalog, _) = Catalog::load_for_stage(&config.catalog, cx)?;
@@ -88,13 +76,10 @@ impl StagePlugin for Select {
             errors.push(cx.error_at(Some(config.targets.span()), "`targets` is empty: say what good enough means", "no targets"));
         }
         for (name, bound) in config.targets.get_ref() {
-            if !QUALITY.contains(&name.as_str()) && !SPEED.contains(&name.as_str()) {
+            if !QUALITY_METRICS.contains(&name.as_str()) && !SPEED.contains(&name.as_str()) {
                 errors.push(
                     cx.error_at(Some(config.targets.span()), format!("unknown target metric `{name}`"), "in these targets")
-                        .help(match engine::diag::did_you_mean(name, QUALITY.iter().chain(&SPEED).copied()) {
-                            Some(s) => format!("did you mean `{s}`?"),
-                            None => format!("valid metrics: {}", QUALITY.iter().chain(&SPEED).map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")),
-                        }),
+                        .suggest(name, &QUALITY_METRICS.iter().chain(&SPEED).copied().collect::<Vec<_>>(), "valid metrics:"),
                 );
             }
             if bound.min.is_none() && bound.max.is_none() {
@@ -154,33 +139,30 @@ impl Stage for SelectStage {
     }
 
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
-        let judgement = input.input("judgement")?;
-        let answers = input.input("answers")?;
-        let judged = judgement["models"].as_object().ok_or_else(|| StageError::new("the judgement has no `models`"))?;
-        let prompt = input.input("prompt")?;
-        let accepted = &prompt["accepted"];
-        let version = accepted["version"].as_u64().or_else(|| prompt["revision"]["version"].as_u64()).unwrap_or(1);
+        let judgement: Judgement = input.read("judgement")?;
+        let answers: Answers = input.read("answers")?;
+        let prompt: Prompt = input.read("prompt")?;
+        let version = prompt.version_in_force();
         let mut rows = Vec::new();
-        for (id, j) in judged {
+        for (id, j) in &judgement.models {
             let model = self.catalog.get(id).ok_or_else(|| StageError::new(format!("model `{id}` was judged but is not in the select stage's catalog")))?;
-            let (split, mut values) = judge::quality(j);
+            let (split, mut values) = j.quality();
             // In a revision loop, the prompt version in force may be an earlier one than the
             // version just judged (a rejected revision): decide on its figures.
-            if let Some(figures) = accepted["models"][id].as_object() {
-                values = QUALITY.iter().filter_map(|k| Some((*k, figures.get(*k)?.as_f64()?))).collect();
+            if let Some(figures) = prompt.accepted.as_ref().and_then(|a| a.models.get(id)) {
+                values = QUALITY_METRICS.iter().filter_map(|k| Some((*k, *figures.get(*k)?))).collect();
             }
-            let timing = &answers["models"][id]["timing"];
-            let completion: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["completion_tokens"].as_f64()).sum());
-            let latency_s: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["timing"]["latency_ms"].as_f64()).sum::<f64>() / 1000.0);
-            let prompt_tokens: f64 = answers["models"][id]["answers"].as_array().map_or(0.0, |a| a.iter().filter_map(|x| x["prompt_tokens"].as_f64()).sum());
-            let processed = prompt_tokens + completion;
+            let answered = answers.models.get(id);
+            let timing = answered.map(|a| &a.timing);
+            let processed = answered.map_or(0, |a| a.prompt_tokens() + a.completion_tokens()) as f64;
+            let busy_s = timing.and_then(|t| t.busy_s).unwrap_or(0.0);
             let machine = self.prices.as_ref().and_then(|p| p.machine(id));
             let usd_per_hour = machine.map(|(_, m)| m.usd_per_hour).or(self.usd_per_hour);
             let speed = [
-                ("latency_p50_ms", timing["latency_p50_ms"].as_f64()),
-                ("latency_p95_ms", timing["latency_p95_ms"].as_f64()),
-                ("tokens_per_s", (latency_s > 0.0).then(|| completion / latency_s)),
-                ("usd_per_mtok", usd_per_hour.filter(|_| processed > 0.0 && latency_s > 0.0).map(|p| p * latency_s / 3600.0 / processed * 1e6)),
+                ("latency_p50_ms", timing.map(|t| t.latency_p50_ms)),
+                ("latency_p95_ms", timing.map(|t| t.latency_p95_ms)),
+                ("tokens_per_s", timing.and_then(|t| t.tokens_per_s)),
+                ("usd_per_mtok", usd_per_hour.filter(|_| processed > 0.0 && busy_s > 0.0).map(|p| p * busy_s / 3600.0 / processed * 1e6)),
             ];
             for (name, v) in speed {
                 if let Some(v) = v {
@@ -204,7 +186,7 @@ impl Stage for SelectStage {
                     Some(_) => {}
                 }
             }
-            let serving = machine.map(|(name, m)| json!({"machine": name, "hardware": m.hardware, "gpu": m.gpu, "usd_per_hour": m.usd_per_hour}));
+            let serving = machine.map(|(name, m)| Serving { machine: name.to_string(), hardware: m.hardware.clone(), gpu: m.gpu.clone(), usd_per_hour: m.usd_per_hour });
             rows.push(Row { id: id.clone(), split, active: model.params_active_b, total: model.params_total_b, values, misses, shortfall, license: model.license.clone(), serving });
         }
         if rows.is_empty() {
@@ -222,10 +204,8 @@ impl Stage for SelectStage {
         } else {
             None
         };
-        let targets: BTreeMap<&str, String> = self.targets.iter().map(|(k, b)| (k.as_str(), b.to_string())).collect();
-        // Models the policy kept out never ran; they lost before any target.
-        let excluded: Vec<Value> = input.inputs.get("candidates").and_then(|c| c["excluded"].as_array().cloned()).unwrap_or_default();
-        let mut candidates: Vec<Value> = rows
+        let targets: BTreeMap<String, String> = self.targets.iter().map(|(k, b)| (k.clone(), b.to_string())).collect();
+        let mut candidates: Vec<DecisionRow> = rows
             .iter()
             .map(|r| {
                 let verdict = if Some(&r.id) == selected.as_ref() {
@@ -236,34 +216,34 @@ impl Stage for SelectStage {
                     let winner = meeting[0];
                     format!("meets every target but is larger than `{}` ({}B active vs {}B)", winner.id, r.active, winner.active)
                 };
-                let quality: BTreeMap<&str, f64> = r.values.iter().filter(|(k, _)| QUALITY.contains(k)).map(|(k, v)| (*k, *v)).collect();
-                let timing: BTreeMap<&str, f64> = r.values.iter().filter(|(k, _)| SPEED.contains(k)).map(|(k, v)| (*k, *v)).collect();
-                let mut row = json!({
-                    "model": r.id,
-                    "params_active_b": r.active,
-                    "params_total_b": r.total,
-                    "license": r.license,
-                    "split": r.split,
-                    "quality": quality,
-                    "timing": timing,
-                    "meets_targets": r.misses.is_empty(),
-                    "verdict": verdict,
-                });
-                if let Some(serving) = &r.serving {
-                    row["serving"] = serving.clone();
+                let of = |names: &[&str]| -> BTreeMap<String, f64> { r.values.iter().filter(|(k, _)| names.contains(k)).map(|(k, v)| (k.to_string(), *v)).collect() };
+                DecisionRow {
+                    model: r.id.clone(),
+                    params_active_b: r.active,
+                    params_total_b: r.total,
+                    license: r.license.clone(),
+                    split: Some(r.split),
+                    quality: Some(of(QUALITY_METRICS)),
+                    timing: Some(of(&SPEED)),
+                    meets_targets: r.misses.is_empty(),
+                    verdict,
+                    serving: r.serving.clone(),
                 }
-                row
             })
             .collect();
-        candidates.extend(excluded.iter().map(|m| {
-            json!({
-                "model": m["id"],
-                "params_active_b": m["params_active_b"],
-                "params_total_b": m["params_total_b"],
-                "license": m["license"],
-                "meets_targets": false,
-                "verdict": format!("excluded by policy: {}", m["reasons"].as_array().map_or(String::new(), |r| r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "))),
-            })
+        // Models the policy kept out never ran; they lost before any target.
+        let policy: Option<Candidates> = input.read_optional("candidates")?;
+        candidates.extend(policy.iter().flat_map(|p| &p.excluded).map(|m| DecisionRow {
+            model: m.id.clone(),
+            params_active_b: m.params_active_b,
+            params_total_b: m.params_total_b,
+            license: m.license.clone(),
+            split: None,
+            quality: None,
+            timing: None,
+            meets_targets: false,
+            verdict: format!("excluded by policy: {}", m.reasons.as_deref().unwrap_or_default().join("; ")),
+            serving: None,
         }));
         let summary = match (&selected, &closest) {
             (Some(m), _) => format!("selected `{m}` with prompt version {version}: the smallest candidate meeting every target ({})", targets_text(&targets)),
@@ -274,38 +254,34 @@ impl Stage for SelectStage {
             (None, None) => unreachable!("rows is not empty"),
         };
         // Quality from an LLM judge is only as good as the judge: say when people disagree with it.
-        let summary = match (judgement["task"].as_str(), judgement["agreement"]["kappa"].as_f64()) {
-            (Some("rubric"), Some(k)) if k < TRUSTED_KAPPA => {
-                format!("{summary}; caution: the judge agrees with people at only κ {k:.2} ({} labeled answers)", judgement["agreement"]["n"])
+        let agreement = judgement.agreement();
+        let summary = match (judgement.task, agreement.map(|a| (a.kappa, a.n))) {
+            (Some(Task::Rubric), Some((Some(k), n))) if k < TRUSTED_KAPPA => {
+                format!("{summary}; caution: the judge agrees with people at only κ {k:.2} ({n} labeled answers)")
             }
-            (Some("rubric"), None) => format!("{summary}; caution: the judge is not checked against human labels"),
+            (Some(Task::Rubric), None | Some((None, _))) => format!("{summary}; caution: the judge is not checked against human labels"),
             _ => summary,
         };
         let best = rows.iter().find(|r| Some(&r.id) == selected.as_ref().or(closest.as_ref())).expect("a selected or closest row");
-        let mut decision = json!({
-            "targets": targets,
-            "prompt_version": version,
-            "selected": selected,
-            "closest": closest,
-            "summary": summary,
-            "candidates": candidates,
-            "metrics": {
-                "targets_met": if selected.is_some() { 1.0 } else { 0.0 },
-                "accuracy": best.values.get("accuracy"),
-            },
-        });
-        if judgement["agreement"].is_object() {
-            decision["judge_agreement"] = judgement["agreement"].clone();
-        }
-        Ok(decision)
+        let decision = Decision {
+            targets,
+            prompt_version: version,
+            selected: selected.clone(),
+            closest,
+            summary,
+            candidates,
+            metrics: DecisionMetrics { targets_met: if selected.is_some() { 1.0 } else { 0.0 }, accuracy: best.values.get("accuracy").copied() },
+            judge_agreement: agreement.cloned(),
+        };
+        Ok(decision.to_json())
     }
 }
 
 struct Row {
     id: String,
     /// Its machine in the price table, when there is one.
-    serving: Option<Value>,
-    split: &'static str,
+    serving: Option<Serving>,
+    split: Split,
     active: f64,
     total: f64,
     values: BTreeMap<&'static str, f64>,
@@ -317,7 +293,7 @@ struct Row {
 impl Row {
     /// The task's main quality figure: accuracy, nDCG or rubric pass rate.
     fn quality(&self) -> f64 {
-        judge::MAIN_METRICS.iter().find_map(|k| self.values.get(k).copied()).unwrap_or(0.0)
+        MAIN_METRICS.iter().find_map(|k| self.values.get(k).copied()).unwrap_or(0.0)
     }
 }
 
@@ -325,13 +301,14 @@ fn short(v: f64) -> String {
     if v.fract() == 0.0 || v.abs() >= 100.0 { format!("{v:.0}") } else { format!("{v:.3}") }
 }
 
-fn targets_text(targets: &BTreeMap<&str, String>) -> String {
+fn targets_text(targets: &BTreeMap<String, String>) -> String {
     targets.iter().map(|(k, b)| format!("{k} {b}")).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use artifacts::{Accepted, Answer, AnswerTiming, Estimate, JudgedModel, ModelAnswers, ModelTiming, Revision, SplitScores};
 
     fn stage(targets: &str) -> SelectStage {
         let catalog = Catalog::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../catalogs/open-models.toml")).unwrap();
@@ -340,20 +317,26 @@ mod tests {
 
     /// Candidates with held-out accuracy, unparsed count (of 100) and p95 latency.
     fn input(candidates: &[(&str, f64, u32, f64)]) -> StageInput {
-        let judged: serde_json::Map<String, Value> = candidates
+        let judged = candidates
             .iter()
             .map(|(id, acc, unparsed, _)| {
-                let split = json!({"n": 100, "unparsed": unparsed, "accuracy": {"value": acc, "ci95": [acc - 0.05, acc + 0.05]}, "macro_f1": {"value": acc}});
-                (id.to_string(), json!({"splits": {"heldout": split}}))
+                let split = SplitScores {
+                    unparsed: Some(*unparsed as usize),
+                    accuracy: Some(Estimate { value: *acc, ci95: Some([acc - 0.05, acc + 0.05]) }),
+                    macro_f1: Some(Estimate { value: *acc, ci95: None }),
+                    ..SplitScores::of(100)
+                };
+                (id.to_string(), JudgedModel { splits: [(Split::Heldout, split)].into(), verdicts: Vec::new(), agreement: None })
             })
             .collect();
-        let answers: serde_json::Map<String, Value> =
-            candidates.iter().map(|(id, _, _, p95)| (id.to_string(), json!({"answers": [], "timing": {"latency_p50_ms": p95 / 2.0, "latency_p95_ms": p95}}))).collect();
+        let models = candidates.iter().map(|(id, _, _, p95)| (id.to_string(), answered(&[], *p95))).collect();
+        let answers = Answers { sampler: Value::Null, prepare: Value::Null, models, output: None };
+        let prompt = Prompt { source: "p.j2".into(), system: None, template: "{{ text }}".into(), metrics: None, revision: None, accepted: None, summary: None };
         StageInput {
             inputs: [
-                ("judgement".to_string(), Arc::new(json!({"models": judged}))),
-                ("answers".to_string(), Arc::new(json!({"models": answers}))),
-                ("prompt".to_string(), Arc::new(json!({"template": "{{ text }}"}))),
+                ("judgement".to_string(), Arc::new(judge::judgement(judged, &[]).to_json())),
+                ("answers".to_string(), Arc::new(answers.to_json())),
+                ("prompt".to_string(), Arc::new(prompt.to_json())),
             ]
             .into(),
             files: Default::default(),
@@ -362,26 +345,50 @@ mod tests {
         }
     }
 
-    fn verdicts(out: &Value) -> Vec<(String, String)> {
-        out["candidates"].as_array().unwrap().iter().map(|c| (c["model"].as_str().unwrap().to_string(), c["verdict"].as_str().unwrap().to_string())).collect()
+    /// A candidate's answers, as `infer` summarizes them, with this p95 latency.
+    fn answered(answers: &[Answer], p95: f64) -> ModelAnswers {
+        let busy_s = answers.iter().map(|a| a.timing.latency_ms).sum::<f64>() / 1000.0;
+        let completion: usize = answers.iter().map(|a| a.completion_tokens).sum();
+        let timing = ModelTiming {
+            latency_p50_ms: p95 / 2.0,
+            latency_p95_ms: p95,
+            decode_tokens_per_s: None,
+            busy_s: Some(busy_s),
+            tokens_per_s: (busy_s > 0.0).then(|| completion as f64 / busy_s),
+        };
+        ModelAnswers { weights_sha256: None, served_model: None, answers: answers.to_vec(), timing, transport: None }
+    }
+
+    /// 100 requests, 200 prompt + 10 completion tokens each, 0.5 s each.
+    fn hundred_answers() -> Vec<Answer> {
+        let timing = AnswerTiming { latency_ms: 500.0, prefill_ms: None, decode_ms: None };
+        (0..100)
+            .map(|i| Answer { id: format!("s{i}"), text: String::new(), finish_reason: "stop".into(), prompt_tokens: 200, completion_tokens: 10, timing: timing.clone(), transport: None })
+            .collect()
+    }
+
+    fn run(s: &SelectStage, input: &StageInput) -> Decision {
+        Decision::read(&s.finish(input, vec![]).unwrap()).unwrap()
+    }
+
+    fn verdicts(out: &Decision) -> Vec<(String, String)> {
+        out.candidates.iter().map(|c| (c.model.clone(), c.verdict.clone())).collect()
     }
 
     #[test]
     fn the_smallest_candidate_meeting_every_target_wins() {
         let s = stage("accuracy = { min = 0.8 }\nlatency_p95_ms = { max = 1000 }");
-        let out = s
-            .finish(
-                &input(&[
-                    ("smollm2-135m-instruct", 0.62, 3, 300.0),
-                    ("smollm2-360m-instruct", 0.83, 1, 500.0),
-                    ("qwen3-4b", 0.91, 0, 900.0),
-                    ("qwen3-30b-a3b", 0.95, 0, 1500.0),
-                ]),
-                vec![],
-            )
-            .unwrap();
-        assert_eq!(out["selected"], "smollm2-360m-instruct");
-        assert_eq!(out["metrics"]["targets_met"], 1.0);
+        let out = run(
+            &s,
+            &input(&[
+                ("smollm2-135m-instruct", 0.62, 3, 300.0),
+                ("smollm2-360m-instruct", 0.83, 1, 500.0),
+                ("qwen3-4b", 0.91, 0, 900.0),
+                ("qwen3-30b-a3b", 0.95, 0, 1500.0),
+            ]),
+        );
+        assert_eq!(out.selected.as_deref(), Some("smollm2-360m-instruct"));
+        assert_eq!(out.metrics.targets_met, 1.0);
         assert_eq!(
             verdicts(&out),
             [
@@ -396,24 +403,23 @@ mod tests {
     #[test]
     fn with_no_candidate_meeting_the_targets_the_closest_is_named() {
         let s = stage("accuracy = { min = 0.9 }\nunparsed_rate = { max = 0.05 }");
-        let out = s.finish(&input(&[("smollm2-135m-instruct", 0.30, 50, 300.0), ("smollm2-360m-instruct", 0.85, 2, 500.0)]), vec![]).unwrap();
-        assert_eq!(out["selected"], Value::Null);
-        assert_eq!(out["closest"], "smollm2-360m-instruct");
-        assert_eq!(out["metrics"]["targets_met"], 0.0);
-        assert_eq!(out["metrics"]["accuracy"], 0.85);
-        assert!(out["summary"].as_str().unwrap().starts_with("no candidate meets every target (accuracy ≥ 0.9, unparsed_rate ≤ 0.05); closest: `smollm2-360m-instruct` with prompt version 1"), "{}", out["summary"]);
+        let out = run(&s, &input(&[("smollm2-135m-instruct", 0.30, 50, 300.0), ("smollm2-360m-instruct", 0.85, 2, 500.0)]));
+        assert_eq!((out.selected.as_deref(), out.closest.as_deref()), (None, Some("smollm2-360m-instruct")));
+        assert_eq!((out.metrics.targets_met, out.metrics.accuracy), (0.0, Some(0.85)));
+        assert!(out.summary.starts_with("no candidate meets every target (accuracy ≥ 0.9, unparsed_rate ≤ 0.05); closest: `smollm2-360m-instruct` with prompt version 1"), "{}", out.summary);
     }
 
     #[test]
     fn in_a_loop_the_prompt_version_in_force_is_judged_not_a_rejected_revision() {
         let s = stage("accuracy = { min = 0.8 }");
         let mut input = input(&[("smollm2-135m-instruct", 0.5, 0, 300.0)]);
-        let accepted = json!({"version": 2, "models": {"smollm2-135m-instruct": {"accuracy": 0.85, "unparsed_rate": 0.0}}});
-        input.inputs.insert("prompt".into(), Arc::new(json!({"template": "t", "revision": {"version": 3}, "accepted": accepted})));
-        let out = s.finish(&input, vec![]).unwrap();
-        assert_eq!(out["selected"], "smollm2-135m-instruct");
-        assert_eq!(out["prompt_version"], 2);
-        assert_eq!(out["candidates"][0]["quality"]["accuracy"], 0.85);
+        let accepted = Accepted { version: 2, models: [("smollm2-135m-instruct".into(), [("accuracy".into(), 0.85), ("unparsed_rate".into(), 0.0)].into())].into() };
+        let revision = Revision { version: 3, for_model: "smollm2-135m-instruct".into(), targeted: None, tried: Default::default(), history: Vec::new(), parent: None };
+        let prompt = Prompt { source: "p.j2".into(), system: None, template: "t".into(), metrics: None, revision: Some(revision), accepted: Some(accepted), summary: None };
+        input.inputs.insert("prompt".into(), Arc::new(prompt.to_json()));
+        let out = run(&s, &input);
+        assert_eq!((out.selected.as_deref(), out.prompt_version), (Some("smollm2-135m-instruct"), 2));
+        assert_eq!(out.candidates[0].quality.as_ref().unwrap()["accuracy"], 0.85);
     }
 
     #[test]
@@ -421,14 +427,14 @@ mod tests {
         let mut s = stage("usd_per_mtok = { max = 0.5 }");
         s.usd_per_hour = Some(0.36);
         let mut input = input(&[("smollm2-135m-instruct", 0.9, 0, 300.0)]);
-        // 100 requests, 200 prompt + 10 completion tokens each, 0.5 s each: 21,000 tokens in 50 s.
-        let answers: Vec<Value> = (0..100).map(|_| json!({"prompt_tokens": 200, "completion_tokens": 10, "timing": {"latency_ms": 500.0}})).collect();
-        input.inputs.insert("answers".into(), Arc::new(json!({"models": {"smollm2-135m-instruct": {"answers": answers, "timing": {}}}})));
-        let out = s.finish(&input, vec![]).unwrap();
+        // 21,000 tokens in 50 s.
+        let models = [("smollm2-135m-instruct".to_string(), answered(&hundred_answers(), 300.0))].into();
+        input.inputs.insert("answers".into(), Arc::new(Answers { sampler: Value::Null, prepare: Value::Null, models, output: None }.to_json()));
+        let out = run(&s, &input);
         // $0.36/h × 50 s = $0.005 for 21,000 tokens → $0.238095 per million.
-        let cost = out["candidates"][0]["timing"]["usd_per_mtok"].as_f64().unwrap();
+        let cost = out.candidates[0].timing.as_ref().unwrap()["usd_per_mtok"];
         assert!((cost - 0.238095).abs() < 1e-6, "{cost}");
-        assert_eq!(out["selected"], "smollm2-135m-instruct");
+        assert_eq!(out.selected.as_deref(), Some("smollm2-135m-instruct"));
     }
 
     #[test]
@@ -437,16 +443,18 @@ mod tests {
         let table = "[machines.cpu]\nhardware = \"2 vCPU\"\nusd_per_hour = 0.36\n\n[machines.h100]\nhardware = \"1× H100\"\ngpu = \"H100\"\nusd_per_hour = 3.6\n\n[serving]\ndefault = \"cpu\"\n\"smollm2-360m-instruct\" = \"h100\"\n";
         s.prices = Some(prices::Prices::parse(&SourceFile::new("prices.toml", table), "decision").unwrap());
         let mut input = input(&[("smollm2-135m-instruct", 0.9, 0, 300.0), ("smollm2-360m-instruct", 0.9, 0, 300.0)]);
-        let answers: Vec<Value> = (0..100).map(|_| json!({"prompt_tokens": 200, "completion_tokens": 10, "timing": {"latency_ms": 500.0}})).collect();
-        let entry = json!({"answers": answers, "timing": {}});
-        input.inputs.insert("answers".into(), Arc::new(json!({"models": {"smollm2-135m-instruct": entry.clone(), "smollm2-360m-instruct": entry}})));
-        let out = s.finish(&input, vec![]).unwrap();
-        let row = |id: &str| out["candidates"].as_array().unwrap().iter().find(|c| c["model"] == id).unwrap().clone();
+        let entry = answered(&hundred_answers(), 300.0);
+        let models = [("smollm2-135m-instruct".to_string(), entry.clone()), ("smollm2-360m-instruct".to_string(), entry)].into();
+        input.inputs.insert("answers".into(), Arc::new(Answers { sampler: Value::Null, prepare: Value::Null, models, output: None }.to_json()));
+        let out = run(&s, &input);
+        let row = |id: &str| out.candidates.iter().find(|c| c.model == id).unwrap().clone();
+        let cost = |id: &str| row(id).timing.unwrap()["usd_per_mtok"];
         // The same measured time on a machine ten times the price: ten times the cost.
-        assert!((row("smollm2-135m-instruct")["timing"]["usd_per_mtok"].as_f64().unwrap() - 0.238095).abs() < 1e-6);
-        assert!((row("smollm2-360m-instruct")["timing"]["usd_per_mtok"].as_f64().unwrap() - 2.380952).abs() < 1e-6);
-        assert_eq!(row("smollm2-360m-instruct")["serving"]["gpu"], "H100");
-        assert!(row("smollm2-360m-instruct")["verdict"].as_str().unwrap().starts_with("misses usd_per_mtok 2.381"), "{}", row("smollm2-360m-instruct")["verdict"]);
-        assert_eq!(out["selected"], "smollm2-135m-instruct");
+        assert!((cost("smollm2-135m-instruct") - 0.238095).abs() < 1e-6);
+        assert!((cost("smollm2-360m-instruct") - 2.380952).abs() < 1e-6);
+        let pricier = row("smollm2-360m-instruct");
+        assert_eq!(pricier.serving.unwrap().gpu.as_deref(), Some("H100"));
+        assert!(pricier.verdict.starts_with("misses usd_per_mtok 2.381"), "{}", pricier.verdict);
+        assert_eq!(out.selected.as_deref(), Some("smollm2-135m-instruct"));
     }
 }
