@@ -41,6 +41,10 @@ pub struct LockedStage {
     pub inputs: BTreeMap<String, Digest>,
     pub fingerprint: Digest,
     pub output: Digest,
+    /// What the stage ran, by name ([`crate::Stage::pins`]): for people reading a diff; covered
+    /// by the fingerprint, so never compared.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pins: crate::stage::Pins,
 }
 
 impl LockedStage {
@@ -54,6 +58,7 @@ impl LockedStage {
             inputs: fp.inputs.clone(),
             fingerprint: fp.digest(),
             output,
+            pins: Default::default(),
         }
     }
 

@@ -23,6 +23,9 @@ use serde_json::Value;
 
 use crate::diag::{Diagnostic, SourceFile};
 
+/// Named things a stage runs (a model id), each with its pinned facts (`weights_sha256`: `…`).
+pub type Pins = BTreeMap<String, BTreeMap<String, String>>;
+
 /// Port type accepting any artifact, any number of times; each is named by its upstream stage id.
 pub const ANY: &str = "*";
 
@@ -118,6 +121,14 @@ pub trait Stage: Send + Sync {
     /// fingerprinted with the config, so a change to it reruns the stage.
     fn resolved(&self) -> Option<Value> {
         None
+    }
+
+    /// What the stage runs, named for whoever reads the lockfile: per model (or other pinned
+    /// thing) by name, its weights' digests, prepared form, engine — as strings. The fingerprint
+    /// already covers all of it (through the config and [`Stage::resolved`]); the lockfile lists
+    /// it so that a changed model shows in a diff, not only a changed digest.
+    fn pins(&self) -> Pins {
+        Pins::new()
     }
 
     /// What this stage knows at build time about the output it will produce, for the stages that

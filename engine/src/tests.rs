@@ -69,6 +69,11 @@ impl StagePlugin for Constant {
     }
 }
 impl Stage for ConstantStage {
+    /// What it "runs", as a model-running stage names its models.
+    fn pins(&self) -> crate::Pins {
+        [("the constant".to_string(), [("value".to_string(), self.0.to_string())].into())].into()
+    }
+
     fn finish(&self, _: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
         Ok(json!({"value": self.0}))
     }
@@ -513,6 +518,8 @@ fn locked_run_refuses_a_changed_pipeline_and_leaves_the_lockfile() {
     let p = Project::new(PIPELINE, "1\n2\n");
     p.run();
     let lock_text = std::fs::read_to_string(p.path("p.lock")).unwrap();
+    // What a stage runs is named in its entry (for a reviewer of the lockfile's diff).
+    assert!(lock_text.contains("id = \"param\"") && lock_text.contains("[stage.pins.\"the constant\"]\nvalue = \"0\"\n"), "{lock_text}");
     let lock = Lockfile::read(&p.path("p.lock")).unwrap().unwrap();
     // Unchanged: a locked run passes, and even from an empty store it reproduces the lock.
     assert!(p.run_with(Some(lock.clone()), None).0.is_ok());

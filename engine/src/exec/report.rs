@@ -127,7 +127,8 @@ impl RunReport {
                 .flat_map(|it| {
                     it.stages.iter().filter_map(move |s| {
                         let fp = Fingerprint { inputs: s.stable_inputs.clone(), ..s.fingerprint.clone()? };
-                        Some(LockedStage::new(&s.id, it.iteration, &fp, s.stable?))
+                        let pins = pipeline.stages.iter().find(|n| n.id == s.id).map(|n| n.stage.pins()).unwrap_or_default();
+                        Some(LockedStage { pins, ..LockedStage::new(&s.id, it.iteration, &fp, s.stable?) })
                     })
                 })
                 .collect(),

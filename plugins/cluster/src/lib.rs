@@ -129,6 +129,18 @@ fn naming_schema() -> Value {
 
 #[async_trait::async_trait]
 impl Stage for ClusterStage {
+    /// The embedding model (its files' digests) and the namer, for the lockfile.
+    fn pins(&self) -> engine::Pins {
+        let mut pins = self.1.as_ref().map(infer::CalledModel::pins).unwrap_or_default();
+        if let Some(e) = &self.0.embeddings {
+            let files = [("weights", &e.sha256.weights), ("tokenizer", &e.sha256.tokenizer), ("config", &e.sha256.config)];
+            let mut pin: BTreeMap<String, String> = files.iter().map(|(k, d)| (format!("{k}_sha256"), d.to_string())).collect();
+            pin.insert("files".into(), format!("{} in Python package {}=={}", e.dir, e.python_package, e.version));
+            pins.insert(e.python_package.clone(), pin);
+        }
+        pins
+    }
+
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
         let Some(namer) = &self.1 else { return Ok(Vec::new()) };
         let judgement: Judgement = input.read("judgement")?;

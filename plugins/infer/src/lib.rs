@@ -392,6 +392,30 @@ impl Candidate {
         }
     }
 
+    /// What this candidate is, for the lockfile ([`engine::Stage::pins`]).
+    pub fn pins(&self, settings: &RunSettings) -> BTreeMap<String, String> {
+        let mut pins = BTreeMap::new();
+        match &self.backend {
+            Backend::Embedded { source, sha256 } => {
+                pins.insert("weights_sha256".into(), sha256.clone());
+                if let Source::PythonPackage { package, version, file, .. } = source {
+                    pins.insert("weights".into(), format!("{file} in Python package {package}=={version}"));
+                } else if let Source::LocalFile { path, .. } = source {
+                    pins.insert("weights".into(), path.clone());
+                }
+                pins.insert("prepared".into(), settings.prepare.map_or_else(|| "as shipped".into(), Prepare::spelling));
+                pins.insert("engine".into(), EMBEDDED_ENGINE.into());
+                if let DeviceSpec::Cuda(_) = settings.device {
+                    pins.insert("device".into(), "cuda".into());
+                }
+            }
+            Backend::Http(e) => {
+                pins.insert("served_model".into(), e.model.clone());
+            }
+        }
+        pins
+    }
+
     pub fn is_http(&self) -> bool {
         matches!(self.backend, Backend::Http(_))
     }
@@ -473,6 +497,11 @@ impl CalledModel {
         let catalog_dir = path.parent().map(PathBuf::from).unwrap_or_default();
         let settings = RunSettings { sampler, prepare, output: Some(output.0), device: DeviceSpec::Cpu, catalog_dir };
         Ok(CalledModel { candidate, settings, concurrency })
+    }
+
+    /// What the called model is, for the lockfile.
+    pub fn pins(&self) -> engine::Pins {
+        [(self.candidate.id.clone(), self.candidate.pins(&self.settings))].into()
     }
 
     /// An item's input for a call with these chat messages.
@@ -622,6 +651,10 @@ impl InferStage {
 
 #[async_trait::async_trait]
 impl Stage for InferStage {
+    fn pins(&self) -> engine::Pins {
+        self.candidates.iter().map(|c| (c.id.clone(), c.pins(&self.settings))).collect()
+    }
+
     fn resolved(&self) -> Option<Value> {
         let pins = |embedded: bool| -> serde_json::Map<String, Value> {
             self.candidates

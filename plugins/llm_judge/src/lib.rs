@@ -462,6 +462,10 @@ impl Stage for LlmJudgeStage {
         Some(json!({"judge": self.judge.candidate.pin()}))
     }
 
+    fn pins(&self) -> engine::Pins {
+        self.judge.pins()
+    }
+
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
         let rubric = self.rubric(input)?;
         let (dataset, answers): (Dataset, Answers) = (input.read("dataset")?, input.read("answers")?);
