@@ -83,6 +83,7 @@ fn candidate_rows(decision: &Decision) -> Vec<[String; 9]> {
     decision
         .candidates
         .iter()
+        .filter(|c| c.split.is_some())
         .map(|c| {
             let quality = quality_of(c).map_or("–".to_string(), |(name, value, ci)| {
                 format!("{name} {value:.3}{}", ci.map_or(String::new(), |(l, h)| format!(" [{l:.3}, {h:.3}]")))
@@ -103,6 +104,21 @@ fn candidate_rows(decision: &Decision) -> Vec<[String; 9]> {
         .collect()
 }
 
+/// The models a policy kept out (they were never measured): model, size, license, why.
+fn excluded_rows(decision: &Decision) -> Vec<[String; 4]> {
+    decision
+        .candidates
+        .iter()
+        .filter(|c| c.split.is_none())
+        .map(|c| {
+            let why = c.verdict.strip_prefix("excluded by policy: ").unwrap_or(&c.verdict);
+            [c.model.clone(), format!("{} / {}", num(Some(c.params_active_b)), num(Some(c.params_total_b))), c.license.clone(), why.to_string()]
+        })
+        .collect()
+}
+
+const EXCLUDED_HEADERS: [&str; 4] = ["model", "params active / total (B)", "license", "why excluded"];
+
 const HEADERS: [&str; 9] = ["model", "params active / total (B)", "license", "held-out quality [95% CI]", "latency p50 / p95 (ms)", "tokens/s", "$ / 1M tokens", "machine", "verdict"];
 
 /// A point on a plot: label, x, y, and a vertical interval.
@@ -121,10 +137,12 @@ fn plot(title: &str, x_label: &str, y_label: &str, points: &[Point], log_x: bool
     let xs: Vec<f64> = points.iter().map(|p| fx(p.x)).collect();
     let (mut x0, mut x1) = (xs.iter().copied().fold(f64::INFINITY, f64::min), xs.iter().copied().fold(f64::NEG_INFINITY, f64::max));
     if !(x1 > x0) {
-        (x0, x1) = (x0 - 1.0, x1 + 1.0);
+        // One point: a decade either side on a log axis, else from 0 to twice it.
+        (x0, x1) = if log_x { (x0 - 1.0, x1 + 1.0) } else if x0 > 0.0 { (0.0, 2.0 * x0) } else { (x0 - 1.0, x0 + 1.0) };
     }
     let pad = (x1 - x0) * 0.08;
-    let (x0, x1) = (x0 - pad, x1 + pad);
+    // What these axes hold (iterations, dollars, sizes, rates) is never below zero.
+    let (x0, x1) = (if log_x || xs.iter().any(|x| *x < 0.0) { x0 - pad } else { (x0 - pad).max(0.0) }, x1 + pad);
     let (y0, y1) = (0.0, 1.0);
     let sx = |x: f64| left + (fx(x) - x0) / (x1 - x0) * (w - left - right);
     let sy = |y: f64| top + (1.0 - (y.clamp(y0, y1) - y0) / (y1 - y0)) * (h - top - bottom);
@@ -160,7 +178,9 @@ fn plot(title: &str, x_label: &str, y_label: &str, points: &[Point], log_x: bool
         }
         let fill = if p.highlight { "#cc0000" } else { "#3465a4" };
         let _ = write!(s, r##"<circle class="point" cx="{cx:.1}" cy="{cy:.1}" r="5" fill="{fill}"><title>{}: {:.3}</title></circle>"##, esc(&p.label), p.y);
-        let _ = write!(s, r##"<text x="{:.1}" y="{:.1}" font-size="11">{}</text>"##, cx + 7.0, cy - 7.0, esc(&p.label));
+        // Labels of points near the right edge run leftwards, so they stay inside the figure.
+        let (lx, anchor) = if cx > w - right - 120.0 { (cx - 7.0, "end") } else { (cx + 7.0, "start") };
+        let _ = write!(s, r##"<text x="{lx:.1}" y="{:.1}" font-size="11" text-anchor="{anchor}">{}</text>"##, cy - 7.0, esc(&p.label));
     }
     s.push_str(&format!("</svg><figcaption>{}</figcaption></figure>", esc(title)));
     s
@@ -221,19 +241,36 @@ fn render_html(f: &Facts) -> String {
     }
     body.push_str("</section>");
     if let Some(d) = &f.decision {
-            body.push_str(r#"<section id="candidates"><h2>Candidates</h2><table><tr>"#);
-            for h in HEADERS {
+        body.push_str(r#"<section id="candidates"><h2>Candidates</h2><table><tr>"#);
+        for h in HEADERS {
+            let _ = write!(body, "<th>{}</th>", esc(h));
+        }
+        body.push_str("</tr>");
+        for row in candidate_rows(d) {
+            body.push_str("<tr>");
+            for cell in row {
+                let _ = write!(body, "<td>{}</td>", esc(&cell));
+            }
+            body.push_str("</tr>");
+        }
+        body.push_str("</table>");
+        let excluded = excluded_rows(d);
+        if !excluded.is_empty() {
+            let _ = write!(body, "<details><summary>{} catalog model(s) excluded by policy</summary><table><tr>", excluded.len());
+            for h in EXCLUDED_HEADERS {
                 let _ = write!(body, "<th>{}</th>", esc(h));
             }
             body.push_str("</tr>");
-            for row in candidate_rows(d) {
+            for row in excluded {
                 body.push_str("<tr>");
                 for cell in row {
                     let _ = write!(body, "<td>{}</td>", esc(&cell));
                 }
                 body.push_str("</tr>");
             }
-            body.push_str("</table></section>");
+            body.push_str("</table></details>");
+        }
+        body.push_str("</section>");
     }
     if let Some(clusters) = &f.clusters {
         body.push_str(r#"<section id="clusters"><h2>Failure modes (dev split, last iteration)</h2>"#);
@@ -301,6 +338,16 @@ fn render_markdown(f: &Facts) -> String {
                 let _ = writeln!(s, "| {} |", cells.join(" | "));
             }
             s.push('\n');
+            let excluded = excluded_rows(d);
+            if !excluded.is_empty() {
+                let _ = writeln!(s, "<details><summary>{} catalog model(s) excluded by policy</summary>\n", excluded.len());
+                let _ = writeln!(s, "| {} |\n|{}|", EXCLUDED_HEADERS.join(" | "), EXCLUDED_HEADERS.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+                for row in excluded {
+                    let cells: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
+                    let _ = writeln!(s, "| {} |", cells.join(" | "));
+                }
+                s.push_str("\n</details>\n\n");
+            }
         }
         None => s.push_str("No `select` stage: no decision.\n\n"),
     }
@@ -347,8 +394,26 @@ mod tests {
         assert_eq!(svg.matches("class=\"point\"").count(), 2);
         assert_eq!(svg.matches("class=\"ci\"").count(), 1);
         assert!(svg.contains("&lt;m1&gt;") && !svg.contains("<m1>"));
-        // One iteration: a whole-number axis, ticked at 1 only.
+        // One iteration: a whole-number axis, ticked at whole numbers only.
         let one = plot("t", "iteration", "y", &[Point { label: "1".into(), x: 1.0, y: 0.5, ci: None, highlight: false }], false, true);
         assert!(one.contains(">1</text>") && !one.contains(">0.4"), "{one}");
+    }
+
+    /// The `x` of every tick label on the horizontal axis (font-size 11, centred).
+    fn x_ticks(svg: &str) -> Vec<f64> {
+        svg.split(r#"font-size="11" text-anchor="middle">"#).skip(1).filter_map(|t| t.split('<').next()?.parse().ok()).collect()
+    }
+
+    #[test]
+    fn axes_of_costs_and_counts_never_go_below_zero_and_labels_stay_inside() {
+        // One costed point: the axis runs from 0 to twice it, not from −1.
+        let cost = plot("c", "$", "q", &[Point { label: "smollm2-135m-instruct (Pareto)".into(), x: 0.04, y: 0.2, ci: None, highlight: true }], false, false);
+        let ticks = x_ticks(&cost);
+        assert!(!ticks.is_empty() && ticks.iter().all(|t| *t >= 0.0), "{ticks:?}");
+        // Near the right edge a label runs leftwards.
+        let iterations: Vec<Point> = (1..=3).map(|i| Point { label: format!("{i}: accuracy 0.260"), x: f64::from(i), y: 0.26, ci: None, highlight: false }).collect();
+        let svg = plot("q", "iteration", "q", &iterations, false, true);
+        assert!(x_ticks(&svg).iter().all(|t| *t >= 0.0));
+        assert!(svg.contains(r#"text-anchor="end">3: accuracy 0.260</text>"#) && svg.contains(r#"text-anchor="start">1: accuracy 0.260</text>"#), "{svg}");
     }
 }

@@ -2323,8 +2323,9 @@ pub fn matmul<T: GgmlType>(
 
     // Local change (vendor/README.md): one parallel loop per matmul, over tiles of rows × columns,
     // instead of one per row of `lhs` (a 133-token prompt was 133 fork/joins per matmul, and every
-    // row streamed all the weights). Every element is still `T::vec_dot` of the same column and
-    // row, so the result is bitwise that of the loop per row.
+    // row streamed all the weights). Every element is `T::vec_dot` of its column and row, or comes
+    // from `vec_dot_2x4` / `vec_dot_1x8`, which compute the same dot products sharing their loads
+    // and are tested bitwise equal to it: the result is bitwise that of the loop per row.
     let lhs_b = lhs_b.as_slice();
     if dst.len() < m * n {
         crate::bail!("unexpected dst length {} ({m},{k},{n})", dst.len());
