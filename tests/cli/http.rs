@@ -288,6 +288,19 @@ fn serve_answers_as_the_embedded_model_does() {
     let mut response = String::new();
     s.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 404") && response.contains("this server serves `smollm2-135m-instruct`"), "{response}");
+    let request = |path: &str, body: &str| -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        response
+    };
+    // Streaming is refused in words, never answered with an empty body; the text API is not
+    // served, and says which one is.
+    let streamed = request("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#);
+    assert!(streamed.starts_with("HTTP/1.1 400") && streamed.contains("`stream` is not supported"), "{streamed}");
+    let legacy = request("/v1/completions", r#"{"prompt":"hi"}"#);
+    assert!(legacy.starts_with("HTTP/1.1 404") && legacy.contains("POST /v1/chat/completions"), "{legacy}");
     server.kill().unwrap();
     server.wait().unwrap();
 }

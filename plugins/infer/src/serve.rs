@@ -56,6 +56,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
         .route("/health", get(|| async { "ok" }))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -73,12 +74,24 @@ fn invalid(message: impl Into<String>) -> Response {
     (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
+/// The legacy text-completions API is not served: say so, and where to go instead.
+async fn completions() -> Response {
+    let message = "only the chat API is served here: POST /v1/chat/completions with `messages`";
+    let body = json!({"error": {"message": message, "type": "invalid_request_error", "code": "unknown_url"}});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
 async fn chat(State(s): State<Arc<Served>>, body: axum::body::Bytes) -> Response {
     let request: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => return invalid("the body must be a JSON object"),
         Err(e) => return invalid(format!("the body is not JSON: {e}")),
     };
+    // Refused, not ignored: a client that asked for events and got a plain body would read an
+    // empty answer (the OpenAI SDK does).
+    if request.get("stream").is_some_and(|v| v.as_bool() == Some(true)) {
+        return invalid("`stream` is not supported: this server answers when the whole completion is ready; send `stream: false` (or leave it out)");
+    }
     match request.get("model").and_then(Value::as_str) {
         Some(m) if m != s.id => {
             let body = json!({"error": {"message": format!("model `{m}` is not served here; this server serves `{}`", s.id), "type": "invalid_request_error", "code": "model_not_found"}});
