@@ -242,15 +242,22 @@ impl Artifact for Answers {
     const TYPE: &'static str = "answers";
 }
 
-/// One candidate's answers, what they depend on, and how fast they came.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct ModelAnswers {
+/// What a candidate's answers depend on besides the messages and the sampler: one of the two.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Pin {
     /// Embedded: the weights' digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_sha256: Option<String>,
     /// Over HTTP: the model the server serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_model: Option<String>,
+}
+
+/// One candidate's answers, what they depend on, and how fast they came.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ModelAnswers {
+    #[serde(flatten)]
+    pub pin: Pin,
     /// In the rendered samples' order.
     pub answers: Vec<Answer>,
     /// Measured (volatile).
@@ -267,11 +274,6 @@ impl ModelAnswers {
 
     pub fn completion_tokens(&self) -> usize {
         self.answers.iter().map(|a| a.completion_tokens).sum()
-    }
-
-    /// Answers by sample id.
-    pub fn by_id(&self) -> BTreeMap<&str, &Answer> {
-        self.answers.iter().map(|a| (a.id.as_str(), a)).collect()
     }
 }
 

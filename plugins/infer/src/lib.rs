@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use artifacts::{Answers, Artifact, Candidates, ModelAnswers, ModelTiming, Rendered};
+use artifacts::{Answers, Artifact, Candidates, ModelAnswers, ModelTiming, Pin, Rendered};
 use catalog::{Catalog, Source};
 use engine::diag::Diagnostic;
 use engine::{BuildContext, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
@@ -385,10 +385,10 @@ impl Candidate {
     }
 
     /// What the answers depend on besides messages and sampler: the weights, or the served model.
-    pub fn pin(&self) -> Value {
+    pub fn pin(&self) -> Pin {
         match &self.backend {
-            Backend::Embedded { sha256, .. } => json!({"weights_sha256": sha256}),
-            Backend::Http(e) => json!({"served_model": e.model}),
+            Backend::Embedded { sha256, .. } => Pin { weights_sha256: Some(sha256.clone()), served_model: None },
+            Backend::Http(e) => Pin { weights_sha256: None, served_model: Some(e.model.clone()) },
         }
     }
 
@@ -424,14 +424,9 @@ impl Candidate {
     /// the answer depends on (its memo key).
     pub fn item_input(&self, settings: &RunSettings, messages: Vec<Message>) -> Value {
         let embedded = matches!(self.backend, Backend::Embedded { .. });
-        let (weights_sha256, served_model) = match &self.backend {
-            Backend::Embedded { sha256, .. } => (Some(sha256.clone()), None),
-            Backend::Http(e) => (None, Some(e.model.clone())),
-        };
         let input = ItemInput {
             model: self.id.clone(),
-            weights_sha256,
-            served_model,
+            pin: self.pin(),
             engine: embedded.then(|| EMBEDDED_ENGINE.to_string()),
             prepare: embedded.then(|| settings.prepare.map(Prepare::spelling)),
             // GPU kernels round differently: their answers are memoized apart. (Only when set,
@@ -523,10 +518,8 @@ impl CalledModel {
 #[derive(Serialize, Deserialize)]
 struct ItemInput {
     model: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    weights_sha256: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    served_model: Option<String>,
+    #[serde(flatten)]
+    pin: Pin,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     engine: Option<String>,
     /// Embedded only, and written as `null` when the weights are used as they are.
@@ -730,19 +723,17 @@ impl Stage for InferStage {
                 busy_s: Some(busy_s),
                 tokens_per_s: (busy_s > 0.0).then(|| completion as f64 / busy_s),
             };
-            let mut entry = ModelAnswers { weights_sha256: None, served_model: None, answers: Vec::new(), timing: timing.clone(), transport: None };
+            let mut entry = ModelAnswers { pin: c.pin(), answers: Vec::new(), timing: timing.clone(), transport: None };
             match &c.backend {
-                Backend::Embedded { sha256, .. } => {
+                Backend::Embedded { .. } => {
                     let decode_s: f64 = answers.iter().filter_map(|a| a.timing.decode_ms).sum::<f64>() / 1000.0;
                     timing.decode_tokens_per_s = Some(if decode_s > 0.0 { completion as f64 / decode_s } else { 0.0 });
-                    entry.weights_sha256 = Some(sha256.clone());
                     if redone > 0 {
                         // Failed with others in flight, answered alone (volatile, like all of `transport`).
                         entry.transport = Some(json!({"redone_alone": redone}));
                     }
                 }
                 Backend::Http(endpoint) => {
-                    entry.served_model = Some(endpoint.model.clone());
                     // Retries of items computed in this run (cached answers keep their own count).
                     let attempts: Vec<u64> = answers.iter().filter_map(|a| transport(a, "attempts")?.as_u64()).collect();
                     entry.transport = Some(json!({

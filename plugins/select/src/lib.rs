@@ -356,7 +356,7 @@ mod tests {
             busy_s: Some(busy_s),
             tokens_per_s: (busy_s > 0.0).then(|| completion as f64 / busy_s),
         };
-        ModelAnswers { weights_sha256: None, served_model: None, answers: answers.to_vec(), timing, transport: None }
+        ModelAnswers { pin: Default::default(), answers: answers.to_vec(), timing, transport: None }
     }
 
     /// 100 requests, 200 prompt + 10 completion tokens each, 0.5 s each.
