@@ -111,6 +111,10 @@ enum Command {
     Graph(GraphArgs),
     /// Print a stage's output artifact from the last run.
     Show(ShowArgs),
+    /// Write a `training_data` stage's set as JSONL, in the shapes hosted fine-tuning APIs take:
+    /// `sft` lines are `{"messages": [...]}`; `dpo` lines `{"input": {"messages": [...]},
+    /// "preferred_output": [...], "non_preferred_output": [...]}`.
+    Export(ExportArgs),
     /// What moved between two runs (pipeline files, or `FILE@N` for iteration N of one): per
     /// candidate, held-out quality and its paired change with a 95% CI; per failure mode, its size.
     Compare(CompareArgs),
@@ -252,6 +256,30 @@ struct ShowArgs {
     diff: bool,
 }
 
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    inner: WithStore,
+    /// The `training_data` stage's id.
+    stage: String,
+    #[arg(long, value_enum)]
+    format: ExportFormat,
+    /// Write here (whole or not at all) instead of to standard output.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Iteration (1-based) [default: the last].
+    #[arg(long)]
+    iteration: Option<u32>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    /// Supervised examples.
+    Sft,
+    /// Preference pairs.
+    Dpo,
+}
+
 fn default_jobs() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()).min(8)
 }
@@ -261,6 +289,7 @@ pub fn registry() -> Registry {
     r.register::<cluster::Cluster>()
         .register::<command::Command>()
         .register::<dataset::Dataset>()
+        .register::<finetune::Finetune>()
         .register::<infer::Infer>()
         .register::<judge::Judge>()
         .register::<llm_judge::LlmJudge>()
@@ -268,7 +297,8 @@ pub fn registry() -> Registry {
         .register::<prompt::Prompt>()
         .register::<prompt::Render>()
         .register::<revise::Revise>()
-        .register::<select::Select>();
+        .register::<select::Select>()
+        .register::<finetune::TrainingData>();
     r
 }
 
@@ -280,6 +310,7 @@ impl Command {
             Command::Plan(a) | Command::Review(ReviewArgs { inner: a, .. }) => a.common.json.json,
             Command::Run(a) => a.inner.common.json.json,
             Command::Show(a) => a.inner.common.json.json,
+            Command::Export(a) => a.inner.common.json.json,
             Command::Graph(a) => matches!(a.format, GraphFormat::Json),
             Command::Compare(a) => a.json.json,
             Command::Kinds(a) => a.json,
@@ -305,6 +336,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Graph(args) => graph(&args),
         Command::Show(args) => show(&args),
+        Command::Export(args) => export(&args),
         Command::Compare(args) => compare_runs(&args),
         Command::Schema { of } => {
             let schema = match of {
@@ -442,25 +474,28 @@ fn graph(args: &GraphArgs) -> Outcome {
     Ok(exit::OK)
 }
 
-fn show(args: &ShowArgs) -> Outcome {
-    let pipeline = load(&args.inner.common.file)?;
-    let store = store_for(&pipeline, &args.inner.store);
+/// A stage's output in the last run's iteration `iteration` (1-based; default the last).
+fn stage_output(pipeline: &engine::Pipeline, store: &engine::Store, stage: &str, iteration: Option<u32>) -> Result<serde_json::Value, Failure> {
     let Some(report) = store.get_run::<engine::RunReport>(&pipeline.name) else {
         return Err(Failure::Store(format!("`{}` has not been run yet (no run record in {})", pipeline.name, store.root().display())));
     };
-    if !pipeline.stages.iter().any(|s| s.id == args.stage) {
+    if !pipeline.stages.iter().any(|s| s.id == stage) {
         let ids: Vec<&str> = pipeline.stages.iter().map(|s| s.id.as_str()).collect();
-        return Err(Failure::Usage(format!("no stage `{}`; stages are: {}", args.stage, engine::diag::one_of(&ids))));
+        return Err(Failure::Usage(format!("no stage `{stage}`; stages are: {}", engine::diag::one_of(&ids))));
     }
-    let iteration = args.iteration.map(|k| k.saturating_sub(1));
-    let Some(value) = report.output(&args.stage, iteration).and_then(|d| store.get_object(&d)) else {
-        return Err(Failure::Store(format!(
-            "stage `{}` has no output in {} of the last run ({} iteration(s))",
-            args.stage,
-            args.iteration.map_or("the last iteration".to_string(), |k| format!("iteration {k}")),
+    report.output(stage, iteration.map(|k| k.saturating_sub(1))).and_then(|d| store.get_object(&d)).ok_or_else(|| {
+        Failure::Store(format!(
+            "stage `{stage}` has no output in {} of the last run ({} iteration(s))",
+            iteration.map_or("the last iteration".to_string(), |k| format!("iteration {k}")),
             report.iterations.len()
-        )));
-    };
+        ))
+    })
+}
+
+fn show(args: &ShowArgs) -> Outcome {
+    let pipeline = load(&args.inner.common.file)?;
+    let store = store_for(&pipeline, &args.inner.store);
+    let value = stage_output(&pipeline, &store, &args.stage, args.iteration)?;
     if !args.diff {
         output::stdout(&(serde_json::to_string_pretty(&value).expect("JSON") + "\n"));
         return Ok(exit::OK);
@@ -469,6 +504,35 @@ fn show(args: &ShowArgs) -> Outcome {
         Failure::Usage(format!("stage `{}` has no revised prompt here: `--diff` needs a prompt a `revise` stage wrote", args.stage))
     })?;
     output::stdout(&diff);
+    Ok(exit::OK)
+}
+
+fn export(args: &ExportArgs) -> Outcome {
+    let pipeline = load(&args.inner.common.file)?;
+    let store = store_for(&pipeline, &args.inner.store);
+    let value = stage_output(&pipeline, &store, &args.stage, args.iteration)?;
+    let set = artifacts::TrainingSet::read(&value)
+        .map_err(|_| Failure::Usage(format!("stage `{}` is not a `training_data` stage: `export` writes training sets", args.stage)))?;
+    let lines: Vec<serde_json::Value> = match args.format {
+        ExportFormat::Sft => set.sft.iter().map(finetune::data::sft_line).collect(),
+        ExportFormat::Dpo => set.dpo.iter().map(finetune::data::dpo_line).collect(),
+    };
+    let text: String = lines.iter().map(|l| serde_json::to_string(l).expect("JSON") + "\n").collect();
+    match &args.output {
+        None => output::stdout(&text),
+        Some(path) => {
+            // Beside the target, then renamed over it: a reader never sees half a file.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+            std::fs::write(&tmp, &text)
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    Failure::Usage(format!("cannot write {}: {e}", path.display()))
+                })?;
+            eprintln!("wrote {} {} lines to {}", lines.len(), match args.format { ExportFormat::Sft => "SFT", ExportFormat::Dpo => "DPO" }, path.display());
+        }
+    }
     Ok(exit::OK)
 }
 

@@ -89,8 +89,13 @@ fn candidate_rows(decision: &Decision) -> Vec<[String; 9]> {
                 format!("{name} {value:.3}{}", ci.map_or(String::new(), |(l, h)| format!(" [{l:.3}, {h:.3}]")))
             });
             let t = |k: &str| c.timing.as_ref().and_then(|t| t.get(k).copied());
+            // A fine-tuned model names its lineage (its verdict carries the gain over its base).
+            let model = match &c.base {
+                Some(base) => format!("{} (fine-tuned from {base})", c.model),
+                None => c.model.clone(),
+            };
             [
-                c.model.clone(),
+                model,
                 format!("{} / {}", num(Some(c.params_active_b)), num(Some(c.params_total_b))),
                 c.license.clone(),
                 quality,

@@ -456,6 +456,9 @@ pub struct DecisionRow {
     pub params_active_b: f64,
     pub params_total_b: f64,
     pub license: String,
+    /// A fine-tuned model: the catalog model it was trained from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
     /// Judged candidates: the split the figures are from, the figures, the timing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<Split>,
@@ -468,6 +471,25 @@ pub struct DecisionRow {
     /// Its machine in the price table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving: Option<Serving>,
+    /// A fine-tuned candidate against its base, paired on the held-out samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_base: Option<VsBase>,
+}
+
+/// A fine-tuned candidate against the model it was trained from, on the held-out samples both
+/// were judged on (the prompt version in force for both).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VsBase {
+    pub base: String,
+    pub samples: usize,
+    /// Samples the base failed and the fine-tuned model passes.
+    pub fixed: usize,
+    /// Samples the base passed and the fine-tuned model fails.
+    pub broken: usize,
+    /// Pass rate after minus before, with a paired bootstrap 95% interval.
+    pub change: Estimate,
+    /// Exact one-sided McNemar p-value of "no better than its base".
+    pub p_value: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -547,4 +569,104 @@ pub mod facts {
     pub fn read<T: serde::de::DeserializeOwned>(facts: Option<&serde_json::Value>) -> Option<T> {
         T::deserialize(facts?).ok()
     }
+}
+
+/// `training_data`: what a model is taught, from the dev split only (held-out samples decide
+/// whether it learned). Exported for hosted fine-tuning by `pipeline export`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TrainingSet {
+    /// Supervised examples: the messages a model sees, and the answer it should give.
+    pub sft: Vec<SftExample>,
+    /// Preference pairs: an answer a candidate gave that failed, and the one wanted instead.
+    pub dpo: Vec<PreferencePair>,
+    pub summary: String,
+}
+
+impl Artifact for TrainingSet {
+    const TYPE: &'static str = "training_set";
+}
+
+/// Where a wanted answer comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerSource {
+    /// The sample's gold answer (its label, or the configured field).
+    Gold,
+    /// An answer a person labeled as passing.
+    Label,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SftExample {
+    /// The sample it is made from.
+    pub id: String,
+    pub messages: Vec<Message>,
+    pub answer: String,
+    pub source: AnswerSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PreferencePair {
+    pub id: String,
+    pub messages: Vec<Message>,
+    pub chosen: String,
+    pub chosen_source: AnswerSource,
+    pub rejected: String,
+    /// The candidate whose answer was rejected, and the failure mode it fell into (a person's
+    /// failing label has none unless they filed it under one).
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<String>,
+}
+
+/// `finetune`: models trained from a catalog model on the dev split, each a candidate `infer`
+/// runs like a catalog model (its weights in this machine's model cache, by digest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FineTuned {
+    pub models: Vec<TunedModel>,
+    pub summary: String,
+}
+
+impl Artifact for FineTuned {
+    const TYPE: &'static str = "finetuned";
+}
+
+/// One trained model: what it was trained from, on what, how, and its files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TunedModel {
+    /// Its candidate id (`smollm2-135m-instruct+lora`).
+    pub id: String,
+    /// The catalog model it was trained from; its size and license are the base's.
+    pub base: String,
+    pub base_weights_sha256: String,
+    /// The base's license, size and context window, as its catalog gives them.
+    pub license: String,
+    pub family: String,
+    pub origin: String,
+    pub params_total_b: f64,
+    pub params_active_b: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_tokens: Option<u32>,
+    /// `lora-sft`: a LoRA adapter trained on the answers, merged into the base weights.
+    pub method: String,
+    /// The merged model directory (Hugging Face layout): each file's sha256.
+    pub files: BTreeMap<String, String>,
+    /// The digest of `files` (`sha256sum` lines in name order): what pins its answers.
+    pub weights_sha256: String,
+    /// Training examples (dev samples only), and the sha256 of the training data as sent.
+    pub examples: usize,
+    pub data_sha256: String,
+    pub hyperparameters: Value,
+    /// The trainer's packages and versions, and the kernels it was pinned to.
+    pub trainer: BTreeMap<String, String>,
+    pub steps: u64,
+    pub final_loss: Option<f64>,
+    /// Measurements (volatile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<TrainTiming>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TrainTiming {
+    pub train_s: f64,
 }

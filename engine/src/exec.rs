@@ -209,7 +209,7 @@ pub async fn run(pipeline: Arc<Pipeline>, store: Store, opts: RunOptions) -> Res
             )));
         }
     } else if report.succeeded() {
-        let lock = report.lockfile(&pipeline, &ctx.files.digests());
+        let lock = report.lockfile(&pipeline, &ctx.files.digests(), |d| store.get_object(d));
         let path = crate::lockfile::path_for(&pipeline);
         let text = lock.render();
         if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {

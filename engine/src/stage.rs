@@ -131,6 +131,13 @@ pub trait Stage: Send + Sync {
         Pins::new()
     }
 
+    /// What the lockfile should name that only the stage's output knows (a trained model's
+    /// weights and training data): added to [`Stage::pins`]. The output is already pinned by its
+    /// digest; this makes a changed model show in a diff.
+    fn output_pins(&self, _output: &Value) -> Pins {
+        Pins::new()
+    }
+
     /// What this stage knows at build time about the output it will produce, for the stages that
     /// read it to check themselves at `validate` (a dataset's field names, a template's variables).
     /// Null: nothing. Never stored: facts are not part of any key.

@@ -10,6 +10,7 @@ mod browser;
 mod concurrency;
 mod crash;
 mod disk;
+mod finetune;
 mod http;
 mod review;
 

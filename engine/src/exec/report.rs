@@ -114,7 +114,8 @@ impl RunReport {
         it.stages.iter().find(|s| s.id == stage)?.output
     }
 
-    pub fn lockfile(&self, pipeline: &Pipeline, files: &BTreeMap<String, Digest>) -> Lockfile {
+    /// The lockfile of this run; `output` reads a stage output back (for [`crate::Stage::output_pins`]).
+    pub fn lockfile(&self, pipeline: &Pipeline, files: &BTreeMap<String, Digest>, output: impl Fn(&Digest) -> Option<serde_json::Value>) -> Lockfile {
         Lockfile {
             version: LOCK_VERSION,
             engine: ENGINE_VERSION.to_string(),
@@ -125,9 +126,16 @@ impl RunReport {
                 .iterations
                 .iter()
                 .flat_map(|it| {
+                    let output = &output;
                     it.stages.iter().filter_map(move |s| {
                         let fp = Fingerprint { inputs: s.stable_inputs.clone(), ..s.fingerprint.clone()? };
-                        let pins = pipeline.stages.iter().find(|n| n.id == s.id).map(|n| n.stage.pins()).unwrap_or_default();
+                        let node = pipeline.stages.iter().find(|n| n.id == s.id);
+                        let mut pins = node.map(|n| n.stage.pins()).unwrap_or_default();
+                        if let (Some(n), Some(value)) = (node, s.output.as_ref().and_then(&output)) {
+                            for (name, more) in n.stage.output_pins(&value) {
+                                pins.entry(name).or_default().extend(more);
+                            }
+                        }
                         Some(LockedStage { pins, ..LockedStage::new(&s.id, it.iteration, &fp, s.stable?) })
                     })
                 })

@@ -27,11 +27,15 @@ pub enum FetchError {
     Mismatch { what: String, expected: String, actual: String },
     #[error("source `{0}` cannot be run in-process (it needs network access or is an endpoint)")]
     NotLocal(String),
+    /// A pinned Hugging Face repository that the local cache does not hold (yet).
+    #[error("{repo} at {revision} is not in the Hugging Face cache ({dir})")]
+    NotInHfCache { repo: String, revision: String, dir: String },
 }
 
 /// Verified weights on disk.
 #[derive(Debug, Clone)]
 pub struct Weights {
+    /// The weights file, or a model directory (Hugging Face layout).
     pub path: PathBuf,
     pub sha256: String,
     pub format: WeightsFormat,
@@ -45,6 +49,12 @@ pub fn cache_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache"));
     base.join("pipeline/models")
+}
+
+/// Where a fine-tuned model lives: the model cache's `finetuned/`, by the digest of its files
+/// ([`crate::files_digest`]).
+pub fn trained_dir(weights_sha256: &str) -> PathBuf {
+    cache_dir().join("finetuned").join(weights_sha256)
 }
 
 fn io(context: impl std::fmt::Display) -> impl FnOnce(io::Error) -> FetchError {
@@ -88,9 +98,94 @@ pub fn resolve(source: &Source, base: &Path) -> Result<Weights, FetchError> {
             }
             Ok(Weights { path: target, sha256: sha256.clone(), format: format.clone() })
         }
+        Source::LocalDir { path, files } => {
+            let dir = base.join(path);
+            if !dir.is_dir() {
+                let trained = dir.starts_with(cache_dir().join("finetuned"));
+                return Err(FetchError::Io(format!(
+                    "model directory {} does not exist{}",
+                    dir.display(),
+                    if trained { " (a fine-tuned model is kept in this machine's model cache: was it trained on another machine, or the cache cleared? A run with an empty store trains it again)" } else { "" }
+                )));
+            }
+            verify_dir(&dir, files)?;
+            pinned_view(&dir, files)
+        }
+        Source::HuggingFace { repo, revision: Some(revision), files: Some(files), .. } => {
+            let dir = hf_snapshot(repo, revision);
+            if !dir.is_dir() {
+                return Err(FetchError::NotInHfCache { repo: repo.clone(), revision: revision.clone(), dir: dir.display().to_string() });
+            }
+            verify_dir(&dir, files)?;
+            pinned_view(&dir, files)
+        }
         Source::HuggingFace { repo, .. } => Err(FetchError::NotLocal(format!("huggingface:{repo}"))),
         Source::OpenaiCompatible { model, .. } => Err(FetchError::NotLocal(format!("openai_compatible:{model}"))),
     }
+}
+
+/// The Hugging Face hub cache, as huggingface_hub finds it: `$HF_HUB_CACHE`, else
+/// `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
+pub fn hf_hub_cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(home) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(home).join("hub");
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache"));
+    base.join("huggingface/hub")
+}
+
+/// Where the cache keeps `repo` at commit `revision`: `models--ORG--NAME/snapshots/REVISION`
+/// (each file a link into `blobs/`).
+pub fn hf_snapshot(repo: &str, revision: &str) -> PathBuf {
+    hf_hub_cache().join(format!("models--{}", repo.replace('/', "--"))).join("snapshots").join(revision)
+}
+
+/// Every pinned file of a model directory, by its sha256 (links followed).
+fn verify_dir(dir: &Path, files: &std::collections::BTreeMap<String, String>) -> Result<(), FetchError> {
+    for (name, sha256) in files {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(FetchError::Io(format!("{}: the model directory has no `{name}`, which the catalog pins", dir.display())));
+        }
+        verify(&path, sha256)?;
+    }
+    Ok(())
+}
+
+/// A directory holding links to exactly the pinned files of `dir` (in the cache, by digest):
+/// what the model is loaded from, so a file beside them that the catalog does not pin (a
+/// `generation_config.json` dropped in later) cannot change an answer.
+fn pinned_view(dir: &Path, files: &std::collections::BTreeMap<String, String>) -> Result<Weights, FetchError> {
+    let sha256 = crate::files_digest(files);
+    let view = cache_dir().join("views").join(&sha256);
+    let dir = fs::canonicalize(dir).map_err(io(dir.display()))?;
+    let same = files.keys().all(|name| fs::read_link(view.join(name)).ok() == fs::canonicalize(dir.join(name)).ok());
+    if same {
+        return Ok(Weights { path: view, sha256, format: WeightsFormat::Safetensors });
+    }
+    let tmp = view.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    for name in files.keys() {
+        let link = tmp.join(name);
+        fs::create_dir_all(link.parent().expect("a link has a parent")).map_err(io(tmp.display()))?;
+        let target = fs::canonicalize(dir.join(name)).map_err(io(dir.join(name).display()))?;
+        std::os::unix::fs::symlink(&target, &link).map_err(io(link.display()))?;
+    }
+    // Replace an older view (its links may point where the model no longer is).
+    let _ = fs::remove_dir_all(&view);
+    if let Err(e) = fs::rename(&tmp, &view) {
+        // Another process made the same view meanwhile: the same links.
+        let _ = fs::remove_dir_all(&tmp);
+        if !view.is_dir() {
+            return Err(FetchError::Io(format!("{}: {e}", view.display())));
+        }
+    }
+    Ok(Weights { path: view, sha256, format: WeightsFormat::Safetensors })
 }
 
 fn verify(path: &Path, expected: &str) -> Result<(), FetchError> {

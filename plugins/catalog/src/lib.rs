@@ -4,7 +4,7 @@
 
 pub mod fetch;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use engine::diag::{Diagnostic, SourceFile};
@@ -85,10 +85,10 @@ impl Model {
         }
     }
 
-    /// The first source this build can run: weights to run in-process, or an endpoint.
-    /// (A Hugging Face repository needs network access this build does not assume.)
+    /// The first source this build can run: weights to run in-process, or an endpoint. A Hugging
+    /// Face repository runs only when pinned (a commit `revision` and every file's sha256).
     pub fn runnable_source(&self) -> Option<&Source> {
-        self.sources.iter().find(|s| !matches!(s, Source::HuggingFace { .. }))
+        self.sources.iter().find(|s| !matches!(s, Source::HuggingFace { files: None, .. } | Source::HuggingFace { revision: None, .. }))
     }
 }
 
@@ -115,8 +115,26 @@ pub enum Source {
     },
     /// A file on this machine (relative to the catalog file).
     LocalFile { path: String, sha256: String, format: WeightsFormat, quant: Option<String> },
-    /// A Hugging Face repository (needs network access; not used offline).
-    HuggingFace { repo: String, file: Option<String>, revision: Option<String> },
+    /// A model directory in Hugging Face's layout on this machine (relative to the catalog file):
+    /// `config.json`, `tokenizer.json`, `*.safetensors`, the chat template (`chat_template.jinja`
+    /// or inside `tokenizer_config.json`). Every file the model is read from is pinned.
+    LocalDir {
+        path: String,
+        /// Each file of the directory that the model is read from, by name, with its sha256.
+        files: BTreeMap<String, String>,
+    },
+    /// A Hugging Face repository. Runs only when pinned: `revision` a commit and `files` every
+    /// file's sha256; then it is read from the local Hugging Face cache (`$HF_HUB_CACHE`, else
+    /// `$HF_HOME/hub`, else `~/.cache/huggingface/hub`) and, when missing there, downloaded into it
+    /// (where the machine reaches the hub). Unpinned, it is listed for policy only.
+    HuggingFace {
+        repo: String,
+        file: Option<String>,
+        /// The commit (40 hex digits) to run.
+        revision: Option<String>,
+        /// Each file of the repository the model is read from, by name, with its sha256.
+        files: Option<BTreeMap<String, String>>,
+    },
     /// An OpenAI-compatible endpoint; several base URLs are replicas of one model.
     OpenaiCompatible {
         base_urls: Vec<String>,
@@ -128,6 +146,31 @@ pub enum Source {
         #[serde(default)]
         response_format: ResponseFormat,
     },
+}
+
+impl Source {
+    /// What pins the weights of an in-process source: the file's sha256, or for a model
+    /// directory the digest of its pinned files ([`files_digest`]). None for an endpoint or an
+    /// unpinned repository.
+    pub fn weights_sha256(&self) -> Option<String> {
+        match self {
+            Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. } => Some(sha256.clone()),
+            Source::LocalDir { files, .. } | Source::HuggingFace { files: Some(files), revision: Some(_), .. } => Some(files_digest(files)),
+            Source::HuggingFace { .. } | Source::OpenaiCompatible { .. } => None,
+        }
+    }
+}
+
+/// One sha256 for a model directory: over the lines `sha256sum` prints for its files
+/// (`<sha256>  <name>\n`), in name order. A fine-tuned model's identity and every memo key
+/// of its answers.
+pub fn files_digest(files: &BTreeMap<String, String>) -> String {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    for (name, sha256) in files {
+        hasher.update(format!("{sha256}  {name}\n"));
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How an OpenAI-compatible server takes a JSON Schema to constrain output.
@@ -179,9 +222,19 @@ impl Catalog {
             for s in &m.sources {
                 match s {
                     Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. }
-                        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) =>
+                        if !is_sha256(sha256) =>
                     {
                         problem(format!("sha256 must be 64 lowercase hex digits, not `{sha256}`"));
+                    }
+                    Source::LocalDir { files, .. } | Source::HuggingFace { files: Some(files), .. } => {
+                        if let Err(e) = check_model_files(files) {
+                            problem(e);
+                        }
+                        if let Source::HuggingFace { revision, .. } = s
+                            && !revision.as_deref().is_some_and(is_commit)
+                        {
+                            problem("a Hugging Face source with `files` needs `revision`, the commit they were read at (40 hex digits): a branch moves".into());
+                        }
                     }
                     Source::OpenaiCompatible { base_urls, api_key_env, .. } => {
                         if base_urls.is_empty() {
@@ -226,6 +279,35 @@ impl Catalog {
     }
 }
 
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn is_commit(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// A Hugging Face model directory's pinned files: plain names with sha256s, and what a model
+/// needs (`config.json`, `tokenizer.json`, weights in `*.safetensors`).
+fn check_model_files(files: &BTreeMap<String, String>) -> Result<(), String> {
+    for (name, sha256) in files {
+        if name.is_empty() || name.starts_with('/') || name.split(['/', '\\']).any(|part| part == ".." || part.is_empty()) {
+            return Err(format!("`{name}` is not a file name inside the model directory"));
+        }
+        if !is_sha256(sha256) {
+            return Err(format!("the sha256 of `{name}` must be 64 lowercase hex digits, not `{sha256}`"));
+        }
+    }
+    let missing: Vec<&str> = ["config.json", "tokenizer.json"].into_iter().filter(|f| !files.contains_key(*f)).collect();
+    if !missing.is_empty() {
+        return Err(format!("`files` must pin {} (a Hugging Face model directory has them)", missing.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(" and ")));
+    }
+    if !files.keys().any(|f| f.ends_with(".safetensors")) {
+        return Err("`files` pins no `*.safetensors` weights".into());
+    }
+    Ok(())
+}
+
 pub fn schema() -> serde_json::Value {
     schemars::generate::SchemaSettings::draft07().into_generator().into_root_schema_for::<Catalog>().to_value()
 }
@@ -243,6 +325,32 @@ mod tests {
         assert!(matches!(smol.runnable_source(), Some(Source::PythonPackage { .. })));
         assert_eq!(catalog.get("deepseek-v3.2").unwrap().tier(), Tier::High);
         assert_eq!(catalog.get("qwen3-next-80b-a3b-instruct").unwrap().tier(), Tier::Medium);
+    }
+
+    #[test]
+    fn model_directories_pin_what_a_model_needs() {
+        let head = "[[model]]\nid = \"m\"\nfamily = \"f\"\ndeveloper = \"d\"\norigin = \"US\"\nparams_total_b = 0.1\nparams_active_b = 0.1\nlicense = \"MIT\"\n[[model.source]]\n";
+        let sha = "a".repeat(64);
+        let parse = |source: &str| Catalog::parse(&SourceFile::new("c.toml", format!("{head}{source}")));
+        let ok = parse(&format!("kind = \"local_dir\"\npath = \"m\"\nfiles = {{ \"config.json\" = \"{sha}\", \"tokenizer.json\" = \"{sha}\", \"model.safetensors\" = \"{sha}\" }}\n")).unwrap();
+        let source = ok.get("m").unwrap().runnable_source().unwrap();
+        let files = BTreeMap::from([("config.json".to_string(), sha.clone()), ("model.safetensors".to_string(), sha.clone()), ("tokenizer.json".to_string(), sha.clone())]);
+        assert_eq!(source.weights_sha256(), Some(files_digest(&files)));
+        let first = |source: String| parse(&source).unwrap_err()[0].render(false).lines().next().unwrap().to_string();
+        assert_eq!(
+            first(format!("kind = \"local_dir\"\npath = \"m\"\nfiles = {{ \"model.safetensors\" = \"{sha}\" }}\n")),
+            "error: catalog model `m`: `files` must pin `config.json` and `tokenizer.json` (a Hugging Face model directory has them)"
+        );
+        assert_eq!(
+            first(format!("kind = \"local_dir\"\npath = \"m\"\nfiles = {{ \"../config.json\" = \"{sha}\" }}\n")),
+            "error: catalog model `m`: `../config.json` is not a file name inside the model directory"
+        );
+        let hub = |revision: &str| format!("kind = \"hugging_face\"\nrepo = \"o/m\"\nrevision = \"{revision}\"\nfiles = {{ \"config.json\" = \"{sha}\", \"tokenizer.json\" = \"{sha}\", \"model.safetensors\" = \"{sha}\" }}\n");
+        assert!(first(hub("main")).contains("needs `revision`, the commit they were read at"));
+        let pinned = parse(&hub(&"0".repeat(40))).unwrap();
+        assert!(pinned.get("m").unwrap().runnable_source().is_some(), "a pinned repository runs");
+        let unpinned = parse("kind = \"hugging_face\"\nrepo = \"o/m\"\n").unwrap();
+        assert!(unpinned.get("m").unwrap().runnable_source().is_none(), "an unpinned one is for policy only");
     }
 
     #[test]

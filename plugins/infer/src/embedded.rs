@@ -19,7 +19,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use catalog::Source;
-use mistralrs::{Constraint, Device, GgufModelBuilder, Model, RequestBuilder, StopTokens, TextMessageRole};
+use mistralrs::core::TokenSource;
+use mistralrs::{Constraint, Device, GgufModelBuilder, IsqType, Model, ModelDType, RequestBuilder, StopTokens, TextMessageRole, TextModelBuilder};
 use tokio::sync::{Mutex, RwLock};
 
 use crate::{Answer, DeviceSpec, Message, OutputConstraint, Prepare, Sampler, Timing};
@@ -74,32 +75,59 @@ pub async fn load_with(
         return Ok(runner.clone());
     }
     let (source, base) = (source.clone(), base.to_path_buf());
-    let path = tokio::task::spawn_blocking(move || {
-        let weights = catalog::fetch::resolve(&source, &base).map_err(|e| e.to_string())?;
-        match prepare {
-            None => Ok(weights.path),
-            Some(Prepare::Q8_0) => crate::convert::to_q8_0(&weights.path),
+    let weights = tokio::task::spawn_blocking(move || {
+        let weights = match catalog::fetch::resolve(&source, &base) {
+            Err(catalog::fetch::FetchError::NotInHfCache { .. }) => {
+                crate::hub::download(&source)?;
+                catalog::fetch::resolve(&source, &base)
+            }
+            other => other,
+        }
+        .map_err(|e| e.to_string())?;
+        match (prepare, &weights.format) {
+            (Some(Prepare::Q8_0), catalog::WeightsFormat::Gguf) => Ok(catalog::fetch::Weights { path: crate::convert::to_q8_0(&weights.path)?, ..weights }),
+            _ => Ok::<_, String>(weights),
         }
     })
     .await
     .map_err(|e| format!("preparing weights: {e}"))??;
-    let weights = catalog::fetch::Weights { path, sha256: sha256.to_string(), format: catalog::WeightsFormat::Gguf };
-    let dir = weights.path.parent().ok_or("weights have no directory")?.to_string_lossy().into_owned();
-    let file = weights.path.file_name().ok_or("weights have no file name")?.to_string_lossy().into_owned();
     tracing::info!(weights = %weights.path.display(), "loading model");
     let started = Instant::now();
-    // A local directory as the model id: nothing is fetched from a hub. Tokenizer and chat
-    // template come from the GGUF file.
-    let builder = GgufModelBuilder::new(dir, vec![file]).with_max_num_seqs(MAX_SEQS);
-    let builder = if options.prefix_cache { builder } else { builder.with_prefix_cache_n(None) };
-    let builder = match device {
-        DeviceSpec::Cpu => builder.with_force_cpu(),
-        DeviceSpec::Cuda(n) => builder.with_device(Device::new_cuda(n).map_err(|e| format!("CUDA device {n}: {e}"))?),
-    };
-    let model = builder
-        .build()
-        .await
-        .map_err(|e| format!("loading {}: {e}", weights.path.display()))?;
+    let model = match weights.format {
+        catalog::WeightsFormat::Gguf => {
+            let dir = weights.path.parent().ok_or("weights have no directory")?.to_string_lossy().into_owned();
+            let file = weights.path.file_name().ok_or("weights have no file name")?.to_string_lossy().into_owned();
+            // A local directory as the model id: nothing is fetched from a hub. Tokenizer and chat
+            // template come from the GGUF file.
+            let builder = GgufModelBuilder::new(dir, vec![file]).with_max_num_seqs(MAX_SEQS);
+            let builder = if options.prefix_cache { builder } else { builder.with_prefix_cache_n(None) };
+            let builder = match device {
+                DeviceSpec::Cpu => builder.with_force_cpu(),
+                DeviceSpec::Cuda(n) => builder.with_device(Device::new_cuda(n).map_err(|e| format!("CUDA device {n}: {e}"))?),
+            };
+            builder.build().await
+        }
+        catalog::WeightsFormat::Safetensors => {
+            // A Hugging Face model directory (the pinned files only: `catalog::fetch`), read by
+            // mistral.rs' plain text-model loader: weights in float32, or quantized in place
+            // (ISQ) where `prepare` asks.
+            let builder = TextModelBuilder::new(weights.path.to_string_lossy())
+                .with_max_num_seqs(MAX_SEQS)
+                .with_token_source(TokenSource::None)
+                .with_dtype(ModelDType::F32);
+            let builder = if options.prefix_cache { builder } else { builder.with_prefix_cache_n(None) };
+            let builder = match prepare {
+                Some(Prepare::Q8_0) => builder.with_isq(IsqType::Q8_0),
+                None => builder,
+            };
+            let builder = match device {
+                DeviceSpec::Cpu => builder.with_force_cpu(),
+                DeviceSpec::Cuda(n) => builder.with_device(Device::new_cuda(n).map_err(|e| format!("CUDA device {n}: {e}"))?),
+            };
+            builder.build().await
+        }
+    }
+    .map_err(|e| format!("loading {}: {e}", weights.path.display()))?;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
     let one_at_a_time = matches!(device, DeviceSpec::Cuda(_));
     let runner = Arc::new(Runner { model, alone: RwLock::new(()), one_at_a_time });

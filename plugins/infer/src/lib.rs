@@ -24,6 +24,7 @@
 mod convert;
 mod embedded;
 pub mod http;
+mod hub;
 pub mod serve;
 
 pub use convert::to_q8_0 as prepare_q8_0;
@@ -32,7 +33,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use artifacts::{Answers, Artifact, Candidates, ModelAnswers, ModelTiming, Pin, Rendered};
+use artifacts::{Answers, Artifact, Candidates, FineTuned, ModelAnswers, ModelTiming, Pin, Rendered, TunedModel};
 use catalog::{Catalog, Source};
 use engine::diag::Diagnostic;
 use engine::{BuildContext, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
@@ -364,8 +365,8 @@ impl Candidate {
         };
         let context_tokens = model.context_tokens;
         match model.runnable_source() {
-            Some(source @ (Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. })) => {
-                Ok(Candidate { id: id.to_string(), context_tokens, backend: Backend::Embedded { source: source.clone(), sha256: sha256.clone() } })
+            Some(source) if let Some(sha256) = source.weights_sha256() => {
+                Ok(Candidate { id: id.to_string(), context_tokens, backend: Backend::Embedded { source: source.clone(), sha256 } })
             }
             Some(Source::OpenaiCompatible { base_urls, model, api_key_env, response_format }) => {
                 if let Some((OutputConstraint::Regex(_) | OutputConstraint::Lark(_), span)) = output {
@@ -380,7 +381,18 @@ impl Candidate {
             }
             _ => Err(cx
                 .error_at(span, format!("model `{id}` has no source this build can run"), "no weights or endpoint")
-                .help("add a `python_package` or `local_file` source with its sha256, or an `openai_compatible` endpoint, to the catalog")),
+                .help("add a `python_package`, `local_file` or `local_dir` source with its sha256s, a `hugging_face` source pinned by `revision` and `files`, or an `openai_compatible` endpoint, to the catalog")),
+        }
+    }
+
+    /// A model a `finetune` stage trained: its directory in this machine's model cache, every
+    /// file pinned, run embedded like a catalog model.
+    pub fn tuned(model: &TunedModel) -> Candidate {
+        let path = catalog::fetch::trained_dir(&model.weights_sha256).to_string_lossy().into_owned();
+        Candidate {
+            id: model.id.clone(),
+            context_tokens: model.context_tokens,
+            backend: Backend::Embedded { source: Source::LocalDir { path, files: model.files.clone() }, sha256: model.weights_sha256.clone() },
         }
     }
 
@@ -398,10 +410,23 @@ impl Candidate {
         match &self.backend {
             Backend::Embedded { source, sha256 } => {
                 pins.insert("weights_sha256".into(), sha256.clone());
-                if let Source::PythonPackage { package, version, file, .. } = source {
-                    pins.insert("weights".into(), format!("{file} in Python package {package}=={version}"));
-                } else if let Source::LocalFile { path, .. } = source {
-                    pins.insert("weights".into(), path.clone());
+                match source {
+                    Source::PythonPackage { package, version, file, .. } => {
+                        pins.insert("weights".into(), format!("{file} in Python package {package}=={version}"));
+                    }
+                    Source::LocalFile { path, .. } => {
+                        pins.insert("weights".into(), path.clone());
+                    }
+                    Source::LocalDir { path, files } | Source::HuggingFace { repo: path, files: Some(files), .. } => {
+                        pins.insert("weights".into(), match source {
+                            Source::HuggingFace { revision: Some(revision), .. } => format!("Hugging Face {path} at {revision}"),
+                            _ => path.clone(),
+                        });
+                        for (name, sha256) in files {
+                            pins.insert(format!("file {name}"), sha256.clone());
+                        }
+                    }
+                    _ => {}
                 }
                 pins.insert("prepared".into(), settings.prepare.map_or_else(|| "as shipped".into(), Prepare::spelling));
                 pins.insert("engine".into(), EMBEDDED_ENGINE.into());
@@ -545,7 +570,8 @@ impl StagePlugin for Infer {
     const KIND: &'static str = "infer";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "candidate models answer every rendered sample (embedded mistral.rs; one memoized item per sample × model)";
-    const INPUTS: &'static [Port] = &[Port::new("rendered", Rendered::TYPE), Port::optional("candidates", Candidates::TYPE)];
+    const INPUTS: &'static [Port] =
+        &[Port::new("rendered", Rendered::TYPE), Port::optional("candidates", Candidates::TYPE), Port::optional("finetuned", FineTuned::TYPE)];
     const OUTPUT: &'static str = Answers::TYPE;
 
     fn build(config: InferConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
@@ -606,13 +632,16 @@ impl StagePlugin for Infer {
             .unwrap_or(1);
         let settings = RunSettings { sampler: config.sampler, prepare: config.prepare, output: output.map(|(c, _)| c), device, catalog_dir };
         let models_from_config = !config.models.is_empty();
-        Ok(Arc::new(InferStage { settings, candidates, models_from_config, concurrency }))
+        let candidates = candidates.into_iter().map(Arc::new).collect();
+        Ok(Arc::new(InferStage { settings, candidates, models_from_config, concurrency, tuned: Default::default() }))
     }
 }
 
 struct InferStage {
     settings: RunSettings,
-    candidates: Vec<Candidate>,
+    candidates: Vec<Arc<Candidate>>,
+    /// Models a `finetune` input trained, known once it runs.
+    tuned: std::sync::Mutex<Vec<Arc<Candidate>>>,
     /// `models` was set; otherwise a `candidates` input must say which run.
     models_from_config: bool,
     /// Items the engine keeps in flight.
@@ -620,25 +649,44 @@ struct InferStage {
 }
 
 impl InferStage {
-    /// The candidates that run: those a `license_filter` input lets through, else `models`.
-    fn active(&self, input: &StageInput) -> Result<Vec<&Candidate>, StageError> {
-        let Some(policy) = input.inputs.get("candidates") else {
-            if !self.models_from_config {
-                return Err(StageError::new("no models to run: set `models`, or put a `license_filter` stage in `needs`"));
-            }
-            return Ok(self.candidates.iter().collect());
+    /// The candidates that run: those a `license_filter` input lets through, else `models`; then
+    /// those a `finetune` input trained.
+    fn active(&self, input: &StageInput) -> Result<Vec<Arc<Candidate>>, StageError> {
+        let tuned: Vec<Arc<Candidate>> = match input.read_optional::<FineTuned>("finetuned")? {
+            Some(f) => f.models.iter().map(|m| Arc::new(Candidate::tuned(m))).collect(),
+            None => Vec::new(),
         };
-        let policy = Candidates::read(policy).map_err(StageError::new)?;
-        policy
-            .included
-            .iter()
-            .map(|m| {
-                let id = &m.id;
-                self.candidates.iter().find(|c| c.id == *id).ok_or_else(|| {
-                    StageError::new(format!("model `{id}` passed the policy but is not a runnable model of this stage's catalog (or not in its `models`)"))
-                })
-            })
-            .collect()
+        *self.tuned.lock().expect("not poisoned") = tuned.clone();
+        let mut active: Vec<Arc<Candidate>> = match input.inputs.get("candidates") {
+            None if !self.models_from_config && tuned.is_empty() => {
+                return Err(StageError::new("no models to run: set `models`, or put a `license_filter` or `finetune` stage in `needs`"));
+            }
+            None => self.candidates.iter().filter(|_| self.models_from_config).cloned().collect(),
+            Some(policy) => {
+                let policy = Candidates::read(policy).map_err(StageError::new)?;
+                policy
+                    .included
+                    .iter()
+                    .map(|m| {
+                        let id = &m.id;
+                        self.candidates.iter().find(|c| c.id == *id).cloned().ok_or_else(|| {
+                            StageError::new(format!("model `{id}` passed the policy but is not a runnable model of this stage's catalog (or not in its `models`)"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        for t in tuned {
+            if active.iter().any(|c| c.id == t.id) {
+                return Err(StageError::new(format!("the fine-tuned model `{}` has the id of a candidate already: give it another (`id` in its stage)", t.id)));
+            }
+            active.push(t);
+        }
+        Ok(active)
+    }
+
+    fn candidate(&self, id: &str) -> Option<Arc<Candidate>> {
+        self.candidates.iter().find(|c| c.id == id).cloned().or_else(|| self.tuned.lock().expect("not poisoned").iter().find(|c| c.id == id).cloned())
     }
 }
 
@@ -646,6 +694,18 @@ impl InferStage {
 impl Stage for InferStage {
     fn pins(&self) -> engine::Pins {
         self.candidates.iter().map(|c| (c.id.clone(), c.pins(&self.settings))).collect()
+    }
+
+    /// Models known only at run time (a `finetune` stage's): their weights' digest, from the
+    /// answers (the `finetune` stage's own pins list their files).
+    fn output_pins(&self, output: &Value) -> engine::Pins {
+        let Ok(answers) = Answers::read(output) else { return engine::Pins::new() };
+        answers
+            .models
+            .iter()
+            .filter(|(id, _)| !self.candidates.iter().any(|c| &c.id == *id))
+            .filter_map(|(id, m)| Some((id.clone(), [("weights_sha256".to_string(), m.pin.weights_sha256.clone()?)].into())))
+            .collect()
     }
 
     fn resolved(&self) -> Option<Value> {
@@ -679,7 +739,7 @@ impl Stage for InferStage {
 
     async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
         let input = ItemInput::read(item)?;
-        let candidate = self.candidates.iter().find(|c| c.id == input.model).ok_or_else(|| StageError::new(format!("unknown model `{}`", input.model)))?;
+        let candidate = self.candidate(&input.model).ok_or_else(|| StageError::new(format!("unknown model `{}`", input.model)))?;
         let answer = candidate.chat(&input.messages, &self.settings, cx).await.map_err(StageError::new)?;
         Ok(serde_json::to_value(answer).expect("answers serialize"))
     }

@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use catalog::{Catalog, Source};
+use catalog::Catalog;
 use serde_json::{Value, json};
 
 use crate::{DeviceSpec, Message, OutputConstraint, Prepare, Sampler, embedded};
@@ -46,8 +46,8 @@ pub async fn serve(
     let catalog = Catalog::load(config.catalog).map_err(|d| d.iter().map(|d| d.render(false)).collect::<Vec<_>>().join("\n"))?;
     let model = catalog.get(config.model).ok_or_else(|| format!("model `{}` is not in `{}` (it has: {})", config.model, config.catalog.display(), catalog.ids().join(", ")))?;
     let (source, sha256) = match model.runnable_source() {
-        Some(s @ (Source::PythonPackage { sha256, .. } | Source::LocalFile { sha256, .. })) => (s.clone(), sha256.clone()),
-        _ => return Err(format!("model `{}` has no weights to run in-process (a `python_package` or `local_file` source)", config.model)),
+        Some(s) if let Some(sha256) = s.weights_sha256() => (s.clone(), sha256),
+        _ => return Err(format!("model `{}` has no weights to run in-process (a `python_package`, `local_file` or `local_dir` source, or a pinned `hugging_face` one)", config.model)),
     };
     let base = config.catalog.parent().unwrap_or(Path::new("."));
     let runner = embedded::load(&source, &sha256, base, config.prepare, config.device).await?;

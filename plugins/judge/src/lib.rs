@@ -387,6 +387,14 @@ pub fn paired_difference(pairs: &[(bool, bool)], bootstrap: u32, seed: u64) -> E
     mean_with_interval(&deltas, bootstrap, seed)
 }
 
+/// Exact one-sided McNemar test: P(X ≥ wins), X ~ Binomial(wins + losses, 1/2) — how likely at
+/// least `wins` of the discordant pairs favour the change if it did nothing.
+pub fn mcnemar_p(wins: usize, losses: usize) -> f64 {
+    let n = wins + losses;
+    let binomial = |n: usize, k: usize| (0..k).fold(1.0, |acc, i| acc * (n - i) as f64 / (i + 1) as f64);
+    if n == 0 { 1.0 } else { ((wins..=n).map(|k| binomial(n, k)).sum::<f64>() / 2f64.powi(n as i32)).min(1.0) }
+}
+
 /// How a judge agrees with people, from `(human, judge)` pass/fail pairs: raw agreement, Cohen's
 /// κ, TPR (of the answers people passed, the share the judge passed) and TNR (likewise for
 /// fails). A figure with no denominator is null.

@@ -351,14 +351,7 @@ fn mcnemar(parent: &BTreeMap<String, bool>, child: &BTreeMap<String, bool>) -> M
             _ => {}
         }
     }
-    // P(X ≥ wins), X ~ Binomial(wins + losses, 1/2).
-    let n = wins + losses;
-    let p_value = if n == 0 { 1.0 } else { (wins..=n).map(|k| binomial(n, k)).sum::<f64>() / 2f64.powi(n as i32) };
-    McNemar { wins, losses, p_value: p_value.min(1.0) }
-}
-
-fn binomial(n: usize, k: usize) -> f64 {
-    (0..k).fold(1.0, |acc, i| acc * (n - i) as f64 / (i + 1) as f64)
+    McNemar { wins, losses, p_value: judge::mcnemar_p(wins, losses) }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use artifacts::{Answers, Artifact, Candidates, Decision, DecisionMetrics, DecisionRow, Judgement, MAIN_METRICS, Prompt, QUALITY_METRICS, Serving, Split, Task};
+use artifacts::{Answers, Artifact, Candidates, Decision, DecisionMetrics, DecisionRow, FineTuned, Judgement, MAIN_METRICS, Prompt, QUALITY_METRICS, Serving, Split, Task, VsBase};
 use catalog::Catalog;
 use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, Bound, FileRef, Item, Port, Stage, StageError, StageInput, StagePlugin};
@@ -66,7 +66,13 @@ impl StagePlugin for Select {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "the decision: the smallest candidate meeting every target, and why each other one lost";
     const INPUTS: &'static [Port] =
-        &[Port::new("judgement", Judgement::TYPE), Port::new("answers", Answers::TYPE), Port::new("prompt", Prompt::TYPE), Port::optional("candidates", Candidates::TYPE)];
+        &[
+            Port::new("judgement", Judgement::TYPE),
+            Port::new("answers", Answers::TYPE),
+            Port::new("prompt", Prompt::TYPE),
+            Port::optional("candidates", Candidates::TYPE),
+            Port::optional("finetuned", FineTuned::TYPE),
+        ];
     const OUTPUT: &'static str = Decision::TYPE;
 
     fn build(config: SelectConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
@@ -120,6 +126,15 @@ impl StagePlugin for Select {
     }
 }
 
+/// What the decision needs to know of a model besides its figures.
+struct Facts {
+    active: f64,
+    total: f64,
+    license: String,
+    /// Fine-tuned from this catalog model.
+    base: Option<String>,
+}
+
 struct SelectStage {
     catalog: Catalog,
     targets: BTreeMap<String, Bound>,
@@ -143,14 +158,25 @@ impl Stage for SelectStage {
         let answers: Answers = input.read("answers")?;
         let prompt: Prompt = input.read("prompt")?;
         let version = prompt.version_in_force();
+        let tuned: Option<FineTuned> = input.read_optional("finetuned")?;
         let mut rows = Vec::new();
         for (id, j) in &judgement.models {
-            let model = self.catalog.get(id).ok_or_else(|| StageError::new(format!("model `{id}` was judged but is not in the select stage's catalog")))?;
+            // A catalog model, or one a `finetune` stage trained (the base's size and license).
+            let model = match (self.catalog.get(id), tuned.iter().flat_map(|t| &t.models).find(|m| &m.id == id)) {
+                (Some(m), _) => Facts { active: m.params_active_b, total: m.params_total_b, license: m.license.clone(), base: None },
+                (None, Some(m)) => Facts { active: m.params_active_b, total: m.params_total_b, license: m.license.clone(), base: Some(m.base.clone()) },
+                (None, None) => {
+                    return Err(StageError::new(format!("model `{id}` was judged but is not in the select stage's catalog (nor a `finetune` stage in `needs`)")));
+                }
+            };
             let (split, mut values) = j.quality();
             // In a revision loop, the prompt version in force may be an earlier one than the
             // version just judged (a rejected revision): decide on its figures.
+            let mut earlier = false;
             if let Some(figures) = prompt.accepted.as_ref().and_then(|a| a.models.get(id)) {
-                values = QUALITY_METRICS.iter().filter_map(|k| Some((*k, *figures.get(*k)?))).collect();
+                let accepted: BTreeMap<&str, f64> = QUALITY_METRICS.iter().filter_map(|k| Some((*k, *figures.get(*k)?))).collect();
+                earlier = accepted.iter().any(|(k, v)| values.get(k) != Some(v));
+                values = accepted;
             }
             let answered = answers.models.get(id);
             let timing = answered.map(|a| &a.timing);
@@ -187,7 +213,7 @@ impl Stage for SelectStage {
                 }
             }
             let serving = machine.map(|(name, m)| Serving { machine: name.to_string(), hardware: m.hardware.clone(), gpu: m.gpu.clone(), usd_per_hour: m.usd_per_hour });
-            rows.push(Row { id: id.clone(), split, active: model.params_active_b, total: model.params_total_b, values, misses, shortfall, license: model.license.clone(), serving });
+            rows.push(Row { id: id.clone(), split, active: model.active, total: model.total, values, misses, shortfall, license: model.license, base: model.base, earlier, serving });
         }
         if rows.is_empty() {
             return Err(StageError::new("no candidates were judged"));
@@ -205,6 +231,30 @@ impl Stage for SelectStage {
             None
         };
         let targets: BTreeMap<String, String> = self.targets.iter().map(|(k, b)| (k.clone(), b.to_string())).collect();
+        // A fine-tuned candidate against its base, when both were judged on the version in force
+        // (not when an earlier version's figures stand in for a rejected revision's).
+        let earlier = |id: &str| rows.iter().any(|r| r.id == id && r.earlier);
+        let vs_base = |r: &Row| -> Option<VsBase> {
+            let base = r.base.as_ref()?;
+            if earlier(&r.id) || earlier(base) {
+                return None;
+            }
+            let passes = |id: &str| -> Option<BTreeMap<&str, bool>> {
+                Some(judgement.models.get(id)?.verdicts_in(Split::Heldout).filter_map(|v| Some((v.id.as_str(), v.pass?))).collect())
+            };
+            let (before, after) = (passes(base)?, passes(&r.id)?);
+            let pairs: Vec<(bool, bool)> = after.iter().filter_map(|(id, a)| Some((*before.get(id)?, *a))).collect();
+            let fixed = pairs.iter().filter(|(b, a)| !b && *a).count();
+            let broken = pairs.iter().filter(|(b, a)| *b && !a).count();
+            Some(VsBase {
+                base: base.clone(),
+                samples: pairs.len(),
+                fixed,
+                broken,
+                change: judge::paired_difference(&pairs, 1000, input.seed),
+                p_value: judge::mcnemar_p(fixed, broken),
+            })
+        };
         let mut candidates: Vec<DecisionRow> = rows
             .iter()
             .map(|r| {
@@ -216,18 +266,34 @@ impl Stage for SelectStage {
                     let winner = meeting[0];
                     format!("meets every target but is larger than `{}` ({}B active vs {}B)", winner.id, r.active, winner.active)
                 };
+                let vs_base = vs_base(r);
+                let verdict = match &vs_base {
+                    Some(v) => format!(
+                        "{verdict}; against its base `{}` on {} held-out samples: {:+.3} (paired 95% CI {}), {} fixed, {} broken, McNemar p {}",
+                        v.base,
+                        v.samples,
+                        v.change.value,
+                        v.change.ci95.map_or("n/a".into(), |[lo, hi]| format!("{lo:+.3} to {hi:+.3}")),
+                        v.fixed,
+                        v.broken,
+                        if v.p_value < 0.001 { "< 0.001".to_string() } else { format!("= {:.3}", v.p_value) }
+                    ),
+                    None => verdict,
+                };
                 let of = |names: &[&str]| -> BTreeMap<String, f64> { r.values.iter().filter(|(k, _)| names.contains(k)).map(|(k, v)| (k.to_string(), *v)).collect() };
                 DecisionRow {
                     model: r.id.clone(),
                     params_active_b: r.active,
                     params_total_b: r.total,
                     license: r.license.clone(),
+                    base: r.base.clone(),
                     split: Some(r.split),
                     quality: Some(of(QUALITY_METRICS)),
                     timing: Some(of(&SPEED)),
                     meets_targets: r.misses.is_empty(),
                     verdict,
                     serving: r.serving.clone(),
+                    vs_base,
                 }
             })
             .collect();
@@ -238,12 +304,14 @@ impl Stage for SelectStage {
             params_active_b: m.params_active_b,
             params_total_b: m.params_total_b,
             license: m.license.clone(),
+            base: None,
             split: None,
             quality: None,
             timing: None,
             meets_targets: false,
             verdict: format!("excluded by policy: {}", m.reasons.as_deref().unwrap_or_default().join("; ")),
             serving: None,
+            vs_base: None,
         }));
         let summary = match (&selected, &closest) {
             (Some(m), _) => format!("selected `{m}` with prompt version {version}: the smallest candidate meeting every target ({})", targets_text(&targets)),
@@ -288,6 +356,9 @@ struct Row {
     misses: Vec<String>,
     shortfall: f64,
     license: String,
+    base: Option<String>,
+    /// Its quality figures are an earlier prompt version's (a revision was rejected).
+    earlier: bool,
 }
 
 impl Row {
