@@ -62,9 +62,8 @@ impl StagePlugin for TrainingData {
         let labels = match &config.labels {
             None => None,
             Some(file) => {
-                let path = cx.file(file).map_err(|d| vec![d])?;
-                let text = std::fs::read_to_string(&path).map_err(|e| vec![cx.error_at(file.span.clone(), format!("cannot read `{}`: {e}", file.path), "this file")])?;
-                llm_judge::read_labels(&SourceFile::new(cx.display_path(file), text.clone()), &format!("stage `{}`", cx.stage_id))?;
+                let source = llm_judge::read_source(cx, file)?;
+                llm_judge::read_labels(&source, &format!("stage `{}`", cx.stage_id))?;
                 Some((file.clone(), cx.display_path(file).to_string_lossy().into_owned()))
             }
         };

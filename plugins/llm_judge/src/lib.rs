@@ -352,7 +352,8 @@ pub fn label_line(l: &Label) -> String {
     line
 }
 
-fn read_source(cx: &mut BuildContext, file: &FileRef) -> Result<SourceFile, Vec<Diagnostic>> {
+/// A file a stage declares and reads at build time, as a [`SourceFile`] for located errors.
+pub fn read_source(cx: &mut BuildContext, file: &FileRef) -> Result<SourceFile, Vec<Diagnostic>> {
     let path = cx.file(file).map_err(|d| vec![d])?;
     let text = std::fs::read_to_string(&path)
         .map_err(|e| vec![cx.error_at(file.span.clone(), format!("cannot read `{}`: {e}", file.path), "this file")])?;
