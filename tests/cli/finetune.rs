@@ -40,7 +40,12 @@ sampler = { max_tokens = 8, stop = ["\n"] }
 }
 
 fn answers_of(p: &Project, model: &str) -> Vec<String> {
-    let answers: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "answers"]).stdout).unwrap();
+    stage_answers_of(p, "answers", model)
+}
+
+/// A model's answers (trimmed) in an `infer` stage's output.
+fn stage_answers_of(p: &Project, stage: &str, model: &str) -> Vec<String> {
+    let answers: Value = serde_json::from_slice(&p.run(&["show", "select.toml", stage]).stdout).unwrap();
     answers["models"][model]["answers"].as_array().unwrap_or_else(|| panic!("no answers of `{model}`: {answers}")).iter().map(|a| a["text"].as_str().unwrap().trim().to_string()).collect()
 }
 
@@ -254,8 +259,7 @@ sampler = { max_tokens = 8, stop = ["\n"] }
     assert_eq!((model["method"].as_str(), model["steps"].as_u64()), (Some("lora-dpo"), Some(4)));
     assert_eq!(model["examples"].as_u64(), Some(dpo.len() as u64));
     let base = answers_of(&p, "smollm2-135m-instruct");
-    let answers: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "preferred_answers"]).stdout).unwrap();
-    let preferred: Vec<String> = answers["models"]["smollm2-135m-instruct+lora"]["answers"].as_array().unwrap().iter().map(|a| a["text"].as_str().unwrap().trim().to_string()).collect();
+    let preferred = stage_answers_of(&p, "preferred_answers", "smollm2-135m-instruct+lora");
     assert_eq!(preferred.len(), base.len());
     assert_ne!(preferred, base);
 }
