@@ -46,6 +46,19 @@ impl Observer for Progress {
                     bars.insert(name, bar);
                 }
             }
+            Event::ItemProgress { stage, item, done, total, message, .. } => {
+                // A long item (a training run): a bar of its own steps, gone when it is done.
+                let name = format!("{stage} {item}");
+                let bar = bars.entry(name.clone()).or_insert_with(|| {
+                    let bar = self.multi.add(ProgressBar::new(*total));
+                    bar.set_style(ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}, {eta})").expect("valid template").progress_chars("=> "));
+                    bar.set_prefix(name);
+                    bar
+                });
+                bar.set_length(*total);
+                bar.set_position(*done);
+                bar.set_message(message.clone());
+            }
             Event::Item { stage, item, .. } => {
                 let name = match engine::item_group(item) {
                     Some(group) if !bars.contains_key(stage) => format!("{stage} {group}"),

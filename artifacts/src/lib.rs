@@ -647,10 +647,15 @@ pub struct TunedModel {
     pub params_active_b: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_tokens: Option<u32>,
-    /// `lora-sft`: a LoRA adapter trained on the answers, merged into the base weights.
+    /// `lora-sft` (a LoRA adapter trained on the answers), `lora-dpo` (on preference pairs) or
+    /// `lora-import` (an adapter trained elsewhere), merged into the base weights.
     pub method: String,
     /// The merged model directory (Hugging Face layout): each file's sha256.
     pub files: BTreeMap<String, String>,
+    /// The LoRA adapter itself (PEFT layout, kept in the model directory's `adapter/` folder, for
+    /// servers that load adapters beside a base): each file's sha256.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub adapter: BTreeMap<String, String>,
     /// The digest of `files` (`sha256sum` lines in name order): what pins its answers.
     pub weights_sha256: String,
     /// Training examples (dev samples only), and the sha256 of the training data as sent.

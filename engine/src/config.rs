@@ -259,11 +259,8 @@ pub fn parse(file: SourceFile, registry: &Registry) -> Result<Pipeline, Vec<Diag
     let facts: Vec<Value> = stages.iter().map(|s| s.node.as_ref().map_or(Value::Null, |n| n.stage.facts())).collect();
     for stage in &stages {
         let Some(node) = &stage.node else { continue };
-        let inputs: BTreeMap<String, Value> =
-            node.inputs.iter().filter(|(_, up)| !facts[*up].is_null()).map(|(port, up)| (port.clone(), facts[*up].clone())).collect();
-        if !inputs.is_empty() {
-            diags.extend(node.stage.check_inputs(&file, &inputs));
-        }
+        let inputs: BTreeMap<String, Value> = node.inputs.iter().map(|(port, up)| (port.clone(), facts[*up].clone())).collect();
+        diags.extend(node.stage.check_inputs(&file, &inputs));
     }
 
     if !diags.is_empty() {

@@ -25,6 +25,8 @@ pub enum Event {
         #[serde(skip_serializing_if = "Vec::is_empty")]
         groups: Vec<ItemGroup>,
     },
+    /// A long item's progress (steps of a training run), as the stage reports it.
+    ItemProgress { iteration: u32, stage: String, item: String, done: u64, total: u64, message: String },
     /// One item was computed (cached items emit nothing; see `Started::cached_items`).
     Item { iteration: u32, stage: String, item: String },
     /// The stage produced `output`; `unchanged` when byte-identical to its previous output, so its

@@ -22,7 +22,7 @@ use crate::events::{Event, ItemGroup, Observer, item_group};
 use crate::fingerprint::{FORMAT_VERSION, Fingerprint};
 use crate::hash::Digest;
 use crate::lockfile::{ENGINE_VERSION, LOCK_VERSION, LockedStage, Lockfile};
-use crate::stage::{Cancel, Item, ItemContext, Reported, StageInput};
+use crate::stage::{Cancel, Item, ItemContext, ItemProgress, Reported, StageInput};
 use crate::store::{Outputs, Store, StoreError};
 
 mod plan;

@@ -146,7 +146,8 @@ pub trait Stage: Send + Sync {
     }
 
     /// Problems this stage has with what its inputs will hold, from their [`Stage::facts`] by port
-    /// name (a port whose upstream has none is absent), found at `validate`.
+    /// name (Null where the upstream stage knows none; an optional port nothing feeds is absent),
+    /// found at `validate`.
     fn check_inputs(&self, _pipeline: &SourceFile, _facts: &BTreeMap<String, Value>) -> Vec<Diagnostic> {
         Vec::new()
     }
@@ -180,6 +181,22 @@ pub struct ItemContext {
     pub seed: u64,
     /// Set on Ctrl-C: long items may stop early (their result is then discarded).
     pub cancel: Cancel,
+    /// How far a long item has got (steps of a training run), shown as it goes.
+    pub progress: ItemProgress,
+}
+
+/// Reports the progress of one running item to the run's observers ([`Event::ItemProgress`]);
+/// the default reports to nobody.
+#[derive(Clone, Default)]
+pub struct ItemProgress(pub(crate) Option<(Arc<dyn crate::Observer>, u32, String, String)>);
+
+impl ItemProgress {
+    /// `done` of `total` steps; `message` says what the last one was (e.g. its loss).
+    pub fn report(&self, done: u64, total: u64, message: impl Into<String>) {
+        if let Some((observer, iteration, stage, item)) = &self.0 {
+            observer.event(&crate::Event::ItemProgress { iteration: *iteration, stage: stage.clone(), item: item.clone(), done, total, message: message.into() });
+        }
+    }
 }
 
 /// The run's interrupt flag, for work that can stop early.

@@ -296,7 +296,7 @@ fn log(events: Vec<Event>) -> Vec<String> {
                 }
                 Event::Item { iteration, stage, item } => format!("{iteration} {stage}/{item}"),
                 Event::Finished { iteration, stage, unchanged: true, .. } => format!("{iteration} {stage} unchanged"),
-                Event::Finished { .. } => return None,
+                Event::Finished { .. } | Event::ItemProgress { .. } => return None,
                 Event::Failed { iteration, stage, error } => format!("{iteration} {stage} failed: {error}"),
                 Event::Skipped { iteration, stage, because } => format!("{iteration} {stage} skipped: {because}"),
                 Event::IterationDone { iteration, targets_met } => format!("{iteration} done, targets met: {targets_met:?}"),
@@ -628,4 +628,13 @@ fn feedback_must_close_a_loop_of_one_type() {
         &[("nums.txt", "1\n")],
     );
     insta::assert_snapshot!(out);
+}
+
+#[test]
+fn item_progress_reaches_the_observers() {
+    let recorder = Arc::new(Recorder::default());
+    let progress = crate::ItemProgress(Some((recorder.clone(), 2, "train".into(), "m".into())));
+    progress.report(3, 10, "loss 0.5");
+    crate::ItemProgress::default().report(1, 1, "to nobody");
+    assert_eq!(recorder.take(), [Event::ItemProgress { iteration: 2, stage: "train".into(), item: "m".into(), done: 3, total: 10, message: "loss 0.5".into() }]);
 }

@@ -83,6 +83,9 @@ fn finetune_trains_a_candidate_that_answers_as_taught() {
     let (code, events, out) = p.run_logged(&[]);
     assert_eq!(code, 0, "{}\n{}", text(&out.stdout), text(&out.stderr));
     assert_eq!(items(&events).iter().filter(|i| i.starts_with("tuned/")).count(), 1, "one training run");
+    // Each training step is reported as it happens (a progress bar on a terminal).
+    let steps: Vec<(u64, u64)> = events.iter().filter(|e| e["event"] == "item_progress" && e["stage"] == "tuned").map(|e| (e["done"].as_u64().unwrap(), e["total"].as_u64().unwrap())).collect();
+    assert_eq!(steps, (0..=10).map(|done| (done, 10)).collect::<Vec<_>>(), "progress: {steps:?}");
     assert!(!tmp.exists(), "the killed training's files are cleared");
 
     let tuned: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "tuned"]).stdout).unwrap();
@@ -99,6 +102,9 @@ fn finetune_trains_a_candidate_that_answers_as_taught() {
     for f in ["config.json", "tokenizer.json", "model.safetensors"] {
         assert!(files.contains_key(f), "{f} in {files:?}");
     }
+    // The adapter is kept beside the merged model, in the layout peft and vLLM load.
+    let adapter = model["adapter"].as_object().unwrap();
+    assert_eq!(adapter.keys().collect::<Vec<_>>(), ["adapter_config.json", "adapter_model.safetensors"], "{adapter:?}");
 
     // The training data says: answer with the label alone. The base rambles; the trained model
     // answers more tickets with a bare label than its base does.
@@ -174,6 +180,35 @@ fn finetune_trains_a_candidate_that_answers_as_taught() {
     let lock = p.read("select.lock");
     assert!(lock.contains("file model.safetensors"), "{lock}");
     assert!(lock.contains(&format!("Hugging Face someone/smol-tuned at {revision}")), "{lock}");
+
+    // The adapter, brought back as one trained elsewhere: merged into the base, it is the
+    // trained model, byte for byte, and answers as it does.
+    let copied = p.path("../adapters/elsewhere");
+    std::fs::create_dir_all(&copied).unwrap();
+    for name in adapter.keys() {
+        std::fs::copy(trained_dir.join("adapter").join(name), copied.join(name)).unwrap();
+    }
+    let toml = p.read("select.toml").replace("needs = [\"rendered\"]", "needs = [\"rendered\", \"imported\"]")
+        + "\n[stages.imported]\nkind = \"finetune\"\ncatalog = \"../catalogs/open-models.toml\"\nbase = \"smollm2-135m-instruct\"\nid = \"imported\"\nadapter = \"../adapters/elsewhere\"\n";
+    p.write("select.toml", &toml);
+    let out = run_with_cache();
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let imported: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "imported"]).stdout).unwrap();
+    let imported = &imported["models"][0];
+    assert_eq!((imported["method"].as_str(), imported["steps"].as_u64()), (Some("lora-import"), Some(0)));
+    assert_eq!(imported["weights_sha256"], model["weights_sha256"], "merging the saved adapter gives the trained model");
+    assert_eq!(&imported["adapter"], &model["adapter"]);
+    assert_eq!(answers_of(&p, "imported"), trained);
+    assert!(p.read("select.lock").contains("a LoRA adapter trained elsewhere into smollm2-135m-instruct"));
+    // A changed adapter is a changed candidate: merged again.
+    let config = copied.join("adapter_config.json");
+    let mut changed: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    changed["lora_alpha"] = (changed["lora_alpha"].as_f64().unwrap() / 2.0).into();
+    std::fs::write(&config, serde_json::to_vec(&changed).unwrap()).unwrap();
+    let out = run_with_cache();
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let again: Value = serde_json::from_slice(&p.run(&["show", "select.toml", "imported"]).stdout).unwrap();
+    assert_ne!(again["models"][0]["weights_sha256"], model["weights_sha256"], "half the scale, other weights");
 }
 
 #[test]

@@ -87,7 +87,11 @@ pub(super) async fn run_stage(
                 break;
             }
             let Some(k) = pending.next() else { break };
-            let (stage, items, cx) = (node.stage.clone(), items.clone(), ItemContext { seed: pipeline.seed, cancel: Cancel(ctx.cancel.clone()) });
+            let (stage, items, cx) = (node.stage.clone(), items.clone(), ItemContext {
+                seed: pipeline.seed,
+                cancel: Cancel(ctx.cancel.clone()),
+                progress: ItemProgress(Some((ctx.observer.clone(), iteration, node.id.clone(), items[k].id.clone()))),
+            });
             running.spawn(async move { (k, stage.run_item(&items[k], &cx).await) });
         }
         let Some(joined) = running.join_next().await else { break };

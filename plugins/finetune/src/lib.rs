@@ -10,6 +10,11 @@
 //! two runs give the same bytes, which the test suite checks), and the CPU kernels are pinned
 //! to AVX2 so that another CPU generation computes the same numbers.
 //!
+//! With `adapter`, nothing is trained: a LoRA adapter trained elsewhere (a PEFT directory) is
+//! merged into the base the same way, and the merged model is a candidate like a trained one.
+//! A trained adapter is kept beside its merged model (`adapter/`), and merging it again gives
+//! the same bytes as the trained model (tested).
+//!
 //! Training data is a `training_data` stage's set ([`data`]): dev samples only, never held-out.
 //! `method = "sft"` learns its supervised examples; `"dpo"` its preference pairs (direct
 //! preference optimization, the reference being the base: the adapter switched off). The merged model is
@@ -54,6 +59,15 @@ const KERNELS: &[(&str, &str)] = &[("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR",
 /// Fewer dev examples than this cannot teach a model a task.
 pub const MIN_EXAMPLES: usize = 8;
 
+/// `method` of a model merged from an adapter trained elsewhere.
+const IMPORT: &str = "lora-import";
+
+/// The files of a PEFT LoRA adapter directory that `adapter` merges.
+const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+
+/// The settings that only training reads (an error beside `adapter`).
+const TRAINING_KEYS: [&str; 7] = ["method", "beta", "lora", "epochs", "max_steps", "learning_rate", "batch_size"];
+
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneConfig {
@@ -66,6 +80,11 @@ pub struct FinetuneConfig {
     pub base: Spanned<String>,
     /// The trained model's candidate id (default: the base's id with `+lora`).
     pub id: Option<String>,
+    /// Merge this LoRA adapter, trained elsewhere, into `base` instead of training one: a PEFT
+    /// adapter directory (`adapter_config.json`, `adapter_model.safetensors`), relative to the
+    /// pipeline file, both files pinned by content. Takes no training data and no training settings.
+    #[schemars(with = "Option<String>")]
+    pub adapter: Option<Spanned<String>>,
     /// What the model learns: `sft`, the supervised examples' answers; `dpo`, to prefer the
     /// wanted answer of each preference pair over the failed one.
     #[serde(default)]
@@ -180,14 +199,25 @@ struct FinetuneStage {
     context_tokens: Option<u32>,
     method: Method,
     hyperparameters: Value,
+    /// `adapter`: as written, its files' paths as declared to the engine and on disk.
+    adapter: Option<Adapter>,
+    /// The stage's id and where it is written, for the checks of its inputs.
+    stage_id: String,
+    at: std::ops::Range<usize>,
+}
+
+struct Adapter {
+    written: String,
+    span: std::ops::Range<usize>,
+    files: Vec<(String, String, PathBuf)>,
 }
 
 impl StagePlugin for Finetune {
     type Config = FinetuneConfig;
     const KIND: &'static str = "finetune";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "LoRA fine-tuning (SFT or DPO) of a catalog model on a training_data set (PyTorch + peft), merged into a model infer runs as a candidate";
-    const INPUTS: &'static [Port] = &[Port::new("data", TrainingSet::TYPE)];
+    const SUMMARY: &'static str = "LoRA fine-tuning (SFT or DPO) of a catalog model on a training_data set (PyTorch + peft), or an adapter trained elsewhere, merged into a model infer runs as a candidate";
+    const INPUTS: &'static [Port] = &[Port::optional("data", TrainingSet::TYPE)];
     const OUTPUT: &'static str = FineTuned::TYPE;
 
     fn build(config: FinetuneConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
@@ -224,6 +254,23 @@ impl StagePlugin for Finetune {
         {
             errors.push(cx.error_at(cx.key("id"), format!("`{new_id}` cannot name the trained model: use a new id without `/` or spaces, unlike any catalog model"), "this id"));
         }
+        let adapter = match &config.adapter {
+            None => None,
+            Some(dir) => {
+                for key in TRAINING_KEYS {
+                    if let Some(span) = cx.key(key) {
+                        errors.push(cx.error_at(Some(span), format!("`{key}` is a training setting, and with `adapter` nothing is trained"), "not with `adapter`").help("remove it, or remove `adapter` to train"));
+                    }
+                }
+                match load_adapter(dir, cx) {
+                    Ok(adapter) => Some(adapter),
+                    Err(e) => {
+                        errors.push(e);
+                        None
+                    }
+                }
+            }
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -250,8 +297,29 @@ impl StagePlugin for Finetune {
             context_tokens: model.context_tokens,
             method: config.method,
             hyperparameters,
+            adapter,
+            stage_id: cx.stage_id.to_string(),
+            at: cx.stage_span(),
         }))
     }
+}
+
+/// The adapter directory's files, declared to the engine (digested into the fingerprint), and its
+/// config checked to be a LoRA adapter.
+fn load_adapter(dir: &Spanned<String>, cx: &mut BuildContext) -> Result<Adapter, Diagnostic> {
+    let mut files = Vec::new();
+    for name in ADAPTER_FILES {
+        let written = Path::new(dir.get_ref()).join(name).to_string_lossy().into_owned();
+        let path = cx.file(&engine::FileRef { path: written.clone(), span: Some(dir.span()) }).map_err(|d| d.help(format!("a PEFT LoRA adapter directory holds {} (what peft's `save_pretrained` writes)", ADAPTER_FILES.join(" and "))))?;
+        files.push((name.to_string(), written, path));
+    }
+    let config = std::fs::read(&files[0].2).map_err(|e| cx.error_at(Some(dir.span()), format!("{}: {e}", files[0].1), "cannot read"))?;
+    let peft_type = serde_json::from_slice::<Value>(&config).ok().and_then(|c| c.get("peft_type").and_then(Value::as_str).map(String::from));
+    if peft_type.as_deref() != Some("LORA") {
+        let found = peft_type.map_or("no `peft_type`".to_string(), |t| format!("`peft_type` {t}"));
+        return Err(cx.error_at(Some(dir.span()), format!("`{}` is not a LoRA adapter's config: {found}", files[0].1), "not a LoRA adapter").help("only LoRA adapters (`\"peft_type\": \"LORA\"`) are merged"));
+    }
+    Ok(Adapter { written: dir.get_ref().clone(), span: dir.span(), files })
 }
 
 /// What a training run depends on: its memo key.
@@ -293,6 +361,14 @@ impl Stage for FinetuneStage {
         [(self.id.clone(), pins)].into()
     }
 
+    fn check_inputs(&self, pipeline: &engine::diag::SourceFile, facts: &BTreeMap<String, Value>) -> Vec<Diagnostic> {
+        match (&self.adapter, facts.contains_key("data")) {
+            (Some(adapter), true) => vec![Diagnostic::error(format!("stage `{}`: an adapter is merged, not trained, but `needs` hands this stage a training set", self.stage_id)).at(pipeline, adapter.span.clone(), "merged, not trained").help("take the `training_data` stage out of `needs`, or remove `adapter` to train")],
+            (None, false) => vec![Diagnostic::error(format!("stage `{}`: nothing to train on: `needs` has no `training_data` stage", self.stage_id)).at(pipeline, self.at.clone(), "this stage").help("put a `training_data` stage in `needs`, or set `adapter` to merge one trained elsewhere")],
+            _ => Vec::new(),
+        }
+    }
+
     fn output_pins(&self, output: &Value) -> engine::Pins {
         let Ok(tuned) = FineTuned::read(output) else { return engine::Pins::new() };
         tuned
@@ -302,13 +378,31 @@ impl Stage for FinetuneStage {
                 let mut pins: BTreeMap<String, String> = m.files.iter().map(|(name, sha)| (format!("file {name}"), sha.clone())).collect();
                 pins.insert("weights_sha256".into(), m.weights_sha256.clone());
                 pins.insert("data_sha256".into(), m.data_sha256.clone());
-                pins.insert("trained".into(), format!("{} from {} on {} examples, {} steps", m.method, m.base, m.examples, m.steps));
+                pins.extend(m.adapter.iter().map(|(name, sha)| (format!("adapter {name}"), sha.clone())));
+                if m.method == IMPORT {
+                    pins.insert("merged".into(), format!("a LoRA adapter trained elsewhere into {}", m.base));
+                } else {
+                    pins.insert("trained".into(), format!("{} from {} on {} examples, {} steps", m.method, m.base, m.examples, m.steps));
+                }
                 (m.id.clone(), pins)
             })
             .collect()
     }
 
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
+        if let Some(adapter) = &self.adapter {
+            let files: BTreeMap<&str, String> = adapter.files.iter().map(|(name, written, _)| Ok((name.as_str(), sha256_hex(input.file(&engine::FileRef { path: written.clone(), span: None })?)))).collect::<Result<_, StageError>>()?;
+            let merge = TrainInput {
+                base: self.base.clone(),
+                base_weights_sha256: self.base_sha256.clone(),
+                method: IMPORT.into(),
+                examples: Vec::new(),
+                pairs: Vec::new(),
+                hyperparameters: json!({"adapter": files}),
+                trainer: trainer_pins(),
+            };
+            return Ok(vec![Item { id: self.id.clone(), input: serde_json::to_value(merge).expect("merge inputs serialize") }]);
+        }
         let set: TrainingSet = input.read("data")?;
         let (examples, pairs) = match self.method {
             Method::Sft => (set.sft.into_iter().map(|e| Example { messages: e.messages, answer: e.answer }).collect::<Vec<_>>(), Vec::new()),
@@ -342,7 +436,12 @@ impl Stage for FinetuneStage {
             .map_err(|e| StageError::new(e.to_string()))?
             .map_err(|e| StageError::new(format!("the base model `{}`: {e}", self.base)))?;
         let python = trainer::ensure().await.map_err(StageError::new)?;
-        let trained = trainer::run(&python, &weights, &train, cx).await.map_err(StageError::new)?;
+        let trained = trainer::run(&python, &weights, &train, self.adapter.as_ref(), cx).await.map_err(StageError::new)?;
+        let adapter = match &self.adapter {
+            // The adapter merged: its files as the key pins them.
+            Some(_) => train.hyperparameters["adapter"].as_object().into_iter().flatten().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect(),
+            None => trained.adapter,
+        };
         let data = if train.pairs.is_empty() { serde_json::to_vec(&train.examples) } else { serde_json::to_vec(&train.pairs) }.expect("examples serialize");
         let model = TunedModel {
             id: item.id.clone(),
@@ -357,6 +456,7 @@ impl Stage for FinetuneStage {
             method: train.method.clone(),
             weights_sha256: catalog::files_digest(&trained.files),
             files: trained.files,
+            adapter,
             examples: train.examples.len() + train.pairs.len(),
             data_sha256: sha256_hex(&data),
             hyperparameters: train.hyperparameters.clone(),
@@ -379,7 +479,10 @@ impl Stage for FinetuneStage {
             .collect::<Result<_, _>>()?;
         let summary = models
             .iter()
-            .map(|m| format!("{} trained from {} on {} dev examples ({} steps, final loss {})", m.id, m.base, m.examples, m.steps, m.final_loss.map_or("n/a".into(), |l| format!("{l:.3}"))))
+            .map(|m| match m.method.as_str() {
+                IMPORT => format!("{} merged from {} and an adapter trained elsewhere", m.id, m.base),
+                _ => format!("{} trained from {} on {} dev examples ({} steps, final loss {})", m.id, m.base, m.examples, m.steps, m.final_loss.map_or("n/a".into(), |l| format!("{l:.3}"))),
+            })
             .collect::<Vec<_>>()
             .join("; ");
         Ok(FineTuned { models, summary }.to_json())
@@ -391,6 +494,8 @@ mod trainer {
 
     pub struct Trained {
         pub files: BTreeMap<String, String>,
+        /// The adapter's files (`adapter/` in the model directory), for a trained one.
+        pub adapter: BTreeMap<String, String>,
         pub steps: u64,
         pub final_loss: Option<f64>,
         pub seconds: f64,
@@ -437,17 +542,17 @@ mod trainer {
         Ok(python)
     }
 
-    /// Train, merge and move the model into the cache; its files' digests.
-    pub async fn run(python: &Path, weights: &catalog::fetch::Weights, train: &TrainInput, cx: &ItemContext) -> Result<Trained, String> {
+    /// Train (or take `adapter`), merge and move the model into the cache; its files' digests.
+    pub async fn run(python: &Path, weights: &catalog::fetch::Weights, train: &TrainInput, adapter: Option<&Adapter>, cx: &ItemContext) -> Result<Trained, String> {
         let root = catalog::fetch::cache_dir().join("finetuned");
         std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
         clear_abandoned(&root);
         let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
         let tmp = root.join(format!(".tmp-{}-{nonce}", std::process::id()));
         std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        let result = train_into(python, weights, train, &tmp, cx).await;
+        let result = train_into(python, weights, train, adapter, &tmp, cx).await;
         let outcome = match result {
-            Ok((steps, final_loss, seconds)) => finalize(&root, &tmp).map(|files| Trained { files, steps, final_loss, seconds }),
+            Ok((steps, final_loss, seconds)) => finalize(&root, &tmp).map(|(files, adapter)| Trained { files, adapter, steps, final_loss, seconds }),
             Err(e) => Err(e),
         };
         let _ = std::fs::remove_dir_all(&tmp);
@@ -467,13 +572,13 @@ mod trainer {
         }
     }
 
-    async fn train_into(python: &Path, weights: &catalog::fetch::Weights, train: &TrainInput, tmp: &Path, cx: &ItemContext) -> Result<(u64, Option<f64>, f64), String> {
+    async fn train_into(python: &Path, weights: &catalog::fetch::Weights, train: &TrainInput, adapter: Option<&Adapter>, tmp: &Path, cx: &ItemContext) -> Result<(u64, Option<f64>, f64), String> {
         let base = match weights.format {
             WeightsFormat::Gguf => json!({"gguf": weights.path}),
             WeightsFormat::Safetensors => json!({"dir": weights.path}),
         };
         let h = &train.hyperparameters;
-        let job = json!({
+        let mut job = json!({
             "base": base,
             "method": train.method,
             "examples": train.examples,
@@ -485,7 +590,22 @@ mod trainer {
             "learning_rate": h["learning_rate"],
             "batch_size": h["batch_size"],
             "seed": cx.seed,
+            "base_name": train.base,
         });
+        if let Some(adapter) = adapter {
+            // The adapter's bytes as the key pins them, copied beside the job.
+            let dir = tmp.join("adapter");
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            for (name, _, path) in &adapter.files {
+                let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                if train.hyperparameters["adapter"][name].as_str() != Some(sha256_hex(&bytes).as_str()) {
+                    return Err(format!("{} changed while the run went on; run again", path.display()));
+                }
+                std::fs::write(dir.join(name), bytes).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+            tracing::info!(adapter = adapter.written, "merging an adapter trained elsewhere");
+            job["adapter"] = json!(dir);
+        }
         let job_path = tmp.join("job.json");
         std::fs::write(&job_path, serde_json::to_vec(&job).expect("jobs serialize")).map_err(|e| format!("{}: {e}", job_path.display()))?;
         let out_dir = tmp.join("model");
@@ -536,8 +656,14 @@ mod trainer {
             let Some(line) = line else { break };
             let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
             match event["event"].as_str() {
-                Some("step") => tracing::info!(step = %event["step"], steps = %event["steps"], loss = %event["loss"], "training"),
-                Some("start") => tracing::info!(examples = %event["examples"], steps = %event["steps"], "training started"),
+                Some("step") => {
+                    tracing::info!(step = %event["step"], steps = %event["steps"], loss = %event["loss"], "training");
+                    cx.progress.report(event["step"].as_u64().unwrap_or(0), event["steps"].as_u64().unwrap_or(0), format!("loss {}", event["loss"]));
+                }
+                Some("start") => {
+                    tracing::info!(examples = %event["examples"], steps = %event["steps"], "training started");
+                    cx.progress.report(0, event["steps"].as_u64().unwrap_or(0), "training");
+                }
                 Some("done") => done = Some(event),
                 _ => {}
             }
@@ -554,11 +680,29 @@ mod trainer {
         }
     }
 
-    /// Hash the merged model's files and move the directory into the cache under their digest.
-    fn finalize(root: &Path, tmp: &Path) -> Result<BTreeMap<String, String>, String> {
+    /// Hash the merged model's files (and its adapter's, in `adapter/`) and move the directory
+    /// into the cache under the merged files' digest.
+    fn finalize(root: &Path, tmp: &Path) -> Result<(BTreeMap<String, String>, BTreeMap<String, String>), String> {
         let dir = tmp.join("model");
+        let files = synced_digests(&dir)?;
+        let adapter = if dir.join("adapter").is_dir() { synced_digests(&dir.join("adapter"))? } else { BTreeMap::new() };
+        let target = catalog::fetch::trained_dir(&catalog::files_digest(&files));
+        if target.is_dir() {
+            // Trained before (the same bytes: the digest says so).
+            return Ok((files, adapter));
+        }
+        std::fs::rename(&dir, &target).map_err(|e| format!("moving the trained model to {}: {e}", target.display()))?;
+        if let Ok(d) = std::fs::File::open(root) {
+            let _ = d.sync_all();
+        }
+        tracing::info!(dir = %target.display(), "fine-tuned model saved");
+        Ok((files, adapter))
+    }
+
+    /// The sha256 of each file in `dir` (not below it), each synced to disk first.
+    fn synced_digests(dir: &Path) -> Result<BTreeMap<String, String>, String> {
         let mut files = BTreeMap::new();
-        for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
             let entry = entry.map_err(|e| e.to_string())?;
             if entry.path().is_file() {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -566,15 +710,6 @@ mod trainer {
                 f.sync_all().map_err(|e| format!("{}: {e}", entry.path().display()))?;
                 files.insert(name, catalog::fetch::sha256_file(&entry.path()).map_err(|e| e.to_string())?);
             }
-        }
-        let target = catalog::fetch::trained_dir(&catalog::files_digest(&files));
-        if target.is_dir() {
-            // Trained before (the same bytes: the digest says so).
-            return Ok(files);
-        }
-        std::fs::rename(&dir, &target).map_err(|e| format!("moving the trained model to {}: {e}", target.display()))?;
-        if let Ok(d) = std::fs::File::open(root) {
-            let _ = d.sync_all();
         }
         Ok(files)
     }

@@ -4,11 +4,14 @@
 #
 #   python train.py JOB.json OUT_DIR
 #
-# JOB.json: {"base": {"gguf": PATH} | {"dir": PATH}, "method": "lora-sft" | "lora-dpo",
+# JOB.json: {"base": {"gguf": PATH} | {"dir": PATH}, "method": "lora-sft" | "lora-dpo" | "lora-import",
 #            "examples": [{"messages": [...], "answer": S}] (SFT),
 #            "pairs": [{"messages": [...], "chosen": S, "rejected": S}] (DPO), "beta" (DPO),
 #            "lora": {"rank", "alpha", "dropout", "target_modules"}, "epochs", "max_steps",
-#            "learning_rate", "batch_size", "seed"}
+#            "learning_rate", "batch_size", "seed", "base_name": the base's catalog id,
+#            "adapter": DIR (lora-import)}
+# lora-import trains nothing: the PEFT adapter in DIR, trained elsewhere, is merged the same way.
+# A trained adapter is saved too, in OUT_DIR/adapter (PEFT layout), before it is merged.
 # DPO (Rafailov et al. 2023) scores each answer by its summed log-probability; the reference
 # model is the base itself, the LoRA adapter switched off, so no second copy is held.
 # Progress goes to stdout as JSON lines ({"event": "step", ...}); the last line is
@@ -100,6 +103,18 @@ def main():
         fail(f"the trainer cannot load the base model: {type(e).__name__}: {e}")
     emit(event="loaded", seconds=round(time.monotonic() - started, 1))
 
+    if job.get("method") == "lora-import":
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, job["adapter"])
+        except Exception as e:  # noqa: BLE001 - peft's own words say what does not fit
+            fail(f"the adapter does not fit the base model: {type(e).__name__}: {e}")
+        emit(event="start", examples=0, steps=0)
+        save_merged(model.merge_and_unload(), tokenizer, out)
+        emit(event="done", steps=0, examples=0, final_loss=None, seconds=round(time.monotonic() - started, 1), versions=versions())
+        return
+
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
@@ -185,7 +200,35 @@ def main():
             loss_value = loss.item()
             emit(event="step", step=step, steps=total, loss=round(loss_value, 6))
 
-    merged = model.merge_and_unload()
+    # The adapter as trained, for servers that load one beside its base; then merged. It names
+    # its base by catalog id, not by this machine's path, and peft's model card (which repeats
+    # the path) is left out: the same training gives the same adapter bytes on every machine.
+    model.peft_config["default"].base_model_name_or_path = job["base_name"]
+    adapter = os.path.join(out, "adapter")
+    model.save_pretrained(adapter)
+    if os.path.exists(os.path.join(adapter, "README.md")):
+        os.remove(os.path.join(adapter, "README.md"))
+    save_merged(model.merge_and_unload(), tokenizer, out)
+    emit(
+        event="done",
+        steps=step,
+        examples=len(units),
+        final_loss=loss_value,
+        seconds=round(time.monotonic() - started, 1),
+        versions=versions(),
+    )
+
+
+def versions():
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def save_merged(merged, tokenizer, out):
+    """The merged model as a Hugging Face model directory that mistral.rs reads."""
     merged.eval()
     os.makedirs(out, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
@@ -201,14 +244,6 @@ def main():
         with open(path, "w") as f:
             json.dump(saved, f, indent=2, sort_keys=True)
             f.write("\n")
-    emit(
-        event="done",
-        steps=step,
-        examples=len(units),
-        final_loss=loss_value,
-        seconds=round(time.monotonic() - started, 1),
-        versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-    )
 
 
 if __name__ == "__main__":

@@ -299,7 +299,7 @@ mod tests {
     fn render(template: &str, fields: Value) -> Result<Value, StageError> {
         let item = Item { id: "s1".into(), input: json!({"id": "s1", "fields": fields, "system": "Be brief.", "template": template}) };
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(RenderStage(RenderConfig { split: Split::All }).run_item(&item, &ItemContext { seed: 0, cancel: Default::default() }))
+        rt.block_on(RenderStage(RenderConfig { split: Split::All }).run_item(&item, &ItemContext { seed: 0, cancel: Default::default(), progress: Default::default() }))
     }
 
     #[test]
