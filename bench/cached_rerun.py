@@ -6,9 +6,11 @@ memoized item per sample, three `command` stages), 16 stages in all. DVC gets th
 stages over the same data file, each a no-op command with its own output. Both are run once to fill
 their caches, then timed on reruns where nothing changed. Prints medians and the ratio.
 
-    python3 bench/cached_rerun.py [--runs 15] [--samples 10000]
+    python3 bench/cached_rerun.py [--runs 15] [--samples 10000] [--profile dev|release]
 
-Needs DVC (installed into ~/.cache/pipeline-bench-venv when missing) and a release build.
+Needs DVC (installed into ~/.cache/pipeline-bench-venv when missing). `--profile dev` times the
+binary README's commands build (`cargo build`); `release` (the default) builds one with
+`cargo build --release` first.
 """
 
 import argparse
@@ -94,10 +96,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--samples", type=int, default=10000)
+    ap.add_argument("--profile", choices=["dev", "release"], default="release")
     args = ap.parse_args()
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    sh(["cargo", "build", "--release", "--locked", "-q"], ROOT)
-    binary = target / "release/pipeline"
+    sh(["cargo", "build", "--locked", "-q"] + (["--release"] if args.profile == "release" else []), ROOT)
+    binary = target / ("release" if args.profile == "release" else "debug") / "pipeline"
     dvc_exe = dvc_bin()
     version = sh([dvc_exe, "--version"], ROOT).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +118,7 @@ def main():
         ours_t = timed(ours_cmd, a, args.runs)
         dvc_t = timed(dvc_cmd, b, args.runs)
     med_o, med_d = statistics.median(ours_t), statistics.median(dvc_t)
-    print(f"fully cached rerun, {args.samples} samples x {len(CANDIDATES)} candidates x 5 stages (+ dataset), median of {args.runs}")
+    print(f"fully cached rerun, {args.samples} samples x {len(CANDIDATES)} candidates x 5 stages (+ dataset), median of {args.runs}, {args.profile} build")
     print(f"  pipeline (first run, not a rerun: {first:.1f} s)")
     print(f"  pipeline run   {med_o * 1000:8.1f} ms   (min {min(ours_t) * 1000:.1f}, max {max(ours_t) * 1000:.1f})")
     print(f"  dvc repro      {med_d * 1000:8.1f} ms   (min {min(dvc_t) * 1000:.1f}, max {max(dvc_t) * 1000:.1f})   {version}")

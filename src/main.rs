@@ -432,6 +432,11 @@ fn run(args: RunArgs) -> Outcome {
         Ok(report) => {
             // A stage may sum itself up in a top-level `summary` (e.g. `select`'s decision).
             let store = store_for(&pipeline, &args.inner.store);
+            // Read for its summary alone: a 10,000-item artifact is not built as a `Value` for it.
+            #[derive(serde::Deserialize)]
+            struct Summary {
+                summary: Option<String>,
+            }
             let summaries: Vec<(String, String)> = report
                 .iterations
                 .last()
@@ -440,7 +445,7 @@ fn run(args: RunArgs) -> Outcome {
                         .iter()
                         // A fed stage's output is another stage's, summary included.
                         .filter(|s| s.status != engine::exec::Status::Fed)
-                        .filter_map(|s| Some((s.id.clone(), store.get_object(&s.output?)?.get("summary")?.as_str()?.to_string())))
+                        .filter_map(|s| Some((s.id.clone(), store.get_object_as::<Summary>(&s.output?)?.summary?)))
                         .collect()
                 })
                 .unwrap_or_default();

@@ -133,8 +133,9 @@ pub trait Stage: Send + Sync {
 
     /// What the lockfile should name that only the stage's output knows (a trained model's
     /// weights and training data): added to [`Stage::pins`]. The output is already pinned by its
-    /// digest; this makes a changed model show in a diff.
-    fn output_pins(&self, _output: &Value) -> Pins {
+    /// digest; this makes a changed model show in a diff. `output` reads the output back from the
+    /// store: only a stage that needs it pays for parsing it (a no-op rerun writes the lockfile).
+    fn output_pins(&self, _output: &dyn Fn() -> Option<Value>) -> Pins {
         Pins::new()
     }
 

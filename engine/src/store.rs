@@ -135,6 +135,12 @@ impl Store {
 
     /// An artifact, verified against its digest. `None` if absent or damaged.
     pub fn get_object(&self, digest: &Digest) -> Option<Value> {
+        self.get_object_as(digest)
+    }
+
+    /// An object read straight into `T`: a part of a large artifact (its `summary`) without
+    /// building the whole of it as a `Value`.
+    pub fn get_object_as<T: serde::de::DeserializeOwned>(&self, digest: &Digest) -> Option<T> {
         let bytes = fs::read(self.sharded("objects", digest)).ok()?;
         if Digest::of_bytes(&bytes) != *digest {
             tracing::warn!(object = %digest, "damaged object in store; it will be recomputed");

@@ -131,8 +131,8 @@ impl RunReport {
                         let fp = Fingerprint { inputs: s.stable_inputs.clone(), ..s.fingerprint.clone()? };
                         let node = pipeline.stages.iter().find(|n| n.id == s.id);
                         let mut pins = node.map(|n| n.stage.pins()).unwrap_or_default();
-                        if let (Some(n), Some(value)) = (node, s.output.as_ref().and_then(&output)) {
-                            for (name, more) in n.stage.output_pins(&value) {
+                        if let Some(n) = node {
+                            for (name, more) in n.stage.output_pins(&|| s.output.as_ref().and_then(output)) {
                                 pins.entry(name).or_default().extend(more);
                             }
                         }

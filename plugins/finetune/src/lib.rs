@@ -369,8 +369,8 @@ impl Stage for FinetuneStage {
         }
     }
 
-    fn output_pins(&self, output: &Value) -> engine::Pins {
-        let Ok(tuned) = FineTuned::read(output) else { return engine::Pins::new() };
+    fn output_pins(&self, output: &dyn Fn() -> Option<Value>) -> engine::Pins {
+        let Some(Ok(tuned)) = output().map(|v| FineTuned::read(&v)) else { return engine::Pins::new() };
         tuned
             .models
             .iter()

@@ -698,8 +698,8 @@ impl Stage for InferStage {
 
     /// Models known only at run time (a `finetune` stage's): their weights' digest, from the
     /// answers (the `finetune` stage's own pins list their files).
-    fn output_pins(&self, output: &Value) -> engine::Pins {
-        let Ok(answers) = Answers::read(output) else { return engine::Pins::new() };
+    fn output_pins(&self, output: &dyn Fn() -> Option<Value>) -> engine::Pins {
+        let Some(Ok(answers)) = output().map(|v| Answers::read(&v)) else { return engine::Pins::new() };
         answers
             .models
             .iter()
