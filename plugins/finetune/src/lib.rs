@@ -377,11 +377,12 @@ impl Stage for FinetuneStage {
             .map(|m| {
                 let mut pins: BTreeMap<String, String> = m.files.iter().map(|(name, sha)| (format!("file {name}"), sha.clone())).collect();
                 pins.insert("weights_sha256".into(), m.weights_sha256.clone());
-                pins.insert("data_sha256".into(), m.data_sha256.clone());
                 pins.extend(m.adapter.iter().map(|(name, sha)| (format!("adapter {name}"), sha.clone())));
                 if m.method == IMPORT {
+                    // Trained on nothing here: no training data to name.
                     pins.insert("merged".into(), format!("a LoRA adapter trained elsewhere into {}", m.base));
                 } else {
+                    pins.insert("data_sha256".into(), m.data_sha256.clone());
                     pins.insert("trained".into(), format!("{} from {} on {} examples, {} steps", m.method, m.base, m.examples, m.steps));
                 }
                 (m.id.clone(), pins)
