@@ -428,6 +428,47 @@ pub(crate) struct FileListCache {
     files: Vec<String>,
 }
 
+/// Local change (vendor/README.md): on CPU the forward pass runs on a worker of rayon's global
+/// pool, so the parallel loops inside it (every quantized matmul, attention) split by work
+/// stealing between that pool's threads. Called from the engine's own thread, each of those loops
+/// was injected into the pool from outside, the caller parked on a futex until it finished: a
+/// wake-up and a sleep per matmul, about 200 per decoded token for a 30-layer model. Where the
+/// work runs changes, not what any of it computes. GPU devices keep the caller's thread, which
+/// holds their context.
+fn forward_inputs_in_pool<P: Pipeline + ?Sized>(
+    pipeline: &mut P,
+    inputs: Box<dyn Any>,
+    return_raw_logits: bool,
+) -> Result<ForwardInputsResult, candle_core::Error> {
+    if !pipeline.device().is_cpu() {
+        return pipeline.forward_inputs(inputs, return_raw_logits);
+    }
+    // SAFETY: the pipeline is `Send`; the inputs are `ModelInputs` (tensors, vectors, metadata)
+    // and the result tensors or an error, all `Send`: only `Box<dyn Any>` does not say so.
+    unsafe { on_global_pool(move || pipeline.forward_inputs(inputs, return_raw_logits)) }
+}
+
+/// Local change (vendor/README.md): runs `op` on a worker of rayon's global pool (inline when
+/// already on one) and waits for it.
+///
+/// # Safety
+/// `op` and what it returns must be safe to move to another thread (`Send` in all but name).
+unsafe fn on_global_pool<R>(op: impl FnOnce() -> R) -> R {
+    if rayon::current_thread_index().is_some() {
+        return op();
+    }
+    struct AssertSend<T>(T);
+    unsafe impl<T> Send for AssertSend<T> {}
+    impl<T> AssertSend<T> {
+        // A method, so closures capture the whole (Send) wrapper, not its field.
+        fn into_inner(self) -> T {
+            self.0
+        }
+    }
+    let op = AssertSend(op);
+    rayon::scope(move |_| AssertSend(op.into_inner()())).into_inner()
+}
+
 #[async_trait::async_trait]
 pub trait Pipeline:
     Send
@@ -503,7 +544,7 @@ pub trait Pipeline:
                     }
 
                     let start = Instant::now();
-                    let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
+                    let raw_logits = forward_inputs_in_pool(self, inputs, return_raw_logits)?;
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
 
@@ -739,7 +780,7 @@ pub trait Pipeline:
                     } = inputs.map_err(candle_core::Error::msg)?;
 
                     let start = Instant::now();
-                    let raw_logits = self.forward_inputs(inputs, return_raw_logits)?;
+                    let raw_logits = forward_inputs_in_pool(self, inputs, return_raw_logits)?;
                     let end = Instant::now();
                     exec_duration += end.duration_since(start);
 
@@ -1177,5 +1218,27 @@ mod tests {
         inputs.push(message);
 
         test_with_inputs(&templates, &expected_outputs, inputs);
+    }
+}
+
+#[cfg(test)]
+mod global_pool_tests {
+    //! Local change (vendor/README.md): the test of `on_global_pool`.
+    use super::on_global_pool;
+
+    #[test]
+    fn runs_on_a_worker_of_the_global_pool_and_returns() {
+        assert_eq!(rayon::current_thread_index(), None);
+        let (worker, value) = unsafe { on_global_pool(|| (rayon::current_thread_index(), 6 * 7)) };
+        assert!(worker.is_some(), "ran on the calling thread, not in the pool");
+        assert_eq!(value, 42);
+        // On a worker already, it runs inline: the same thread, no second hop.
+        let (outer, inner) = unsafe {
+            on_global_pool(|| {
+                let outer = std::thread::current().id();
+                (outer, on_global_pool(|| std::thread::current().id()))
+            })
+        };
+        assert_eq!(outer, inner);
     }
 }
