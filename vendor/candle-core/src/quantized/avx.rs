@@ -125,34 +125,6 @@ pub(crate) fn vec_dot_q8_0_q8_0_2x4(
     }
 }
 
-/// Local change (vendor/README.md): [`vec_dot_q8_0_q8_0`] of eight weight columns `xs` with one
-/// activation row `ys`, each result through exactly that function's steps (see
-/// [`vec_dot_q8_0_q8_0_2x4`]): bitwise `vec_dot_q8_0_q8_0(n, xs[c], ys)`, with eight
-/// independent chains of multiply-adds instead of one.
-#[inline(always)]
-pub(crate) fn vec_dot_q8_0_q8_0_1x8(n: usize, xs: [&[BlockQ8_0]; 8], ys: &[BlockQ8_0]) -> [f32; 8] {
-    debug_assert!(
-        n.is_multiple_of(QK8_0),
-        "vec_dot_q8_0_q8_0: {n} is not divisible by {QK8_0}"
-    );
-    let blocks = xs.iter().map(|s| s.len()).min().unwrap_or(0).min(ys.len());
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for (i, y) in ys.iter().enumerate().take(blocks) {
-            let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-            let dy = f16::to_f32(y.d);
-            for (c, acc) in acc.iter_mut().enumerate() {
-                let x = &xs[c][i];
-                let d = _mm256_set1_ps(f16::to_f32(x.d) * dy);
-                let bx = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
-                let q = mul_sum_i8_pairs_float(bx, by);
-                *acc = _mm256_fmadd_ps(d, q, *acc);
-            }
-        }
-        std::array::from_fn(|c| hsum_float_8(acc[c]))
-    }
-}
-
 #[inline(always)]
 unsafe fn get_scale_shuffle(i: usize) -> __m128i {
     const K_SHUFFLE: [u8; 128] = [

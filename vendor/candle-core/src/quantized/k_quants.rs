@@ -59,12 +59,6 @@ pub trait GgmlType: Sized + Clone + Send + Sync {
     fn vec_dot_2x4(n: usize, xs: [&[Self]; 4], ys: [&[Self::VecDotType]; 2]) -> [[f32; 4]; 2] {
         std::array::from_fn(|r| std::array::from_fn(|c| Self::vec_dot(n, xs[c], ys[r])))
     }
-
-    /// Local change (vendor/README.md): `vec_dot` of eight columns `xs` with one row `ys` (a
-    /// decode step's single row); element `[c]` is bitwise `Self::vec_dot(n, xs[c], ys)`.
-    fn vec_dot_1x8(n: usize, xs: [&[Self]; 8], ys: &[Self::VecDotType]) -> [f32; 8] {
-        std::array::from_fn(|c| Self::vec_dot(n, xs[c], ys))
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -676,11 +670,6 @@ impl GgmlType for BlockQ8_0 {
     #[cfg(target_feature = "avx2")]
     fn vec_dot_2x4(n: usize, xs: [&[Self]; 4], ys: [&[Self::VecDotType]; 2]) -> [[f32; 4]; 2] {
         super::avx::vec_dot_q8_0_q8_0_2x4(n, xs, ys)
-    }
-
-    #[cfg(target_feature = "avx2")]
-    fn vec_dot_1x8(n: usize, xs: [&[Self]; 8], ys: &[Self::VecDotType]) -> [f32; 8] {
-        super::avx::vec_dot_q8_0_q8_0_1x8(n, xs, ys)
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
@@ -2324,8 +2313,8 @@ pub fn matmul<T: GgmlType>(
     // Local change (vendor/README.md): one parallel loop per matmul, over tiles of rows × columns,
     // instead of one per row of `lhs` (a 133-token prompt was 133 fork/joins per matmul, and every
     // row streamed all the weights). Every element is `T::vec_dot` of its column and row, or comes
-    // from `vec_dot_2x4` / `vec_dot_1x8`, which compute the same dot products sharing their loads
-    // and are tested bitwise equal to it: the result is bitwise that of the loop per row.
+    // from `vec_dot_2x4`, which computes eight of them sharing their loads and is tested bitwise
+    // equal to it: the result is bitwise that of the loop per row.
     let lhs_b = lhs_b.as_slice();
     if dst.len() < m * n {
         crate::bail!("unexpected dst length {} ({m},{k},{n})", dst.len());
@@ -2368,17 +2357,11 @@ pub fn matmul<T: GgmlType>(
                     put(row + 1, col, T::vec_dot(k, rhs_col(col), lhs_row(row + 1)));
                 }
             }
-            // A row left over (every row of a decode step): octets of columns through
-            // `vec_dot_1x8`, bitwise `vec_dot` too.
-            let octets_end = cols.start + cols.len() / 8 * 8;
+            // A row left over (every row of a decode step): column by column, each column's
+            // blocks read in order. (A kernel interleaving eight columns' blocks made this
+            // memory-bound loop slower: `vendor/README.md`.)
             for row in pairs_end..rows.end {
-                for col in (cols.start..octets_end).step_by(8) {
-                    let values = T::vec_dot_1x8(k, std::array::from_fn(|c| rhs_col(col + c)), lhs_row(row));
-                    for (c, &value) in values.iter().enumerate() {
-                        put(row, col + c, value);
-                    }
-                }
-                for col in octets_end..cols.end {
+                for col in cols.clone() {
                     put(row, col, T::vec_dot(k, rhs_col(col), lhs_row(row)));
                 }
             }
