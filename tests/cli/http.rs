@@ -295,12 +295,44 @@ fn serve_answers_as_the_embedded_model_does() {
         s.read_to_string(&mut response).unwrap();
         response
     };
-    // Streaming is refused in words, never answered with an empty body; the text API is not
-    // served, and says which one is.
-    let streamed = request("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#);
-    assert!(streamed.starts_with("HTTP/1.1 400") && streamed.contains("`stream` is not supported"), "{streamed}");
     let legacy = request("/v1/completions", r#"{"prompt":"hi"}"#);
     assert!(legacy.starts_with("HTTP/1.1 404") && legacy.contains("POST /v1/chat/completions"), "{legacy}");
+    let streamed = request("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":2}"#);
+    assert!(streamed.starts_with("HTTP/1.1 200") && streamed.to_ascii_lowercase().contains("content-type: text/event-stream") && streamed.contains("data: [DONE]"), "{streamed}");
+
+    // The official OpenAI SDK, as a user would drive it: streamed answers are exactly the
+    // unstreamed ones (a stop string, a length cut, a JSON schema), usage comes when asked for,
+    // and errors are the SDK's errors, with the server up after them.
+    let python = std::env::var("PIPELINE_CLIENT_PYTHON").expect("PIPELINE_CLIENT_PYTHON: run the tests through scripts/test, which installs the OpenAI SDK");
+    let out = Command::new(python).arg(crate::root().join("tests/cli/openai_client.py")).args([url.as_str(), "smollm2-135m-instruct"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["models"], serde_json::json!(["smollm2-135m-instruct"]));
+    for name in ["stop", "length", "json_schema"] {
+        let (whole, streamed) = (&seen[name]["whole"], &seen[name]["streamed"]);
+        assert_eq!(streamed["text"], whole["text"], "{name}: {}", seen[name]);
+        assert_eq!(streamed["finish_reason"], serde_json::json!([whole["finish_reason"]]), "{name}: {}", seen[name]);
+        assert_eq!(streamed["usage"], serde_json::json!([whole["usage"]]), "{name}: {}", seen[name]);
+        assert_eq!(seen[name]["role"], "assistant");
+        assert!(seen[name]["fingerprint"].as_str().unwrap().starts_with("sha256:b179c952"), "{}", seen[name]);
+        assert!(!whole["text"].as_str().unwrap().is_empty(), "{name}: {}", seen[name]);
+    }
+    assert_eq!(seen["length"]["whole"]["finish_reason"], "length");
+    assert!(seen["length"]["chunks"].as_u64().unwrap() >= 7, "one chunk per token or so: {}", seen["length"]);
+    serde_json::from_str::<Value>(seen["json_schema"]["whole"]["text"].as_str().unwrap()).expect("the JSON schema's answer is JSON");
+    assert!(seen["no_usage"]["usage"].as_array().unwrap().iter().all(|u| u == false), "{}", seen["no_usage"]);
+    let errors = &seen["errors"];
+    for (name, status, says) in [
+        ("unknown_model", 404, "this server serves `smollm2-135m-instruct`"),
+        ("max_tokens_0", 400, "`max_tokens` must be an integer from 1"),
+        ("no_messages", 400, "`messages` is empty"),
+        ("stream_options_unstreamed", 400, "only allowed when `stream` is true"),
+        ("completions", 404, "only the chat API is served"),
+    ] {
+        assert_eq!(errors[name]["status"], status, "{name}: {}", errors[name]);
+        assert!(errors[name]["message"].as_str().unwrap_or_default().contains(says), "{name}: {}", errors[name]);
+    }
+    assert!(seen["after_errors"].is_string(), "{seen}");
     server.kill().unwrap();
     server.wait().unwrap();
 }

@@ -21,7 +21,8 @@ use std::time::Instant;
 use catalog::Source;
 use mistralrs::core::TokenSource;
 use mistralrs::{Constraint, Device, GgufModelBuilder, IsqType, Model, ModelDType, RequestBuilder, StopTokens, TextMessageRole, TextModelBuilder};
-use tokio::sync::{Mutex, RwLock};
+use mistralrs::core::Response;
+use tokio::sync::{Mutex, RwLock, mpsc};
 
 use crate::{Answer, DeviceSpec, Message, OutputConstraint, Prepare, Sampler, Timing};
 
@@ -160,60 +161,183 @@ impl Runner {
     }
 
     async fn send(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>) -> Result<Answer, String> {
-        let mut request = RequestBuilder::new();
-        for m in messages {
-            let role = match m.role.as_str() {
-                "system" => TextMessageRole::System,
-                "user" => TextMessageRole::User,
-                "assistant" => TextMessageRole::Assistant,
-                other => return Err(format!("unknown message role `{other}`")),
-            };
-            request = request.add_message(role, &m.content);
-        }
-        request = if sampler.temperature == 0.0 { request.set_deterministic_sampler() } else { request.set_sampler_temperature(sampler.temperature) };
-        request = request.set_sampler_max_len(sampler.max_tokens);
-        let mut stop = sampler.stop.clone();
-        if output.is_some() {
-            // mistral.rs 0.8.1 builds llguidance's token environment without the model's EOS:
-            // llguidance picks its own by name (`<|endoftext|>` for SmolLM2, whose chat turns end
-            // with `<|im_end|>`), so once the constraint is satisfied it forces a token mistral.rs
-            // does not stop on, until `max_tokens`. A single-token stop string becomes a stop token.
-            stop.extend(LLGUIDANCE_EOS.iter().map(|s| s.to_string()));
-        }
-        if !stop.is_empty() {
-            request = request.set_sampler_stop_toks(StopTokens::Seqs(stop));
-        }
-        if let Some(output) = output {
-            // llguidance, inside mistral.rs: tokens that cannot continue a valid output are masked.
-            request = request.set_constraint(match output {
-                OutputConstraint::Choice(choices) => Constraint::Regex(OutputConstraint::choice_regex(choices)),
-                OutputConstraint::Regex(r) => Constraint::Regex(r.clone()),
-                OutputConstraint::JsonSchema(schema) => Constraint::JsonSchema(schema.clone()),
-                OutputConstraint::Lark(grammar) => Constraint::Lark(grammar.clone()),
-            });
-        }
+        let request = request(messages, sampler, output)?;
         let started = Instant::now();
         let response = self.model.send_chat_request(request).await.map_err(|e| format!("mistral.rs: {e}"))?;
         let latency = started.elapsed();
         let choice = response.choices.first().ok_or("mistral.rs returned no choice")?;
-        if !matches!(choice.finish_reason.as_str(), "stop" | "length") {
-            return Err(format!("mistral.rs finished with `{}`", choice.finish_reason));
-        }
+        check_finish(&choice.finish_reason)?;
         let text = choice.message.content.clone().unwrap_or_default();
-        let usage = &response.usage;
-        Ok(Answer {
-            text,
-            finish_reason: choice.finish_reason.clone(),
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            redone_alone: false,
-            timing: Timing {
-                latency_ms: latency.as_secs_f64() * 1000.0,
-                prefill_ms: Some(f64::from(usage.total_prompt_time_sec) * 1000.0),
-                decode_ms: Some(f64::from(usage.total_completion_time_sec) * 1000.0),
-            },
-        })
+        Ok(answer(text, choice.finish_reason.clone(), &response.usage, latency))
     }
+
+    /// The model's answer to `messages`, streamed: its text as it is decoded (each piece a
+    /// continuation of the ones before), then the whole answer, the same one [`Runner::chat`]
+    /// gives. Dropping the receiver cancels the request. Nothing is redone: a failure is the
+    /// stream's last item.
+    pub fn stream(self: &Arc<Self>, messages: Vec<Message>, sampler: Sampler, output: Option<OutputConstraint>) -> mpsc::Receiver<Result<Piece, String>> {
+        let (tx, rx) = mpsc::channel(16);
+        let runner = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = runner.stream_into(&messages, &sampler, output.as_ref(), &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
+    }
+
+    async fn stream_into(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>, tx: &mpsc::Sender<Result<Piece, String>>) -> Result<(), String> {
+        let (_alone, _shared) = if self.one_at_a_time { (Some(self.alone.write().await), None) } else { (None, Some(self.alone.read().await)) };
+        let request = request(messages, sampler, output)?;
+        let mut text = StreamedText::new(stop_strings(sampler, output));
+        let started = Instant::now();
+        let mut stream = self.model.stream_chat_request(request).await.map_err(|e| format!("mistral.rs: {e}"))?;
+        while let Some(response) = stream.next().await {
+            let chunk = match response {
+                Response::Chunk(chunk) => chunk,
+                Response::ModelError(e, _) => return Err(format!("mistral.rs: {e}")),
+                Response::InternalError(e) | Response::ValidationError(e) => return Err(format!("mistral.rs: {e}")),
+                _ => return Err("mistral.rs answered a streamed chat with something else than chunks".to_string()),
+            };
+            let Some(choice) = chunk.choices.first() else { continue };
+            let piece = text.push(choice.delta.content.as_deref().unwrap_or_default());
+            if let Some(reason) = &choice.finish_reason {
+                check_finish(reason)?;
+                let usage = chunk.usage.as_ref().ok_or("mistral.rs sent its last chunk without usage")?;
+                let (piece, whole) = text.finish(piece);
+                // A client that went away is not an error: the request is over either way.
+                if !piece.is_empty() && tx.send(Ok(Piece::Text(piece))).await.is_err() {
+                    return Ok(());
+                }
+                let _ = tx.send(Ok(Piece::Done(answer(whole, reason.clone(), usage, started.elapsed())))).await;
+                return Ok(());
+            }
+            if !piece.is_empty() && tx.send(Ok(Piece::Text(piece))).await.is_err() {
+                // Dropping mistral.rs' stream cancels the sequence.
+                return Ok(());
+            }
+        }
+        Err("mistral.rs ended the stream without a finish reason".to_string())
+    }
+}
+
+/// What a streamed request yields.
+#[derive(Debug)]
+pub enum Piece {
+    /// More of the answer's text.
+    Text(String),
+    /// The whole answer (its text is the pieces' concatenation).
+    Done(Answer),
+}
+
+fn check_finish(reason: &str) -> Result<(), String> {
+    match reason {
+        "stop" | "length" => Ok(()),
+        other => Err(format!("mistral.rs finished with `{other}`")),
+    }
+}
+
+fn answer(text: String, finish_reason: String, usage: &mistralrs::Usage, latency: std::time::Duration) -> Answer {
+    Answer {
+        text,
+        finish_reason,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        redone_alone: false,
+        timing: Timing {
+            latency_ms: latency.as_secs_f64() * 1000.0,
+            prefill_ms: Some(f64::from(usage.total_prompt_time_sec) * 1000.0),
+            decode_ms: Some(f64::from(usage.total_completion_time_sec) * 1000.0),
+        },
+    }
+}
+
+/// The stop strings mistral.rs is given for a request.
+fn stop_strings(sampler: &Sampler, output: Option<&OutputConstraint>) -> Vec<String> {
+    let mut stop = sampler.stop.clone();
+    if output.is_some() {
+        // mistral.rs 0.8.1 builds llguidance's token environment without the model's EOS:
+        // llguidance picks its own by name (`<|endoftext|>` for SmolLM2, whose chat turns end
+        // with `<|im_end|>`), so once the constraint is satisfied it forces a token mistral.rs
+        // does not stop on, until `max_tokens`. A single-token stop string becomes a stop token.
+        stop.extend(LLGUIDANCE_EOS.iter().map(|s| s.to_string()));
+    }
+    stop
+}
+
+/// The request mistral.rs is sent.
+fn request(messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>) -> Result<RequestBuilder, String> {
+    let mut request = RequestBuilder::new();
+    for m in messages {
+        let role = match m.role.as_str() {
+            "system" => TextMessageRole::System,
+            "user" => TextMessageRole::User,
+            "assistant" => TextMessageRole::Assistant,
+            other => return Err(format!("unknown message role `{other}`")),
+        };
+        request = request.add_message(role, &m.content);
+    }
+    request = if sampler.temperature == 0.0 { request.set_deterministic_sampler() } else { request.set_sampler_temperature(sampler.temperature) };
+    request = request.set_sampler_max_len(sampler.max_tokens);
+    let stop = stop_strings(sampler, output);
+    if !stop.is_empty() {
+        request = request.set_sampler_stop_toks(StopTokens::Seqs(stop));
+    }
+    if let Some(output) = output {
+        // llguidance, inside mistral.rs: tokens that cannot continue a valid output are masked.
+        request = request.set_constraint(match output {
+            OutputConstraint::Choice(choices) => Constraint::Regex(OutputConstraint::choice_regex(choices)),
+            OutputConstraint::Regex(r) => Constraint::Regex(r.clone()),
+            OutputConstraint::JsonSchema(schema) => Constraint::JsonSchema(schema.clone()),
+            OutputConstraint::Lark(grammar) => Constraint::Lark(grammar.clone()),
+        });
+    }
+    Ok(request)
+}
+
+/// A streamed answer's text, as mistral.rs' pieces come in, made the text the whole answer would
+/// have: leading whitespace trimmed and the text cut before a stop string, as mistral.rs does for
+/// a whole answer, while its streamed pieces carry both. Text that may yet turn out to begin a stop
+/// string is held back until it cannot.
+struct StreamedText {
+    stop: Vec<String>,
+    raw: String,
+    /// Bytes of the answer's text already given out.
+    given: usize,
+}
+
+impl StreamedText {
+    fn new(stop: Vec<String>) -> StreamedText {
+        StreamedText { stop, raw: String::new(), given: 0 }
+    }
+
+    /// Adds mistral.rs' next piece; returns what can now be given out.
+    fn push(&mut self, piece: &str) -> String {
+        self.raw.push_str(piece);
+        // Only the last bytes, as many as the longest stop string has, can begin one.
+        let longest = self.stop.iter().map(String::len).max().unwrap_or(0);
+        let from = (0..=self.raw.len().saturating_sub(longest)).rev().find(|&i| self.raw.is_char_boundary(i)).unwrap_or(0);
+        let held = (from..self.raw.len()).filter(|&i| self.raw.is_char_boundary(i)).find(|&i| self.stop.iter().any(|s| s.len() > self.raw.len() - i && s.starts_with(&self.raw[i..]))).unwrap_or(self.raw.len());
+        let safe = cut(&self.raw, &self.stop).unwrap_or(&self.raw[..held]);
+        let safe = safe.trim_start();
+        // What is given out only grows: a stop string found cuts the text, never before `given`.
+        let new = safe.get(self.given..).unwrap_or_default().to_string();
+        self.given = self.given.max(safe.len());
+        new
+    }
+
+    /// The rest of the text once the answer is finished (`last` is what `push` just returned),
+    /// and the whole text.
+    fn finish(self, last: String) -> (String, String) {
+        let whole = cut(&self.raw, &self.stop).unwrap_or(&self.raw).trim_start().to_string();
+        let rest = last + whole.get(self.given..).unwrap_or_default();
+        (rest, whole)
+    }
+}
+
+/// `text` before the first stop string in it.
+fn cut<'a>(text: &'a str, stop: &[String]) -> Option<&'a str> {
+    stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min().map(|at| &text[..at])
 }
 
 #[cfg(test)]

@@ -2,11 +2,16 @@
 //! completions API, so other tools (or another `pipeline` with an `openai_compatible` source) use
 //! exactly the model a pipeline measured.
 //!
+//! `stream: true` answers with server-sent events as OpenAI's API does (with
+//! `stream_options.include_usage`, a last chunk with the usage); the streamed text is exactly the
+//! text of the same request unstreamed.
+//!
 //! Requests run concurrently and mistral.rs batches them, as in the `infer` stage; an answer does
 //! not depend on what else is in flight (`embedded`'s tests). Decoding is greedy unless a request sets `temperature` above 0. The
 //! response's `system_fingerprint` is the weights digest (and preparation), so a client can record
 //! what answered.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -15,11 +20,15 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use catalog::Catalog;
+use futures::StreamExt;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
+use crate::embedded::Piece;
 use crate::{DeviceSpec, Message, OutputConstraint, Prepare, Sampler, embedded};
 
 /// What to serve, and where.
@@ -87,11 +96,22 @@ async fn chat(State(s): State<Arc<Served>>, body: axum::body::Bytes) -> Response
         Ok(_) => return invalid("the body must be a JSON object"),
         Err(e) => return invalid(format!("the body is not JSON: {e}")),
     };
-    // Refused, not ignored: a client that asked for events and got a plain body would read an
-    // empty answer (the OpenAI SDK does).
-    if request.get("stream").is_some_and(|v| v.as_bool() == Some(true)) {
-        return invalid("`stream` is not supported: this server answers when the whole completion is ready; send `stream: false` (or leave it out)");
-    }
+    let stream = match request.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(v) => match v.as_bool() {
+            Some(b) => b,
+            None => return invalid("`stream` must be true or false"),
+        },
+    };
+    let include_usage = match request.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(_) if !stream => return invalid("`stream_options` is only allowed when `stream` is true"),
+        Some(o) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return invalid("`stream_options.include_usage` must be true or false"),
+        },
+    };
     match request.get("model").and_then(Value::as_str) {
         Some(m) if m != s.id => {
             let body = json!({"error": {"message": format!("model `{m}` is not served here; this server serves `{}`", s.id), "type": "invalid_request_error", "code": "model_not_found"}});
@@ -142,21 +162,99 @@ async fn chat(State(s): State<Arc<Served>>, body: axum::body::Bytes) -> Response
         },
     };
     let sampler = Sampler { max_tokens, temperature, stop };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let (id, created) = (format!("chatcmpl-{}", now.as_nanos()), now.as_secs());
+    if stream {
+        return streamed(&s, id, created, include_usage, s.runner.stream(messages, sampler, output)).await;
+    }
     match s.runner.chat(&messages, &sampler, output.as_ref()).await {
         Ok(answer) => Json(json!({
-            "id": format!("chatcmpl-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())),
+            "id": id,
             "object": "chat.completion",
-            "created": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            "created": created,
             "model": s.id,
             "system_fingerprint": s.fingerprint,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text}, "finish_reason": answer.finish_reason}],
             "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens, "total_tokens": answer.prompt_tokens + answer.completion_tokens},
         }))
         .into_response(),
-        Err(e) => {
-            tracing::error!("inference failed: {e}");
-            let body = json!({"error": {"message": e, "type": "server_error"}});
-            (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
-        }
+        Err(e) => failed(e),
     }
+}
+
+fn failed(e: String) -> Response {
+    tracing::error!("inference failed: {e}");
+    let body = json!({"error": {"message": e, "type": "server_error"}});
+    (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+}
+
+/// What every chunk of one streamed completion says besides its choice.
+struct Chunks {
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+}
+
+impl Chunks {
+    fn event(&self, choices: Value, usage: Option<Value>) -> Event {
+        let mut chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint, "choices": choices});
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        Event::default().data(chunk.to_string())
+    }
+
+    fn delta(&self, delta: Value, finish_reason: Option<&str>) -> Event {
+        self.event(json!([{"index": 0, "delta": delta, "finish_reason": finish_reason}]), None)
+    }
+}
+
+/// A streamed completion as server-sent events, the way OpenAI's API sends them: a first chunk
+/// with the role, one per piece of text, one with the finish reason, with `include_usage` one
+/// with no choices and the usage, then `[DONE]`. A request that fails before its first token is an
+/// error response; one that fails later ends the stream with an `error` event.
+async fn streamed(s: &Served, id: String, created: u64, include_usage: bool, mut pieces: mpsc::Receiver<Result<Piece, String>>) -> Response {
+    let first = match pieces.recv().await {
+        Some(Ok(piece)) => piece,
+        Some(Err(e)) => return failed(e),
+        None => return failed("the model's stream ended before it began".to_string()),
+    };
+    let chunks = Arc::new(Chunks { id, created, model: s.id.clone(), fingerprint: s.fingerprint.clone() });
+    let role = chunks.delta(json!({"role": "assistant", "content": ""}), None);
+    // The events of one piece, and whether it was the last.
+    let events = move |piece: Result<Piece, String>| -> (Vec<Event>, bool) {
+        match piece {
+            Ok(Piece::Text(text)) => (vec![chunks.delta(json!({"content": text}), None)], false),
+            Ok(Piece::Done(answer)) => {
+                let mut events = vec![chunks.delta(json!({}), Some(&answer.finish_reason))];
+                if include_usage {
+                    let usage = json!({"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens, "total_tokens": answer.prompt_tokens + answer.completion_tokens});
+                    events.push(chunks.event(json!([]), Some(usage)));
+                }
+                events.push(Event::default().data("[DONE]"));
+                (events, true)
+            }
+            Err(e) => {
+                tracing::error!("inference failed mid-stream: {e}");
+                (vec![Event::default().data(json!({"error": {"message": e, "type": "server_error"}}).to_string())], true)
+            }
+        }
+    };
+    let (mut head, done) = events(Ok(first));
+    head.insert(0, role);
+    // The first batch (the role and the first piece) is ready; then one batch per piece, until
+    // the last, after which the receiver is dropped and nothing more is read.
+    let stream = futures::stream::unfold((Some(pieces), Some((head, done))), move |(pieces, ready)| {
+        let events = events.clone();
+        async move {
+            let mut pieces = pieces?;
+            let (batch, done) = match ready {
+                Some(ready) => ready,
+                None => events(pieces.recv().await?),
+            };
+            Some((batch, (if done { None } else { Some(pieces) }, None)))
+        }
+    });
+    Sse::new(stream.flat_map(|batch| futures::stream::iter(batch.into_iter().map(Ok::<_, Infallible>)))).into_response()
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::{LoadOptions, Runner, load_with};
+use super::{LoadOptions, Piece, Runner, StreamedText, load_with};
 use crate::{DeviceSpec, Message, OutputConstraint, Prepare, Sampler};
 
 const REPEATS: usize = 5;
@@ -142,10 +142,83 @@ async fn check_independent_of_load(prefix_cache: bool) -> Vec<Outcome> {
     alone
 }
 
+/// A streamed answer is the unstreamed one: its pieces add up to the text, with the same finish
+/// reason and token counts, eight streams in flight at once. The questions behind the system
+/// prompt stop at strings a token can end inside of ("ing "), so streamed text must be held back
+/// until it cannot begin one; the rest are as above (equal lengths, `choice`, `json_schema`).
+async fn check_streamed_is_whole(runner: &Arc<Runner>) {
+    let mut requests = requests();
+    for r in &mut requests[12..20] {
+        r.sampler = Sampler { max_tokens: 16, temperature: 0.0, stop: vec![".".into(), "ing ".into()] };
+    }
+    let requests = Arc::new(requests);
+    let whole = run_all(runner, &requests, 1).await;
+    let mut streamed = Vec::new();
+    for batch in (0..requests.len()).collect::<Vec<_>>().chunks(8) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for &i in batch {
+            let r = &requests[i];
+            let mut pieces = runner.stream(r.messages.clone(), r.sampler.clone(), r.output.clone());
+            tasks.spawn(async move {
+                let mut text = String::new();
+                loop {
+                    match pieces.recv().await.expect("the stream ends with the answer").expect("the model answers") {
+                        Piece::Text(t) => text.push_str(&t),
+                        Piece::Done(a) => return (i, text, a),
+                    }
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            streamed.push(done.expect("no task panics"));
+        }
+    }
+    streamed.sort_by_key(|s| s.0);
+    for (i, text, a) in streamed {
+        assert_eq!(text, a.text, "request {i}: the streamed pieces are not the streamed answer");
+        assert_eq!((a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens), whole[i], "request {i}: streamed differs from unstreamed");
+    }
+    let cut = whole[12..20].iter().filter(|o| o.1 == "stop" && o.3 < 16).count();
+    eprintln!("stop strings: {cut} of 8 answers stopped early: {:?}", whole[12..20].iter().map(|o| &o.0).collect::<Vec<_>>());
+}
+
+/// How a stream of mistral.rs pieces (which carry leading whitespace and stop strings) is given
+/// out: a prefix of the final text at every step, and all of it at the end.
+#[test]
+fn streamed_text_is_the_whole_text_as_it_grows() {
+    let cases: &[(&[&str], &[&str], &str)] = &[
+        (&[" Hello", " world", "."], &[], "Hello world."),
+        (&["  ", " ", "Hi", " there"], &["\n"], "Hi there"),
+        // A stop string inside one piece, and one across pieces.
+        (&["one", " two.", " three"], &["."], "one two"),
+        (&["sing", "ing", " a", " song"], &["ing a"], "sing"),
+        (&["ab", "c", "d"], &["cde"], "abcd"),
+        // The earliest stop string wins, whichever is listed first.
+        (&["x", "yz", "w"], &["zw", "y"], "x"),
+        (&["caf", "é", " au", " lait"], &["é a"], "caf"),
+        (&[], &["."], ""),
+    ];
+    for (pieces, stop, whole) in cases {
+        let mut text = StreamedText::new(stop.iter().map(|s| s.to_string()).collect());
+        let mut given = String::new();
+        let mut last = String::new();
+        for p in *pieces {
+            last = text.push(p);
+            given.push_str(&last);
+            assert!(whole.starts_with(given.as_str()), "{pieces:?} / {stop:?}: gave {given:?}, not a prefix of {whole:?}");
+        }
+        given.truncate(given.len() - last.len());
+        let (rest, all) = text.finish(last);
+        given.push_str(&rest);
+        assert_eq!((given.as_str(), all.as_str()), (*whole, *whole), "{pieces:?} / {stop:?}");
+    }
+}
+
 /// One test, the settings one after the other: two models decoding at once on two cores would
 /// only slow each other down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_answers_do_not_depend_on_load() {
+    check_streamed_is_whole(&runner(true).await).await;
     let cached = check_independent_of_load(true).await;
     let uncached = check_independent_of_load(false).await;
     // A prefix-cache hit computes what a full prefill computes.
