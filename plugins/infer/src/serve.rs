@@ -175,11 +175,16 @@ async fn chat(State(s): State<Arc<Served>>, body: axum::body::Bytes) -> Response
             "model": s.id,
             "system_fingerprint": s.fingerprint,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text}, "finish_reason": answer.finish_reason}],
-            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens, "total_tokens": answer.prompt_tokens + answer.completion_tokens},
+            "usage": usage(&answer),
         }))
         .into_response(),
         Err(e) => failed(e),
     }
+}
+
+/// The API's `usage` of an answer.
+fn usage(answer: &crate::Answer) -> Value {
+    json!({"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens, "total_tokens": answer.prompt_tokens + answer.completion_tokens})
 }
 
 fn failed(e: String) -> Response {
@@ -229,8 +234,7 @@ async fn streamed(s: &Served, id: String, created: u64, include_usage: bool, mut
             Ok(Piece::Done(answer)) => {
                 let mut events = vec![chunks.delta(json!({}), Some(&answer.finish_reason))];
                 if include_usage {
-                    let usage = json!({"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens, "total_tokens": answer.prompt_tokens + answer.completion_tokens});
-                    events.push(chunks.event(json!([]), Some(usage)));
+                    events.push(chunks.event(json!([]), Some(usage(&answer))));
                 }
                 events.push(Event::default().data("[DONE]"));
                 (events, true)
