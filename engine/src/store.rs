@@ -3,21 +3,31 @@
 //! ```text
 //! objects/ab/cdef…    artifacts, content-addressed by the BLAKE3 of their bytes
 //! done/ab/cdef…       fingerprint digest → output digest: "this stage result is complete"
-//! items/ab/cdef…      per-item memo: item key → the item's JSON result
+//! items.db            per-item memo (SQLite, WAL): item key → the item's JSON result and its digest
 //! records/<pipeline>/<stage>.json   last fingerprint of each stage, to explain staleness
 //! runs/<pipeline>.json              the last run: every iteration's stage outputs
 //! tmp/                staging for atomic writes
 //! lock                held by a running `pipeline run`
 //! ```
 //!
-//! Every write goes to `tmp/` and is renamed into place, so a killed process leaves either the
-//! old file or the new one, never a torn one. Results are written before the `done` marker that
+//! Every file write goes to `tmp/` and is renamed into place, so a killed process leaves either
+//! the old file or the new one, never a torn one. Each item is its own SQLite transaction in
+//! write-ahead-log mode, committed before the item is reported: a killed process loses no
+//! committed item and leaves no partial one (the log's uncommitted tail is rolled back when the
+//! store is next opened). One row per item instead of one file keeps a store of a million items a
+//! few files, about the size of what it holds. Results are written before the `done` marker that
 //! points at them. Reads verify: an object whose bytes do not hash to its name, or a memo entry
-//! that does not parse, is treated as absent and recomputed.
+//! whose bytes do not hash to the digest stored beside them, is treated as absent and recomputed.
+//!
+//! A store written before the items moved into `items.db` (an `items/` directory of files) is
+//! migrated when a run takes the store (or an item is first written): every file becomes a row,
+//! in one transaction, then the directory is removed. Until then, commands that only read (`plan`,
+//! `show`) read the files where they are.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -65,6 +75,22 @@ pub struct Outputs {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// The item database, opened on first use (shared by clones).
+    items: Arc<OnceLock<Mutex<Option<rusqlite::Connection>>>>,
+}
+
+/// A SQLite failure as the I/O error it is (a full disk, a read-only one), so that it is reported
+/// as the store's other failures are.
+fn db_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+    move |e| {
+        let source = match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => io::Error::from_raw_os_error(28),
+            Some(rusqlite::ErrorCode::ReadOnly) => io::Error::from_raw_os_error(30),
+            Some(rusqlite::ErrorCode::PermissionDenied) => io::Error::from_raw_os_error(13),
+            _ => io::Error::other(e.to_string()),
+        };
+        StoreError::Io { path: path.to_path_buf(), source }
+    }
 }
 
 /// Exclusive use of a store, released on drop.
@@ -81,7 +107,72 @@ impl Drop for StoreLock {
 impl Store {
     /// Opening does not touch the disk; directories are created on first write.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Store { root: root.into() }
+        Store { root: root.into(), items: Default::default() }
+    }
+
+    fn items_path(&self) -> PathBuf {
+        self.root.join("items.db")
+    }
+
+    /// The item database, opened (`create`: created, an old `items/` directory migrated) on first
+    /// use; `None` when there is none yet and `create` is false. A database that cannot be opened
+    /// for reading reads as empty: its items are recomputed.
+    fn with_items<T>(&self, create: bool, f: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError>) -> Result<Option<T>, StoreError> {
+        let cell = self.items.get_or_init(|| Mutex::new(None));
+        let mut guard = cell.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            let path = self.items_path();
+            if !create && !path.is_file() {
+                return Ok(None);
+            }
+            if create {
+                fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+            }
+            let open = || -> Result<rusqlite::Connection, rusqlite::Error> {
+                let db = rusqlite::Connection::open(&path)?;
+                db.busy_timeout(std::time::Duration::from_secs(30))?;
+                // Durable across a killed process (the log is written before a commit returns); an
+                // fsync at each checkpoint, not at each item.
+                db.pragma_update(None, "journal_mode", "WAL")?;
+                db.pragma_update(None, "synchronous", "NORMAL")?;
+                db.execute_batch("CREATE TABLE IF NOT EXISTS items (key BLOB PRIMARY KEY, digest BLOB NOT NULL, value BLOB NOT NULL) WITHOUT ROWID")?;
+                Ok(db)
+            };
+            let db = open().map_err(db_err(&path))?;
+            if create {
+                self.migrate_item_files(&db)?;
+            }
+            *guard = Some(db);
+        }
+        f(guard.as_ref().expect("opened")).map(Some)
+    }
+
+    /// Moves the files of an `items/` directory (the store's earlier layout) into the database.
+    fn migrate_item_files(&self, db: &rusqlite::Connection) -> Result<(), StoreError> {
+        let dir = self.root.join("items");
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        let path = self.items_path();
+        let tx = db.unchecked_transaction().map_err(db_err(&path))?;
+        let mut moved = 0usize;
+        for shard in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+            for file in fs::read_dir(shard.path()).map_err(io_err(&dir))?.flatten() {
+                let name = format!("{}{}", shard.file_name().to_string_lossy(), file.file_name().to_string_lossy());
+                let (Ok(key), Ok(bytes)) = (name.parse::<Digest>(), fs::read(file.path())) else { continue };
+                // A file that does not parse was never a finished item.
+                if serde_json::from_slice::<Value>(&bytes).is_err() {
+                    continue;
+                }
+                tx.execute("INSERT OR IGNORE INTO items (key, digest, value) VALUES (?1, ?2, ?3)", (&key.0[..], &Digest::of_bytes(&bytes).0[..], &bytes)).map_err(db_err(&path))?;
+                moved += 1;
+            }
+        }
+        tx.commit().map_err(db_err(&path))?;
+        // Moved: the files go (a kill meanwhile leaves some, moved again next time, harmlessly).
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        tracing::info!(items = moved, store = %self.root.display(), "moved the store's item files into items.db");
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -94,7 +185,13 @@ impl Store {
         let path = self.root.join("lock");
         let file = File::options().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
         match file.try_lock() {
-            Ok(()) => Ok(StoreLock { file }),
+            Ok(()) => {
+                // Held: a store in the earlier layout is migrated now, before anything is read.
+                if self.root.join("items").is_dir() {
+                    self.with_items(true, |_| Ok(()))?;
+                }
+                Ok(StoreLock { file })
+            }
             Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked(self.root.clone())),
             Err(fs::TryLockError::Error(e)) => Err(StoreError::Io { path, source: e }),
         }
@@ -162,17 +259,52 @@ impl Store {
         self.write_atomic(&self.sharded("done", fingerprint), format!("{}\n{}\n", output.full, output.stable).as_bytes())
     }
 
+    /// An item's memoized result, verified against the digest stored with it. `None` if absent
+    /// or damaged.
     pub fn get_item(&self, key: &Digest) -> Option<Value> {
-        let bytes = fs::read(self.sharded("items", key)).ok()?;
+        let row = self.with_items(false, |db| {
+            let mut statement = db.prepare_cached("SELECT digest, value FROM items WHERE key = ?1").map_err(db_err(&self.items_path()))?;
+            let found = statement.query_row([&key.0[..]], |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?)));
+            Ok(found.ok())
+        });
+        let Some((digest, bytes)) = row.ok().flatten().flatten() else { return self.get_item_file(key) };
+        if digest != Digest::of_bytes(&bytes).0 {
+            tracing::warn!(item = %key, "damaged item in store; it will be recomputed");
+            return None;
+        }
         serde_json::from_slice(&bytes).ok()
     }
 
     pub fn has_item(&self, key: &Digest) -> bool {
-        self.sharded("items", key).is_file()
+        let found = self.with_items(false, |db| {
+            let mut statement = db.prepare_cached("SELECT 1 FROM items WHERE key = ?1").map_err(db_err(&self.items_path()))?;
+            Ok(statement.exists([&key.0[..]]).unwrap_or(false))
+        });
+        found.ok().flatten().unwrap_or(false) || self.sharded("items", key).is_file()
     }
 
+    /// An item in the earlier layout's `items/` directory, not yet migrated (read by commands that
+    /// do not write, such as `plan` and `show`).
+    fn get_item_file(&self, key: &Digest) -> Option<Value> {
+        serde_json::from_slice(&fs::read(self.sharded("items", key)).ok()?).ok()
+    }
+
+    /// Memoizes an item's result: committed when this returns.
     pub fn put_item(&self, key: &Digest, value: &Value) -> Result<(), StoreError> {
-        self.write_atomic(&self.sharded("items", key), &canonical_json(value))
+        let bytes = canonical_json(value);
+        let path = self.items_path();
+        self.with_items(true, |db| {
+            let tx = db.unchecked_transaction().map_err(db_err(&path))?;
+            tx.prepare_cached("INSERT OR REPLACE INTO items (key, digest, value) VALUES (?1, ?2, ?3)")
+                .and_then(|mut s| s.execute((&key.0[..], &Digest::of_bytes(&bytes).0[..], &bytes)))
+                .map_err(db_err(&path))?;
+            if crash_test::at_this_write() {
+                // Written to the log, not committed, then die: what a kill mid-transaction leaves.
+                std::process::abort();
+            }
+            tx.commit().map_err(db_err(&path))
+        })?;
+        Ok(())
     }
 
     fn record_path(&self, pipeline: &str, stage: &str) -> PathBuf {
@@ -229,6 +361,38 @@ mod tests {
         let missing = Digest::of_bytes(b"missing");
         store.put_done(&fp, &Outputs { full: missing, stable: missing }).unwrap();
         assert_eq!(store.get_done(&fp), None);
+    }
+
+    #[test]
+    fn items_are_verified_on_read_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let key = Digest::of_bytes(b"item");
+        assert!(!store.has_item(&key) && store.get_item(&key).is_none());
+        assert!(!dir.path().join("items.db").exists(), "reading creates nothing");
+        store.put_item(&key, &json!({"answer": "a"})).unwrap();
+        assert_eq!(Store::new(dir.path()).get_item(&key), Some(json!({"answer": "a"})), "committed: another connection sees it");
+        // Damage the value behind its digest: it reads as absent.
+        let db = rusqlite::Connection::open(dir.path().join("items.db")).unwrap();
+        db.execute("UPDATE items SET value = ?1", [&b"{\"answer\":\"b\"}"[..]]).unwrap();
+        assert_eq!(Store::new(dir.path()).get_item(&key), None);
+    }
+
+    #[test]
+    fn an_item_directory_is_migrated_when_the_store_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let (a, b) = (Digest::of_bytes(b"a"), Digest::of_bytes(b"b"));
+        // The earlier layout: one file per item, and a torn one that never finished.
+        store.write_atomic(&store.sharded("items", &a), &canonical_json(&json!({"n": 1}))).unwrap();
+        store.write_atomic(&store.sharded("items", &b), b"{\"n\":").unwrap();
+        assert_eq!(store.get_item(&a), Some(json!({"n": 1})), "read in place before migration");
+        let lock = Store::new(dir.path()).lock().unwrap();
+        assert!(!dir.path().join("items").exists());
+        let reopened = Store::new(dir.path());
+        assert_eq!(reopened.get_item(&a), Some(json!({"n": 1})));
+        assert!(!reopened.has_item(&b));
+        drop(lock);
     }
 
     #[test]

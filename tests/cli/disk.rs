@@ -62,14 +62,17 @@ cp -a small/store full-store"#,
     assert_eq!(p.read("select.lock"), lock, "the previous lockfile is untouched");
     let finished: BTreeSet<String> = items(&std::fs::read_to_string(p.path("events.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect::<Vec<_>>()).into_iter().collect();
     assert!(!finished.is_empty(), "some items finished before the disk was full");
-    // Nothing half-written: no temporary file left, every item file parses.
+    // Nothing half-written: no temporary file left, the item database whole, every item parses.
     let store = p.path("full-store");
     assert!(std::fs::read_dir(store.join("tmp")).map_or(true, |mut d| d.next().is_none()), "a temporary file was left behind");
-    for shard in std::fs::read_dir(store.join("items")).unwrap().flatten() {
-        for item in std::fs::read_dir(shard.path()).unwrap().flatten() {
-            serde_json::from_slice::<Value>(&std::fs::read(item.path()).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", item.path().display()));
-        }
+    let db = rusqlite::Connection::open(store.join("items.db")).unwrap();
+    assert_eq!(db.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0)).unwrap(), "ok");
+    let values: Vec<Vec<u8>> = db.prepare("SELECT value FROM items").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    assert!(!values.is_empty(), "the finished items are in the database");
+    for value in &values {
+        serde_json::from_slice::<Value>(value).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(value)));
     }
+    drop(db);
     // With room again, the run continues: finished items are not rendered again.
     let log = p.path("again.jsonl");
     let out = p.run(&["run", "select.toml", "--store", store.to_str().unwrap(), "--events", log.to_str().unwrap()]);
