@@ -286,7 +286,8 @@ fn default_jobs() -> usize {
 
 pub fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register::<cluster::Cluster>()
+    r.register::<capacity::CapacityPlugin>()
+        .register::<cluster::Cluster>()
         .register::<command::Command>()
         .register::<dataset::Dataset>()
         .register::<finetune::Finetune>()

@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use artifacts::{Clusters, Decision, DecisionRow, Judgement, Prompt, main_figure};
+use artifacts::{Capacity, Clusters, Decision, DecisionRow, Estimate, Judgement, Prompt, Split, main_figure};
 use engine::{Pipeline, RunReport, Store};
 
 use crate::found::artifact;
@@ -22,6 +22,11 @@ struct Facts {
     /// Per iteration: (iteration, metric name, value, CI).
     quality: Vec<(u32, String, f64, Option<(f64, f64)>)>,
     clusters: Option<Clusters>,
+    /// The latest measured max load, if a `capacity` stage ran.
+    capacity: Option<Capacity>,
+    /// Structured answers (a judge reading JSON), last iteration: per candidate, its reported split
+    /// and each field's (path, rule, accuracy).
+    fields: Vec<(String, Split, Vec<(String, String, Estimate)>)>,
     /// (version, diff).
     diffs: Vec<(u64, String)>,
 }
@@ -61,7 +66,29 @@ fn gather(pipeline: &Pipeline, report: &RunReport, store: &Store, stop: &str) ->
         decision: last.and_then(|it| artifact(it, store)).map(|(_, d)| d),
         quality,
         clusters: last.and_then(|it| artifact(it, store)).map(|(_, c)| c),
+        capacity: report.iterations.iter().rev().find_map(|it| artifact(it, store)).map(|(_, c)| c),
+        fields: last.and_then(|it| artifact::<Judgement>(it, store)).map_or_else(Vec::new, |(_, j)| field_scores(&j)),
         diffs,
+    }
+}
+
+/// Each candidate's per-field accuracy on its reported split, where answers were read as JSON.
+fn field_scores(j: &Judgement) -> Vec<(String, Split, Vec<(String, String, Estimate)>)> {
+    j.models
+        .iter()
+        .filter_map(|(model, m)| {
+            let (split, s) = m.reported()?;
+            let fields = s.fields.as_ref()?.iter().map(|(path, f)| (path.clone(), f.rule.clone(), f.accuracy)).collect();
+            Some((model.clone(), split, fields))
+        })
+        .collect()
+}
+
+/// A figure with its interval, as the tables write it.
+fn with_interval(e: &Estimate) -> String {
+    match e.ci95 {
+        Some([lo, hi]) => format!("{:.3} [{lo:.3}, {hi:.3}]", e.value),
+        None => format!("{:.3}", e.value),
     }
 }
 
@@ -78,8 +105,9 @@ fn num(v: Option<f64>) -> String {
     }
 }
 
-/// The candidate table's rows: model, size, license, quality (with CI), speed, cost, verdict.
-fn candidate_rows(decision: &Decision) -> Vec<[String; 9]> {
+/// The candidate table's rows, as the guide compares configurations — hardware · max load ·
+/// quality · $ — then size, license, offline latency, throughput and the verdict.
+fn candidate_rows(decision: &Decision) -> Vec<[String; 10]> {
     decision
         .candidates
         .iter()
@@ -94,15 +122,21 @@ fn candidate_rows(decision: &Decision) -> Vec<[String; 9]> {
                 Some(base) => format!("{} (fine-tuned from {base})", c.model),
                 None => c.model.clone(),
             };
+            let machine = c.serving.as_ref().map_or("–".to_string(), |s| format!("{} ({})", s.machine, s.hardware));
+            let cost = match t("usd_per_mtok_at_max_rps") {
+                Some(at) => format!("{} (batch) · {} at max load", num(t("usd_per_mtok")), num(Some(at))),
+                None => num(t("usd_per_mtok")),
+            };
             [
                 model,
+                machine,
+                num(t("max_rps")),
+                quality,
+                cost,
                 format!("{} / {}", num(Some(c.params_active_b)), num(Some(c.params_total_b))),
                 c.license.clone(),
-                quality,
                 format!("{} / {}", num(t("latency_p50_ms")), num(t("latency_p95_ms"))),
                 num(t("tokens_per_s")),
-                num(t("usd_per_mtok")),
-                c.serving.as_ref().map_or("–", |s| s.machine.as_str()).to_string(),
                 c.verdict.clone(),
             ]
         })
@@ -124,7 +158,7 @@ fn excluded_rows(decision: &Decision) -> Vec<[String; 4]> {
 
 const EXCLUDED_HEADERS: [&str; 4] = ["model", "params active / total (B)", "license", "why excluded"];
 
-const HEADERS: [&str; 9] = ["model", "params active / total (B)", "license", "held-out quality [95% CI]", "latency p50 / p95 (ms)", "tokens/s", "$ / 1M tokens", "machine", "verdict"];
+const HEADERS: [&str; 10] = ["model", "machine (hardware)", "max load (req/s within the SLO)", "held-out quality [95% CI]", "$ / 1M tokens", "params active / total (B)", "license", "latency p50 / p95 (ms, offline batch)", "tokens/s", "verdict"];
 
 /// A point on a plot: label, x, y, and a vertical interval.
 struct Point {
@@ -191,6 +225,95 @@ fn plot(title: &str, x_label: &str, y_label: &str, points: &[Point], log_x: bool
     s
 }
 
+/// One candidate's latencies (to the first token and to the last) against the load, at the
+/// percentile the SLO's attainment asks for (p99 for 0.99), so a load fails about where its
+/// points cross the SLO's bounds, the dashed lines. Poisson loads are circles at their arrival
+/// rate, joined in rate order: filled were sustained, hollow were not; the anchors (a fixed number
+/// in flight) are squares at the rate they completed. The green line is the max load found. A
+/// latency far over the SLO, or a load that completed nothing, is drawn at the top edge (each
+/// point's tooltip says what it was).
+fn load_plot(model: &str, capacity: &Capacity, timing: &artifacts::CapacityTiming) -> String {
+    use artifacts::{Load, Percentiles};
+    let (w, h, left, right, top, bottom) = (560.0, 300.0, 60.0, 20.0, 30.0, 45.0);
+    let slo = &capacity.slo;
+    let (pct, at): (&str, fn(&Percentiles) -> f64) = if slo.attainment > 0.95 {
+        ("p99", |p| p.p99)
+    } else if slo.attainment > 0.5 {
+        ("p95", |p| p.p95)
+    } else {
+        ("p50", |p| p.p50)
+    };
+    // Where a load sits: the rate arrivals were drawn at, or what a fixed number in flight completed.
+    let x_of = |l: &Load| l.rate_rps.unwrap_or(l.achieved_rps);
+    let mut poisson: Vec<&Load> = timing.loads.iter().filter(|l| l.rate_rps.is_some()).collect();
+    poisson.sort_by(|a, b| x_of(a).total_cmp(&x_of(b)));
+    let anchors: Vec<&Load> = timing.loads.iter().filter(|l| l.rate_rps.is_none() && l.completed > 0).collect();
+    let highest = timing.loads.iter().filter(|l| l.completed > 0).map(|l| at(&l.e2e_ms).max(at(&l.ttft_ms))).fold(0.0, f64::max);
+    // A round step, four to six of them to the top, at least the SLO's bound and a bit.
+    let span = highest.min(3.0 * slo.e2e_ms).max(1.15 * slo.e2e_ms);
+    let magnitude = 10f64.powf((span / 4.0).log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * magnitude).find(|st| span / st <= 6.0).unwrap_or(10.0 * magnitude);
+    let y1 = (span / step).ceil() * step;
+    let x_max = timing.loads.iter().map(x_of).fold(timing.max_rps, f64::max).max(1e-3);
+    let x1 = x_max * 1.08;
+    let sx = |x: f64| left + x / x1 * (w - left - right);
+    let sy = |y: f64| top + (1.0 - y.clamp(0.0, y1) / y1) * (h - top - bottom);
+    let title = format!("{model}: {pct} latency vs offered load (max load {} req/s)", num(Some(timing.max_rps)));
+    let mut s = format!(r#"<figure class="load"><svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="{t}"><title>{t}</title>"#, t = esc(&title));
+    let _ = write!(s, r##"<rect x="{left}" y="{top}" width="{}" height="{}" fill="#fafafa" stroke="#999"/>"##, w - left - right, h - top - bottom);
+    let mut y = 0.0;
+    while y <= y1 + step / 2.0 {
+        let _ = write!(s, r##"<line x1="{left}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" font-size="11" text-anchor="end">{y:.0}</text>"##, w - right, left - 6.0, sy(y) + 4.0, py = sy(y));
+        y += step;
+    }
+    for k in 0..=4 {
+        let x = x_max * f64::from(k) / 4.0;
+        let _ = write!(s, r##"<text x="{:.1}" y="{}" font-size="11" text-anchor="middle">{x:.2}</text>"##, sx(x), h - bottom + 16.0);
+    }
+    let _ = write!(s, r##"<text x="{}" y="{}" font-size="12" text-anchor="middle">offered load (requests/s)</text>"##, (left + w - right) / 2.0, h - 8.0);
+    let _ = write!(s, r##"<text x="14" y="{c}" font-size="12" text-anchor="middle" transform="rotate(-90 14 {c})">{pct} latency (ms)</text>"##, c = (top + h - bottom) / 2.0);
+    // TPOT, a time per token, has no place on this axis; its bound is in the SLO attainment.
+    for (b, name) in [(slo.ttft_ms, "TTFT"), (slo.e2e_ms, "end-to-end")] {
+        let _ = write!(s, r##"<line class="slo" x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#cc0000" stroke-dasharray="6 4"/><text x="{}" y="{:.1}" font-size="11" text-anchor="end" fill="#cc0000">SLO {name} {} ms</text>"##, w - right, w - right - 4.0, sy(b) - 4.0, num(Some(b)), y = sy(b));
+    }
+    if timing.max_rps > 0.0 {
+        let x = sx(timing.max_rps);
+        let _ = write!(s, r##"<line class="max" x1="{x:.1}" x2="{x:.1}" y1="{top}" y2="{}" stroke="#4e9a06" stroke-dasharray="2 3"/>"##, h - bottom);
+    }
+    // What one load says, as its tooltip.
+    let about = |l: &Load, name: &str, ms: Option<f64>| {
+        let what = match (l.rate_rps, l.concurrency) {
+            (Some(r), _) => format!("Poisson {r:.2} req/s"),
+            (None, n) => format!("{} in flight", n.unwrap_or(1)),
+        };
+        let latency = ms.map_or("none completed within the load".to_string(), |ms| format!("{name} {pct} {ms:.0} ms"));
+        esc(&format!("{what}: {latency}; {:.2} req/s offered, {:.2} achieved, {:.1}% within the SLO", l.offered_rps, l.achieved_rps, l.attainment * 100.0))
+    };
+    let series: [(&str, &str, &dyn Fn(&Load) -> f64); 2] = [("end-to-end", "#3465a4", &|l| at(&l.e2e_ms)), ("TTFT", "#f57900", &|l| at(&l.ttft_ms))];
+    for (name, colour, of) in series {
+        let y_of = |l: &Load| if l.completed > 0 { of(l) } else { y1 };
+        let path: Vec<String> = poisson.iter().map(|l| format!("{:.1},{:.1}", sx(x_of(l)), sy(y_of(l)))).collect();
+        let _ = write!(s, r##"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"##, path.join(" "));
+        for l in &poisson {
+            let fill = if l.sustained { colour } else { "#fff" };
+            let tip = about(l, name, (l.completed > 0).then(|| of(l)));
+            let _ = write!(s, r##"<circle class="load-point" cx="{:.1}" cy="{:.1}" r="4" fill="{fill}" stroke="{colour}" stroke-width="2"><title>{tip}</title></circle>"##, sx(x_of(l)), sy(y_of(l)));
+        }
+        for l in &anchors {
+            let (x, y) = (sx(x_of(l)), sy(of(l)));
+            let _ = write!(s, r##"<rect class="anchor" x="{:.1}" y="{:.1}" width="8" height="8" fill="none" stroke="{colour}" stroke-width="2"><title>{}</title></rect>"##, x - 4.0, y - 4.0, about(l, name, Some(of(l))));
+        }
+    }
+    let _ = write!(s, r##"<text x="{}" y="{}" font-size="11" fill="#3465a4">— end-to-end {pct}</text><text x="{}" y="{}" font-size="11" fill="#f57900">— TTFT {pct}</text>"##, left + 6.0, top - 8.0, left + 130.0, top - 8.0);
+    s.push_str(&format!(
+        "</svg><figcaption>{}. Circles: Poisson arrivals (filled: sustained; hollow: the SLO missed or the rate not kept up); squares: one and {} requests in flight; green: the max load. {}</figcaption></figure>",
+        esc(&title),
+        timing.loads.iter().filter_map(|l| l.concurrency).max().unwrap_or(1),
+        esc(&timing.found)
+    ));
+    s
+}
+
 /// Candidates no other candidate beats on both quality (higher) and cost (lower).
 fn pareto(points: &[(f64, f64)]) -> Vec<bool> {
     points.iter().map(|&(c, q)| !points.iter().any(|&(c2, q2)| c2 <= c && q2 >= q && (c2 < c || q2 > q))).collect()
@@ -239,6 +362,11 @@ fn render_html(f: &Facts) -> String {
             }
         }
         None => body.push_str(r#"<p>This pipeline has no `select` stage: no decision.</p><section id="plots"><h2>Plots</h2>"#),
+    }
+    if let Some(capacity) = &f.capacity {
+        for (model, m) in &capacity.models {
+            body.push_str(&load_plot(model, capacity, &m.timing));
+        }
     }
     if !f.quality.is_empty() {
         let points: Vec<Point> = f.quality.iter().map(|(it, name, v, ci)| Point { label: format!("{it}: {name} {v:.3}"), x: f64::from(*it), y: *v, ci: *ci, highlight: false }).collect();
@@ -381,6 +509,65 @@ fn render_markdown(f: &Facts) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A measured load at `offered` req/s whose requests took `ms` (every percentile).
+    fn load(offered: f64, ms: f64, sustained: bool) -> artifacts::Load {
+        let p = artifacts::Percentiles { p50: ms, p95: ms, p99: ms };
+        artifacts::Load {
+            kind: "poisson".into(),
+            rate_rps: Some(offered),
+            concurrency: None,
+            requests: 10,
+            completed: 10,
+            errors: 0,
+            error_examples: Vec::new(),
+            cut_off: 0,
+            queued: 0,
+            met_slo: if sustained { 10 } else { 5 },
+            attainment: if sustained { 1.0 } else { 0.5 },
+            offered_rps: offered,
+            achieved_rps: offered,
+            goodput_rps: offered,
+            ttft_ms: artifacts::Percentiles { p50: ms / 4.0, p95: ms / 4.0, p99: ms / 4.0 },
+            itl_ms: p,
+            tpot_ms: p,
+            e2e_ms: p,
+            prompt_tokens_mean: None,
+            completion_tokens_mean: 6.0,
+            send_lag_p99_ms: 0.1,
+            client_behind: false,
+            stopped_early: false,
+            sustained,
+        }
+    }
+
+    #[test]
+    fn the_load_plot_draws_every_load_against_the_slo_and_keeps_overloads_on_the_canvas() {
+        let slo = artifacts::Slo { ttft_ms: 500.0, e2e_ms: 2000.0, tpot_ms: None, attainment: 0.99 };
+        let mut anchor = load(3.0, 900.0, true);
+        (anchor.kind, anchor.rate_rps, anchor.concurrency) = ("throughput".into(), None, Some(8));
+        let mut nothing = load(5.0, 0.0, false);
+        nothing.completed = 0;
+        let loads = vec![anchor, load(1.0, 800.0, true), load(4.0, 60_000.0, false), load(2.0, 1500.0, true), nothing];
+        let timing = artifacts::CapacityTiming { max_rps: 2.0, goodput_rps: 2.0, tokens_per_s: None, found: "between 2.00 and 4.00".into(), loads, search_s: 9.0 };
+        let capacity = Capacity { slo, models: Default::default() };
+        let svg = load_plot("<m>", &capacity, &timing);
+        // Four Poisson loads and an anchor, two series; the failed ones hollow in both.
+        assert_eq!(svg.matches("class=\"load-point\"").count(), 8);
+        assert_eq!(svg.matches("class=\"anchor\"").count(), 2);
+        assert_eq!(svg.matches(r##"fill="#fff""##).count(), 4);
+        assert!(svg.contains("Poisson 5.00 req/s: none completed within the load"), "{svg}");
+        assert_eq!(svg.matches("class=\"slo\"").count(), 2);
+        assert!(svg.contains("SLO end-to-end 2000 ms") && svg.contains("p99 latency") && svg.contains("&lt;m&gt;") && !svg.contains("<m>"), "{svg}");
+        // Every point inside the plot area, the 60 s overload drawn at its top edge.
+        let cys: Vec<f64> = svg.split("class=\"load-point\" cx=\"").skip(1).map(|t| t.split("cy=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap()).collect();
+        assert!(cys.iter().all(|y| (30.0..=255.0).contains(y)), "{cys:?}");
+        assert_eq!(cys.iter().filter(|y| **y == 30.0).count(), 4, "both series of the 60 s overload and of the load that completed nothing: {cys:?}");
+        // Round ticks: 0 to 6000 ms by 1000 (the span is 3 × the SLO's 2000 ms).
+        assert!(svg.contains(">6000</text>") && svg.contains(">1000</text>") && !svg.contains(">7000</text>"), "{svg}");
+        // The max load's line sits at 2 req/s: x = 60 + 2 / (5 × 1.08) × 480.
+        assert!(svg.contains(&format!(r#"class="max" x1="{:.1}""#, 60.0 + 2.0 / (5.0 * 1.08) * 480.0)), "{svg}");
+    }
 
     #[test]
     fn pareto_front_keeps_the_undominated() {

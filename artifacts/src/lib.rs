@@ -16,8 +16,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+mod capacity;
 mod judgement;
 
+pub use capacity::*;
 pub use judgement::*;
 
 /// An artifact: a type that crosses a stage boundary, with the name ports declare it by.

@@ -15,13 +15,13 @@ use crate::{Project, items, text};
 const CANARY: &str = "sk-canary-7f3a9c1e-never-print-me";
 
 /// A llama.cpp server process, killed on drop.
-struct LlamaServer {
+pub(crate) struct LlamaServer {
     child: Child,
     port: u16,
 }
 
 impl LlamaServer {
-    fn start(api_key: &str) -> LlamaServer {
+    pub(crate) fn start(api_key: &str) -> LlamaServer {
         let python = std::env::var("PIPELINE_LLAMA_PYTHON")
             .map(PathBuf::from)
             .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/pipeline-llamacpp-venv/bin/python"));
@@ -43,7 +43,7 @@ impl LlamaServer {
         server
     }
 
-    fn base_url(&self) -> String {
+    pub(crate) fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}/v1", self.port)
     }
 }
@@ -88,7 +88,7 @@ fn served_project(base_urls: &[String], samples: usize, http: &str) -> Project {
     p
 }
 
-fn write_catalog(p: &Project, base_urls: &[String]) {
+pub(crate) fn write_catalog(p: &Project, base_urls: &[String]) {
     write_catalog_with(p, base_urls, "");
 }
 

@@ -7,12 +7,14 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 mod browser;
+mod capacity;
 mod concurrency;
 mod crash;
 mod disk;
 mod finetune;
 mod http;
 mod review;
+mod structured;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -663,28 +665,39 @@ fn report_opens_offline_in_chromium(dir: &Path, decision: &str) {
     for fetch in ["src=", "href=", "@import", "url("] {
         assert!(!html.contains(fetch), "report.html would fetch something ({fetch})");
     }
+    let (dom, shot) = open_offline_in_chromium(&dir.join("report.html"), "report.png");
+    assert!(dom.contains("<circle class=\"point\""), "the plots are in the rendered page");
+    assert!(dom.contains(&decision.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")), "the decision is on the page");
+    // The plot colour (#3465a4) is on screen: the SVG was painted, not just parsed.
+    let blue = pixels_of(&shot, [0x34, 0x65, 0xa4]);
+    assert!(blue > 50, "{blue} plot-coloured pixels in {}", shot.display());
+    println!("report screenshot: {}", shot.display());
+}
+
+/// `page` in headless Chromium with the network cut off: the DOM it rendered, and a screenshot
+/// (kept under the target dir as `shot`, for CI).
+pub(crate) fn open_offline_in_chromium(page: &Path, shot: &str) -> (String, PathBuf) {
     let chromium = std::env::var("PIPELINE_CHROMIUM").unwrap_or_else(|_| "chromium".into());
-    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("report.png");
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(shot);
     let _ = std::fs::remove_file(&shot);
-    let url = format!("file://{}", dir.join("report.html").display());
+    let url = format!("file://{}", page.display());
     // No network: every host resolves to nothing and every proxy is a closed port.
     let offline = ["--headless", "--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"];
     let out = Command::new(&chromium).args(offline).args(["--window-size=1200,2400", &format!("--screenshot={}", shot.display()), &url]).output();
     let out = out.unwrap_or_else(|e| panic!("cannot run {chromium} (scripts/test installs it): {e}"));
     assert!(shot.exists(), "no screenshot: {}", text(&out.stderr));
     let dom = Command::new(&chromium).args(offline).args(["--dump-dom", &url]).output().unwrap();
-    let dom = text(&dom.stdout);
-    assert!(dom.contains("<circle class=\"point\""), "the plots are in the rendered page");
-    assert!(dom.contains(&decision.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")), "the decision is on the page");
-    // The plot colour (#3465a4) is on screen: the SVG was painted, not just parsed.
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    (text(&dom.stdout), shot)
+}
+
+/// How many pixels of a PNG are exactly `rgb`.
+pub(crate) fn pixels_of(png: &Path, rgb: [u8; 3]) -> usize {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(png).unwrap()));
     let mut reader = decoder.read_info().unwrap();
     let mut buf = vec![0; reader.output_buffer_size().unwrap()];
     let info = reader.next_frame(&mut buf).unwrap();
     let channels = info.color_type.samples();
-    let blue = buf[..info.buffer_size()].chunks(channels).filter(|p| p[0] == 0x34 && p[1] == 0x65 && p[2] == 0xa4).count();
-    assert!(blue > 50, "{blue} plot-coloured pixels in {}", shot.display());
-    println!("report screenshot: {}", shot.display());
+    buf[..info.buffer_size()].chunks(channels).filter(|p| p[..3] == rgb).count()
 }
 
 /// The quality loop on the real model: iteration 1 judges and clusters the failures, `revise`

@@ -291,6 +291,16 @@ impl Endpoint {
         Duration::from_secs_f64(ceiling * fastrand::f64())
     }
 
+    /// The replicas' base URLs.
+    pub fn base_urls(&self) -> &[String] {
+        &self.base_urls
+    }
+
+    /// The environment variable holding the API key, if the endpoint takes one.
+    pub fn api_key_env(&self) -> Option<&str> {
+        self.api_key_env.as_deref()
+    }
+
     /// The current adaptive limit on requests in flight.
     pub fn concurrency_limit(&self) -> usize {
         self.limiter.limit()

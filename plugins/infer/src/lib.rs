@@ -332,6 +332,18 @@ enum Backend {
     Http(http::Endpoint),
 }
 
+/// Where to send a candidate's requests ([`Candidate::load_target`]); an embedded candidate's
+/// server runs while this is held.
+pub struct LoadTarget {
+    /// Each replica's base URL (`…/v1`).
+    pub base_urls: Vec<String>,
+    /// The model name requests carry.
+    pub model: String,
+    /// The environment variable holding the API key, if the endpoint takes one.
+    pub api_key_env: Option<String>,
+    _server: Option<serve::Loopback>,
+}
+
 /// How a stage runs its models: everything an answer depends on but the model and the messages.
 pub struct RunSettings {
     pub sampler: Sampler,
@@ -439,6 +451,27 @@ impl Candidate {
             }
         }
         pins
+    }
+
+    /// Where a load generator sends this candidate's requests: an endpoint's replicas, or, for
+    /// weights, the model loaded and served on loopback by `pipeline serve`'s code.
+    pub async fn load_target(&self, settings: &RunSettings) -> Result<LoadTarget, String> {
+        match &self.backend {
+            Backend::Embedded { source, sha256 } => {
+                let runner = embedded::load(source, sha256, &settings.catalog_dir, settings.prepare, settings.device).await?;
+                let server = serve::Loopback::start(&self.id, runner, sha256, settings.prepare).await?;
+                Ok(LoadTarget { base_urls: vec![server.base_url.clone()], model: self.id.clone(), api_key_env: None, _server: Some(server) })
+            }
+            Backend::Http(e) => Ok(LoadTarget { base_urls: e.base_urls().to_vec(), model: e.model.clone(), api_key_env: e.api_key_env().map(str::to_string), _server: None }),
+        }
+    }
+
+    /// How many servers answer for it: an endpoint's replicas, or one.
+    pub fn replicas(&self) -> usize {
+        match &self.backend {
+            Backend::Embedded { .. } => 1,
+            Backend::Http(e) => e.base_urls().len(),
+        }
     }
 
     pub fn is_http(&self) -> bool {
@@ -601,57 +634,84 @@ impl StagePlugin for Infer {
                     .help("build with `cargo build --release --features cuda` (README: GPU), or use `device = \"cpu\"`"),
             );
         }
-        let mut candidates = Vec::new();
-        // Without `models`, every runnable catalog model is prepared, and a `license_filter` stage
-        // in `needs` says which ones run (checked when the stage runs).
-        let wanted: Vec<(&String, Option<std::ops::Range<usize>>)> = if config.models.is_empty() {
-            catalog.models.iter().filter(|m| m.runnable_source().is_some()).map(|m| (&m.id, None)).collect()
-        } else {
-            config.models.iter().map(|m| (m.get_ref(), Some(m.span()))).collect()
-        };
-        for (id, span) in wanted {
-            match Candidate::resolve(ModelRef { catalog: &catalog, catalog_name: config.catalog.get_ref(), id, span, output: output.as_ref(), http: &config.http }, cx) {
-                Ok(c) => {
-                    if let Err(e) = config.sampler.check_context(&c) {
-                        errors.push(cx.error_at(cx.key("sampler"), e, "these settings"));
-                    }
-                    candidates.push(c);
-                }
-                Err(e) => errors.push(e),
-            }
-        }
+        let roster = Roster::build(&catalog, &config.catalog, &config.models, output.as_ref(), &config.http, &config.sampler, cx, &mut errors);
         if !errors.is_empty() {
             return Err(errors);
         }
         let catalog_dir = catalog_path.parent().map(PathBuf::from).unwrap_or_default();
         // Items of all candidates share one limit: enough for each backend's own.
-        let concurrency = candidates
+        let concurrency = roster
+            .candidates
             .iter()
             .map(|c| if c.is_http() { config.http.max_concurrency.0 } else { max_in_flight })
             .max()
             .unwrap_or(1);
         let settings = RunSettings { sampler: config.sampler, prepare: config.prepare, output: output.map(|(c, _)| c), device, catalog_dir };
-        let models_from_config = !config.models.is_empty();
-        let candidates = candidates.into_iter().map(Arc::new).collect();
-        Ok(Arc::new(InferStage { settings, candidates, models_from_config, concurrency, tuned: Default::default() }))
+        Ok(Arc::new(InferStage { settings, roster, concurrency }))
     }
 }
 
 struct InferStage {
     settings: RunSettings,
+    roster: Roster,
+    /// Items the engine keeps in flight.
+    concurrency: usize,
+}
+
+/// The candidates of a stage that runs models (`infer`, `capacity`): those its `models` name, or
+/// those a `license_filter` input lets through; and those a `finetune` input trained.
+pub struct Roster {
     candidates: Vec<Arc<Candidate>>,
     /// Models a `finetune` input trained, known once it runs.
     tuned: std::sync::Mutex<Vec<Arc<Candidate>>>,
     /// `models` was set; otherwise a `candidates` input must say which run.
     models_from_config: bool,
-    /// Items the engine keeps in flight.
-    concurrency: usize,
 }
 
-impl InferStage {
+impl Roster {
+    /// The models `models` names (without it, every runnable model of the catalog, for a
+    /// `license_filter` input to choose from), each problem pushed to `errors`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        catalog: &Catalog,
+        catalog_name: &Spanned<String>,
+        models: &[Spanned<String>],
+        output: Option<&(OutputConstraint, std::ops::Range<usize>)>,
+        http: &http::HttpSettings,
+        sampler: &Sampler,
+        cx: &BuildContext,
+        errors: &mut Vec<Diagnostic>,
+    ) -> Roster {
+        let mut candidates = Vec::new();
+        // Without `models`, every runnable catalog model is prepared, and a `license_filter` stage
+        // in `needs` says which ones run (checked when the stage runs).
+        let wanted: Vec<(&String, Option<std::ops::Range<usize>>)> = if models.is_empty() {
+            catalog.models.iter().filter(|m| m.runnable_source().is_some()).map(|m| (&m.id, None)).collect()
+        } else {
+            models.iter().map(|m| (m.get_ref(), Some(m.span()))).collect()
+        };
+        for (id, span) in wanted {
+            match Candidate::resolve(ModelRef { catalog, catalog_name: catalog_name.get_ref(), id, span, output, http }, cx) {
+                Ok(c) => {
+                    if let Err(e) = sampler.check_context(&c) {
+                        errors.push(cx.error_at(cx.key("sampler"), e, "these settings"));
+                    }
+                    candidates.push(Arc::new(c));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        Roster { candidates, tuned: Default::default(), models_from_config: !models.is_empty() }
+    }
+
+    /// Every candidate the config names (or the catalog has), fine-tuned ones aside.
+    pub fn configured(&self) -> &[Arc<Candidate>] {
+        &self.candidates
+    }
+
     /// The candidates that run: those a `license_filter` input lets through, else `models`; then
     /// those a `finetune` input trained.
-    fn active(&self, input: &StageInput) -> Result<Vec<Arc<Candidate>>, StageError> {
+    pub fn active(&self, input: &StageInput) -> Result<Vec<Arc<Candidate>>, StageError> {
         let tuned: Vec<Arc<Candidate>> = match input.read_optional::<FineTuned>("finetuned")? {
             Some(f) => f.models.iter().map(|m| Arc::new(Candidate::tuned(m))).collect(),
             None => Vec::new(),
@@ -685,7 +745,8 @@ impl InferStage {
         Ok(active)
     }
 
-    fn candidate(&self, id: &str) -> Option<Arc<Candidate>> {
+    /// A candidate by id, fine-tuned ones included (once [`Roster::active`] has seen them).
+    pub fn candidate(&self, id: &str) -> Option<Arc<Candidate>> {
         self.candidates.iter().find(|c| c.id == id).cloned().or_else(|| self.tuned.lock().expect("not poisoned").iter().find(|c| c.id == id).cloned())
     }
 }
@@ -693,7 +754,7 @@ impl InferStage {
 #[async_trait::async_trait]
 impl Stage for InferStage {
     fn pins(&self) -> engine::Pins {
-        self.candidates.iter().map(|c| (c.id.clone(), c.pins(&self.settings))).collect()
+        self.roster.candidates.iter().map(|c| (c.id.clone(), c.pins(&self.settings))).collect()
     }
 
     /// Models known only at run time (a `finetune` stage's): their weights' digest, from the
@@ -703,14 +764,15 @@ impl Stage for InferStage {
         answers
             .models
             .iter()
-            .filter(|(id, _)| !self.candidates.iter().any(|c| &c.id == *id))
+            .filter(|(id, _)| !self.roster.candidates.iter().any(|c| &c.id == *id))
             .filter_map(|(id, m)| Some((id.clone(), [("weights_sha256".to_string(), m.pin.weights_sha256.clone()?)].into())))
             .collect()
     }
 
     fn resolved(&self) -> Option<Value> {
         let pins = |embedded: bool| -> serde_json::Map<String, Value> {
-            self.candidates
+            self.roster
+                .candidates
                 .iter()
                 .filter_map(|c| match (&c.backend, embedded) {
                     (Backend::Embedded { sha256, .. }, true) => Some((c.id.clone(), json!(sha256))),
@@ -726,9 +788,9 @@ impl Stage for InferStage {
 
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
         let rendered: Rendered = input.read("rendered")?;
-        let mut items = Vec::with_capacity(rendered.samples.len() * self.candidates.len());
+        let mut items = Vec::with_capacity(rendered.samples.len() * self.roster.candidates.len());
         // Sample-major: with candidates on different backends, each has items in flight at once.
-        let active = self.active(input)?;
+        let active = self.roster.active(input)?;
         for s in &rendered.samples {
             for c in &active {
                 items.push(Item { id: format!("{}/{}", c.id, s.id), input: c.item_input(&self.settings, s.messages.clone()) });
@@ -739,7 +801,7 @@ impl Stage for InferStage {
 
     async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
         let input = ItemInput::read(item)?;
-        let candidate = self.candidate(&input.model).ok_or_else(|| StageError::new(format!("unknown model `{}`", input.model)))?;
+        let candidate = self.roster.candidate(&input.model).ok_or_else(|| StageError::new(format!("unknown model `{}`", input.model)))?;
         let answer = candidate.chat(&input.messages, &self.settings, cx).await.map_err(StageError::new)?;
         Ok(serde_json::to_value(answer).expect("answers serialize"))
     }
@@ -756,7 +818,7 @@ impl Stage for InferStage {
         let rendered: Rendered = input.read("rendered")?;
         let mut models = BTreeMap::new();
         // `items` is sample-major, and results come back in `items` order.
-        let active = self.active(input)?;
+        let active = self.roster.active(input)?;
         let k = active.len();
         if results.len() != rendered.samples.len() * k {
             return Err(StageError::new(format!("expected {} answers, got {}", rendered.samples.len() * k, results.len())));

@@ -60,18 +60,58 @@ pub async fn serve(
     };
     let base = config.catalog.parent().unwrap_or(Path::new("."));
     let runner = embedded::load(&source, &sha256, base, config.prepare, config.device).await?;
-    let fingerprint = format!("sha256:{sha256}{}", config.prepare.map_or_else(String::new, |p| format!("+{}", p.spelling())));
-    let state = Arc::new(Served { id: model.id.clone(), fingerprint: fingerprint.clone(), runner });
-    let app = Router::new()
-        .route("/v1/models", get(models))
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/health", get(|| async { "ok" }))
-        .with_state(state);
+    let fingerprint = fingerprint(&sha256, config.prepare);
+    let app = router(Served { id: model.id.clone(), fingerprint: fingerprint.clone(), runner });
     let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     ready(addr, &fingerprint);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())
+}
+
+/// What a response's `system_fingerprint` says answered: the weights digest and preparation.
+fn fingerprint(sha256: &str, prepare: Option<Prepare>) -> String {
+    format!("sha256:{sha256}{}", prepare.map_or_else(String::new, |p| format!("+{}", p.spelling())))
+}
+
+fn router(served: Served) -> Router {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/health", get(|| async { "ok" }))
+        .with_state(Arc::new(served))
+}
+
+/// A loaded model served as `pipeline serve` serves it, on a free port of 127.0.0.1, until
+/// dropped: how the `capacity` stage loads an embedded candidate through the server code users
+/// deploy.
+pub struct Loopback {
+    /// `http://127.0.0.1:PORT/v1`.
+    pub base_url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Loopback {
+    pub(crate) async fn start(id: &str, runner: Arc<embedded::Runner>, sha256: &str, prepare: Option<Prepare>) -> Result<Loopback, String> {
+        let app = router(Served { id: id.to_string(), fingerprint: fingerprint(sha256, prepare), runner });
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.map_err(|e| format!("cannot listen on 127.0.0.1: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { rx.await.unwrap_or(()) }).await {
+                tracing::error!("loopback server on {addr}: {e}");
+            }
+        });
+        Ok(Loopback { base_url: format!("http://{addr}/v1"), shutdown: Some(tx) })
+    }
+}
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 async fn models(State(s): State<Arc<Served>>) -> Json<Value> {

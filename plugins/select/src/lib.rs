@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use artifacts::{Answers, Artifact, Candidates, Decision, DecisionMetrics, DecisionRow, FineTuned, Judgement, MAIN_METRICS, Prompt, QUALITY_METRICS, Serving, Split, Task, VsBase};
+use artifacts::{Answers, Artifact, Candidates, Capacity, Decision, DecisionMetrics, DecisionRow, FineTuned, Judgement, MAIN_METRICS, Prompt, QUALITY_METRICS, Serving, Split, Task, VsBase};
 use catalog::Catalog;
 use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, Bound, FileRef, Item, Port, Stage, StageError, StageInput, StagePlugin};
@@ -34,7 +34,10 @@ pub struct Select;
 /// Cohen's κ from which a judge counts as agreeing with people ("substantial", Landis & Koch).
 const TRUSTED_KAPPA: f64 = 0.6;
 
-const SPEED: [&str; 4] = ["latency_p50_ms", "latency_p95_ms", "tokens_per_s", "usd_per_mtok"];
+const SPEED: [&str; 7] = ["latency_p50_ms", "latency_p95_ms", "tokens_per_s", "usd_per_mtok", "max_rps", "goodput_rps", "usd_per_mtok_at_max_rps"];
+
+/// Speed metrics a `capacity` stage measures.
+const LOAD: [&str; 3] = ["max_rps", "goodput_rps", "usd_per_mtok_at_max_rps"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -46,7 +49,9 @@ pub struct SelectConfig {
     /// `latency_p95_ms = { max = 2000 }`. Quality metrics: accuracy, accuracy_ci_low,
     /// accuracy_ci_high, macro_f1, ndcg, ndcg_ci_low, ndcg_ci_high, pass_rate, pass_rate_ci_low,
     /// pass_rate_ci_high (an `llm_judge`), unparsed_rate, unscored_rate (held-out); speed: latency_p50_ms,
-    /// latency_p95_ms, tokens_per_s, usd_per_mtok (needs `prices` or `usd_per_hour`).
+    /// latency_p95_ms, tokens_per_s, usd_per_mtok (needs `prices` or `usd_per_hour`); load (needs a
+    /// `capacity` stage in `needs`): max_rps, goodput_rps, usd_per_mtok_at_max_rps (the cost per
+    /// million tokens at that load; needs `prices` or `usd_per_hour`).
     #[schemars(with = "BTreeMap<String, Bound>")]
     pub targets: Spanned<BTreeMap<String, Bound>>,
     /// What an hour of the machine that served the candidates costs, in US dollars (a cloud
@@ -72,6 +77,7 @@ impl StagePlugin for Select {
             Port::new("prompt", Prompt::TYPE),
             Port::optional("candidates", Candidates::TYPE),
             Port::optional("finetuned", FineTuned::TYPE),
+            Port::optional("capacity", Capacity::TYPE),
         ];
     const OUTPUT: &'static str = Decision::TYPE;
 
@@ -97,11 +103,13 @@ impl StagePlugin for Select {
         {
             errors.push(cx.error_at(cx.key("usd_per_hour"), format!("`usd_per_hour` must be a positive price, not {price}"), ""));
         }
-        if config.usd_per_hour.is_none() && config.prices.is_none() && config.targets.get_ref().contains_key("usd_per_mtok") {
-            errors.push(
-                cx.error_at(Some(config.targets.span()), "a `usd_per_mtok` target needs `prices` or `usd_per_hour`", "in these targets")
-                    .help("set `prices` to a price table, or `usd_per_hour` to what an hour of the serving machine costs"),
-            );
+        for cost in ["usd_per_mtok", "usd_per_mtok_at_max_rps"] {
+            if config.usd_per_hour.is_none() && config.prices.is_none() && config.targets.get_ref().contains_key(cost) {
+                errors.push(
+                    cx.error_at(Some(config.targets.span()), format!("a `{cost}` target needs `prices` or `usd_per_hour`"), "in these targets")
+                        .help("set `prices` to a price table, or `usd_per_hour` to what an hour of the serving machine costs"),
+                );
+            }
         }
         let mut prices = None;
         if let Some(file) = &config.prices {
@@ -122,7 +130,9 @@ impl StagePlugin for Select {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Arc::new(SelectStage { catalog, targets: config.targets.into_inner(), usd_per_hour: config.usd_per_hour, prices }))
+        let id = cx.stage_id.to_string();
+        let targets_at = config.targets.span();
+        Ok(Arc::new(SelectStage { id, catalog, targets: config.targets.into_inner(), targets_at, usd_per_hour: config.usd_per_hour, prices }))
     }
 }
 
@@ -136,8 +146,11 @@ struct Facts {
 }
 
 struct SelectStage {
+    id: String,
     catalog: Catalog,
     targets: BTreeMap<String, Bound>,
+    /// Where `targets` is, in the pipeline file.
+    targets_at: std::ops::Range<usize>,
     usd_per_hour: Option<f64>,
     /// Parsed when built (the file is digested into the fingerprint).
     prices: Option<prices::Prices>,
@@ -153,12 +166,28 @@ impl Stage for SelectStage {
         &["timing"]
     }
 
+    fn check_inputs(&self, pipeline: &SourceFile, facts: &BTreeMap<String, Value>) -> Vec<Diagnostic> {
+        if facts.contains_key("capacity") {
+            return Vec::new();
+        }
+        self.targets
+            .keys()
+            .filter(|k| LOAD.contains(&k.as_str()))
+            .map(|k| {
+                Diagnostic::error(format!("stage `{}`: target `{k}` is measured by a `capacity` stage, and none is in `needs`", self.id))
+                    .at(pipeline, self.targets_at.clone(), "in these targets")
+                    .help("add a `capacity` stage (the highest request rate each candidate sustains within a latency SLO) and name it in `needs`")
+            })
+            .collect()
+    }
+
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let judgement: Judgement = input.read("judgement")?;
         let answers: Answers = input.read("answers")?;
         let prompt: Prompt = input.read("prompt")?;
         let version = prompt.version_in_force();
         let tuned: Option<FineTuned> = input.read_optional("finetuned")?;
+        let capacity: Option<Capacity> = input.read_optional("capacity")?;
         let mut rows = Vec::new();
         for (id, j) in &judgement.models {
             // A catalog model, or one a `finetune` stage trained (the base's size and license).
@@ -190,6 +219,10 @@ impl Stage for SelectStage {
                 ("tokens_per_s", timing.and_then(|t| t.tokens_per_s)),
                 ("usd_per_mtok", usd_per_hour.filter(|_| processed > 0.0 && busy_s > 0.0).map(|p| p * busy_s / 3600.0 / processed * 1e6)),
             ];
+            // Under load: the highest rate sustained within the SLO, and what a token costs there.
+            let load = capacity.as_ref().and_then(|c| c.models.get(id)).map(|m| &m.timing);
+            let at_max_rps = load.filter(|l| l.max_rps > 0.0).and_then(|l| Some(usd_per_hour? / (l.tokens_per_s.filter(|t| *t > 0.0)? * 3600.0) * 1e6));
+            let speed = speed.into_iter().chain([("max_rps", load.map(|l| l.max_rps)), ("goodput_rps", load.map(|l| l.goodput_rps)), ("usd_per_mtok_at_max_rps", at_max_rps)]);
             for (name, v) in speed {
                 if let Some(v) = v {
                     values.insert(name, v);
@@ -383,7 +416,7 @@ mod tests {
 
     fn stage(targets: &str) -> SelectStage {
         let catalog = Catalog::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../catalogs/open-models.toml")).unwrap();
-        SelectStage { catalog, targets: toml::from_str(targets).unwrap(), usd_per_hour: None, prices: None }
+        SelectStage { id: "decision".into(), catalog, targets: toml::from_str(targets).unwrap(), targets_at: 0..0, usd_per_hour: None, prices: None }
     }
 
     /// Candidates with held-out accuracy, unparsed count (of 100) and p95 latency.
@@ -527,5 +560,33 @@ mod tests {
         assert_eq!(pricier.serving.unwrap().gpu.as_deref(), Some("H100"));
         assert!(pricier.verdict.starts_with("misses usd_per_mtok 2.381"), "{}", pricier.verdict);
         assert_eq!(out.selected.as_deref(), Some("smollm2-135m-instruct"));
+    }
+
+    /// A capacity stage's figures for one candidate: `max_rps` sustained, at `tokens_per_s`.
+    fn measured(max_rps: f64, tokens_per_s: f64) -> artifacts::ModelCapacity {
+        artifacts::ModelCapacity {
+            pin: Default::default(),
+            timing: artifacts::CapacityTiming { max_rps, goodput_rps: max_rps * 0.99, tokens_per_s: Some(tokens_per_s), found: String::new(), loads: Vec::new(), search_s: 1.0 },
+        }
+    }
+
+    #[test]
+    fn a_max_load_target_decides_on_the_capacity_stages_figures() {
+        let mut s = stage("accuracy = { min = 0.8 }\nmax_rps = { min = 10 }");
+        s.usd_per_hour = Some(3.6);
+        let mut input = input(&[("smollm2-135m-instruct", 0.85, 0, 300.0), ("smollm2-360m-instruct", 0.9, 0, 300.0), ("qwen3-4b", 0.95, 0, 300.0)]);
+        // The smallest is good enough but sustains 4 req/s; the next sustains 12; the third was not measured.
+        let models = [("smollm2-135m-instruct".to_string(), measured(4.0, 1000.0)), ("smollm2-360m-instruct".to_string(), measured(12.0, 2000.0))].into();
+        let capacity = Capacity { slo: artifacts::Slo { ttft_ms: 500.0, e2e_ms: 2000.0, tpot_ms: None, attainment: 0.99 }, models };
+        input.inputs.insert("capacity".into(), Arc::new(capacity.to_json()));
+        let out = run(&s, &input);
+        assert_eq!(out.selected.as_deref(), Some("smollm2-360m-instruct"));
+        let verdict = |id: &str| out.candidates.iter().find(|c| c.model == id).unwrap().verdict.clone();
+        assert_eq!(verdict("smollm2-135m-instruct"), "misses max_rps 4 (target ≥ 10)");
+        assert_eq!(verdict("qwen3-4b"), "misses max_rps not measured");
+        // $3.6 an hour at 2,000 tokens a second: $0.50 per million.
+        let timing = out.candidates.iter().find(|c| c.model == "smollm2-360m-instruct").unwrap().timing.clone().unwrap();
+        assert_eq!((timing["max_rps"], timing["goodput_rps"]), (12.0, 12.0 * 0.99));
+        assert!((timing["usd_per_mtok_at_max_rps"] - 0.5).abs() < 1e-9, "{}", timing["usd_per_mtok_at_max_rps"]);
     }
 }
