@@ -405,6 +405,15 @@ fn render_html(f: &Facts) -> String {
         }
         body.push_str("</section>");
     }
+    if !f.fields.is_empty() {
+        body.push_str(r#"<section id="fields"><h2>Per field (answers read as JSON, last iteration)</h2><table><tr><th>model</th><th>split</th><th>field</th><th>match</th><th>accuracy [95% CI]</th></tr>"#);
+        for (model, split, fields) in &f.fields {
+            for (path, rule, accuracy) in fields {
+                let _ = write!(body, "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>", esc(model), split.as_str(), esc(path), esc(rule), with_interval(accuracy));
+            }
+        }
+        body.push_str("</table></section>");
+    }
     if let Some(clusters) = &f.clusters {
         body.push_str(r#"<section id="clusters"><h2>Failure modes (dev split, last iteration)</h2>"#);
         for (model, m) in &clusters.models {
@@ -488,6 +497,15 @@ fn render_markdown(f: &Facts) -> String {
         s.push_str("| iteration | held-out quality | 95% CI |\n|---|---|---|\n");
         for (it, name, v, ci) in &f.quality {
             let _ = writeln!(s, "| {it} | {name} {v:.3} | {} |", ci.map_or("–".into(), |(l, h)| format!("{l:.3} – {h:.3}")));
+        }
+        s.push('\n');
+    }
+    if !f.fields.is_empty() {
+        s.push_str("Per field (answers read as JSON):\n\n| model | split | field | match | accuracy [95% CI] |\n|---|---|---|---|---|\n");
+        for (model, split, fields) in &f.fields {
+            for (path, rule, accuracy) in fields {
+                let _ = writeln!(s, "| {model} | {} | `{path}` | {rule} | {} |", split.as_str(), with_interval(accuracy));
+            }
         }
         s.push('\n');
     }

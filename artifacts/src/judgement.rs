@@ -181,6 +181,25 @@ pub struct SplitScores {
     pub passes: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pass_rate: Option<Estimate>,
+    /// Answers read as JSON: each compared field's scores, by path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<BTreeMap<String, FieldScores>>,
+}
+
+/// How one field of structured (JSON) answers scored against the references' over a split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FieldScores {
+    /// How it was compared: `exact`, `numeric` (within a tolerance) or `f1` (lists as sets).
+    #[serde(rename = "match")]
+    pub rule: String,
+    /// The share of answers whose field was right (of all answers: an answer that is not JSON,
+    /// or lacks the field, has it wrong).
+    pub accuracy: Estimate,
+    /// `f1`: the mean F1 of the answers' items against the references'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_f1: Option<Estimate>,
+    /// Answers that are JSON but lack the field.
+    pub missing: usize,
 }
 
 impl SplitScores {
@@ -199,6 +218,7 @@ impl SplitScores {
             unscored: None,
             passes: None,
             pass_rate: None,
+            fields: None,
         }
     }
 

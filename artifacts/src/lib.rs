@@ -523,10 +523,28 @@ pub mod facts {
 
     use serde::{Deserialize, Serialize};
 
-    /// A `dataset` stage's: the field names some sample has.
+    /// A `dataset` stage's: the field names some sample has, and which references are not JSON
+    /// (for a judge that reads them as JSON).
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     pub struct DatasetFacts {
         pub fields: BTreeSet<String>,
+        /// How many samples' references (`label`) do not parse as JSON.
+        #[serde(default)]
+        pub labels_not_json: usize,
+        /// The first few of them, located.
+        #[serde(default)]
+        pub labels_not_json_first: Vec<NotJson>,
+    }
+
+    /// A reference that is not JSON: where it is in the dataset file, and why.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct NotJson {
+        /// The dataset file as shown to the user.
+        pub file: String,
+        pub line: usize,
+        pub column: usize,
+        pub id: String,
+        pub message: String,
     }
 
     /// A `render` stage's: which samples it renders.

@@ -1,4 +1,5 @@
-//! `dataset`: a JSONL golden set, checked line by line, split into dev / held-out.
+//! `dataset`: a golden set — JSON lines, or CSV / TSV with a header row — checked line by line,
+//! split into dev / held-out.
 //!
 //! The split is deterministic and stratified: within each label (or over all samples when there
 //! is no label field), samples are ordered by BLAKE3(seed, id) and the first `heldout` fraction is
@@ -20,8 +21,13 @@ pub struct Dataset;
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
-    /// JSONL file, one JSON object per line, relative to the pipeline file.
+    /// The samples, relative to the pipeline file: JSON lines (one object per line), or CSV / TSV
+    /// with a header row naming each column (every value is text).
     pub path: FileRef,
+    /// How the file is written: `jsonl`, `csv` or `tsv`. Default: by its extension (`.csv`,
+    /// `.tsv`; anything else is JSON lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<Format>,
     /// Field holding each sample's unique id.
     #[serde(default = "default_id")]
     pub id: String,
@@ -49,6 +55,30 @@ impl<'de> Deserialize<'de> for Fraction {
         } else {
             Err(serde::de::Error::custom(format!("must be a fraction between 0 and 1, not {x}")))
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Jsonl,
+    Csv,
+    Tsv,
+}
+
+impl DatasetConfig {
+    /// The format written, else the one the file's extension names.
+    pub fn format(&self) -> Format {
+        self.format.unwrap_or_else(|| {
+            let lower = self.path.path.to_ascii_lowercase();
+            if lower.ends_with(".csv") {
+                Format::Csv
+            } else if lower.ends_with(".tsv") || lower.ends_with(".tab") {
+                Format::Tsv
+            } else {
+                Format::Jsonl
+            }
+        })
     }
 }
 
@@ -83,7 +113,8 @@ impl StagePlugin for Dataset {
         let file = SourceFile::new(cx.display_path(&config.path), file.text);
         let samples = parse_samples(&file, &config).map_err(|errors| errors.into_iter().map(|e| e.diagnostic(&file)).collect::<Vec<_>>())?;
         let fields = samples.iter().flat_map(|s| s.fields.keys().cloned()).collect();
-        Ok(Arc::new(DatasetStage { config, fields }))
+        let (labels_not_json, labels_not_json_first) = labels_not_json(&file, &samples);
+        Ok(Arc::new(DatasetStage { config, fields, labels_not_json, labels_not_json_first }))
     }
 }
 
@@ -99,13 +130,39 @@ struct DatasetStage {
     config: DatasetConfig,
     /// Every field name some sample has (at build time).
     fields: std::collections::BTreeSet<String>,
+    /// References that do not parse as JSON: how many, and the first few.
+    labels_not_json: usize,
+    labels_not_json_first: Vec<artifacts::facts::NotJson>,
+}
+
+/// Located references (labels) that a judge reading JSON could not read: how many, and the first
+/// five.
+fn labels_not_json(file: &SourceFile, samples: &[Sample]) -> (usize, Vec<artifacts::facts::NotJson>) {
+    let mut count = 0;
+    let mut first = Vec::new();
+    for s in samples {
+        let (Some(label), Some(at)) = (&s.label, s.label_at) else { continue };
+        let Err(e) = serde_json::from_str::<Value>(label) else { continue };
+        count += 1;
+        if first.len() < 5 {
+            let (line, column) = file.line_col(at);
+            let message = format!("the reference {} is not JSON ({e})", serde_json::to_string(label).expect("a string serializes"));
+            first.push(artifacts::facts::NotJson { file: file.path.display().to_string(), line, column, id: s.id.clone(), message });
+        }
+    }
+    (count, first)
 }
 
 impl Stage for DatasetStage {
     /// `{"fields": [...]}`: the field names some sample has, for templates and stages that name
     /// fields to be checked against at `validate`.
     fn facts(&self) -> Value {
-        serde_json::to_value(artifacts::facts::DatasetFacts { fields: self.fields.clone() }).expect("facts serialize")
+        let facts = artifacts::facts::DatasetFacts {
+            fields: self.fields.clone(),
+            labels_not_json: self.labels_not_json,
+            labels_not_json_first: self.labels_not_json_first.clone(),
+        };
+        serde_json::to_value(facts).expect("facts serialize")
     }
 
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
@@ -123,6 +180,8 @@ impl Stage for DatasetStage {
 struct Sample {
     id: String,
     label: Option<String>,
+    /// Where the label's value starts in the file (as far as the line's text shows it).
+    label_at: Option<usize>,
     fields: Map<String, Value>,
 }
 
@@ -137,36 +196,119 @@ impl LineError {
     }
 }
 
-fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample>, Vec<LineError>> {
-    let mut samples = Vec::new();
-    let mut errors = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut offset = 0;
-    for (n, raw) in file.text.split_inclusive('\n').enumerate() {
-        let mut start = offset;
+/// One sample as the file has it: its 1-based line, its span in the file, and its fields (or why
+/// they could not be read).
+struct Record {
+    line: usize,
+    whole: std::ops::Range<usize>,
+    fields: Result<Map<String, Value>, LineError>,
+}
+
+/// A UTF-8 byte-order mark (as some editors and spreadsheet exports write) is not part of the
+/// first sample: the text after it, and its length.
+fn after_bom(text: &str) -> (&str, usize) {
+    match text.strip_prefix('\u{feff}') {
+        Some(rest) => (rest, '\u{feff}'.len_utf8()),
+        None => (text, 0),
+    }
+}
+
+/// JSON lines: each non-blank line one object.
+fn jsonl_records(text: &str) -> Vec<Record> {
+    let (text, bom) = after_bom(text);
+    let mut records = Vec::new();
+    let mut offset = bom;
+    for (n, raw) in text.split_inclusive('\n').enumerate() {
+        let start = offset;
         offset += raw.len();
-        let mut line = raw.trim_end_matches(['\n', '\r']);
-        // A UTF-8 byte-order mark (as some editors and spreadsheet exports write) is not part of
-        // the first sample.
-        if n == 0 && let Some(rest) = line.strip_prefix('\u{feff}') {
-            line = rest;
-            start += '\u{feff}'.len_utf8();
-        }
+        let line = raw.trim_end_matches(['\n', '\r']);
         if line.trim().is_empty() {
             continue;
         }
         let whole = start..start + line.len();
-        let value: Value = match serde_json::from_str(line) {
-            Ok(v) => v,
+        let fields = match serde_json::from_str(line) {
+            Ok(Value::Object(fields)) => Ok(fields),
+            Ok(_) => Err(LineError { span: whole.clone(), message: format!("line {} is not a JSON object", n + 1) }),
             Err(e) => {
                 let at = start + line.char_indices().nth(e.column().saturating_sub(1)).map_or(line.len(), |(i, _)| i);
-                errors.push(LineError { span: at..at + 1, message: format!("line {} is not valid JSON: {e}", n + 1) });
+                Err(LineError { span: at..at + 1, message: format!("line {} is not valid JSON: {e}", n + 1) })
+            }
+        };
+        records.push(Record { line: n + 1, whole, fields });
+    }
+    records
+}
+
+/// CSV or TSV (`delimiter`): a header row naming the columns, then one sample per row (quoted
+/// values may span lines); every value is text. A row with more or fewer values than the header,
+/// and a header with an empty or repeated name, are errors where they are.
+fn delimited_records(text: &str, delimiter: u8) -> Result<Vec<Record>, Vec<LineError>> {
+    let (body, bom) = after_bom(text);
+    let mut reader = csv::ReaderBuilder::new().delimiter(delimiter).has_headers(false).flexible(true).from_reader(body.as_bytes());
+    // The end of the line a record starts on, for its span.
+    let line_end = |start: usize| text[start..].find(['\n', '\r']).map_or(text.len(), |i| start + i);
+    let mut rows = reader.records();
+    let header = match rows.next() {
+        None => return Ok(Vec::new()),
+        Some(Err(e)) => return Err(vec![LineError { span: bom..line_end(bom), message: format!("line 1, the header row, cannot be read: {e}") }]),
+        Some(Ok(h)) => h,
+    };
+    let names: Vec<String> = header.iter().map(str::to_string).collect();
+    let mut errors = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, name) in names.iter().enumerate() {
+        if name.trim().is_empty() || !seen.insert(name.as_str()) {
+            let what = if name.trim().is_empty() { "is empty".to_string() } else { format!("`{name}` repeats an earlier column's") };
+            errors.push(LineError { span: bom..line_end(bom), message: format!("line 1, the header row: the name of column {} {what} (each column needs its own name)", i + 1) });
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let mut records = Vec::new();
+    for row in rows {
+        let row = match row {
+            Ok(row) => row,
+            Err(e) => {
+                let (line, at) = e.position().map_or((0, text.len()), |p| (p.line() as usize, bom + p.byte() as usize));
+                records.push(Record { line, whole: at..line_end(at), fields: Err(LineError { span: at..line_end(at), message: format!("line {line} cannot be read: {e}") }) });
                 continue;
             }
         };
-        let Value::Object(fields) = value else {
-            errors.push(LineError { span: whole, message: format!("line {} is not a JSON object", n + 1) });
+        let position = row.position().expect("a record read from a reader has a position");
+        let (line, start) = (position.line() as usize, bom + position.byte() as usize);
+        let whole = start..line_end(start);
+        // A blank line is no sample (as in JSON lines).
+        if row.len() == 1 && row[0].trim().is_empty() {
             continue;
+        }
+        let fields = if row.len() == names.len() {
+            Ok(names.iter().zip(row.iter()).map(|(k, v)| (k.clone(), Value::String(v.to_string()))).collect())
+        } else {
+            Err(LineError { span: whole.clone(), message: format!("line {line} has {} values; the header row names {} columns", row.len(), names.len()) })
+        };
+        records.push(Record { line, whole, fields });
+    }
+    Ok(records)
+}
+
+fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample>, Vec<LineError>> {
+    let records = match config.format() {
+        Format::Jsonl => jsonl_records(&file.text),
+        Format::Csv => delimited_records(&file.text, b',')?,
+        Format::Tsv => delimited_records(&file.text, b'\t')?,
+    };
+    let mut samples = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for Record { line, whole, fields } in records {
+        let n = line - 1;
+        let fields = match fields {
+            Ok(fields) => fields,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
         };
         let id = match fields.get(&config.id) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -188,9 +330,10 @@ fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample
             None => None,
             Some(field) => match fields.get(field) {
                 Some(Value::String(s)) => Some(s.clone()),
-                Some(v @ (Value::Number(_) | Value::Bool(_))) => Some(v.to_string()),
+                // A structured reference (for a judge reading answers as JSON) as its JSON text.
+                Some(v @ (Value::Number(_) | Value::Bool(_) | Value::Object(_) | Value::Array(_))) => Some(v.to_string()),
                 _ => {
-                    errors.push(LineError { span: whole, message: format!("line {}: label field `{field}` is missing or not a string", n + 1) });
+                    errors.push(LineError { span: whole, message: format!("line {}: label field `{field}` is missing or null (a reference is text, a number, true or false, or an object or list for a judge reading JSON)", n + 1) });
                     continue;
                 }
             },
@@ -201,12 +344,23 @@ fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample
             errors.push(LineError { span: whole, message: format!("line {}: has no field `{field}` (named by `stratify`)", n + 1) });
             continue;
         }
-        samples.push(Sample { id, label, fields });
+        let label_at = config.label.as_deref().map(|field| whole.start + value_offset(&file.text[whole.clone()], field));
+        samples.push(Sample { id, label, label_at, fields });
     }
     if samples.is_empty() && errors.is_empty() {
         errors.push(LineError { span: 0..0, message: "the dataset has no samples".into() });
     }
     if errors.is_empty() { Ok(samples) } else { Err(errors) }
+}
+
+/// Where the value of `"field":` starts in a JSON object's line (the line's start if the key is
+/// not written plainly).
+fn value_offset(line: &str, field: &str) -> usize {
+    let key = serde_json::to_string(field).expect("a string serializes");
+    let Some(at) = line.find(&key) else { return 0 };
+    let rest = &line[at + key.len()..];
+    let after_colon = rest.trim_start().strip_prefix(':').map_or(rest, str::trim_start);
+    line.len() - after_colon.len()
 }
 
 fn split(samples: Vec<Sample>, config: &DatasetConfig, seed: u64) -> artifacts::Dataset {
@@ -245,7 +399,47 @@ mod tests {
     use super::*;
 
     fn config(heldout: f64) -> DatasetConfig {
-        DatasetConfig { path: FileRef { path: "d.jsonl".into(), span: None }, id: "id".into(), label: Some("y".into()), stratify: None, heldout: Fraction(heldout) }
+        DatasetConfig { path: FileRef { path: "d.jsonl".into(), span: None }, format: None, id: "id".into(), label: Some("y".into()), stratify: None, heldout: Fraction(heldout) }
+    }
+
+    /// Samples (`id=label`) or located errors of a delimited file.
+    fn check_as(text: &str, format: Format) -> Vec<String> {
+        let file = SourceFile::new("d.csv", text);
+        match parse_samples(&file, &DatasetConfig { format: Some(format), ..config(0.5) }) {
+            Ok(s) => s.iter().map(|s| format!("{}={}", s.id, s.label.as_deref().unwrap_or("-"))).collect(),
+            Err(es) => es.iter().map(|e| format!("{}:{} {}", file.line_col(e.span.start).0, file.line_col(e.span.start).1, e.message)).collect(),
+        }
+    }
+
+    #[test]
+    fn csv_and_tsv_rows_are_samples_and_bad_rows_are_located() {
+        // Quoted values with commas, quotes and a line break; a blank line; a byte-order mark.
+        let csv = "\u{feff}id,text,y\r\na,\"one, two\",x\r\n\r\nb,\"say \"\"hi\"\"\nthere\",z\r\nc,plain,x\r\n";
+        assert_eq!(check_as(csv, Format::Csv), ["a=x", "b=z", "c=x"]);
+        let file = SourceFile::new("d.csv", csv);
+        let b = parse_samples(&file, &DatasetConfig { format: Some(Format::Csv), ..config(0.5) }).ok().unwrap().remove(1);
+        assert_eq!(b.fields["text"], "say \"hi\"\nthere");
+        assert_eq!(check_as("id\ty\na\tx\nb\ty\n", Format::Tsv), ["a=x", "b=y"]);
+        // A row short of a value, one with a value more, a repeated id, a missing id: each where it is.
+        let bad = "id,text,y\na,t,x\nb,t\nc,t,x,extra\na,t,z\n,t,x\n";
+        assert_eq!(
+            check_as(bad, Format::Csv),
+            [
+                "3:1 line 3 has 2 values; the header row names 3 columns",
+                "4:1 line 4 has 4 values; the header row names 3 columns",
+                "5:1 duplicate id `a` on line 5 (first on line 2)",
+                "6:1 line 6: id field `id` must be a string or number, found \"\"",
+            ]
+        );
+        assert_eq!(check_as("id,y,y\na,b,c\n", Format::Csv), ["1:1 line 1, the header row: the name of column 3 `y` repeats an earlier column's (each column needs its own name)"]);
+        assert_eq!(check_as("id,y\n", Format::Csv), ["1:1 the dataset has no samples"]);
+    }
+
+    #[test]
+    fn the_format_follows_the_extension_unless_written() {
+        let with = |path: &str, format: Option<Format>| DatasetConfig { path: FileRef { path: path.into(), span: None }, format, ..config(0.5) }.format();
+        assert_eq!([with("a.csv", None), with("A.TSV", None), with("a.jsonl", None), with("a.txt", None)], [Format::Csv, Format::Tsv, Format::Jsonl, Format::Jsonl]);
+        assert_eq!(with("a.txt", Some(Format::Csv)), Format::Csv);
     }
 
     fn check(text: &str) -> Vec<String> {

@@ -9,6 +9,11 @@
 //! micro F1, the confusion matrix, and a percentile bootstrap confidence interval for accuracy and
 //! macro F1 (resampling samples, seeded by the pipeline seed, so reruns give the same interval).
 //! `metrics` (what `[targets]` reads) holds the held-out figures of the best candidate.
+//!
+//! With `normalize = "json"`, answers and references are structured values compared by value,
+//! field by field (`structured`).
+
+mod structured;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,7 +21,7 @@ use std::sync::Arc;
 use artifacts::{
     Agreement, AgreementConfusion, Answers, Artifact, ClassScores, Dataset, Estimate, JudgedModel, Judgement, LABEL_METRICS, RANKING_METRICS, Split, SplitScores, Task, Verdict,
 };
-use engine::diag::Diagnostic;
+use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, Item, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -43,6 +48,13 @@ pub struct JudgeConfig {
     /// A ranking passes (for failure clustering) when its nDCG@k is at least this.
     #[serde(default = "default_pass_ndcg")]
     pub pass_ndcg: f64,
+    /// `normalize = "json"`: how fields of the answer are compared with the reference's, by dotted
+    /// path: `fields = { hours = { match = "exact" }, minutes = { match = "numeric", tolerance = 1 },
+    /// tags = { match = "f1" } }`. An answer passes when every one is right. Without it, an
+    /// answer passes when it equals the reference as a value, and an object reference's top-level
+    /// fields are each scored exactly.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, structured::FieldRule>,
 }
 
 fn default_k() -> usize {
@@ -68,6 +80,11 @@ pub enum Normalize {
     Lowercase,
     /// The whole answer, trimmed, must equal a label exactly.
     Exact,
+    /// The answer is a JSON value (alone, in a code fence, or the first object or list in its
+    /// text), compared by value with the reference (the label field: a JSON object or list, or a
+    /// string of JSON text) — key order, whitespace and how a number is spelled never decide; see
+    /// `fields`.
+    Json,
 }
 
 impl Normalize {
@@ -77,6 +94,7 @@ impl Normalize {
             Normalize::FirstLabel => "first_label",
             Normalize::Lowercase => "lowercase",
             Normalize::Exact => "exact",
+            Normalize::Json => "json",
         }
     }
 }
@@ -96,11 +114,30 @@ impl StagePlugin for Judge {
         if config.bootstrap > 100_000 {
             return Err(vec![cx.error_at(cx.key("bootstrap"), format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), "")]);
         }
-        Ok(Arc::new(JudgeStage(config)))
+        let json = config.normalize == Normalize::Json;
+        let mut errors = Vec::new();
+        if json && config.relevance.is_some() {
+            errors.push(cx.error_at(cx.key("relevance"), "`relevance` (rankings) and `normalize = \"json\"` (structured answers) are two kinds of judging: choose one", ""));
+        }
+        if !config.fields.is_empty() && !json {
+            errors.push(
+                cx.error_at(cx.key("fields"), "`fields` compares fields of structured answers: it needs `normalize = \"json\"`", "")
+                    .help("set `normalize = \"json\"`, or remove `fields`"),
+            );
+        }
+        for problem in structured::check_fields(&config.fields) {
+            errors.push(cx.error_at(cx.key("fields"), problem, "in these fields"));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let at = cx.key("normalize");
+        Ok(Arc::new(JudgeStage(config, at)))
     }
 }
 
-struct JudgeStage(JudgeConfig);
+/// The config, and where `normalize` is in the pipeline file.
+struct JudgeStage(JudgeConfig, Option<std::ops::Range<usize>>);
 
 #[async_trait::async_trait]
 impl Stage for JudgeStage {
@@ -108,12 +145,31 @@ impl Stage for JudgeStage {
         Some(if self.0.relevance.is_some() { RANKING_METRICS } else { LABEL_METRICS })
     }
 
+    /// References a JSON reading cannot read are known from the dataset at `validate`.
+    fn check_inputs(&self, pipeline: &SourceFile, facts: &BTreeMap<String, Value>) -> Vec<Diagnostic> {
+        let Some(dataset) = artifacts::facts::read::<artifacts::facts::DatasetFacts>(facts.get("dataset")) else { return Vec::new() };
+        if self.0.normalize != Normalize::Json || dataset.labels_not_json == 0 {
+            return Vec::new();
+        }
+        let first = &dataset.labels_not_json_first;
+        let mut d = Diagnostic::error(format!(
+            "`normalize = \"json\"` reads each reference as JSON, and {} of the dataset's do not parse; the first: {}",
+            dataset.labels_not_json,
+            first.iter().map(|n| format!("{}:{}:{}: sample `{}`: {}", n.file, n.line, n.column, n.id, n.message)).collect::<Vec<_>>().join("; ")
+        ));
+        if let Some(at) = &self.1 {
+            d = d.at(pipeline, at.clone(), "answers and references read as JSON");
+        }
+        vec![d.help("write each reference as a JSON object or list in the dataset (`\"expected\": {\"hours\": 2}`), or as a string of JSON text")]
+    }
+
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let dataset: Dataset = input.read("dataset")?;
         let answers: Answers = input.read("answers")?;
-        let judgement = match &self.0.relevance {
-            Some(field) => self.rankings(&dataset, &answers, field, input.seed)?,
-            None => self.labels(&dataset, &answers, input.seed)?,
+        let judgement = match (&self.0.relevance, self.0.normalize) {
+            (Some(field), _) => self.rankings(&dataset, &answers, field, input.seed)?,
+            (None, Normalize::Json) => structured::judge(&dataset, &answers, &self.0.fields, self.0.bootstrap, input.seed)?,
+            (None, _) => self.labels(&dataset, &answers, input.seed)?,
         };
         Ok(judgement.to_json())
     }
@@ -274,6 +330,8 @@ fn read_label(text: &str, labels: &[&str], normalize: Normalize) -> Option<usize
     let trimmed = text.trim();
     match normalize {
         Normalize::Exact => labels.iter().position(|l| *l == trimmed),
+        // Read by `structured`, never as a label.
+        Normalize::Json => None,
         Normalize::Lowercase => labels.iter().position(|l| l.to_lowercase() == trimmed.to_lowercase()),
         Normalize::FirstLabel => {
             let lower = trimmed.to_lowercase();
