@@ -295,6 +295,8 @@ fn serve_answers_as_the_embedded_model_does() {
         s.read_to_string(&mut response).unwrap();
         response
     };
+    let malformed = request("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "hi"}"#);
+    assert!(malformed.starts_with("HTTP/1.1 400") && malformed.contains("the body is not JSON"), "{malformed}");
     let legacy = request("/v1/completions", r#"{"prompt":"hi"}"#);
     assert!(legacy.starts_with("HTTP/1.1 404") && legacy.contains("POST /v1/chat/completions"), "{legacy}");
     let streamed = request("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":2}"#);
@@ -328,6 +330,7 @@ fn serve_answers_as_the_embedded_model_does() {
         ("no_messages", 400, "`messages` is empty"),
         ("stream_options_unstreamed", 400, "only allowed when `stream` is true"),
         ("completions", 404, "only the chat API is served"),
+        ("oversized", 400, "longer than the model's context of 8192 tokens"),
     ] {
         assert_eq!(errors[name]["status"], status, "{name}: {}", errors[name]);
         assert!(errors[name]["message"].as_str().unwrap_or_default().contains(says), "{name}: {}", errors[name]);

@@ -56,6 +56,7 @@ seen["errors"] = {
     "no_messages": error(lambda: client.chat.completions.create(model=model, messages=[])),
     "stream_options_unstreamed": error(lambda: client.chat.completions.create(model=model, messages=user, stream_options={"include_usage": True})),
     "completions": error(lambda: client.completions.create(model=model, prompt="Hi")),
+    "oversized": error(lambda: client.chat.completions.create(model=model, messages=[{"role": "user", "content": "word " * 12000}], max_tokens=2)),
 }
 # The server is still up after them.
 seen["after_errors"] = client.chat.completions.create(model=model, messages=user, max_tokens=2).choices[0].finish_reason

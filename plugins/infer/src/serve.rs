@@ -228,6 +228,13 @@ fn usage(answer: &crate::Answer) -> Value {
 }
 
 fn failed(e: String) -> Response {
+    // A prompt longer than the model's context is the request's fault, as OpenAI's API says it.
+    if let Some(rest) = e.split_once("Prompt sequence length is greater than ").map(|(_, rest)| rest) {
+        let context: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let message = format!("the messages are longer than the model's context of {context} tokens: shorten them");
+        let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}});
+        return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+    }
     tracing::error!("inference failed: {e}");
     let body = json!({"error": {"message": e, "type": "server_error"}});
     (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
