@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use artifacts::{Clusters, JudgedModel, Judgement, Split, main_figure};
+use artifacts::{Artifact, Clusters, JudgedModel, Judgement, Split, main_figure};
 use engine::{RunReport, Store};
 use serde::Serialize;
 
@@ -28,6 +28,27 @@ impl Side {
         };
         let (_, judgement) = artifact(it, store).ok_or_else(|| format!("`{label}` has no judged answers to compare (no judgement in its run)"))?;
         Ok(Side { name: label.to_string(), judgement, clusters: artifact(it, store).map(|(_, c)| c) })
+    }
+
+    /// The run a lockfile pins: its last iteration's judgement (of `pipeline`'s first judging
+    /// stage), read from `store` by the digest the lockfile names.
+    pub fn from_lock(label: &str, lock: &engine::lockfile::Lockfile, pipeline: &engine::Pipeline, store: &Store) -> Result<Side, String> {
+        let judging: Vec<&str> = pipeline.stages.iter().filter(|s| s.output_ty == Judgement::TYPE).map(|s| s.id.as_str()).collect();
+        let locked = judging
+            .iter()
+            .find_map(|id| lock.stages.iter().filter(|s| s.id == *id).max_by_key(|s| s.iteration))
+            .ok_or_else(|| format!("`{label}` pins no judgement of a stage of `{}` ({})", pipeline.name, if judging.is_empty() { "it has no judging stage".to_string() } else { judging.join(", ") }))?;
+        let value = store.get_object(&locked.output).ok_or_else(|| {
+            format!(
+                "`{label}` pins stage `{}` (iteration {}) to {}, which is not in the store {}: run the baseline with this store first (check out its commit and `pipeline run --locked`), or name its run instead (a pipeline file, or FILE@N)",
+                locked.id,
+                locked.iteration + 1,
+                locked.output.short(),
+                store.root().display()
+            )
+        })?;
+        let judgement = Judgement::read(&value).map_err(|e| format!("`{label}`: stage `{}`'s output is not a judgement: {e}", locked.id))?;
+        Ok(Side { name: label.to_string(), judgement, clusters: None })
     }
 }
 
@@ -155,6 +176,95 @@ pub fn render(c: &Comparison) -> String {
         }
     }
     s
+}
+
+/// The CI gate: did any candidate's held-out quality drop significantly from `baseline` to
+/// `current`? Per candidate judged on both sides, over the held-out samples both judged: the
+/// exact one-sided McNemar test of the broken passes against the fixed ones (the same test
+/// `revise` accepts a prompt by), a regression when its p-value is below `alpha`. A raw drop that
+/// chance explains is not one.
+#[derive(Serialize)]
+pub struct Check {
+    pub baseline: String,
+    pub current: String,
+    pub alpha: f64,
+    pub candidates: Vec<CandidateCheck>,
+    pub regressed: bool,
+}
+
+#[derive(Serialize)]
+pub struct CandidateCheck {
+    pub model: String,
+    /// Its main held-out figure on each side.
+    pub baseline: Option<f64>,
+    pub current: Option<f64>,
+    pub paired_samples: usize,
+    pub fixed: usize,
+    pub broken: usize,
+    /// The pass-rate change with its paired bootstrap 95% interval.
+    pub change: Option<f64>,
+    pub change_ci95: Option<[f64; 2]>,
+    /// P(at least `broken` of the discordant pairs go against the current run by chance).
+    pub p_value: Option<f64>,
+    /// `regressed`, `not significant`, `improved or unchanged`, or why it was not compared.
+    pub verdict: String,
+}
+
+pub fn check(baseline: &Side, current: &Side, alpha: f64, seed: u64) -> Check {
+    let c = compare(baseline, current, seed);
+    let candidates: Vec<CandidateCheck> = c
+        .candidates
+        .into_iter()
+        .map(|m| {
+            let (fixed, broken, n) = m.pass_rate_change.as_ref().map_or((0, 0, 0), |d| (d.fixed, d.broken, d.paired_samples));
+            let p_value = (n > 0).then(|| judge::mcnemar_p(broken, fixed));
+            let verdict = match (&m.a, &m.b, p_value) {
+                (None, _, _) => "new: not in the baseline".to_string(),
+                (_, None, _) => "not judged in this run".to_string(),
+                (_, _, None) => "no held-out sample judged on both sides".to_string(),
+                (_, _, Some(_)) if broken <= fixed => "improved or unchanged".to_string(),
+                (_, _, Some(p)) if p < alpha => "regressed".to_string(),
+                (_, _, Some(_)) => "not significant".to_string(),
+            };
+            CandidateCheck {
+                model: m.model,
+                baseline: m.a.as_ref().map(|q| q.value),
+                current: m.b.as_ref().map(|q| q.value),
+                paired_samples: n,
+                fixed,
+                broken,
+                change: m.pass_rate_change.as_ref().map(|d| d.value),
+                change_ci95: m.pass_rate_change.as_ref().and_then(|d| d.ci95),
+                p_value,
+                verdict,
+            }
+        })
+        .collect();
+    let regressed = candidates.iter().any(|c| c.verdict == "regressed");
+    Check { baseline: c.a, current: c.b, alpha, candidates, regressed }
+}
+
+/// The gate's verdict for people.
+pub fn render_check(c: &Check) -> String {
+    let mut s = format!("check {} against {} (held-out, paired; a regression is McNemar p < {}):
+", c.current, c.baseline, c.alpha);
+    for m in &c.candidates {
+        let figures = format!("{} → {}", fmt(m.baseline), fmt(m.current));
+        let detail = match (m.change, m.p_value) {
+            (Some(d), Some(p)) => {
+                let [low, high] = m.change_ci95.unwrap_or([d, d]);
+                format!("; change {d:+.3} (95% CI {low:+.3} to {high:+.3}), {} fixed, {} broken of {}, p = {}", m.fixed, m.broken, m.paired_samples, p_text(p))
+            }
+            _ => String::new(),
+        };
+        s.push_str(&format!("  {}: {figures}{detail}: {}\n", m.model, m.verdict));
+    }
+    s.push_str(if c.regressed { "quality regressed\n" } else { "no significant regression\n" });
+    s
+}
+
+fn p_text(p: f64) -> String {
+    if p < 0.001 { "< 0.001".to_string() } else { format!("{p:.3}") }
 }
 
 fn fmt(v: Option<f64>) -> String {

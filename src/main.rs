@@ -27,6 +27,10 @@ mod exit {
     pub const STORE: u8 = 3;
     /// `--locked` and the run would not match the lockfile.
     pub const LOCKED: u8 = 4;
+    /// `run --gate`: the run finished, and the pipeline's `[targets]` were not met.
+    pub const TARGETS_MISSED: u8 = 5;
+    /// `check`: a candidate's held-out quality dropped significantly against the baseline.
+    pub const REGRESSED: u8 = 6;
     /// Interrupted (Ctrl-C); finished work was kept.
     pub const INTERRUPTED: u8 = 130;
 }
@@ -92,7 +96,7 @@ fn runtime() -> tokio::runtime::Runtime {
     long_about = "Pipelines are TOML files describing a DAG of stages. `pipeline` validates them like a \
 compiler, plans and runs them incrementally (only what changed executes), and pins every input in a \
 lockfile beside the pipeline.\n\nLogs: set RUST_LOG (e.g. RUST_LOG=engine=debug).",
-    after_help = "Exit codes: 0 ok · 1 a stage failed · 2 invalid pipeline or arguments · 3 store busy or unwritable · 4 --locked mismatch · 130 interrupted"
+    after_help = "Exit codes: 0 ok · 1 a stage failed · 2 invalid pipeline or arguments · 3 store busy or unwritable · 4 --locked mismatch · 5 targets missed (run --gate) · 6 quality regressed (check) · 130 interrupted"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -118,6 +122,10 @@ enum Command {
     /// What moved between two runs (pipeline files, or `FILE@N` for iteration N of one): per
     /// candidate, held-out quality and its paired change with a 95% CI; per failure mode, its size.
     Compare(CompareArgs),
+    /// The CI gate: fail (exit 6) when a candidate's held-out quality dropped significantly
+    /// against a baseline — a paired McNemar test over the samples both runs judged, not a raw
+    /// threshold.
+    Check(CheckArgs),
     /// Print the JSON Schema of pipeline files (for the registered stage kinds) or of catalogs.
     Schema {
         #[arg(value_enum, default_value_t = SchemaOf::Pipeline)]
@@ -208,6 +216,19 @@ struct CompareArgs {
 }
 
 #[derive(clap::Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    inner: WithStore,
+    /// The run to check against: a lockfile (its judgement read from the store by digest: the
+    /// base branch's `select.lock`, say), a pipeline file's last run, or `FILE@N`.
+    #[arg(long)]
+    baseline: String,
+    /// A drop is a regression when the McNemar test's p-value is below this.
+    #[arg(long, default_value_t = 0.05)]
+    alpha: f64,
+}
+
+#[derive(clap::Args)]
 struct RunArgs {
     #[command(flatten)]
     inner: WithStore,
@@ -220,6 +241,9 @@ struct RunArgs {
     /// Append every engine event as a JSON line to this file.
     #[arg(long)]
     events: Option<PathBuf>,
+    /// Exit 5 when the run finished but the pipeline's `[targets]` were not met (for CI).
+    #[arg(long)]
+    gate: bool,
 }
 
 #[derive(clap::Args)]
@@ -314,6 +338,7 @@ impl Command {
             Command::Export(a) => a.inner.common.json.json,
             Command::Graph(a) => matches!(a.format, GraphFormat::Json),
             Command::Compare(a) => a.json.json,
+            Command::Check(a) => a.inner.common.json.json,
             Command::Kinds(a) => a.json,
             Command::Schema { .. } | Command::Serve(_) => false,
         }
@@ -339,6 +364,7 @@ fn main() -> ExitCode {
         Command::Show(args) => show(&args),
         Command::Export(args) => export(&args),
         Command::Compare(args) => compare_runs(&args),
+        Command::Check(args) => check(&args),
         Command::Schema { of } => {
             let schema = match of {
                 SchemaOf::Pipeline => engine::schema::pipeline_schema(&registry()),
@@ -459,9 +485,16 @@ fn run(args: RunArgs) -> Outcome {
                 }
             };
             output::run(&pipeline, &report, &summaries, &lock_path, html.as_deref(), json);
+            let missed = report.iterations.last().and_then(|it| it.targets_met) == Some(false);
             Ok(match report.stop {
                 engine::exec::StopReason::Failed => exit::STAGE_FAILED,
                 engine::exec::StopReason::Interrupted => exit::INTERRUPTED,
+                _ if args.gate && missed => {
+                    if !json {
+                        eprintln!("--gate: the targets were not met (exit {})", exit::TARGETS_MISSED);
+                    }
+                    exit::TARGETS_MISSED
+                }
                 _ => exit::OK,
             })
         }
@@ -563,6 +596,39 @@ fn review(args: ReviewArgs) -> Outcome {
     };
     runtime().block_on(review::serve(review, args.port, ready, shutdown)).map_err(Failure::Usage)?;
     Ok(exit::OK)
+}
+
+fn check(args: &CheckArgs) -> Outcome {
+    let json = args.inner.common.json.json;
+    if !(args.alpha > 0.0 && args.alpha < 1.0) {
+        return Err(Failure::Usage(format!("--alpha {} must be above 0 and below 1", args.alpha)));
+    }
+    let pipeline = load(&args.inner.common.file)?;
+    let store = store_for(&pipeline, &args.inner.store);
+    let current = compare::Side::load(&args.inner.common.file.display().to_string(), &pipeline, &store, None).map_err(Failure::Store)?;
+    let baseline = if args.baseline.ends_with(".lock") {
+        let lock = match engine::lockfile::Lockfile::read(Path::new(&args.baseline)) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => return Err(Failure::Usage(format!("--baseline: there is no lockfile at {}", args.baseline))),
+            Err(d) => return Err(Failure::LockfileInvalid(d)),
+        };
+        compare::Side::from_lock(&args.baseline, &lock, &pipeline, &store).map_err(Failure::Store)?
+    } else {
+        let (file, iteration) = match args.baseline.rsplit_once('@') {
+            Some((file, n)) if n.parse::<u32>().is_ok_and(|n| n > 0) => (file, n.parse().ok()),
+            _ => (args.baseline.as_str(), None),
+        };
+        let base = load(Path::new(file))?;
+        let base_store = store_for(&base, &args.inner.store);
+        compare::Side::load(&args.baseline, &base, &base_store, iteration).map_err(Failure::Store)?
+    };
+    let c = compare::check(&baseline, &current, args.alpha, pipeline.seed);
+    if json {
+        println!("{}", serde_json::to_string(&c).expect("JSON"));
+    } else {
+        output::stdout(&compare::render_check(&c));
+    }
+    Ok(if c.regressed { exit::REGRESSED } else { exit::OK })
 }
 
 fn compare_runs(args: &CompareArgs) -> Outcome {

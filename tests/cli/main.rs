@@ -12,6 +12,7 @@ mod concurrency;
 mod crash;
 mod disk;
 mod finetune;
+mod gate;
 mod http;
 mod review;
 mod structured;
