@@ -38,7 +38,8 @@ impl Side {
             .iter()
             .find_map(|id| lock.stages.iter().filter(|s| s.id == *id).max_by_key(|s| s.iteration))
             .ok_or_else(|| format!("`{label}` pins no judgement of a stage of `{}` ({})", pipeline.name, if judging.is_empty() { "it has no judging stage".to_string() } else { judging.join(", ") }))?;
-        let value = store.get_object(&locked.output).ok_or_else(|| {
+        // A judgement with volatile keys (an LLM judge's timing) is pinned by its stable digest.
+        let value = store.find_by_stable(&locked.output).and_then(|full| store.get_object(&full)).ok_or_else(|| {
             format!(
                 "`{label}` pins stage `{}` (iteration {}) to {}, which is not in the store {}: run the baseline with this store first (check out its commit and `pipeline run --locked`), or name its run instead (a pipeline file, or FILE@N)",
                 locked.id,

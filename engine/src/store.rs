@@ -255,6 +255,23 @@ impl Store {
         self.has_object(&full).then_some(Outputs { full, stable })
     }
 
+    /// The full output whose stable digest (volatile keys left out, as a lockfile pins it) is
+    /// `stable`, from any finished stage's marker: a lockfile's output found in the store. A
+    /// scan of the markers, for commands that read one output, not for runs.
+    pub fn find_by_stable(&self, stable: &Digest) -> Option<Digest> {
+        if self.has_object(stable) {
+            return Some(*stable);
+        }
+        let shards = fs::read_dir(self.root.join("done")).ok()?;
+        shards.flatten().flat_map(|shard| fs::read_dir(shard.path()).into_iter().flatten().flatten()).find_map(|marker| {
+            let text = fs::read_to_string(marker.path()).ok()?;
+            let mut lines = text.lines();
+            let full: Digest = lines.next()?.parse().ok()?;
+            let this: Digest = lines.next()?.parse().ok()?;
+            (this == *stable && self.has_object(&full)).then_some(full)
+        })
+    }
+
     pub fn put_done(&self, fingerprint: &Digest, output: &Outputs) -> Result<(), StoreError> {
         self.write_atomic(&self.sharded("done", fingerprint), format!("{}\n{}\n", output.full, output.stable).as_bytes())
     }
@@ -361,6 +378,18 @@ mod tests {
         let missing = Digest::of_bytes(b"missing");
         store.put_done(&fp, &Outputs { full: missing, stable: missing }).unwrap();
         assert_eq!(store.get_done(&fp), None);
+    }
+
+    #[test]
+    fn an_output_is_found_by_its_stable_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let full = store.put_object(&json!({"n": 1, "timing": 3})).unwrap();
+        let stable = Digest::of_json(&json!({"n": 1}));
+        assert_eq!(store.find_by_stable(&stable), None);
+        store.put_done(&Digest::of_bytes(b"fp"), &Outputs { full, stable }).unwrap();
+        assert_eq!(store.find_by_stable(&stable), Some(full));
+        assert_eq!(store.find_by_stable(&full), Some(full), "an output without volatile keys is its own");
     }
 
     #[test]
