@@ -267,6 +267,20 @@ pub struct ModelAnswers {
     /// Retries and requests redone alone (volatile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Value>,
+    /// What reasoning cost, apart from the answers (a `think` setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<ReasoningCost>,
+}
+
+/// A reasoning model's thinking, counted apart from its answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReasoningCost {
+    /// Answers that reasoned (had the tag).
+    pub answers: usize,
+    /// Their reasoning tokens, where counted (`counted` of them), and every other completion token.
+    pub reasoning_tokens: usize,
+    pub counted: usize,
+    pub answer_tokens: usize,
 }
 
 impl ModelAnswers {
@@ -311,6 +325,30 @@ pub struct Answer {
     /// How it was fetched: attempts over HTTP, `redone_alone` embedded (volatile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Value>,
+    /// The reasoning a `think` setting took out of the text (what was between its tags), kept
+    /// for the trace; `text` is what is judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// Its tokens, part of `completion_tokens` (the model's tokenizer counts them; a server says
+    /// how many, or they are unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<usize>,
+}
+
+/// Splits a reasoning model's text at `tag`: the reasoning (between `<tag>` and `</tag>`; from the
+/// start when only the closing tag is there, as when the chat template opened it; to the end when
+/// the generation stopped before closing it) and the rest, trimmed. `None` when neither tag is in
+/// the text.
+pub fn split_reasoning(text: &str, tag: &str) -> Option<(String, String)> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let (before, inside, after) = match (text.find(&open), text.find(&close)) {
+        (Some(o), Some(c)) if o < c => (&text[..o], &text[o + open.len()..c], &text[c + close.len()..]),
+        (Some(o), _) => (&text[..o], &text[o + open.len()..], ""),
+        (None, Some(c)) => ("", &text[..c], &text[c + close.len()..]),
+        (None, None) => return None,
+    };
+    let answer: Vec<&str> = [before.trim(), after.trim()].into_iter().filter(|s| !s.is_empty()).collect();
+    Some((inside.trim().to_string(), answer.join(" ")))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -694,4 +732,22 @@ pub struct TunedModel {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TrainTiming {
     pub train_s: f64,
+}
+
+#[cfg(test)]
+mod reasoning_tests {
+    use super::split_reasoning;
+
+    #[test]
+    fn reasoning_is_split_from_the_answer_at_its_tag() {
+        let split = |t: &str| split_reasoning(t, "think");
+        assert_eq!(split("<think> two charges, so a refund </think>\nrefund"), Some(("two charges, so a refund".into(), "refund".into())));
+        // The chat template opened the tag: only its end is in the generation.
+        assert_eq!(split("the user wants money back</think> refund"), Some(("the user wants money back".into(), "refund".into())));
+        // Cut off while thinking: no answer.
+        assert_eq!(split("<think>the user wants"), Some(("the user wants".into(), String::new())));
+        assert_eq!(split("Answer: <think>hm</think> refund"), Some(("hm".into(), "Answer: refund".into())));
+        assert_eq!(split("refund"), None);
+        assert_eq!(split_reasoning("<reasoning>x</reasoning>y", "reasoning"), Some(("x".into(), "y".into())));
+    }
 }

@@ -14,6 +14,7 @@ mod disk;
 mod finetune;
 mod gate;
 mod http;
+mod reasoning;
 mod review;
 mod structured;
 

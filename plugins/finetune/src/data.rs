@@ -307,13 +307,15 @@ mod tests {
                 completion_tokens: 1,
                 timing: AnswerTiming { latency_ms: 1.0, prefill_ms: None, decode_ms: None },
                 transport: None,
+                reasoning: None,
+                reasoning_tokens: None,
             })
             .collect();
         let timing = ModelTiming { latency_p50_ms: 1.0, latency_p95_ms: 1.0, decode_tokens_per_s: None, busy_s: None, tokens_per_s: None };
         let answers = Answers {
             sampler: Value::Null,
             prepare: Value::Null,
-            models: BTreeMap::from([("m".to_string(), ModelAnswers { pin: Pin::default(), answers, timing, transport: None })]),
+            models: BTreeMap::from([("m".to_string(), ModelAnswers { pin: Pin::default(), answers, timing, transport: None, reasoning: None })]),
             output: None,
         };
         (clusters, answers)

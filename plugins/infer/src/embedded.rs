@@ -139,6 +139,12 @@ pub async fn load_with(
 impl Runner {
     /// The model's answer to `messages`. A failed request is redone once, alone (the others in
     /// flight wait); if it fails again, that is the error.
+    /// How many tokens the model's tokenizer makes of `text` (no special tokens added).
+    pub async fn count_tokens(&self, text: &str) -> Result<usize, String> {
+        let tokens = self.model.tokenize(either::Either::Right(text.to_string()), None, false, false, None).await.map_err(|e| format!("mistral.rs: tokenizing: {e}"))?;
+        Ok(tokens.len())
+    }
+
     pub async fn chat(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>) -> Result<Answer, String> {
         if self.one_at_a_time {
             let _alone = self.alone.write().await;
@@ -243,6 +249,8 @@ fn answer(text: String, finish_reason: String, usage: &mistralrs::Usage, latency
         finish_reason,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
+        reasoning: None,
+        reasoning_tokens: None,
         redone_alone: false,
         timing: Timing {
             latency_ms: latency.as_secs_f64() * 1000.0,

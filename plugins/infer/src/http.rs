@@ -352,11 +352,21 @@ fn parse_completion(bytes: &[u8]) -> Result<Answer, String> {
     #[derive(Deserialize)]
     struct ChoiceMessage {
         content: Option<String>,
+        /// A server that parses a reasoning model's thinking sends it apart (vLLM, llama.cpp).
+        #[serde(default)]
+        reasoning_content: Option<String>,
     }
     #[derive(Deserialize)]
     struct Usage {
         prompt_tokens: usize,
         completion_tokens: usize,
+        #[serde(default)]
+        completion_tokens_details: Option<Details>,
+    }
+    #[derive(Deserialize)]
+    struct Details {
+        #[serde(default)]
+        reasoning_tokens: Option<usize>,
     }
     let c: Completion = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     let choice = c.choices.into_iter().next().ok_or("no choices")?;
@@ -366,6 +376,8 @@ fn parse_completion(bytes: &[u8]) -> Result<Answer, String> {
         finish_reason: choice.finish_reason.unwrap_or_default(),
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
+        reasoning: choice.message.reasoning_content,
+        reasoning_tokens: usage.completion_tokens_details.and_then(|d| d.reasoning_tokens),
         redone_alone: false,
         timing: Timing { latency_ms: 0.0, prefill_ms: None, decode_ms: None },
     })
@@ -521,6 +533,10 @@ mod tests {
         assert_eq!((a.text.as_str(), a.finish_reason.as_str(), a.prompt_tokens, a.completion_tokens), ("billing", "stop", 9, 2));
         assert!(parse_completion(br#"{"choices":[{"message":{"con"#).unwrap_err().contains("EOF"));
         assert_eq!(parse_completion(br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#).unwrap_err(), "no choices");
+        // A server that parses a reasoning model's thinking (vLLM, llama.cpp) sends it apart, and
+        // may say how many of the completion's tokens it took.
+        let a = parse_completion(br#"{"choices":[{"message":{"content":"billing","reasoning_content":"a charge twice"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":7,"completion_tokens_details":{"reasoning_tokens":5}}}"#).unwrap();
+        assert_eq!((a.text.as_str(), a.reasoning.as_deref(), a.reasoning_tokens), ("billing", Some("a charge twice"), Some(5)));
         assert_eq!(excerpt(b"  \n"), "(empty body)");
         assert_eq!(excerpt("x".repeat(300).as_bytes()).chars().count(), 201);
     }

@@ -77,6 +77,12 @@ pub struct InferConfig {
     /// server's structured outputs). Part of every item's memo key.
     #[schemars(with = "Option<OutputConstraint>")]
     pub output: Option<Spanned<OutputConstraint>>,
+    /// Reasoning models: the tag their reasoning is written in (`think` for `<think>…</think>`).
+    /// It is taken out of each answer before anything judges it, kept as the answer's
+    /// `reasoning`, and its tokens counted apart (`reasoning_tokens`). Part of the memo key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub think: Option<Spanned<String>>,
 }
 
 /// What the model may generate. One of:
@@ -283,6 +289,12 @@ pub struct Answer {
     pub finish_reason: String,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Reasoning a server sent apart from the text (`reasoning_content`), and the count of its
+    /// tokens it reported (HTTP).
+    #[serde(skip)]
+    pub reasoning: Option<String>,
+    #[serde(skip)]
+    pub reasoning_tokens: Option<usize>,
     /// Failed with other requests in flight and was redone alone (embedded; reported under the
     /// volatile `transport` key).
     #[serde(skip)]
@@ -314,6 +326,8 @@ impl Answer {
             completion_tokens: self.completion_tokens,
             timing: self.timing,
             transport,
+            reasoning: self.reasoning,
+            reasoning_tokens: None,
         }
     }
 }
@@ -349,6 +363,8 @@ pub struct RunSettings {
     pub sampler: Sampler,
     pub prepare: Option<Prepare>,
     pub output: Option<OutputConstraint>,
+    /// The tag a reasoning model thinks in, taken out of its answers.
+    pub think: Option<String>,
     pub device: DeviceSpec,
     /// Where the catalog is (its relative paths are relative to it).
     pub catalog_dir: PathBuf,
@@ -493,6 +509,7 @@ impl Candidate {
             sampler: serde_json::to_value(&settings.sampler).expect("samplers serialize"),
             // Only when set: unconstrained items keep the keys they always had.
             output: settings.output.as_ref().map(|o| serde_json::to_value(o).expect("constraints serialize")),
+            think: settings.think.clone(),
             messages,
         };
         serde_json::to_value(input).expect("item inputs serialize")
@@ -505,11 +522,30 @@ impl Candidate {
                 let runner = embedded::load(source, sha256, &settings.catalog_dir, settings.prepare, settings.device).await?;
                 let answer = runner.chat(messages, &settings.sampler, settings.output.as_ref()).await?;
                 let transport = answer.redone_alone.then(|| json!({"redone_alone": true}));
-                Ok(answer.into_artifact(transport))
+                let mut answer = answer.into_artifact(transport);
+                if let Some(tag) = &settings.think
+                    && let Some((reasoning, text)) = artifacts::split_reasoning(&answer.text, tag)
+                {
+                    answer.reasoning_tokens = Some(runner.count_tokens(&reasoning).await?);
+                    (answer.text, answer.reasoning) = (text, Some(reasoning));
+                }
+                Ok(answer)
             }
             Backend::Http(endpoint) => {
                 let (answer, transport) = endpoint.chat(messages, &settings.sampler, settings.output.as_ref(), cx.seed, &cx.cancel).await?;
-                Ok(answer.into_artifact(Some(serde_json::to_value(transport).expect("transport serializes"))))
+                let reported = answer.reasoning_tokens;
+                let mut answer = answer.into_artifact(Some(serde_json::to_value(transport).expect("transport serializes")));
+                if let Some(tag) = &settings.think {
+                    // A server that parses reasoning itself sends it apart; else it is in the text.
+                    if let Some(reasoning) = answer.reasoning.take().filter(|r| !r.is_empty()) {
+                        (answer.reasoning, answer.reasoning_tokens) = (Some(reasoning), reported);
+                    } else if let Some((reasoning, text)) = artifacts::split_reasoning(&answer.text, tag) {
+                        (answer.text, answer.reasoning, answer.reasoning_tokens) = (text, Some(reasoning), reported);
+                    }
+                } else {
+                    answer.reasoning = None;
+                }
+                Ok(answer)
             }
         }
     }
@@ -548,7 +584,7 @@ impl CalledModel {
         sampler.check_context(&candidate).map_err(|e| vec![cx.error_at(cx.key("sampler"), e, "these settings")])?;
         let concurrency = if candidate.is_http() { http.max_concurrency.0 } else { DEFAULT_MAX_IN_FLIGHT };
         let catalog_dir = path.parent().map(PathBuf::from).unwrap_or_default();
-        let settings = RunSettings { sampler, prepare, output: Some(output.0), device: DeviceSpec::Cpu, catalog_dir };
+        let settings = RunSettings { sampler, prepare, output: Some(output.0), think: None, device: DeviceSpec::Cpu, catalog_dir };
         Ok(CalledModel { candidate, settings, concurrency })
     }
 
@@ -589,6 +625,8 @@ struct ItemInput {
     sampler: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    think: Option<String>,
     messages: Vec<Message>,
 }
 
@@ -627,6 +665,14 @@ impl StagePlugin for Infer {
                 DEFAULT_MAX_IN_FLIGHT
             }
         };
+        if let Some(tag) = &config.think
+            && (tag.get_ref().is_empty() || !tag.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        {
+            errors.push(
+                cx.error_at(Some(tag.span()), format!("`think = {:?}` is not a tag name: letters, digits, `_` and `-` (`think` reads `<think>…</think>`)", tag.get_ref()), "not a tag")
+                    .help("write the tag's name without its brackets: `think = \"think\"`"),
+            );
+        }
         let device = *config.device.get_ref();
         if device != DeviceSpec::Cpu && !cfg!(feature = "cuda") {
             errors.push(
@@ -646,7 +692,8 @@ impl StagePlugin for Infer {
             .map(|c| if c.is_http() { config.http.max_concurrency.0 } else { max_in_flight })
             .max()
             .unwrap_or(1);
-        let settings = RunSettings { sampler: config.sampler, prepare: config.prepare, output: output.map(|(c, _)| c), device, catalog_dir };
+        let think = config.think.as_ref().map(|t| t.get_ref().clone());
+        let settings = RunSettings { sampler: config.sampler, prepare: config.prepare, output: output.map(|(c, _)| c), think, device, catalog_dir };
         Ok(Arc::new(InferStage { settings, roster, concurrency }))
     }
 }
@@ -845,7 +892,17 @@ impl Stage for InferStage {
                 busy_s: Some(busy_s),
                 tokens_per_s: (busy_s > 0.0).then(|| completion as f64 / busy_s),
             };
-            let mut entry = ModelAnswers { pin: c.pin(), answers: Vec::new(), timing: timing.clone(), transport: None };
+            let reasoned: Vec<&artifacts::Answer> = answers.iter().filter(|a| a.reasoning.is_some()).collect();
+            let reasoning = self.settings.think.as_ref().map(|_| {
+                let reasoning_tokens: usize = reasoned.iter().filter_map(|a| a.reasoning_tokens).sum();
+                artifacts::ReasoningCost {
+                    answers: reasoned.len(),
+                    reasoning_tokens,
+                    counted: reasoned.iter().filter(|a| a.reasoning_tokens.is_some()).count(),
+                    answer_tokens: completion.saturating_sub(reasoning_tokens),
+                }
+            });
+            let mut entry = ModelAnswers { pin: c.pin(), answers: Vec::new(), timing: timing.clone(), transport: None, reasoning };
             match &c.backend {
                 Backend::Embedded { .. } => {
                     let decode_s: f64 = answers.iter().filter_map(|a| a.timing.decode_ms).sum::<f64>() / 1000.0;

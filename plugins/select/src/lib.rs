@@ -460,14 +460,14 @@ mod tests {
             busy_s: Some(busy_s),
             tokens_per_s: (busy_s > 0.0).then(|| completion as f64 / busy_s),
         };
-        ModelAnswers { pin: Default::default(), answers: answers.to_vec(), timing, transport: None }
+        ModelAnswers { pin: Default::default(), answers: answers.to_vec(), timing, transport: None, reasoning: None }
     }
 
     /// 100 requests, 200 prompt + 10 completion tokens each, 0.5 s each.
     fn hundred_answers() -> Vec<Answer> {
         let timing = AnswerTiming { latency_ms: 500.0, prefill_ms: None, decode_ms: None };
         (0..100)
-            .map(|i| Answer { id: format!("s{i}"), text: String::new(), finish_reason: "stop".into(), prompt_tokens: 200, completion_tokens: 10, timing: timing.clone(), transport: None })
+            .map(|i| Answer { id: format!("s{i}"), text: String::new(), finish_reason: "stop".into(), prompt_tokens: 200, completion_tokens: 10, timing: timing.clone(), transport: None, reasoning: None, reasoning_tokens: None })
             .collect()
     }
 
