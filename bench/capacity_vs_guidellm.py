@@ -42,7 +42,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from infer_vs_llamacpp import SHA, build_llama_server  # noqa: E402
+from infer_vs_llamacpp import SHA, build_llama_server, served_entry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -89,21 +89,7 @@ def project(workdir):
 
 
 def write_catalog(path, port, served_model):
-    path.write_text(f"""
-[[model]]
-id = "bench-target"
-family = "SmolLM2"
-developer = "Hugging Face"
-origin = "US"
-params_total_b = 0.135
-params_active_b = 0.135
-license = "Apache-2.0"
-
-[[model.source]]
-kind = "openai_compatible"
-base_urls = ["http://127.0.0.1:{port}/v1"]
-model = "{served_model}"
-""")
+    path.write_text(served_entry("bench-target", port, served_model))
 
 
 def ours(binary, pipelines, head, args):

@@ -152,12 +152,11 @@ class Server:
         self.proc.wait()
 
 
-def catalog(path, port):
-    """The stock catalog plus llama-server's SmolLM2 as an OpenAI-compatible model."""
-    stock = (ROOT / "catalogs/open-models.toml").read_text()
-    path.write_text(stock + f"""
+def served_entry(model_id, port, served_model):
+    """A catalog entry for SmolLM2 served on loopback as an OpenAI-compatible model."""
+    return f"""
 [[model]]
-id = "smollm2-llamacpp"
+id = "{model_id}"
 family = "SmolLM2"
 developer = "Hugging Face"
 origin = "US"
@@ -168,8 +167,14 @@ license = "Apache-2.0"
 [[model.source]]
 kind = "openai_compatible"
 base_urls = ["http://127.0.0.1:{port}/v1"]
-model = "smollm2"
-""")
+model = "{served_model}"
+"""
+
+
+def catalog(path, port):
+    """The stock catalog plus llama-server's SmolLM2 as an OpenAI-compatible model."""
+    stock = (ROOT / "catalogs/open-models.toml").read_text()
+    path.write_text(stock + served_entry("smollm2-llamacpp", port, "smollm2"))
 
 
 def run_stage(binary, workdir, rows, template, system, sampler, model, in_flight):
