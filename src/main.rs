@@ -614,13 +614,7 @@ fn check(args: &CheckArgs) -> Outcome {
         };
         compare::Side::from_lock(&args.baseline, &lock, &pipeline, &store).map_err(Failure::Store)?
     } else {
-        let (file, iteration) = match args.baseline.rsplit_once('@') {
-            Some((file, n)) if n.parse::<u32>().is_ok_and(|n| n > 0) => (file, n.parse().ok()),
-            _ => (args.baseline.as_str(), None),
-        };
-        let base = load(Path::new(file))?;
-        let base_store = store_for(&base, &args.inner.store);
-        compare::Side::load(&args.baseline, &base, &base_store, iteration).map_err(Failure::Store)?
+        recorded_run(&args.baseline, &args.inner.store)?.0
     };
     let c = compare::check(&baseline, &current, args.alpha, pipeline.seed);
     if json {
@@ -631,20 +625,26 @@ fn check(args: &CheckArgs) -> Outcome {
     Ok(if c.regressed { exit::REGRESSED } else { exit::OK })
 }
 
+/// A recorded run named as `compare` and `check` take it: a pipeline file's last run, or `FILE@N`
+/// for iteration N of it; with its pipeline's seed.
+fn recorded_run(spec: &str, store: &Option<PathBuf>) -> Result<(compare::Side, u64), Failure> {
+    let (file, iteration) = match spec.rsplit_once('@') {
+        Some((file, n)) if n.parse::<u32>().is_ok_and(|n| n > 0) => (file, n.parse().ok()),
+        _ => (spec, None),
+    };
+    let pipeline = load(Path::new(file))?;
+    let side = compare::Side::load(spec, &pipeline, &store_for(&pipeline, store), iteration).map_err(Failure::Store)?;
+    Ok((side, pipeline.seed))
+}
+
 fn compare_runs(args: &CompareArgs) -> Outcome {
     let json = args.json.json;
     let mut sides = Vec::new();
     let mut seed = 0;
     for spec in [&args.a, &args.b] {
-        // `FILE@N`: iteration N of the file's last run.
-        let (file, iteration) = match spec.rsplit_once('@') {
-            Some((file, n)) if n.parse::<u32>().is_ok_and(|n| n > 0) => (file, n.parse().ok()),
-            _ => (spec.as_str(), None),
-        };
-        let pipeline = load(Path::new(file))?;
-        seed = pipeline.seed;
-        let store = store_for(&pipeline, &args.store);
-        sides.push(compare::Side::load(spec, &pipeline, &store, iteration).map_err(Failure::Store)?);
+        let (side, s) = recorded_run(spec, &args.store)?;
+        sides.push(side);
+        seed = s;
     }
     let c = compare::compare(&sides[0], &sides[1], seed);
     if json {
