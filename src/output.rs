@@ -79,6 +79,9 @@ pub fn plan(plan: &PlanReport, json: bool) {
         };
         let why = if s.reasons.is_empty() { String::new() } else { format!(": {}", s.reasons.join("; ")) };
         println!("{status:<8} {:<width$}  {}{why}", s.id, s.kind);
+        for note in &s.notes {
+            println!("{:<8} {:<width$}  note: {note}", "", "");
+        }
     }
     let dirty: Vec<&str> = plan.stages.iter().filter(|s| matches!(s.status, PlanStatus::Dirty)).map(|s| s.id.as_str()).collect();
     let pending: Vec<&str> = plan.stages.iter().filter(|s| matches!(s.status, PlanStatus::Pending)).map(|s| s.id.as_str()).collect();

@@ -21,6 +21,21 @@ pub const RANKING_METRICS: &[&str] = &["ndcg", "ndcg_ci_low", "ndcg_ci_high", "u
 /// The `metrics` of a rubric judgement.
 pub const RUBRIC_METRICS: &[&str] = &["pass_rate", "pass_rate_ci_low", "pass_rate_ci_high", "unscored_rate"];
 
+/// The `metrics` a judgement of several answers per sample (`infer`'s `repeats`) adds: the mean
+/// pass rate over every answer drawn with its interval, pass@n (one of the n passes), pass^n
+/// (all n pass) and the share of samples whose answers both passed and failed.
+pub const REPEAT_METRICS: &[&str] = &["repeat_mean", "repeat_mean_ci_low", "repeat_mean_ci_high", "pass_at_n", "pass_hat_n", "flaky_rate"];
+
+/// What `[targets]` may name from a label judgement, repeats or not (validated at build).
+pub const LABEL_TARGETS: &[&str] =
+    &["accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "unparsed_rate", "repeat_mean", "repeat_mean_ci_low", "repeat_mean_ci_high", "pass_at_n", "pass_hat_n", "flaky_rate"];
+/// What `[targets]` may name from a ranking judgement.
+pub const RANKING_TARGETS: &[&str] =
+    &["ndcg", "ndcg_ci_low", "ndcg_ci_high", "unparsed_rate", "repeat_mean", "repeat_mean_ci_low", "repeat_mean_ci_high", "pass_at_n", "pass_hat_n", "flaky_rate"];
+/// What `[targets]` may name from a rubric judgement.
+pub const RUBRIC_TARGETS: &[&str] =
+    &["pass_rate", "pass_rate_ci_low", "pass_rate_ci_high", "unscored_rate", "repeat_mean", "repeat_mean_ci_low", "repeat_mean_ci_high", "pass_at_n", "pass_hat_n", "flaky_rate"];
+
 /// Every quality figure a judged candidate may have (see [`SplitScores::quality`]).
 pub const QUALITY_METRICS: &[&str] = &[
     "accuracy",
@@ -35,6 +50,12 @@ pub const QUALITY_METRICS: &[&str] = &[
     "pass_rate_ci_high",
     "unparsed_rate",
     "unscored_rate",
+    "repeat_mean",
+    "repeat_mean_ci_low",
+    "repeat_mean_ci_high",
+    "pass_at_n",
+    "pass_hat_n",
+    "flaky_rate",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -184,6 +205,30 @@ pub struct SplitScores {
     /// Answers read as JSON: each compared field's scores, by path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fields: Option<BTreeMap<String, FieldScores>>,
+    /// Several answers drawn per sample (`repeats`): how they passed together. The figures
+    /// above are the first answer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<RepeatScores>,
+}
+
+/// How the answers drawn per sample (`infer`'s `repeats`) passed, over a split. pass@k and pass^k
+/// are the unbiased estimates from n answers per sample (Chen et al. 2021; Yao et al. 2024's
+/// τ-bench): with c of n passing, pass@k = 1 − C(n−c, k)/C(n, k) and pass^k = C(c, k)/C(n, k),
+/// averaged over samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RepeatScores {
+    /// Answers drawn per sample.
+    pub n: usize,
+    /// The share of every answer drawn that passed (each sample's c/n, averaged), with a
+    /// bootstrap interval over samples.
+    pub mean: Estimate,
+    /// The chance that at least one of k answers passes, by k (1, 2, 4, … and n).
+    pub pass_at_k: BTreeMap<String, f64>,
+    /// The chance that all k answers pass, by k.
+    pub pass_hat_k: BTreeMap<String, f64>,
+    /// Samples whose answers both passed and failed, and their share.
+    pub flaky: usize,
+    pub flaky_rate: f64,
 }
 
 /// How one field of structured (JSON) answers scored against the references' over a split.
@@ -219,6 +264,7 @@ impl SplitScores {
             passes: None,
             pass_rate: None,
             fields: None,
+            repeats: None,
         }
     }
 
@@ -241,6 +287,11 @@ impl SplitScores {
         out.extend(estimate(["pass_rate", "pass_rate_ci_low", "pass_rate_ci_high"], &self.pass_rate));
         out.extend(self.unparsed.map(|u| ("unparsed_rate", Some(u as f64 / n))));
         out.extend(self.unscored.map(|u| ("unscored_rate", Some(u as f64 / n))));
+        if let Some(r) = &self.repeats {
+            out.extend(estimate(["repeat_mean", "repeat_mean_ci_low", "repeat_mean_ci_high"], &Some(r.mean)));
+            let at_n = |m: &BTreeMap<String, f64>| m.get(&r.n.to_string()).copied();
+            out.extend([("pass_at_n", at_n(&r.pass_at_k)), ("pass_hat_n", at_n(&r.pass_hat_k)), ("flaky_rate", Some(r.flaky_rate))]);
+        }
         out
     }
 
@@ -310,6 +361,10 @@ pub struct Verdict {
     /// That label was shown to the judge as a worked example.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label_example: Option<bool>,
+    /// Several answers drawn per sample (`repeats`): how many of them passed (this verdict is
+    /// the first answer's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat_passes: Option<usize>,
 }
 
 impl Verdict {

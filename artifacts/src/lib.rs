@@ -238,6 +238,34 @@ pub struct Answers {
     /// The output constraint, when one is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
+    /// Answers drawn per sample (`repeats`, when more than one): the first in each model's
+    /// `answers`, the others in its `repeats`. Greedy decoding draws one: every repeat is it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<usize>,
+}
+
+impl Answers {
+    /// Each model's answers to the samples, one list per repeat (the first is `answers`): as
+    /// many lists as `repeats` says, a greedy model's one list standing for every repeat.
+    pub fn runs<'a>(&self, model: &'a ModelAnswers) -> Vec<&'a [Answer]> {
+        let n = self.repeats.unwrap_or(1).max(1);
+        let drawn: Vec<&[Answer]> = std::iter::once(model.answers.as_slice()).chain(model.repeats.iter().map(Vec::as_slice)).collect();
+        if drawn.len() == 1 { vec![drawn[0]; n] } else { drawn }
+    }
+
+    /// The `r`-th answers drawn (from 0) as answers of their own: each model's `answers` are its
+    /// `r`-th run ([`Answers::runs`]), nothing repeated.
+    pub fn repeat(&self, r: usize) -> Answers {
+        let models = self
+            .models
+            .iter()
+            .map(|(id, m)| {
+                let answers = self.runs(m).get(r).map_or_else(Vec::new, |run| run.to_vec());
+                (id.clone(), ModelAnswers { answers, repeats: Vec::new(), ..m.clone() })
+            })
+            .collect();
+        Answers { models, repeats: None, ..self.clone() }
+    }
 }
 
 impl Artifact for Answers {
@@ -270,6 +298,10 @@ pub struct ModelAnswers {
     /// What reasoning cost, apart from the answers (a `think` setting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning: Option<ReasoningCost>,
+    /// The second and later answers drawn per sample (`repeats`), one list per repeat, each in
+    /// the samples' order. Empty when one answer per sample was drawn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repeats: Vec<Vec<Answer>>,
 }
 
 /// A reasoning model's thinking, counted apart from its answers.

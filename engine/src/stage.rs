@@ -111,6 +111,12 @@ pub trait Stage: Send + Sync {
         Err(StageError::new(format!("stage has no per-item work (item `{}`)", item.id)))
     }
 
+    /// What `plan` should tell about how this stage computes, beyond what runs and why (e.g. that
+    /// repeats of a greedy answer are computed once). Whatever its state.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// How many items may run at once. Defaults to one at a time.
     fn item_concurrency(&self) -> usize {
         1

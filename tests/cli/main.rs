@@ -15,6 +15,7 @@ mod finetune;
 mod gate;
 mod http;
 mod reasoning;
+mod repeats;
 mod review;
 mod structured;
 

@@ -20,6 +20,9 @@ pub struct PlanStage {
     /// For dirty stages with known inputs: items in total and already memoized.
     pub items: Option<usize>,
     pub cached_items: Option<usize>,
+    /// What the stage says about how it computes ([`crate::Stage::notes`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -46,7 +49,7 @@ pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<PlanReport, RunError> 
                 None => unknown.push(pipeline.stages[*up].id.clone()),
             }
         }
-        let mut entry = PlanStage { id: node.id.clone(), kind: node.kind.to_string(), status: PlanStatus::Pending, reasons: Vec::new(), items: None, cached_items: None };
+        let mut entry = PlanStage { id: node.id.clone(), kind: node.kind.to_string(), status: PlanStatus::Pending, reasons: Vec::new(), items: None, cached_items: None, notes: node.stage.notes() };
         if !unknown.is_empty() {
             unknown.dedup();
             entry.reasons = unknown.iter().map(|u| format!("upstream `{u}` will run (this reruns unless its output is unchanged)")).collect();

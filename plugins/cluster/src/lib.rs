@@ -150,7 +150,7 @@ impl Stage for ClusterStage {
             // Answers that passed, for contrast: the first few of the dev split.
             let passes: Vec<&Verdict> = judgement.models.get(model).map_or(Vec::new(), |j| j.verdicts_in(Split::Dev).filter(|v| v.passed()).take(CONTRAST).collect());
             for c in &m.clusters {
-                items.push(Item { id: format!("{model}/{}", c.id), input: namer.item_input(naming_messages(c, &passes)) });
+                items.push(Item { id: format!("{model}/{}", c.id), input: namer.item_input(naming_messages(c, &passes), input.seed) });
             }
         }
         Ok(items)
@@ -451,7 +451,7 @@ mod tests {
                 .collect();
             let models = [("m".to_string(), JudgedModel { splits: Default::default(), verdicts, agreement: None })].into();
             let judgement = Judgement { labels: Some(vec!["billing".into(), "shipping".into()]), ..judge::judgement(models, &[]) };
-            let answers = Answers { sampler: Value::Null, prepare: Value::Null, models: Default::default(), output: None };
+            let answers = Answers { sampler: Value::Null, prepare: Value::Null, models: Default::default(), output: None, repeats: None };
             let input = StageInput {
                 inputs: [("judgement".to_string(), Arc::new(judgement.to_json())), ("answers".to_string(), Arc::new(answers.to_json()))].into_iter().collect(),
                 files: Default::default(),

@@ -315,8 +315,9 @@ mod tests {
         let answers = Answers {
             sampler: Value::Null,
             prepare: Value::Null,
-            models: BTreeMap::from([("m".to_string(), ModelAnswers { pin: Pin::default(), answers, timing, transport: None, reasoning: None })]),
+            models: BTreeMap::from([("m".to_string(), ModelAnswers { pin: Pin::default(), answers, timing, transport: None, reasoning: None, repeats: Vec::new() })]),
             output: None,
+            repeats: None,
         };
         (clusters, answers)
     }

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use catalog::Source;
 use mistralrs::core::TokenSource;
-use mistralrs::{Constraint, Device, GgufModelBuilder, IsqType, Model, ModelDType, RequestBuilder, StopTokens, TextMessageRole, TextModelBuilder};
+use mistralrs::{Constraint, Device, GgufModelBuilder, IsqType, Model, ModelDType, RequestBuilder, SamplingParams, StopTokens, TextMessageRole, TextModelBuilder};
 use mistralrs::core::Response;
 use tokio::sync::{Mutex, RwLock, mpsc};
 
@@ -145,29 +145,31 @@ impl Runner {
         Ok(tokens.len())
     }
 
-    pub async fn chat(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>) -> Result<Answer, String> {
+    /// `seed`: what a sampled answer (temperature above 0) is drawn with, whatever else is in
+    /// flight; `None` draws from the engine's shared stream (not reproducible).
+    pub async fn chat(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>, seed: Option<u64>) -> Result<Answer, String> {
         if self.one_at_a_time {
             let _alone = self.alone.write().await;
-            return self.send(messages, sampler, output).await;
+            return self.send(messages, sampler, output, seed).await;
         }
         let first = {
             let _shared = self.alone.read().await;
-            self.send(messages, sampler, output).await
+            self.send(messages, sampler, output, seed).await
         };
         match first {
             Ok(answer) => Ok(answer),
             Err(e) => {
                 tracing::warn!("embedded request failed with others in flight, redoing it alone: {e}");
                 let _alone = self.alone.write().await;
-                let mut answer = self.send(messages, sampler, output).await?;
+                let mut answer = self.send(messages, sampler, output, seed).await?;
                 answer.redone_alone = true;
                 Ok(answer)
             }
         }
     }
 
-    async fn send(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>) -> Result<Answer, String> {
-        let request = request(messages, sampler, output)?;
+    async fn send(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>, seed: Option<u64>) -> Result<Answer, String> {
+        let request = request(messages, sampler, output, seed)?;
         let started = Instant::now();
         let response = self.model.send_chat_request(request).await.map_err(|e| format!("mistral.rs: {e}"))?;
         let latency = started.elapsed();
@@ -181,20 +183,20 @@ impl Runner {
     /// continuation of the ones before), then the whole answer, the same one [`Runner::chat`]
     /// gives. Dropping the receiver cancels the request. Nothing is redone: a failure is the
     /// stream's last item.
-    pub fn stream(self: &Arc<Self>, messages: Vec<Message>, sampler: Sampler, output: Option<OutputConstraint>) -> mpsc::Receiver<Result<Piece, String>> {
+    pub fn stream(self: &Arc<Self>, messages: Vec<Message>, sampler: Sampler, output: Option<OutputConstraint>, seed: Option<u64>) -> mpsc::Receiver<Result<Piece, String>> {
         let (tx, rx) = mpsc::channel(16);
         let runner = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = runner.stream_into(&messages, &sampler, output.as_ref(), &tx).await {
+            if let Err(e) = runner.stream_into(&messages, &sampler, output.as_ref(), seed, &tx).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
         rx
     }
 
-    async fn stream_into(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>, tx: &mpsc::Sender<Result<Piece, String>>) -> Result<(), String> {
+    async fn stream_into(&self, messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>, seed: Option<u64>, tx: &mpsc::Sender<Result<Piece, String>>) -> Result<(), String> {
         let (_alone, _shared) = if self.one_at_a_time { (Some(self.alone.write().await), None) } else { (None, Some(self.alone.read().await)) };
-        let request = request(messages, sampler, output)?;
+        let request = request(messages, sampler, output, seed)?;
         let mut text = StreamedText::new(stop_strings(sampler, output));
         let started = Instant::now();
         let mut stream = self.model.stream_chat_request(request).await.map_err(|e| format!("mistral.rs: {e}"))?;
@@ -274,7 +276,7 @@ fn stop_strings(sampler: &Sampler, output: Option<&OutputConstraint>) -> Vec<Str
 }
 
 /// The request mistral.rs is sent.
-fn request(messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>) -> Result<RequestBuilder, String> {
+fn request(messages: &[Message], sampler: &Sampler, output: Option<&OutputConstraint>, seed: Option<u64>) -> Result<RequestBuilder, String> {
     let mut request = RequestBuilder::new();
     for m in messages {
         let role = match m.role.as_str() {
@@ -285,7 +287,15 @@ fn request(messages: &[Message], sampler: &Sampler, output: Option<&OutputConstr
         };
         request = request.add_message(role, &m.content);
     }
-    request = if sampler.temperature == 0.0 { request.set_deterministic_sampler() } else { request.set_sampler_temperature(sampler.temperature) };
+    request = if sampler.samples() {
+        // From every token by its probability at this temperature (no top-k, top-p or min-p),
+        // from the request's own stream when seeded (vendored mistral.rs, `vendor/README.md`).
+        // Not the builder's temperature setter: it keeps the deterministic sampler's top-k of 1,
+        // which decodes greedily whatever the temperature.
+        request.set_sampling(SamplingParams { temperature: Some(sampler.temperature), seed, ..SamplingParams::neutral() })
+    } else {
+        request.set_deterministic_sampler()
+    };
     request = request.set_sampler_max_len(sampler.max_tokens);
     let stop = stop_strings(sampler, output);
     if !stop.is_empty() {

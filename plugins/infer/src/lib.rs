@@ -83,6 +83,32 @@ pub struct InferConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>")]
     pub think: Option<Spanned<String>>,
+    /// Answers to draw per sample and model (default 1, at most 100), each with a seed of its
+    /// own (in its memo key: raising `repeats` computes only the new ones); `judge` reports their
+    /// mean, pass@k, pass^k and the flaky samples. Needs `temperature` above 0: greedy decoding
+    /// draws one answer, so repeats of it are computed once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<usize>", range(min = 1, max = 100))]
+    pub repeats: Option<Spanned<usize>>,
+}
+
+/// The most answers `repeats` may draw per sample and model.
+pub const MAX_REPEATS: usize = 100;
+
+/// The seed of a sample's `repeat`-th answer (from 0) under the pipeline's `seed`: the first is
+/// the pipeline's seed itself (what a single answer was always drawn with), each later one a
+/// splitmix64 mix of the two, so repeats are independent streams.
+pub fn repeat_seed(seed: u64, repeat: usize) -> u64 {
+    if repeat == 0 {
+        return seed;
+    }
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    mix(seed ^ mix(repeat as u64))
 }
 
 /// What the model may generate. One of:
@@ -247,6 +273,11 @@ fn default_max_tokens() -> usize {
 }
 
 impl Sampler {
+    /// Whether answers are sampled (temperature above 0), not decoded greedily.
+    pub fn samples(&self) -> bool {
+        self.temperature > 0.0
+    }
+
     /// Why these settings cannot decode, if they cannot.
     pub fn check(&self) -> Result<(), String> {
         if self.max_tokens == 0 {
@@ -365,6 +396,8 @@ pub struct RunSettings {
     pub output: Option<OutputConstraint>,
     /// The tag a reasoning model thinks in, taken out of its answers.
     pub think: Option<String>,
+    /// Answers drawn per sample (1 unless `repeats` says more; greedy draws 1 whatever it says).
+    pub repeats: usize,
     pub device: DeviceSpec,
     /// Where the catalog is (its relative paths are relative to it).
     pub catalog_dir: PathBuf,
@@ -495,8 +528,9 @@ impl Candidate {
     }
 
     /// An item's input for this model and these messages: the model, its pin, and every setting
-    /// the answer depends on (its memo key).
-    pub fn item_input(&self, settings: &RunSettings, messages: Vec<Message>) -> Value {
+    /// the answer depends on (its memo key). `seed` is what a sampled answer (temperature above
+    /// 0) is drawn with: in the key then, and only then.
+    pub fn item_input(&self, settings: &RunSettings, messages: Vec<Message>, seed: u64) -> Value {
         let embedded = matches!(self.backend, Backend::Embedded { .. });
         let input = ItemInput {
             model: self.id.clone(),
@@ -510,17 +544,19 @@ impl Candidate {
             // Only when set: unconstrained items keep the keys they always had.
             output: settings.output.as_ref().map(|o| serde_json::to_value(o).expect("constraints serialize")),
             think: settings.think.clone(),
+            seed: settings.sampler.samples().then_some(seed),
             messages,
         };
         serde_json::to_value(input).expect("item inputs serialize")
     }
 
-    /// This model's answer to `messages`, with how it was fetched (`transport`).
-    pub async fn chat(&self, messages: &[Message], settings: &RunSettings, cx: &ItemContext) -> Result<artifacts::Answer, String> {
+    /// This model's answer to `messages`, drawn with `seed` when it samples, with how it was
+    /// fetched (`transport`).
+    pub async fn chat(&self, messages: &[Message], settings: &RunSettings, seed: u64, cx: &ItemContext) -> Result<artifacts::Answer, String> {
         match &self.backend {
             Backend::Embedded { source, sha256 } => {
                 let runner = embedded::load(source, sha256, &settings.catalog_dir, settings.prepare, settings.device).await?;
-                let answer = runner.chat(messages, &settings.sampler, settings.output.as_ref()).await?;
+                let answer = runner.chat(messages, &settings.sampler, settings.output.as_ref(), Some(seed)).await?;
                 let transport = answer.redone_alone.then(|| json!({"redone_alone": true}));
                 let mut answer = answer.into_artifact(transport);
                 if let Some(tag) = &settings.think
@@ -532,7 +568,7 @@ impl Candidate {
                 Ok(answer)
             }
             Backend::Http(endpoint) => {
-                let (answer, transport) = endpoint.chat(messages, &settings.sampler, settings.output.as_ref(), cx.seed, &cx.cancel).await?;
+                let (answer, transport) = endpoint.chat(messages, &settings.sampler, settings.output.as_ref(), seed, &cx.cancel).await?;
                 let reported = answer.reasoning_tokens;
                 let mut answer = answer.into_artifact(Some(serde_json::to_value(transport).expect("transport serializes")));
                 if let Some(tag) = &settings.think {
@@ -584,7 +620,7 @@ impl CalledModel {
         sampler.check_context(&candidate).map_err(|e| vec![cx.error_at(cx.key("sampler"), e, "these settings")])?;
         let concurrency = if candidate.is_http() { http.max_concurrency.0 } else { DEFAULT_MAX_IN_FLIGHT };
         let catalog_dir = path.parent().map(PathBuf::from).unwrap_or_default();
-        let settings = RunSettings { sampler, prepare, output: Some(output.0), think: None, device: DeviceSpec::Cpu, catalog_dir };
+        let settings = RunSettings { sampler, prepare, output: Some(output.0), think: None, repeats: 1, device: DeviceSpec::Cpu, catalog_dir };
         Ok(CalledModel { candidate, settings, concurrency })
     }
 
@@ -593,15 +629,15 @@ impl CalledModel {
         [(self.candidate.id.clone(), self.candidate.pins(&self.settings))].into()
     }
 
-    /// An item's input for a call with these chat messages.
-    pub fn item_input(&self, messages: Vec<Message>) -> Value {
-        self.candidate.item_input(&self.settings, messages)
+    /// An item's input for a call with these chat messages, under the pipeline's `seed`.
+    pub fn item_input(&self, messages: Vec<Message>, seed: u64) -> Value {
+        self.candidate.item_input(&self.settings, messages, seed)
     }
 
     /// Run an item made by [`CalledModel::item_input`]: the reply, an [`artifacts::Answer`].
     pub async fn run(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
         let input = ItemInput::read(item)?;
-        let answer = self.candidate.chat(&input.messages, &self.settings, cx).await.map_err(StageError::new)?;
+        let answer = self.candidate.chat(&input.messages, &self.settings, input.seed.unwrap_or(cx.seed), cx).await.map_err(StageError::new)?;
         Ok(serde_json::to_value(answer).expect("answers serialize"))
     }
 }
@@ -627,6 +663,9 @@ struct ItemInput {
     output: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     think: Option<String>,
+    /// What a sampled answer is drawn with (only when it samples).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
     messages: Vec<Message>,
 }
 
@@ -673,6 +712,14 @@ impl StagePlugin for Infer {
                     .help("write the tag's name without its brackets: `think = \"think\"`"),
             );
         }
+        let repeats = match &config.repeats {
+            None => 1,
+            Some(n) if (1..=MAX_REPEATS).contains(n.get_ref()) => *n.get_ref(),
+            Some(n) => {
+                errors.push(cx.error_at(Some(n.span()), format!("`repeats` is {}: it must be 1 to {MAX_REPEATS}", n.get_ref()), "out of range"));
+                1
+            }
+        };
         let device = *config.device.get_ref();
         if device != DeviceSpec::Cpu && !cfg!(feature = "cuda") {
             errors.push(
@@ -693,8 +740,10 @@ impl StagePlugin for Infer {
             .max()
             .unwrap_or(1);
         let think = config.think.as_ref().map(|t| t.get_ref().clone());
-        let settings = RunSettings { sampler: config.sampler, prepare: config.prepare, output: output.map(|(c, _)| c), think, device, catalog_dir };
-        Ok(Arc::new(InferStage { settings, roster, concurrency }))
+        // Greedy decoding draws the same answer every time: one is computed.
+        let drawn = if config.sampler.samples() { repeats } else { 1 };
+        let settings = RunSettings { sampler: config.sampler, prepare: config.prepare, output: output.map(|(c, _)| c), think, repeats: drawn, device, catalog_dir };
+        Ok(Arc::new(InferStage { settings, roster, concurrency, repeats }))
     }
 }
 
@@ -703,6 +752,8 @@ struct InferStage {
     roster: Roster,
     /// Items the engine keeps in flight.
     concurrency: usize,
+    /// `repeats` as configured (`settings.repeats` is how many are drawn).
+    repeats: usize,
 }
 
 /// The candidates of a stage that runs models (`infer`, `capacity`): those its `models` name, or
@@ -840,7 +891,11 @@ impl Stage for InferStage {
         let active = self.roster.active(input)?;
         for s in &rendered.samples {
             for c in &active {
-                items.push(Item { id: format!("{}/{}", c.id, s.id), input: c.item_input(&self.settings, s.messages.clone()) });
+                for r in 0..self.settings.repeats {
+                    // The first answer keeps the id a single answer always had.
+                    let id = if r == 0 { format!("{}/{}", c.id, s.id) } else { format!("{}/{}#{}", c.id, s.id, r + 1) };
+                    items.push(Item { id, input: c.item_input(&self.settings, s.messages.clone(), repeat_seed(input.seed, r)) });
+                }
             }
         }
         Ok(items)
@@ -849,12 +904,23 @@ impl Stage for InferStage {
     async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
         let input = ItemInput::read(item)?;
         let candidate = self.roster.candidate(&input.model).ok_or_else(|| StageError::new(format!("unknown model `{}`", input.model)))?;
-        let answer = candidate.chat(&input.messages, &self.settings, cx).await.map_err(StageError::new)?;
+        let answer = candidate.chat(&input.messages, &self.settings, input.seed.unwrap_or(cx.seed), cx).await.map_err(StageError::new)?;
         Ok(serde_json::to_value(answer).expect("answers serialize"))
     }
 
     fn item_concurrency(&self) -> usize {
         self.concurrency
+    }
+
+    fn notes(&self) -> Vec<String> {
+        if self.repeats > 1 && !self.settings.sampler.samples() {
+            vec![format!(
+                "repeats = {}: temperature is 0, and greedy decoding draws the same answer every time, so one answer per sample and model is computed and counts for all {}",
+                self.repeats, self.repeats
+            )]
+        } else {
+            Vec::new()
+        }
     }
 
     fn volatile_keys(&self) -> &'static [&'static str] {
@@ -864,26 +930,33 @@ impl Stage for InferStage {
     fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let rendered: Rendered = input.read("rendered")?;
         let mut models = BTreeMap::new();
-        // `items` is sample-major, and results come back in `items` order.
+        // `items` is sample-major, then candidate, then repeat; results come back in `items` order.
         let active = self.roster.active(input)?;
-        let k = active.len();
-        if results.len() != rendered.samples.len() * k {
-            return Err(StageError::new(format!("expected {} answers, got {}", rendered.samples.len() * k, results.len())));
+        let (k, n) = (active.len(), self.settings.repeats);
+        if results.len() != rendered.samples.len() * k * n {
+            return Err(StageError::new(format!("expected {} answers, got {}", rendered.samples.len() * k * n, results.len())));
         }
         for (i, c) in active.iter().enumerate() {
-            let answers: Vec<artifacts::Answer> = rendered
-                .samples
-                .iter()
-                .zip(results.iter().skip(i).step_by(k))
-                .map(|(sample, (item, answer))| {
-                    let answer = artifacts::Answer::deserialize(answer).map_err(|e| StageError::new(format!("the answer of `{}` is malformed: {e}", item.id)))?;
-                    Ok(artifacts::Answer { id: sample.id.clone(), ..answer })
+            let mut runs: Vec<Vec<artifacts::Answer>> = (0..n)
+                .map(|r| {
+                    rendered
+                        .samples
+                        .iter()
+                        .zip(results.iter().skip(i * n + r).step_by(k * n))
+                        .map(|(sample, (item, answer))| {
+                            let answer = artifacts::Answer::deserialize(answer).map_err(|e| StageError::new(format!("the answer of `{}` is malformed: {e}", item.id)))?;
+                            Ok(artifacts::Answer { id: sample.id.clone(), ..answer })
+                        })
+                        .collect::<Result<Vec<_>, StageError>>()
                 })
                 .collect::<Result<_, StageError>>()?;
-            let latencies: Vec<f64> = answers.iter().map(|a| a.timing.latency_ms).collect();
-            let completion: usize = answers.iter().map(|a| a.completion_tokens).sum();
+            let answers = runs.remove(0);
+            // Timing and reasoning cost over every answer drawn.
+            let all: Vec<&artifacts::Answer> = answers.iter().chain(runs.iter().flatten()).collect();
+            let latencies: Vec<f64> = all.iter().map(|a| a.timing.latency_ms).collect();
+            let completion: usize = all.iter().map(|a| a.completion_tokens).sum();
             let transport = |a: &artifacts::Answer, key: &str| a.transport.as_ref().and_then(|t| t.get(key)).cloned();
-            let redone = answers.iter().filter(|a| transport(a, "redone_alone") == Some(Value::Bool(true))).count();
+            let redone = all.iter().filter(|a| transport(a, "redone_alone") == Some(Value::Bool(true))).count();
             let busy_s = latencies.iter().sum::<f64>() / 1000.0;
             let mut timing = ModelTiming {
                 latency_p50_ms: percentile(&latencies, 0.50),
@@ -892,7 +965,7 @@ impl Stage for InferStage {
                 busy_s: Some(busy_s),
                 tokens_per_s: (busy_s > 0.0).then(|| completion as f64 / busy_s),
             };
-            let reasoned: Vec<&artifacts::Answer> = answers.iter().filter(|a| a.reasoning.is_some()).collect();
+            let reasoned: Vec<&artifacts::Answer> = all.iter().copied().filter(|a| a.reasoning.is_some()).collect();
             let reasoning = self.settings.think.as_ref().map(|_| {
                 let reasoning_tokens: usize = reasoned.iter().filter_map(|a| a.reasoning_tokens).sum();
                 artifacts::ReasoningCost {
@@ -902,10 +975,10 @@ impl Stage for InferStage {
                     answer_tokens: completion.saturating_sub(reasoning_tokens),
                 }
             });
-            let mut entry = ModelAnswers { pin: c.pin(), answers: Vec::new(), timing: timing.clone(), transport: None, reasoning };
+            let mut entry = ModelAnswers { pin: c.pin(), answers: Vec::new(), timing: timing.clone(), transport: None, reasoning, repeats: Vec::new() };
             match &c.backend {
                 Backend::Embedded { .. } => {
-                    let decode_s: f64 = answers.iter().filter_map(|a| a.timing.decode_ms).sum::<f64>() / 1000.0;
+                    let decode_s: f64 = all.iter().filter_map(|a| a.timing.decode_ms).sum::<f64>() / 1000.0;
                     timing.decode_tokens_per_s = Some(if decode_s > 0.0 { completion as f64 / decode_s } else { 0.0 });
                     if redone > 0 {
                         // Failed with others in flight, answered alone (volatile, like all of `transport`).
@@ -914,7 +987,7 @@ impl Stage for InferStage {
                 }
                 Backend::Http(endpoint) => {
                     // Retries of items computed in this run (cached answers keep their own count).
-                    let attempts: Vec<u64> = answers.iter().filter_map(|a| transport(a, "attempts")?.as_u64()).collect();
+                    let attempts: Vec<u64> = all.iter().filter_map(|a| transport(a, "attempts")?.as_u64()).collect();
                     entry.transport = Some(json!({
                         "retries": attempts.iter().map(|a| a.saturating_sub(1)).sum::<u64>(),
                         "items_retried": attempts.iter().filter(|&&a| a > 1).count(),
@@ -924,6 +997,7 @@ impl Stage for InferStage {
             }
             entry.timing = timing;
             entry.answers = answers;
+            entry.repeats = runs;
             models.insert(c.id.clone(), entry);
         }
         let answers = Answers {
@@ -931,6 +1005,7 @@ impl Stage for InferStage {
             prepare: serde_json::to_value(self.settings.prepare).expect("prepare serializes"),
             models,
             output: self.settings.output.as_ref().map(|o| serde_json::to_value(o).expect("constraints serialize")),
+            repeats: (self.repeats > 1).then_some(self.repeats),
         };
         Ok(answers.to_json())
     }

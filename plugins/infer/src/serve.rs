@@ -201,13 +201,22 @@ async fn chat(State(s): State<Arc<Served>>, body: axum::body::Bytes) -> Response
             _ => return invalid("`response_format` must be `text`, `json_schema` with `json_schema.schema`, or `json_object`"),
         },
     };
+    // OpenAI's `seed`: a sampled answer drawn from its own stream, the same for the same seed
+    // whatever else is in flight.
+    let seed = match request.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64().or_else(|| v.as_i64().map(|i| i as u64)) {
+            Some(seed) => Some(seed),
+            None => return invalid("`seed` must be an integer"),
+        },
+    };
     let sampler = Sampler { max_tokens, temperature, stop };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let (id, created) = (format!("chatcmpl-{}", now.as_nanos()), now.as_secs());
     if stream {
-        return streamed(&s, id, created, include_usage, s.runner.stream(messages, sampler, output)).await;
+        return streamed(&s, id, created, include_usage, s.runner.stream(messages, sampler, output, seed)).await;
     }
-    match s.runner.chat(&messages, &sampler, output.as_ref()).await {
+    match s.runner.chat(&messages, &sampler, output.as_ref(), seed).await {
         Ok(answer) => Json(json!({
             "id": id,
             "object": "chat.completion",

@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use artifacts::{
-    Agreement, AgreementConfusion, Answers, Artifact, ClassScores, Dataset, Estimate, JudgedModel, Judgement, LABEL_METRICS, RANKING_METRICS, Split, SplitScores, Task, Verdict,
+    Agreement, AgreementConfusion, Answers, Artifact, ClassScores, Dataset, Estimate, JudgedModel, Judgement, LABEL_METRICS, LABEL_TARGETS, RANKING_METRICS, RANKING_TARGETS, REPEAT_METRICS,
+    RUBRIC_METRICS, RepeatScores, Split, SplitScores, Task, Verdict,
 };
 use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, Item, Port, Stage, StageError, StageInput, StagePlugin};
@@ -142,7 +143,7 @@ struct JudgeStage(JudgeConfig, Option<std::ops::Range<usize>>);
 #[async_trait::async_trait]
 impl Stage for JudgeStage {
     fn metrics(&self) -> Option<&'static [&'static str]> {
-        Some(if self.0.relevance.is_some() { RANKING_METRICS } else { LABEL_METRICS })
+        Some(if self.0.relevance.is_some() { RANKING_TARGETS } else { LABEL_TARGETS })
     }
 
     /// References a JSON reading cannot read are known from the dataset at `validate`.
@@ -166,11 +167,17 @@ impl Stage for JudgeStage {
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let dataset: Dataset = input.read("dataset")?;
         let answers: Answers = input.read("answers")?;
-        let judgement = match (&self.0.relevance, self.0.normalize) {
-            (Some(field), _) => self.rankings(&dataset, &answers, field, input.seed)?,
-            (None, Normalize::Json) => structured::judge(&dataset, &answers, &self.0.fields, self.0.bootstrap, input.seed)?,
-            (None, _) => self.labels(&dataset, &answers, input.seed)?,
+        let judge = |answers: &Answers| match (&self.0.relevance, self.0.normalize) {
+            (Some(field), _) => self.rankings(&dataset, answers, field, input.seed),
+            (None, Normalize::Json) => structured::judge(&dataset, answers, &self.0.fields, self.0.bootstrap, input.seed),
+            (None, _) => self.labels(&dataset, answers, input.seed),
         };
+        let mut judgement = judge(&answers)?;
+        if let Some(n) = answers.repeats.filter(|&n| n > 1) {
+            // Each later answer judged as the first is; what they show together is added.
+            let later = (1..n).map(|r| judge(&answers.repeat(r))).collect::<Result<Vec<_>, _>>()?;
+            add_repeats(&mut judgement, &later, n, self.0.bootstrap, input.seed);
+        }
         Ok(judgement.to_json())
     }
 }
@@ -275,6 +282,7 @@ pub fn verdict(id: &str, split: Split, label: Option<&str>, answer: &str) -> Ver
         judge_finish_reason: None,
         human: None,
         label_example: None,
+        repeat_passes: None,
     }
 }
 
@@ -284,6 +292,56 @@ pub fn judgement(models: BTreeMap<String, JudgedModel>, metrics: &[&str]) -> Jud
     let best = artifacts::best_candidate(&models).map(str::to_string);
     let metrics = best.as_ref().and_then(|b| models[b].reported()).map_or_else(BTreeMap::new, |(_, s)| s.metrics(metrics));
     Judgement { task: None, labels: None, normalize: None, k: None, judge: None, failure_modes: None, models, best, metrics, agreement: None, summary: None }
+}
+
+/// Adds to `judgement` (of the first answer drawn per sample) what all `n` show together: each
+/// verdict's count of passing answers, each split's [`RepeatScores`], and the best candidate's
+/// repeat figures to `metrics`. `later` are the judgements of the second to n-th answers.
+pub fn add_repeats(judgement: &mut Judgement, later: &[Judgement], n: usize, bootstrap: u32, seed: u64) {
+    for (model, judged) in &mut judgement.models {
+        let passed: Vec<BTreeMap<&str, bool>> =
+            later.iter().map(|j| j.models.get(model).map_or_else(BTreeMap::new, |m| m.verdicts.iter().map(|v| (v.id.as_str(), v.passed())).collect())).collect();
+        for v in &mut judged.verdicts {
+            v.repeat_passes = Some(usize::from(v.passed()) + passed.iter().filter(|p| p.get(v.id.as_str()) == Some(&true)).count());
+        }
+        let seed = model_seed(seed, model) ^ 0x7265_7065_6174;
+        for (split, scores) in &mut judged.splits {
+            let counts: Vec<usize> = judged.verdicts.iter().filter(|v| v.split == *split).filter_map(|v| v.repeat_passes).collect();
+            scores.repeats = Some(repeat_scores(&counts, n, bootstrap, seed));
+        }
+    }
+    let names: Vec<&str> = match judgement.task {
+        None => LABEL_METRICS,
+        Some(Task::Ranking) => RANKING_METRICS,
+        Some(Task::Rubric) => RUBRIC_METRICS,
+    }
+    .iter()
+    .chain(REPEAT_METRICS)
+    .copied()
+    .collect();
+    if let Some((_, s)) = judgement.best_model().and_then(|(_, m)| m.reported()) {
+        judgement.metrics = s.metrics(&names);
+    }
+}
+
+/// How samples with `counts[i]` of `n` answers passing did over a split: the mean pass rate
+/// with a bootstrap interval over samples, unbiased pass@k and pass^k for k = 1, 2, 4, … and n,
+/// and the flaky samples (some passed, some failed).
+pub fn repeat_scores(counts: &[usize], n: usize, bootstrap: u32, seed: u64) -> RepeatScores {
+    let rates: Vec<f64> = counts.iter().map(|&c| c as f64 / n.max(1) as f64).collect();
+    // C(a, k) / C(n, k) as a product of k ratios (0 when a < k).
+    let ratio = |a: usize, k: usize| (0..k).fold(1.0, |acc, i| if a < k { 0.0 } else { acc * (a - i) as f64 / (n - i) as f64 });
+    let mean_over = |f: &dyn Fn(usize) -> f64| round(counts.iter().map(|&c| f(c)).sum::<f64>() / counts.len().max(1) as f64);
+    let ks: Vec<usize> = std::iter::successors(Some(1usize), |k| Some(k * 2)).take_while(|&k| k < n).chain(std::iter::once(n)).collect();
+    let flaky = counts.iter().filter(|&&c| c > 0 && c < n).count();
+    RepeatScores {
+        n,
+        mean: mean_with_interval(&rates, bootstrap, seed),
+        pass_at_k: ks.iter().map(|&k| (k.to_string(), mean_over(&|c| 1.0 - ratio(n - c, k)))).collect(),
+        pass_hat_k: ks.iter().map(|&k| (k.to_string(), mean_over(&|c| ratio(c, k)))).collect(),
+        flaky,
+        flaky_rate: round(flaky as f64 / counts.len().max(1) as f64),
+    }
 }
 
 /// Document ids in the order the answer first mentions them (whole words; any case, except
@@ -626,5 +684,37 @@ mod tests {
         let ci = a.ci95.unwrap();
         assert!(ci[0] < 0.75 && 0.75 < ci[1], "{ci:?}");
         assert_eq!(proportion(&[], 500, 9).ci95, None);
+    }
+}
+
+#[cfg(test)]
+mod repeat_tests {
+    use super::repeat_scores;
+
+    /// pass@k and pass^k are the chances over every k-subset of the n answers: checked against
+    /// counting the subsets.
+    #[test]
+    fn pass_at_k_and_pass_hat_k_count_subsets() {
+        let n = 5;
+        let counts = [0, 1, 2, 5, 3, 4];
+        let s = repeat_scores(&counts, n, 0, 1);
+        for k in [1usize, 2, 4, 5] {
+            let (mut any, mut all) = (0.0, 0.0);
+            for &c in &counts {
+                // Answers 0..c pass; every k-subset of 0..n, as a bit mask.
+                let subsets: Vec<u32> = (0u32..1 << n).filter(|m| m.count_ones() as usize == k).collect();
+                let pass = |m: &u32| (0..c).filter(|i| m & (1 << i) != 0).count();
+                any += subsets.iter().filter(|m| pass(m) > 0).count() as f64 / subsets.len() as f64;
+                all += subsets.iter().filter(|m| pass(m) == k).count() as f64 / subsets.len() as f64;
+            }
+            let m = counts.len() as f64;
+            assert!((s.pass_at_k[&k.to_string()] - any / m).abs() < 1e-4, "pass@{k}");
+            assert!((s.pass_hat_k[&k.to_string()] - all / m).abs() < 1e-4, "pass^{k}");
+        }
+        assert_eq!(s.pass_at_k.keys().collect::<Vec<_>>(), ["1", "2", "4", "5"]);
+        // pass@1 and pass^1 are both the mean pass rate.
+        assert!((s.pass_at_k["1"] - s.mean.value).abs() < 1e-4 && (s.pass_hat_k["1"] - s.mean.value).abs() < 1e-4);
+        assert_eq!((s.flaky, s.n), (4, 5));
+        assert!((s.flaky_rate - 4.0 / 6.0).abs() < 1e-3);
     }
 }

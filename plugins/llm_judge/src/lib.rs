@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use artifacts::{Agreement, Answers, Artifact, Dataset, Estimate, JudgedModel, Judgement, Message, RUBRIC_METRICS, RubricMode, Sample, Split, SplitScores, Task};
+use artifacts::{Agreement, Answers, Artifact, Dataset, Estimate, JudgedModel, Judgement, Message, ModelAnswers, RUBRIC_METRICS, RUBRIC_TARGETS, RubricMode, Sample, Split, SplitScores, Task};
 use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
 use infer::{CalledModel, ModelCall, Prepare, Sampler};
@@ -456,7 +456,7 @@ impl LlmJudgeStage {
 #[async_trait::async_trait]
 impl Stage for LlmJudgeStage {
     fn metrics(&self) -> Option<&'static [&'static str]> {
-        Some(RUBRIC_METRICS)
+        Some(RUBRIC_TARGETS)
     }
 
     fn resolved(&self) -> Option<Value> {
@@ -474,12 +474,16 @@ impl Stage for LlmJudgeStage {
         let (more, _) = self.label_examples(input, &rubric, &samples)?;
         let mut items = Vec::new();
         for (model, m) in &answers.models {
-            for (a, sample) in dataset.join(model, m).map_err(StageError::new)? {
-                let id = &a.id;
-                let messages = rubric
-                    .messages(&more, &sample.fields, sample.label.as_deref(), &a.text)
-                    .map_err(|e| StageError::new(format!("rendering the rubric's template for `{id}`: {e}")))?;
-                items.push(Item { id: format!("{model}/{id}"), input: self.judge.item_input(messages) });
+            // The first answers, then each later repeat's (`infer`'s `repeats`, when sampled).
+            for (r, run) in later_runs(&answers, model, m).enumerate() {
+                for (a, sample) in dataset.join(model, &run).map_err(StageError::new)? {
+                    let id = &a.id;
+                    let messages = rubric
+                        .messages(&more, &sample.fields, sample.label.as_deref(), &a.text)
+                        .map_err(|e| StageError::new(format!("rendering the rubric's template for `{id}`: {e}")))?;
+                    let id = if r == 0 { format!("{model}/{id}") } else { format!("{model}/{id}#{}", r + 1) };
+                    items.push(Item { id, input: self.judge.item_input(messages, input.seed) });
+                }
             }
         }
         Ok(items)
@@ -508,6 +512,9 @@ impl Stage for LlmJudgeStage {
         let mut all_pairs = Vec::new();
         let mut stale = 0usize;
         let mut unscored_labeled = 0usize;
+        // Verdicts on each later repeat's answers, by repeat (the second answer drawn first).
+        let repeats = answers.repeats.filter(|&n| n > 1);
+        let mut later: Vec<BTreeMap<String, JudgedModel>> = vec![BTreeMap::new(); repeats.map_or(0, |n| n - 1)];
         for (model, m) in &answers.models {
             let mut verdicts = Vec::new();
             let mut by_split: BTreeMap<Split, Vec<Option<bool>>> = BTreeMap::new();
@@ -562,6 +569,16 @@ impl Stage for LlmJudgeStage {
             let agreement = (!pairs.is_empty()).then(|| judge::agreement(&pairs));
             all_pairs.extend(pairs);
             models.insert(model.clone(), JudgedModel { splits, verdicts, agreement });
+            for (r, run) in later_runs(&answers, model, m).enumerate().skip(1) {
+                let mut verdicts = Vec::new();
+                for (a, sample) in dataset.join(model, &run).map_err(StageError::new)? {
+                    let (_, reply) = results.next().ok_or_else(|| StageError::new("fewer verdicts than answers"))?;
+                    let reply: artifacts::Answer = serde_json::from_value(reply).map_err(|e| StageError::new(format!("the judge's reply to `{model}/{}#{}` is malformed: {e}", a.id, r + 1)))?;
+                    let pass = rubric.read_verdict(&reply.text).ok().map(|v| v.pass);
+                    verdicts.push(artifacts::Verdict { pass, ..judge::verdict(&a.id, sample.split, sample.label.as_deref(), &a.text) });
+                }
+                later[r - 1].insert(model.clone(), JudgedModel { splits: BTreeMap::new(), verdicts, agreement: None });
+            }
         }
         let agreement = (!labels.is_empty()).then(|| Agreement {
             labels: Some(labels.len()),
@@ -582,8 +599,19 @@ impl Stage for LlmJudgeStage {
         judgement.failure_modes = Some(rubric.failure_modes.into_iter().map(|(id, m)| (id, RubricMode { description: m.description, fix: m.fix })).collect());
         judgement.agreement = Some(agreement);
         judgement.summary = Some(summary);
+        if let Some(n) = repeats {
+            let later: Vec<Judgement> = later.into_iter().map(|models| judge::judgement(models, RUBRIC_METRICS)).collect();
+            judge::add_repeats(&mut judgement, &later, n, self.config.bootstrap, input.seed);
+        }
         Ok(judgement.to_json())
     }
+}
+
+/// A model's answers per repeat judged (the first, then each later one drawn): one run when
+/// answers were not repeated, or were decoded greedily (every repeat the same answer).
+fn later_runs<'a>(answers: &'a Answers, model: &'a str, m: &'a ModelAnswers) -> impl Iterator<Item = ModelAnswers> + 'a {
+    let runs = if m.repeats.is_empty() { 1 } else { answers.runs(m).len() };
+    (0..runs).map(move |r| if r == 0 { m.clone() } else { answers.repeat(r).models.remove(model).expect("the model has answers") })
 }
 
 fn summary(best: Option<(&str, &SplitScores)>, agreement: Option<&Agreement>, judge: &str) -> String {

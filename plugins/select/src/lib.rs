@@ -434,7 +434,7 @@ mod tests {
             })
             .collect();
         let models = candidates.iter().map(|(id, _, _, p95)| (id.to_string(), answered(&[], *p95))).collect();
-        let answers = Answers { sampler: Value::Null, prepare: Value::Null, models, output: None };
+        let answers = Answers { sampler: Value::Null, prepare: Value::Null, models, output: None, repeats: None };
         let prompt = Prompt { source: "p.j2".into(), system: None, template: "{{ text }}".into(), metrics: None, revision: None, accepted: None, summary: None };
         StageInput {
             inputs: [
@@ -460,7 +460,7 @@ mod tests {
             busy_s: Some(busy_s),
             tokens_per_s: (busy_s > 0.0).then(|| completion as f64 / busy_s),
         };
-        ModelAnswers { pin: Default::default(), answers: answers.to_vec(), timing, transport: None, reasoning: None }
+        ModelAnswers { pin: Default::default(), answers: answers.to_vec(), timing, transport: None, reasoning: None, repeats: Vec::new() }
     }
 
     /// 100 requests, 200 prompt + 10 completion tokens each, 0.5 s each.
@@ -533,7 +533,7 @@ mod tests {
         let mut input = input(&[("smollm2-135m-instruct", 0.9, 0, 300.0)]);
         // 21,000 tokens in 50 s.
         let models = [("smollm2-135m-instruct".to_string(), answered(&hundred_answers(), 300.0))].into();
-        input.inputs.insert("answers".into(), Arc::new(Answers { sampler: Value::Null, prepare: Value::Null, models, output: None }.to_json()));
+        input.inputs.insert("answers".into(), Arc::new(Answers { sampler: Value::Null, prepare: Value::Null, models, output: None, repeats: None }.to_json()));
         let out = run(&s, &input);
         // $0.36/h × 50 s = $0.005 for 21,000 tokens → $0.238095 per million.
         let cost = out.candidates[0].timing.as_ref().unwrap()["usd_per_mtok"];
@@ -549,7 +549,7 @@ mod tests {
         let mut input = input(&[("smollm2-135m-instruct", 0.9, 0, 300.0), ("smollm2-360m-instruct", 0.9, 0, 300.0)]);
         let entry = answered(&hundred_answers(), 300.0);
         let models = [("smollm2-135m-instruct".to_string(), entry.clone()), ("smollm2-360m-instruct".to_string(), entry)].into();
-        input.inputs.insert("answers".into(), Arc::new(Answers { sampler: Value::Null, prepare: Value::Null, models, output: None }.to_json()));
+        input.inputs.insert("answers".into(), Arc::new(Answers { sampler: Value::Null, prepare: Value::Null, models, output: None, repeats: None }.to_json()));
         let out = run(&s, &input);
         let row = |id: &str| out.candidates.iter().find(|c| c.model == id).unwrap().clone();
         let cost = |id: &str| row(id).timing.unwrap()["usd_per_mtok"];

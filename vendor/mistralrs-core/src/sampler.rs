@@ -71,6 +71,12 @@ pub struct SamplingParams {
     pub logits_bias: Option<HashMap<u32, f32>>,
     pub n_choices: usize,
     pub dry_params: Option<DrySamplingParams>,
+    /// Local change (vendor/README.md): the request's own random stream. Set, its sequences
+    /// sample from an RNG seeded by it (plus the choice's index), so a sampled answer depends on
+    /// the request alone, not on the requests the engine served before or beside it. `None`:
+    /// the engine-wide RNG, as upstream.
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 impl SamplingParams {
@@ -95,6 +101,7 @@ impl SamplingParams {
             logits_bias: None,
             n_choices: 1,
             dry_params: None,
+            seed: None,
         }
     }
 
@@ -117,6 +124,7 @@ impl SamplingParams {
             logits_bias: None,
             n_choices: 1,
             dry_params: None,
+            seed: None,
         }
     }
 

@@ -556,6 +556,9 @@ pub struct Sequence {
     // Unified reasoning parser (think tags, channel tags, or Harmony)
     reasoning_parser: Option<Box<dyn ReasoningParser>>,
     reasoning_mode: Option<ReasoningMode>,
+
+    // Local change (vendor/README.md): the sequence's own RNG (a seeded request's).
+    rng: Option<Arc<std::sync::Mutex<rand_isaac::Isaac64Rng>>>,
 }
 
 impl Sequence {
@@ -660,6 +663,7 @@ impl Sequence {
             step_start_instant: None,
             reasoning_parser: None,
             reasoning_mode: None,
+            rng: None,
         }
     }
 
@@ -864,6 +868,18 @@ impl Sequence {
 
     pub fn sampler(&mut self) -> Arc<Sampler> {
         self.sampler.clone()
+    }
+
+    /// Local change (vendor/README.md): sample from an RNG of this sequence's own, seeded by
+    /// `seed`, instead of the engine-wide one.
+    pub fn seed_rng(&mut self, seed: u64) {
+        use rand::SeedableRng;
+        self.rng = Some(Arc::new(std::sync::Mutex::new(rand_isaac::Isaac64Rng::seed_from_u64(seed))));
+    }
+
+    /// Local change (vendor/README.md): the sequence's own RNG, if its request was seeded.
+    pub fn rng(&self) -> Option<Arc<std::sync::Mutex<rand_isaac::Isaac64Rng>>> {
+        self.rng.clone()
     }
 
     /// Add a some prefill tokens. Only meant for internal speculative decoding usage.
@@ -1579,9 +1595,13 @@ mod tests {
     use tokio::sync::mpsc::channel;
 
     fn make_test_sequence() -> Sequence {
-        let (tx, _rx) = channel(1);
         let sampler =
             Sampler::new(None, 0, None, None, None, None, None, 32, 1.0, 0.0, vec![]).unwrap();
+        sequence_with(sampler)
+    }
+
+    fn sequence_with(sampler: Sampler) -> Sequence {
+        let (tx, _rx) = channel(1);
         let group = Arc::new(Mutex::new(SequenceGroup::new(1, false, true, None)));
 
         Sequence::new_waiting(
@@ -1644,5 +1664,62 @@ mod tests {
         assert_eq!(seq.prefix_cache_len(), 4);
         assert_eq!(seq.count_prefix_cached_mm_items_by_kind("img"), 1);
         assert_eq!(seq.count_prefix_cached_mm_items_by_kind("audio"), 0);
+    }
+
+    /// Local change (vendor/README.md): a seeded sequence draws the same tokens whatever else
+    /// the engine samples before or between its steps; another seed draws others.
+    #[test]
+    fn a_seeded_sequence_samples_independently_of_the_engine_rng() {
+        use crate::pipeline::sampling::sample_sequence;
+        use candle_core::Device;
+        use rand::{RngCore, SeedableRng};
+        use rand_isaac::Isaac64Rng;
+
+        // 64 tokens, none near certain: every draw matters.
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32) / 16.0).collect();
+        let logits = Tensor::from_vec(logits, (1, 1, 64), &Device::Cpu).unwrap();
+        let sampling = || {
+            Sampler::new(Some(1.0), 0, None, None, None, None, None, -1, 1.0, 0.0, vec![])
+                .unwrap()
+        };
+        let engine = Arc::new(std::sync::Mutex::new(Isaac64Rng::seed_from_u64(0)));
+        let draw = |seq: &mut Sequence, engine: &Arc<std::sync::Mutex<Isaac64Rng>>| {
+            futures::executor::block_on(sample_sequence(
+                logits.clone(),
+                seq,
+                false,
+                engine.clone(),
+                false,
+                false,
+                false,
+            ))
+            .unwrap()
+            .token
+        };
+        let tokens = |seed: Option<u64>, busy: bool| -> Vec<u32> {
+            let mut seq = sequence_with(sampling());
+            if let Some(seed) = seed {
+                seq.seed_rng(seed);
+            }
+            let mut other = sequence_with(sampling());
+            (0..48)
+                .map(|step| {
+                    if busy {
+                        // Other requests sample from the engine's stream between this one's steps.
+                        for _ in 0..step % 3 + 1 {
+                            draw(&mut other, &engine);
+                        }
+                        engine.lock().unwrap().next_u64();
+                    }
+                    draw(&mut seq, &engine)
+                })
+                .collect()
+        };
+        let alone = tokens(Some(7), false);
+        assert_eq!(tokens(Some(7), true), alone);
+        assert_eq!(tokens(Some(7), true), alone);
+        assert_ne!(tokens(Some(8), false), alone);
+        // Unseeded, the engine's stream decides (upstream's behaviour).
+        assert_ne!(tokens(None, false), tokens(None, true));
     }
 }

@@ -22,6 +22,8 @@ struct Request {
     messages: Vec<Message>,
     sampler: Sampler,
     output: Option<OutputConstraint>,
+    /// What a sampled answer is drawn with.
+    seed: Option<u64>,
 }
 
 fn message(role: &str, content: impl Into<String>) -> Message {
@@ -34,7 +36,7 @@ fn requests() -> Vec<Request> {
     let mut out = Vec::new();
     // Equal length: only the two digits differ, and each digit is one token.
     for n in [12, 34, 56, 78, 21, 43, 65, 87, 19, 28, 37, 46] {
-        out.push(Request { messages: vec![message("user", format!("Say something about the number {n}."))], sampler: sampler(8), output: None });
+        out.push(Request { messages: vec![message("user", format!("Say something about the number {n}."))], sampler: sampler(8), output: None, seed: None });
     }
     for q in [
         "Why is the sky blue?",
@@ -46,11 +48,11 @@ fn requests() -> Vec<Request> {
         "How does a refrigerator keep food cold for days?",
         "Name a fruit.",
     ] {
-        out.push(Request { messages: vec![message("system", system), message("user", q)], sampler: sampler(6), output: None });
+        out.push(Request { messages: vec![message("system", system), message("user", q)], sampler: sampler(6), output: None, seed: None });
     }
     let choice = OutputConstraint::Choice(vec!["yes".into(), "no".into(), "maybe".into()]);
     for q in ["Is water wet?", "Can fish fly?", "Is the moon made of cheese?", "Do birds sing?", "Is ice cold?", "Can a car swim?", "Is fire hot?", "Do trees walk?"] {
-        out.push(Request { messages: vec![message("system", system), message("user", q)], sampler: sampler(4), output: Some(choice.clone()) });
+        out.push(Request { messages: vec![message("system", system), message("user", q)], sampler: sampler(4), output: Some(choice.clone()), seed: None });
     }
     let schema = OutputConstraint::JsonSchema(json!({
         "type": "object",
@@ -63,6 +65,7 @@ fn requests() -> Vec<Request> {
             messages: vec![message("user", format!("Return the numbers {a} and {b} as JSON with keys a and b."))],
             sampler: sampler(32),
             output: Some(schema.clone()),
+            seed: None,
         });
     }
     out
@@ -72,7 +75,7 @@ fn requests() -> Vec<Request> {
 type Outcome = (String, String, usize, usize);
 
 async fn answer(runner: &Runner, r: &Request) -> Outcome {
-    let a = runner.chat(&r.messages, &r.sampler, r.output.as_ref()).await.expect("the model answers");
+    let a = runner.chat(&r.messages, &r.sampler, r.output.as_ref(), r.seed).await.expect("the model answers");
     assert!(!a.redone_alone, "a request failed under load and was redone alone");
     (a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens)
 }
@@ -158,7 +161,7 @@ async fn check_streamed_is_whole(runner: &Arc<Runner>) {
         let mut tasks = tokio::task::JoinSet::new();
         for &i in batch {
             let r = &requests[i];
-            let mut pieces = runner.stream(r.messages.clone(), r.sampler.clone(), r.output.clone());
+            let mut pieces = runner.stream(r.messages.clone(), r.sampler.clone(), r.output.clone(), r.seed);
             tasks.spawn(async move {
                 let mut text = String::new();
                 loop {
@@ -214,11 +217,46 @@ fn streamed_text_is_the_whole_text_as_it_grows() {
     }
 }
 
+/// Sampled answers (temperature 1) are drawn from each request's own seeded stream: the same at 8
+/// in flight as one at a time (each load twice), others under other seeds, and not the greedy
+/// answers (the temperature is honoured).
+async fn check_seeded_sampling(runner: &Arc<Runner>) {
+    let with = |seed: u64, temperature: f64| -> Arc<Vec<Request>> {
+        Arc::new(
+            requests()
+                .into_iter()
+                .map(|r| Request { sampler: Sampler { temperature, ..r.sampler }, seed: Some(seed), ..r })
+                .collect(),
+        )
+    };
+    let sampled = with(7, 1.0);
+    let alone = run_all(runner, &sampled, 1).await;
+    for round in 0..2 {
+        let loaded = run_all(runner, &sampled, 8).await;
+        for (i, (one, many)) in alone.iter().zip(&loaded).enumerate() {
+            assert_eq!(one, many, "sampled request {i} at 8 in flight (round {round}) differs from one at a time");
+        }
+    }
+    let greedy = run_all(runner, &with(7, 0.0), 1).await;
+    let other_seed = run_all(runner, &with(8, 1.0), 1).await;
+    let differ = |a: &[Outcome], b: &[Outcome]| a.iter().zip(b).filter(|(x, y)| x.0 != y.0).count();
+    eprintln!("sampled: {} of 32 differ from greedy, {} from seed 8", differ(&alone, &greedy), differ(&alone, &other_seed));
+    assert!(differ(&alone, &greedy) >= 8, "sampling at temperature 1 gave the greedy answers");
+    assert!(differ(&alone, &other_seed) >= 8, "another seed drew the same answers");
+    // Constraints hold while sampling.
+    for o in &alone[20..28] {
+        assert!(["yes", "no", "maybe"].contains(&o.0.as_str()), "sampled choice gave {:?}", o.0);
+    }
+}
+
 /// One test, the settings one after the other: two models decoding at once on two cores would
 /// only slow each other down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_answers_do_not_depend_on_load() {
-    check_streamed_is_whole(&runner(true).await).await;
+    let cached_runner = runner(true).await;
+    check_streamed_is_whole(&cached_runner).await;
+    check_seeded_sampling(&cached_runner).await;
+    drop(cached_runner);
     let cached = check_independent_of_load(true).await;
     let uncached = check_independent_of_load(false).await;
     // A prefix-cache hit computes what a full prefill computes.

@@ -594,6 +594,12 @@ impl Engine {
                 eos_toks,
             );
 
+            // Local change (vendor/README.md): a seeded request's choices each sample from a
+            // stream of their own (the seed plus the choice's index).
+            if let Some(seed) = request.sampling_params.seed {
+                seq.seed_rng(seed.wrapping_add(response_index as u64));
+            }
+
             // Only "track" a new sequence if it is a traditional one
             if matches!(seq_step_type, SeqStepType::PromptAndDecode) {
                 self.logger.add_new_sequence();

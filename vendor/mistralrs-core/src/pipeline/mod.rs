@@ -16,7 +16,9 @@ mod normal;
 mod paths;
 mod processing;
 mod response;
-mod sampling;
+// Local change (vendor/README.md): visible in the crate, for the seeded-sampling test in
+// `sequence.rs`.
+pub(crate) mod sampling;
 mod speculative;
 mod speech;
 

@@ -462,6 +462,8 @@ pub async fn sample_sequence(
     multiple_sequences: bool,
 ) -> Result<Logprobs> {
     let logits = logits.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)?;
+    // Local change (vendor/README.md): a seeded request samples from its own stream.
+    let rng = seq.rng().unwrap_or(rng);
 
     let sampler = seq.sampler();
     let ctx_clone = seq.get_toks().to_vec();
