@@ -163,6 +163,9 @@ pub struct Revision {
     /// The version this one revises, to judge it against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<Parent>,
+    /// The model that wrote its rules (`revise`'s `reviser`); absent for rule-based rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revised_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -16,6 +16,7 @@ mod gate;
 mod http;
 mod reasoning;
 mod repeats;
+mod reviser;
 mod review;
 mod structured;
 

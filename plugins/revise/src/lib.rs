@@ -19,17 +19,25 @@
 //! once a revision has been judged) is what `[iterate] patience` counts.
 //!
 //! For an `llm_judge` judgement the rule for a failure mode is the rubric's own fix for it.
+//!
+//! With `reviser`, a model writes the rules instead (the reflective step of GEPA): it is shown the
+//! system message, the template, the rules so far, and each targeted failure mode with its
+//! description, its fix (the rubric's, for a rubric judgement) and a dev example with the answer
+//! the model gave, and replies with the rules section anew. One memoized call per revision; its
+//! revision is accepted or rejected on held-out samples exactly as a rule-based one. A reply that
+//! cannot be read falls back to the rule-based rules, and says so.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use artifacts::facts::{DatasetFacts, RenderFacts};
-use artifacts::{Accepted, Artifact, Clusters, Dataset, FailureMode, Judgement, Parent, Prompt, Rendered, Revision, RevisionCheck, Sample, Split};
+use artifacts::{Accepted, Artifact, Clusters, Dataset, FailureMode, Judgement, Message, Parent, Prompt, Rendered, Revision, RevisionCheck, Sample, Split};
 use engine::diag::{Diagnostic, SourceFile};
-use engine::{BuildContext, Item, Port, Stage, StageError, StageInput, StagePlugin};
+use engine::{BuildContext, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
+use toml::Spanned;
 
 pub struct Revise;
 
@@ -50,6 +58,47 @@ pub struct ReviseConfig {
     /// Net held-out passes gained (discordant wins minus losses) a revision needs.
     #[serde(default = "default_min_gain")]
     pub min_gain: u32,
+    /// A model that writes each revision's rules from the failure modes and their examples
+    /// (rule-based rules otherwise): `reviser = { catalog = "...", model = "..." }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviser: Option<ReviserConfig>,
+}
+
+/// The model that writes a revision's rules; one memoized call per revision.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReviserConfig {
+    /// Model catalog, relative to the pipeline file.
+    #[schemars(with = "String")]
+    pub catalog: Spanned<String>,
+    /// A model id of the catalog.
+    #[schemars(with = "String")]
+    pub model: Spanned<String>,
+    /// Convert its GGUF weights to Q8_0 first (as in `infer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare: Option<infer::Prepare>,
+    /// Most tokens of its reply (the rules as JSON).
+    #[serde(default = "default_reviser_tokens")]
+    pub max_tokens: usize,
+    #[serde(default)]
+    pub http: infer::http::HttpSettings,
+}
+
+fn default_reviser_tokens() -> usize {
+    320
+}
+
+/// The longest rules section a reviser may write.
+const MAX_RULES_CHARS: usize = 1200;
+
+/// What the reviser must reply.
+fn rules_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {"rules": {"type": "string", "minLength": 1, "maxLength": MAX_RULES_CHARS}},
+        "required": ["rules"],
+        "additionalProperties": false,
+    })
 }
 
 fn default_max_clusters() -> usize {
@@ -84,13 +133,36 @@ impl StagePlugin for Revise {
         if config.max_clusters == 0 || config.max_clusters > 20 {
             errors.push(cx.error_at(cx.key("max_clusters"), format!("`max_clusters` must be 1 to 20, not {}", config.max_clusters), ""));
         }
+        let reviser = match &config.reviser {
+            None => None,
+            Some(r) => {
+                if !(16..=4096).contains(&r.max_tokens) {
+                    errors.push(cx.error_at(cx.key("reviser"), format!("`reviser.max_tokens` must be 16 to 4096, not {}", r.max_tokens), ""));
+                }
+                let sampler = infer::Sampler { max_tokens: r.max_tokens, ..Default::default() };
+                match infer::CalledModel::build(infer::ModelCall { catalog: &r.catalog, model: &r.model, schema: rules_schema(), sampler, prepare: r.prepare, http: &r.http }, cx) {
+                    Ok(model) => Some(model),
+                    Err(e) => {
+                        errors.extend(e);
+                        None
+                    }
+                }
+            }
+        };
         let field_span = cx.key("input_field").unwrap_or_else(|| cx.stage_span());
-        if errors.is_empty() { Ok(Arc::new(ReviseStage(config, field_span))) } else { Err(errors) }
+        if errors.is_empty() { Ok(Arc::new(ReviseStage(config, field_span, reviser))) } else { Err(errors) }
     }
 }
 
-/// The config, and where `input_field` is written (the stage's header when it is the default).
-struct ReviseStage(ReviseConfig, std::ops::Range<usize>);
+/// The config, where `input_field` is written (the stage's header when it is the default), and
+/// the model that writes rules, resolved.
+struct ReviseStage(ReviseConfig, std::ops::Range<usize>, Option<infer::CalledModel>);
+
+/// A revision made: the new prompt, and the conversation a reviser is (or would be) sent for it.
+struct Revised {
+    prompt: Prompt,
+    call: Option<Vec<Message>>,
+}
 
 #[async_trait::async_trait]
 impl Stage for ReviseStage {
@@ -121,7 +193,41 @@ impl Stage for ReviseStage {
         Some(&["improved"])
     }
 
-    fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+    /// The reviser, for the lockfile.
+    fn pins(&self) -> engine::Pins {
+        self.2.as_ref().map(infer::CalledModel::pins).unwrap_or_default()
+    }
+
+    /// With a reviser: one call, when there is a failure mode to target.
+    fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
+        let Some(reviser) = &self.2 else { return Ok(Vec::new()) };
+        let revised = self.revise(input, None)?;
+        Ok(revised.call.map(|messages| Item { id: "rules".into(), input: reviser.item_input(messages, input.seed) }).into_iter().collect())
+    }
+
+    async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
+        let reviser = self.2.as_ref().ok_or_else(|| StageError::new("no `reviser` to run"))?;
+        reviser.run(item, cx).await
+    }
+
+    fn item_concurrency(&self) -> usize {
+        self.2.as_ref().map_or(1, |r| r.concurrency)
+    }
+
+    fn volatile_keys(&self) -> &'static [&'static str] {
+        &["timing", "transport"]
+    }
+
+    fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        let reply = results.first().map(|(_, reply)| reply.get("text").and_then(Value::as_str).unwrap_or_default().to_string());
+        Ok(self.revise(input, reply.as_deref())?.prompt.to_json())
+    }
+}
+
+impl ReviseStage {
+    /// The next prompt version: the acceptance check of this one, then rules for the largest
+    /// untried failure modes — a reviser's (`reply`, its reply to `call`) or the rule-based ones.
+    fn revise(&self, input: &StageInput, reply: Option<&str>) -> Result<Revised, StageError> {
         let prompt: Prompt = input.read("prompt")?;
         let clusters: Clusters = input.read("clusters")?;
         let judgement: Judgement = input.read("judgement")?;
@@ -198,12 +304,12 @@ impl Stage for ReviseStage {
         };
         if modes.is_empty() {
             // Nothing left to try: the prompt stays as it is, and the loop converges.
-            out.revision = Some(Revision { version, for_model: model.to_string(), targeted: None, tried, history, parent: None });
+            out.revision = Some(Revision { version, for_model: model.to_string(), targeted: None, tried, history, parent: None, revised_by: None });
             out.summary = Some(match &check {
                 None => "no failure mode left to target; the prompt stays".to_string(),
                 Some(c) => format!("{}; no failure mode left to target, the prompt stays", verdict_text(c)),
             });
-            return Ok(out.to_json());
+            return Ok(Revised { prompt: out, call: None });
         }
         // One rule per distinct instruction (the parts of a mode split by embeddings share one),
         // each with the examples of every mode it came from.
@@ -223,20 +329,30 @@ impl Stage for ReviseStage {
             }
             tried.insert(mode.id.clone());
         }
-        let mut rules = String::from("Rules learned from mistakes:\n");
+        let mut rules = String::new();
         for (instruction, examples) in grouped {
             rules.push_str(&format!("- {instruction}\n"));
             rules.extend(examples);
         }
         let current = out.system.as_deref();
-        let base_system = current.unwrap_or_default().split("{% raw %}Rules learned from mistakes:").next().unwrap_or_default().trim_end().to_string();
-        let previous_rules = current.and_then(|s| s.split_once("{% raw %}Rules learned from mistakes:\n")).map(|(_, r)| r.trim_end_matches("{% endraw %}").to_string()).unwrap_or_default();
-        let all_rules = format!("{rules}{previous_rules}");
+        let base_system = current.unwrap_or_default().split(RULES_OPEN).next().unwrap_or_default().trim_end().to_string();
+        let previous_rules = current.and_then(|s| s.split_once(&format!("{RULES_OPEN}\n"))).map(|(_, r)| r.trim_end_matches("{% endraw %}").to_string()).unwrap_or_default();
+        let call = self.2.as_ref().map(|_| reviser_messages(&base_system, &out.template, &previous_rules, &modes, &clusters.labels, &texts));
+        // A reviser writes the rules section anew (earlier rules included); otherwise the new
+        // rules go before the earlier ones.
+        let (all_rules, note) = match (&self.2, reply) {
+            (Some(reviser), Some(reply)) => match read_rules(reply) {
+                Some(written) => (written, format!(" (rules written by `{}`)", reviser.candidate.id)),
+                None => (format!("{rules}{previous_rules}"), format!(" (`{}` replied {:?}, which is not the rules asked for: rule-based rules used)", reviser.candidate.id, clean(reply))),
+            },
+            _ => (format!("{rules}{previous_rules}"), String::new()),
+        };
+        let all_rules = format!("Rules learned from mistakes:\n{all_rules}");
         let system = if base_system.is_empty() { format!("{{% raw %}}{all_rules}{{% endraw %}}") } else { format!("{base_system}\n\n{{% raw %}}{all_rules}{{% endraw %}}") };
         let targeted: Vec<String> = modes.iter().map(|m| format!("{} ({})", m.id, m.size)).collect();
         out.summary = Some(match &check {
-            None => format!("revision {} targets {}", version + 1, targeted.join(", ")),
-            Some(c) => format!("{}; revision {} targets {}", verdict_text(c), version + 1, targeted.join(", ")),
+            None => format!("revision {} targets {}{note}", version + 1, targeted.join(", ")),
+            Some(c) => format!("{}; revision {} targets {}{note}", verdict_text(c), version + 1, targeted.join(", ")),
         });
         out.revision = Some(Revision {
             version: version + 1,
@@ -245,10 +361,63 @@ impl Stage for ReviseStage {
             tried,
             history,
             parent: Some(Parent { system: out.system.clone(), template: out.template.clone(), heldout: accepted_heldout, accepted }),
+            revised_by: match (&self.2, reply.and_then(read_rules)) {
+                (Some(reviser), Some(_)) => Some(reviser.candidate.id.clone()),
+                _ => None,
+            },
         });
         out.system = Some(system);
-        Ok(out.to_json())
+        Ok(Revised { prompt: out, call })
     }
+}
+
+/// Where the rules section of a revised system message begins.
+const RULES_OPEN: &str = "{% raw %}Rules learned from mistakes:";
+
+/// The reviser's conversation: what the model is told, the rules so far, and each failure mode
+/// to fix with its description, fix and a dev example (the input, the reference, the answer).
+fn reviser_messages(system: &str, template: &str, rules: &str, modes: &[&FailureMode], labels: &[String], texts: &BTreeMap<String, String>) -> Vec<Message> {
+    let or_none = |t: &str| if t.trim().is_empty() { "(none)".to_string() } else { t.trim().to_string() };
+    let mut user = format!(
+        "The model's system message:\n{}\n\nIts user message (a template; {{{{ }}}} marks a sample's fields):\n{}\n\nRules it is given now:\n{}\n",
+        or_none(system),
+        template.trim(),
+        or_none(rules)
+    );
+    if !labels.is_empty() {
+        user.push_str(&format!("\nEvery answer must be one of these labels: {}.\n", labels.join(", ")));
+    }
+    user.push_str("\nIts failures on development samples, largest first:\n");
+    for (i, mode) in modes.iter().enumerate() {
+        user.push_str(&format!("{}. {} ({} samples): {} Possible fix: {}\n", i + 1, mode.name, mode.size, mode.description, mode.fix_hypothesis));
+        for example in mode.examples.iter().take(2) {
+            if let Some(text) = texts.get(example.id.as_str()) {
+                let label = example.label.as_deref().unwrap_or("(none)");
+                user.push_str(&format!("   Sample: \"{}\" Expected: {label}. The model answered: \"{}\"\n", clean(text), clean(&example.answer)));
+            }
+        }
+    }
+    user.push_str("\nWrite the rules section anew: keep the rules that still apply, and add a short instruction for each failure above. One rule per line, each starting with \"- \".");
+    vec![
+        Message::new(
+            "system",
+            "You improve the instructions a language model follows for a task, from the mistakes it made. Reply with JSON only: {\"rules\": \"<the rules, one per line, each starting with - >\"}",
+        ),
+        Message::new("user", user),
+    ]
+}
+
+/// The rules in a reviser's reply (`rules_schema`), safe inside the system message's raw block;
+/// `None` when the reply is not that.
+fn read_rules(reply: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Reply {
+        rules: String,
+    }
+    let rules = serde_json::from_str::<Reply>(reply.trim()).ok()?.rules;
+    let rules = rules.replace("{%", "{ %").replace("%}", "% }");
+    let rules: String = rules.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).map(|l| format!("{l}\n")).collect();
+    (!rules.is_empty()).then_some(rules)
 }
 
 /// Each dev sample's rendered user message (its last), less the text that every one of them
@@ -361,7 +530,7 @@ mod tests {
     use artifacts::{FailureExample, JudgedModel, Message, ModelClusters, RenderedSample};
 
     fn stage() -> ReviseStage {
-        ReviseStage(ReviseConfig { input_field: Some("text".into()), max_clusters: 3, alpha: 0.05, min_gain: 1 }, 0..0)
+        ReviseStage(ReviseConfig { input_field: Some("text".into()), max_clusters: 3, alpha: 0.05, min_gain: 1, reviser: None }, 0..0, None)
     }
 
     /// A first prompt, one confusion mode of candidate `m` on the dev split, over `samples`.
@@ -477,5 +646,20 @@ mod tests {
     #[test]
     fn examples_cannot_break_out_of_the_raw_block() {
         assert_eq!(clean("a {% endraw %}{{ x }}\n\"b\""), "a { % endraw % }{{ x }} 'b'");
+    }
+
+    #[test]
+    fn a_reviser_sees_the_modes_with_their_examples_and_its_rules_stay_in_the_raw_block() {
+        let example = FailureExample { id: "s1".into(), label: Some("even".into()), answer: "odd, I think".into() };
+        let m = FailureMode { examples: vec![example], name: "even read as odd".into(), description: "Even numbers answered odd.".into(), fix_hypothesis: "Check the last digit.".into(), size: 4, ..mode("confused:even→odd", None) };
+        let texts: BTreeMap<String, String> = [("s1".to_string(), "Is 4 even or odd?".to_string())].into();
+        let call = reviser_messages("Be brief.", "{{ question }}", "- Answer with one word.\n", &[&m], &["even".into(), "odd".into()], &texts);
+        let user = &call[1].content;
+        for part in ["Be brief.", "{{ question }}", "- Answer with one word.", "even, odd", "1. even read as odd (4 samples): Even numbers answered odd. Possible fix: Check the last digit.", "Sample: \"Is 4 even or odd?\" Expected: even. The model answered: \"odd, I think\""] {
+            assert!(user.contains(part), "{part:?} not in {user}");
+        }
+        assert_eq!(read_rules("{\"rules\": \"- Look at the last digit.\\n\\n- Never say {% endraw %}.\"}").as_deref(), Some("- Look at the last digit.\n- Never say { % endraw % }.\n"));
+        assert_eq!(read_rules("Sure! Here are the rules: ..."), None);
+        assert_eq!(read_rules("{\"rules\": \"  \"}"), None);
     }
 }

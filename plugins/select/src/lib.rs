@@ -518,7 +518,7 @@ mod tests {
         let s = stage("accuracy = { min = 0.8 }");
         let mut input = input(&[("smollm2-135m-instruct", 0.5, 0, 300.0)]);
         let accepted = Accepted { version: 2, models: [("smollm2-135m-instruct".into(), [("accuracy".into(), 0.85), ("unparsed_rate".into(), 0.0)].into())].into() };
-        let revision = Revision { version: 3, for_model: "smollm2-135m-instruct".into(), targeted: None, tried: Default::default(), history: Vec::new(), parent: None };
+        let revision = Revision { version: 3, for_model: "smollm2-135m-instruct".into(), targeted: None, tried: Default::default(), history: Vec::new(), parent: None, revised_by: None };
         let prompt = Prompt { source: "p.j2".into(), system: None, template: "t".into(), metrics: None, revision: Some(revision), accepted: Some(accepted), summary: None };
         input.inputs.insert("prompt".into(), Arc::new(prompt.to_json()));
         let out = run(&s, &input);
