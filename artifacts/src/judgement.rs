@@ -12,7 +12,7 @@ use crate::{Artifact, Split};
 
 /// A task's main quality figure, by kind of judgement (labels, rankings, rubric): the first of
 /// these a judgement reports.
-pub const MAIN_METRICS: [&str; 3] = ["accuracy", "ndcg", "pass_rate"];
+pub const MAIN_METRICS: [&str; 4] = ["accuracy", "ndcg", "pass_rate", "win_rate"];
 
 /// The `metrics` of a label judgement (the best candidate's, on its reported split).
 pub const LABEL_METRICS: &[&str] = &["accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "unparsed_rate"];
@@ -25,6 +25,10 @@ pub const RUBRIC_METRICS: &[&str] = &["pass_rate", "pass_rate_ci_low", "pass_rat
 /// pass rate over every answer drawn with its interval, pass@n (one of the n passes), pass^n
 /// (all n pass) and the share of samples whose answers both passed and failed.
 pub const REPEAT_METRICS: &[&str] = &["repeat_mean", "repeat_mean_ci_low", "repeat_mean_ci_high", "pass_at_n", "pass_hat_n", "flaky_rate"];
+
+/// The `metrics` of a pairwise judgement: the win rate against the other answer with its
+/// interval, and the share of samples left unscored.
+pub const PAIRWISE_METRICS: &[&str] = &["win_rate", "win_rate_ci_low", "win_rate_ci_high", "unscored_rate"];
 
 /// What `[targets]` may name from a label judgement, repeats or not (validated at build).
 pub const LABEL_TARGETS: &[&str] =
@@ -56,6 +60,9 @@ pub const QUALITY_METRICS: &[&str] = &[
     "pass_at_n",
     "pass_hat_n",
     "flaky_rate",
+    "win_rate",
+    "win_rate_ci_low",
+    "win_rate_ci_high",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -63,6 +70,8 @@ pub const QUALITY_METRICS: &[&str] = &[
 pub enum Task {
     Ranking,
     Rubric,
+    /// Answers compared in pairs by a judge model (`llm_judge`'s `pairwise`).
+    Pairwise,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -209,6 +218,29 @@ pub struct SplitScores {
     /// above are the first answer's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repeats: Option<RepeatScores>,
+    /// Compared in pairs (`llm_judge`'s `pairwise`): wins, losses and ties against the other
+    /// answer, and the win rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairwise: Option<PairwiseScores>,
+}
+
+/// How a candidate's answers fared against another answer to the same samples, each pair judged
+/// in both orders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PairwiseScores {
+    /// What it was compared with: `reference` (the samples' reference answers) or a candidate.
+    pub against: String,
+    /// Samples where both orders preferred it, and where both preferred the other.
+    pub wins: usize,
+    pub losses: usize,
+    /// Samples judged equal in both orders, or answered with the same text.
+    pub ties: usize,
+    /// Samples whose verdict changed with the order (position bias): ties, counted apart.
+    pub inconsistent: usize,
+    /// Samples with a reply that could not be read (left out of the win rate).
+    pub unscored: usize,
+    /// (wins + (ties + inconsistent) / 2) / scored samples, with a bootstrap interval.
+    pub win_rate: Estimate,
 }
 
 /// How the answers drawn per sample (`infer`'s `repeats`) passed, over a split. pass@k and pass^k
@@ -265,13 +297,15 @@ impl SplitScores {
             pass_rate: None,
             fields: None,
             repeats: None,
+            pairwise: None,
         }
     }
 
     /// The main quality figure: accuracy, nDCG or pass rate, whichever this judgement has.
     pub fn main(&self) -> Option<(&'static str, f64)> {
-        let [accuracy, ndcg, pass_rate] = MAIN_METRICS;
-        [(accuracy, &self.accuracy), (ndcg, &self.ndcg), (pass_rate, &self.pass_rate)].into_iter().find_map(|(k, e)| Some((k, e.as_ref()?.value)))
+        let [accuracy, ndcg, pass_rate, win_rate] = MAIN_METRICS;
+        let wins = self.pairwise.as_ref().map(|p| p.win_rate);
+        [(accuracy, &self.accuracy), (ndcg, &self.ndcg), (pass_rate, &self.pass_rate), (win_rate, &wins)].into_iter().find_map(|(k, e)| Some((k, e.as_ref()?.value)))
     }
 
     /// Every figure as a `[targets]` name (`accuracy`, `accuracy_ci_low`, ..., `unparsed_rate`),
@@ -291,6 +325,9 @@ impl SplitScores {
             out.extend(estimate(["repeat_mean", "repeat_mean_ci_low", "repeat_mean_ci_high"], &Some(r.mean)));
             let at_n = |m: &BTreeMap<String, f64>| m.get(&r.n.to_string()).copied();
             out.extend([("pass_at_n", at_n(&r.pass_at_k)), ("pass_hat_n", at_n(&r.pass_hat_k)), ("flaky_rate", Some(r.flaky_rate))]);
+        }
+        if let Some(p) = &self.pairwise {
+            out.extend(estimate(["win_rate", "win_rate_ci_low", "win_rate_ci_high"], &Some(p.win_rate)));
         }
         out
     }
@@ -365,6 +402,23 @@ pub struct Verdict {
     /// the first answer's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repeat_passes: Option<usize>,
+    /// Compared in pairs: the outcome, and what the judge said in each order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairwise: Option<PairVerdict>,
+}
+
+/// A pairwise verdict on one sample: `A` is the answer shown first; the candidate's answer is
+/// shown first in `first`, second in `second`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PairVerdict {
+    /// `win`, `loss`, `tie`, `inconsistent` or `unscored`.
+    pub outcome: String,
+    /// The judge's `better` (`A`, `B` or `tie`) in each order; absent where the reply could not be
+    /// read, or no call was made (the same text on both sides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second: Option<String>,
 }
 
 impl Verdict {

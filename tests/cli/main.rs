@@ -14,6 +14,7 @@ mod disk;
 mod finetune;
 mod gate;
 mod http;
+mod pairwise;
 mod reasoning;
 mod repeats;
 mod reviser;

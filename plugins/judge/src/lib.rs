@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use artifacts::{
-    Agreement, AgreementConfusion, Answers, Artifact, ClassScores, Dataset, Estimate, JudgedModel, Judgement, LABEL_METRICS, LABEL_TARGETS, RANKING_METRICS, RANKING_TARGETS, REPEAT_METRICS,
+    Agreement, AgreementConfusion, Answers, Artifact, ClassScores, Dataset, Estimate, JudgedModel, Judgement, LABEL_METRICS, LABEL_TARGETS, PAIRWISE_METRICS, RANKING_METRICS, RANKING_TARGETS, REPEAT_METRICS,
     RUBRIC_METRICS, RepeatScores, Split, SplitScores, Task, Verdict,
 };
 use engine::diag::{Diagnostic, SourceFile};
@@ -283,6 +283,7 @@ pub fn verdict(id: &str, split: Split, label: Option<&str>, answer: &str) -> Ver
         human: None,
         label_example: None,
         repeat_passes: None,
+        pairwise: None,
     }
 }
 
@@ -314,6 +315,7 @@ pub fn add_repeats(judgement: &mut Judgement, later: &[Judgement], n: usize, boo
         None => LABEL_METRICS,
         Some(Task::Ranking) => RANKING_METRICS,
         Some(Task::Rubric) => RUBRIC_METRICS,
+        Some(Task::Pairwise) => PAIRWISE_METRICS,
     }
     .iter()
     .chain(REPEAT_METRICS)
@@ -484,7 +486,7 @@ pub fn proportion(passes: &[bool], bootstrap: u32, seed: u64) -> Estimate {
 
 /// A mean with its percentile-bootstrap 95% interval: the resamples every interval here is drawn
 /// from, seeded so reruns give the same interval.
-fn mean_with_interval(values: &[f64], bootstrap: u32, seed: u64) -> Estimate {
+pub fn mean_with_interval(values: &[f64], bootstrap: u32, seed: u64) -> Estimate {
     let mean = |v: &mut dyn Iterator<Item = f64>, n: usize| v.sum::<f64>() / n.max(1) as f64;
     let n = values.len();
     let ci95 = (bootstrap > 0 && n > 0).then(|| {

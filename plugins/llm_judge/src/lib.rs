@@ -22,10 +22,15 @@
 //! The output has the `judgement` shape of `judge` (per candidate: `splits`, `verdicts`; `metrics`
 //! of the best candidate on the held-out split), read by `cluster`, `revise` and `select`.
 
+mod pairwise;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use artifacts::{Agreement, Answers, Artifact, Dataset, Estimate, JudgedModel, Judgement, Message, ModelAnswers, RUBRIC_METRICS, RUBRIC_TARGETS, RubricMode, Sample, Split, SplitScores, Task};
+use artifacts::{
+    Agreement, Answers, Artifact, Dataset, Estimate, JudgedModel, Judgement, Message, ModelAnswers, PAIRWISE_METRICS, RUBRIC_METRICS, RUBRIC_TARGETS, RubricMode, Sample, Split, SplitScores,
+    Task,
+};
 use engine::diag::{Diagnostic, SourceFile};
 use engine::{BuildContext, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
 use infer::{CalledModel, ModelCall, Prepare, Sampler};
@@ -65,7 +70,24 @@ pub struct LlmJudgeConfig {
     /// Bootstrap resamples for the pass rate's confidence interval (0: none).
     #[serde(default = "default_bootstrap")]
     pub bootstrap: u32,
+    /// Compare answers in pairs instead of grading each: `{ against = "reference" }` (each
+    /// candidate's answer against the sample's reference answer) or `{ against = "MODEL" }`
+    /// (against that candidate's answer). Each pair is judged in both orders; a verdict that
+    /// changes with the order is a tie, counted apart. Reports the win rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairwise: Option<PairwiseConfig>,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PairwiseConfig {
+    /// `reference`, or the candidate whose answers the others are compared with.
+    #[schemars(with = "String")]
+    pub against: Spanned<String>,
+}
+
+/// `pairwise.against` naming the samples' reference answers.
+const REFERENCE: &str = "reference";
 
 /// Greedy, and room for a short reasoning plus the verdict.
 fn judge_sampler() -> Sampler {
@@ -388,8 +410,17 @@ impl StagePlugin for LlmJudge {
         if config.bootstrap > 100_000 {
             errors.push(cx.error_at(cx.key("bootstrap"), format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), ""));
         }
+        if let Some(p) = &config.pairwise {
+            if config.labels.is_some() {
+                errors.push(cx.error_at(cx.key("labels"), "`labels` are people's pass/fail verdicts on single answers: a pairwise judge has no pass/fail to compare them with", "").help("remove `labels`, or `pairwise`"));
+            }
+            if p.against.get_ref().trim().is_empty() {
+                errors.push(cx.error_at(Some(p.against.span()), "`pairwise.against` is empty: name `reference` or a candidate", ""));
+            }
+        }
         let Some(rubric) = rubric else { return Err(errors) };
-        let call = ModelCall { catalog: &config.catalog, model: &config.model, schema: rubric.verdict_schema(), sampler: config.sampler.clone(), prepare: config.prepare, http: &config.http };
+        let schema = if config.pairwise.is_some() { pairwise::schema(&rubric) } else { rubric.verdict_schema() };
+        let call = ModelCall { catalog: &config.catalog, model: &config.model, schema, sampler: config.sampler.clone(), prepare: config.prepare, http: &config.http };
         let judge = CalledModel::build(call, cx);
         match judge {
             Ok(judge) if errors.is_empty() => Ok(Arc::new(LlmJudgeStage { stage: cx.stage_id.to_string(), config, judge })),
@@ -456,7 +487,7 @@ impl LlmJudgeStage {
 #[async_trait::async_trait]
 impl Stage for LlmJudgeStage {
     fn metrics(&self) -> Option<&'static [&'static str]> {
-        Some(RUBRIC_TARGETS)
+        Some(if self.config.pairwise.is_some() { PAIRWISE_METRICS } else { RUBRIC_TARGETS })
     }
 
     fn resolved(&self) -> Option<Value> {
@@ -468,6 +499,9 @@ impl Stage for LlmJudgeStage {
     }
 
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
+        if self.config.pairwise.is_some() {
+            return Ok(self.pairs(input)?.into_iter().flat_map(|p| p.items).collect());
+        }
         let rubric = self.rubric(input)?;
         let (dataset, answers): (Dataset, Answers) = (input.read("dataset")?, input.read("answers")?);
         let samples = dataset.by_id();
@@ -502,6 +536,9 @@ impl Stage for LlmJudgeStage {
     }
 
     fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        if self.config.pairwise.is_some() {
+            return self.pairwise_judgement(input, results);
+        }
         let rubric = self.rubric(input)?;
         let (dataset, answers): (Dataset, Answers) = (input.read("dataset")?, input.read("answers")?);
         let samples = dataset.by_id();
@@ -603,6 +640,149 @@ impl Stage for LlmJudgeStage {
             let later: Vec<Judgement> = later.into_iter().map(|models| judge::judgement(models, RUBRIC_METRICS)).collect();
             judge::add_repeats(&mut judgement, &later, n, self.config.bootstrap, input.seed);
         }
+        Ok(judgement.to_json())
+    }
+}
+
+/// One candidate's answer to one sample, set against the other answer: the two judge calls (none
+/// when both are the same text).
+struct Pair {
+    model: String,
+    verdict: artifacts::Verdict,
+    items: Vec<Item>,
+}
+
+impl LlmJudgeStage {
+    /// Every candidate's answers paired with the other side's (`pairwise.against`), in order.
+    fn pairs(&self, input: &StageInput) -> Result<Vec<Pair>, StageError> {
+        let against = self.config.pairwise.as_ref().expect("pairwise").against.get_ref().as_str();
+        let rubric = self.rubric(input)?;
+        let (dataset, answers): (Dataset, Answers) = (input.read("dataset")?, input.read("answers")?);
+        let other: Option<BTreeMap<&str, &str>> = match against {
+            REFERENCE => None,
+            model => Some(
+                answers
+                    .models
+                    .get(model)
+                    .ok_or_else(|| StageError::new(format!("`pairwise.against = \"{model}\"`: no such candidate in the answers (they are {}; or `reference`)", answers.models.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "))))?
+                    .answers
+                    .iter()
+                    .map(|a| (a.id.as_str(), a.text.as_str()))
+                    .collect(),
+            ),
+        };
+        let mut pairs = Vec::new();
+        for (model, m) in answers.models.iter().filter(|(id, _)| id.as_str() != against) {
+            for (a, sample) in dataset.join(model, m).map_err(StageError::new)? {
+                let theirs = match &other {
+                    None => sample.label.as_deref().ok_or_else(|| StageError::new(format!("sample `{}` has no reference answer to compare with (`pairwise.against = \"reference\"` reads the dataset's `label` field)", a.id)))?,
+                    Some(other) => other.get(a.id.as_str()).copied().ok_or_else(|| StageError::new(format!("`{against}` has no answer to sample `{}`", a.id)))?,
+                };
+                let verdict = judge::verdict(&a.id, sample.split, sample.label.as_deref(), &a.text);
+                let mut items = Vec::new();
+                if a.text.trim() != theirs.trim() {
+                    for (order, (first, second)) in [(1, (a.text.as_str(), theirs)), (2, (theirs, a.text.as_str()))] {
+                        let messages = pairwise::messages(&rubric, &sample.fields, sample.label.as_deref(), first, second)
+                            .map_err(|e| StageError::new(format!("rendering the rubric's template for `{}`: {e}", a.id)))?;
+                        items.push(Item { id: format!("{model}/{}/{order}", a.id), input: self.judge.item_input(messages, input.seed) });
+                    }
+                }
+                pairs.push(Pair { model: model.clone(), verdict, items });
+            }
+        }
+        Ok(pairs)
+    }
+
+    /// The pairwise judgement: per candidate and split, wins, losses, ties and the win rate.
+    fn pairwise_judgement(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        let against = self.config.pairwise.as_ref().expect("pairwise").against.get_ref().clone();
+        let replies: BTreeMap<String, String> =
+            results.into_iter().map(|(item, reply)| (item.id, reply.get("text").and_then(Value::as_str).unwrap_or_default().to_string())).collect();
+        let lost = format!("worse_than_{against}");
+        let mut by_model: BTreeMap<String, Vec<artifacts::Verdict>> = BTreeMap::new();
+        for pair in self.pairs(input)? {
+            let mut v = pair.verdict;
+            let said: Vec<Option<pairwise::Better>> = pair.items.iter().map(|i| replies.get(&i.id).and_then(|r| pairwise::read(r))).collect();
+            let outcome = match said.as_slice() {
+                [] => pairwise::Outcome::Tie,
+                [first, second] => pairwise::combine(*first, *second),
+                _ => unreachable!("a pair is judged in two orders or not at all"),
+            };
+            let name = match outcome {
+                pairwise::Outcome::Win => "win",
+                pairwise::Outcome::Loss => "loss",
+                pairwise::Outcome::Tie => "tie",
+                pairwise::Outcome::Inconsistent => "inconsistent",
+                pairwise::Outcome::Unscored => "unscored",
+            };
+            v.pass = match outcome {
+                pairwise::Outcome::Win => Some(true),
+                pairwise::Outcome::Loss => Some(false),
+                _ => None,
+            };
+            v.failure_mode = match outcome {
+                pairwise::Outcome::Loss => Some(Some(lost.clone())),
+                pairwise::Outcome::Win => Some(None),
+                _ => None,
+            };
+            if outcome == pairwise::Outcome::Unscored {
+                let unread: Vec<&str> = pair.items.iter().filter_map(|i| replies.get(&i.id)).filter(|r| pairwise::read(r).is_none()).map(String::as_str).collect();
+                v.unscored = Some("a reply is not a pairwise verdict".into());
+                v.judge_reply = unread.first().map(|r| r.to_string());
+            }
+            let text = |b: &Option<pairwise::Better>| b.map(|b| b.as_str().to_string());
+            v.pairwise = Some(artifacts::PairVerdict { outcome: name.into(), first: said.first().and_then(text), second: said.get(1).and_then(text) });
+            by_model.entry(pair.model).or_default().push(v);
+        }
+        let mut models = BTreeMap::new();
+        for (model, verdicts) in by_model {
+            let seed = judge::model_seed(input.seed, &model);
+            let mut splits = BTreeMap::new();
+            for split in [Split::Dev, Split::Heldout] {
+                let outcomes: Vec<&str> = verdicts.iter().filter(|v| v.split == split).filter_map(|v| Some(v.pairwise.as_ref()?.outcome.as_str())).collect();
+                if outcomes.is_empty() {
+                    continue;
+                }
+                let count = |o: &str| outcomes.iter().filter(|x| **x == o).count();
+                let values: Vec<f64> = outcomes.iter().filter_map(|o| match *o {
+                    "win" => Some(1.0),
+                    "loss" => Some(0.0),
+                    "tie" | "inconsistent" => Some(0.5),
+                    _ => None,
+                }).collect();
+                let scores = artifacts::PairwiseScores {
+                    against: against.clone(),
+                    wins: count("win"),
+                    losses: count("loss"),
+                    ties: count("tie"),
+                    inconsistent: count("inconsistent"),
+                    unscored: count("unscored"),
+                    win_rate: judge::mean_with_interval(&values, self.config.bootstrap, seed),
+                };
+                splits.insert(split, SplitScores { unscored: Some(scores.unscored), pairwise: Some(scores), ..SplitScores::of(outcomes.len()) });
+            }
+            models.insert(model, JudgedModel { splits, verdicts, agreement: None });
+        }
+        let mut judgement = judge::judgement(models, PAIRWISE_METRICS);
+        judgement.task = Some(Task::Pairwise);
+        judgement.judge = Some(self.judge.candidate.id.clone());
+        let whose = if against == REFERENCE { "the reference answer".to_string() } else { format!("`{against}`'s answer") };
+        judgement.failure_modes = Some(
+            [(lost, RubricMode { description: format!("the judge preferred {whose} in both orders"), fix: format!("answer at least as well as {whose} by the rubric's conditions") })].into(),
+        );
+        judgement.summary = Some(match judgement.best_model().and_then(|(id, m)| Some((id, m.reported()?.1.pairwise.clone()?))) {
+            Some((id, p)) => format!(
+                "judged in pairs by `{}` against {whose}: best `{id}` wins {} ({} wins, {} losses, {} ties, {} of them inconsistent, {} unscored)",
+                self.judge.candidate.id,
+                number(p.win_rate.value),
+                p.wins,
+                p.losses,
+                p.ties + p.inconsistent,
+                p.inconsistent,
+                p.unscored
+            ),
+            None => format!("judged in pairs by `{}`: no answers", self.judge.candidate.id),
+        });
         Ok(judgement.to_json())
     }
 }
