@@ -136,3 +136,49 @@ fn csv_and_tsv_golden_sets_are_the_same_dataset_as_json_lines() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("line 8 has 2 values; the header row names 3 columns") && stderr.contains("data/tickets.tsv:8:1"), "{stderr}");
 }
+
+/// The same golden set as Hugging Face `datasets` writes it — Parquet (`to_parquet`, Snappy),
+/// Parquet with Zstandard, and the Arrow IPC stream shard of `save_to_disk` (fixtures made by
+/// `tests/cli/fixtures/make_tables.py`) — is the same dataset as the JSON lines: only the
+/// `dataset` stage reruns, and the real model's answers stay memoized. A row without an id is
+/// named by its row.
+#[test]
+fn parquet_and_arrow_golden_sets_from_datasets_are_the_same_dataset_as_json_lines() {
+    let p = Project::new();
+    p.keep_tickets(6);
+    p.write(
+        "select.toml",
+        &(p.read("select.toml")
+            + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instruct\"]\nsampler = { max_tokens = 6, stop = [\"\\n\"] }\n"
+            + "\n[stages.judge]\nkind = \"judge\"\nneeds = [\"tickets\", \"answers\"]\nbootstrap = 50\n"),
+    );
+    let (code, _, out) = p.run_logged(&[]);
+    assert_eq!(code, 0, "{}{}", text(&out.stdout), text(&out.stderr));
+    let dataset = p.run(&["show", "select.toml", "tickets"]).stdout;
+    let judged = p.run(&["show", "select.toml", "judge"]).stdout;
+    let fixtures = crate::root().join("tests/cli/fixtures");
+    let mut current = "data/tickets.jsonl".to_string();
+    for file in ["tickets.parquet", "tickets.zstd.parquet", "tickets.arrow"] {
+        std::fs::copy(fixtures.join(file), p.path(&format!("data/{file}"))).unwrap();
+        let next = format!("data/{file}");
+        p.write("select.toml", &p.read("select.toml").replace(&current, &next));
+        current = next;
+        let out = p.run(&["validate", "select.toml"]);
+        assert!(out.status.success(), "{file}: {}", text(&out.stderr));
+        let (code, events, out) = p.run_logged(&[]);
+        assert_eq!(code, 0, "{file}: {}{}", text(&out.stdout), text(&out.stderr));
+        assert_eq!(crate::started(&events), ["tickets"], "{file}: only the dataset reruns");
+        assert_eq!(p.run(&["show", "select.toml", "tickets"]).stdout, dataset, "{file}");
+        assert_eq!(p.run(&["show", "select.toml", "judge"]).stdout, judged, "{file}");
+    }
+    std::fs::copy(fixtures.join("no_id.parquet"), p.path("data/no_id.parquet")).unwrap();
+    p.write("select.toml", &p.read("select.toml").replace(&current, "data/no_id.parquet"));
+    let out = p.run(&["validate", "select.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("bad sample in `data/no_id.parquet`: row 3: id field `id` must be a string or number, found null"), "{stderr}");
+    // Not a Parquet file at all: said so, at validate.
+    p.write("data/no_id.parquet", "id,text\n");
+    let stderr = text(&p.run(&["validate", "select.toml"]).stderr);
+    assert!(stderr.contains("the file cannot be read as Parquet"), "{stderr}");
+}

@@ -1,5 +1,6 @@
-//! `dataset`: a golden set — JSON lines, or CSV / TSV with a header row — checked line by line,
-//! split into dev / held-out.
+//! `dataset`: a golden set — JSON lines, CSV / TSV with a header row, or a table in a Parquet or
+//! Arrow IPC file (as the Hugging Face hub and `datasets`' `save_to_disk` write them) — checked
+//! line by line (row by row), split into dev / held-out.
 //!
 //! The split is deterministic and stratified: within each label (or over all samples when there
 //! is no label field), samples are ordered by BLAKE3(seed, id) and the first `heldout` fraction is
@@ -21,11 +22,13 @@ pub struct Dataset;
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
-    /// The samples, relative to the pipeline file: JSON lines (one object per line), or CSV / TSV
-    /// with a header row naming each column (every value is text).
+    /// The samples, relative to the pipeline file: JSON lines (one object per line), CSV / TSV
+    /// with a header row naming each column (every value is text), or a Parquet or Arrow IPC file
+    /// (one sample per row, columns as typed values: a struct column is an object).
     pub path: FileRef,
-    /// How the file is written: `jsonl`, `csv` or `tsv`. Default: by its extension (`.csv`,
-    /// `.tsv`; anything else is JSON lines).
+    /// How the file is written: `jsonl`, `csv`, `tsv`, `parquet` or `arrow` (Arrow IPC, stream or
+    /// file: a `datasets` `save_to_disk` shard). Default: by its extension (`.csv`, `.tsv`,
+    /// `.parquet`, `.arrow`; anything else is JSON lines).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<Format>,
     /// Field holding each sample's unique id.
@@ -64,6 +67,15 @@ pub enum Format {
     Jsonl,
     Csv,
     Tsv,
+    Parquet,
+    Arrow,
+}
+
+impl Format {
+    /// A table of typed columns (a binary file), not text: problems are located by row.
+    fn is_table(self) -> bool {
+        matches!(self, Format::Parquet | Format::Arrow)
+    }
 }
 
 impl DatasetConfig {
@@ -75,6 +87,10 @@ impl DatasetConfig {
                 Format::Csv
             } else if lower.ends_with(".tsv") || lower.ends_with(".tab") {
                 Format::Tsv
+            } else if lower.ends_with(".parquet") {
+                Format::Parquet
+            } else if lower.ends_with(".arrow") || lower.ends_with(".feather") || lower.ends_with(".ipc") {
+                Format::Arrow
             } else {
                 Format::Jsonl
             }
@@ -94,7 +110,7 @@ impl StagePlugin for Dataset {
     type Config = DatasetConfig;
     const KIND: &'static str = "dataset";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "a JSONL golden set, validated and split into dev / held-out by seed";
+    const SUMMARY: &'static str = "a golden set (JSON lines, CSV, TSV, Parquet, Arrow), validated and split into dev / held-out by seed";
     const INPUTS: &'static [Port] = &[];
     const OUTPUT: &'static str = artifacts::Dataset::TYPE;
 
@@ -108,6 +124,15 @@ impl StagePlugin for Dataset {
             .help("use a fraction below 1; with 0 every sample is dev, and the judge reports on dev")]);
         }
         let path = cx.file(&config.path).map_err(|d| vec![d])?;
+        if config.format().is_table() {
+            // Check every row now, so `pipeline validate` reports them all with their rows.
+            let display = cx.display_path(&config.path).display().to_string();
+            let bytes = std::fs::read(&path).map_err(|e| vec![cx.error_at(config.path.span.clone(), format!("cannot read `{display}`: {e}"), "this file")])?;
+            let samples = table_samples(&bytes, &config).map_err(|errors| errors.into_iter().map(|e| e.at_row(&display)).collect::<Vec<_>>())?;
+            let fields = samples.iter().flat_map(|s| s.fields.keys().cloned()).collect();
+            let labels_not_json = samples.iter().filter(|s| s.label.as_deref().is_some_and(|l| serde_json::from_str::<Value>(l).is_err())).count();
+            return Ok(Arc::new(DatasetStage { config, fields, labels_not_json, labels_not_json_first: Vec::new() }));
+        }
         // Check every line now, so `pipeline validate` reports them all with their locations.
         let file = SourceFile::read(&path, "dataset").map_err(|d| vec![d])?;
         let file = SourceFile::new(cx.display_path(&config.path), file.text);
@@ -167,6 +192,12 @@ impl Stage for DatasetStage {
 
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let bytes = input.file(&self.config.path)?;
+        if self.config.format().is_table() {
+            let samples = table_samples(bytes, &self.config).map_err(|errors| {
+                StageError::new(format!("{}: {} ({} problem(s) in all)", self.config.path.path, errors[0].message, errors.len()))
+            })?;
+            return Ok(split(samples, &self.config, input.seed).to_json());
+        }
         let file = SourceFile::new(&self.config.path.path, String::from_utf8_lossy(bytes).into_owned());
         let samples = parse_samples(&file, &self.config).map_err(|errors| {
             let first = &errors[0];
@@ -193,6 +224,11 @@ struct LineError {
 impl LineError {
     fn diagnostic(&self, file: &SourceFile) -> Diagnostic {
         Diagnostic::error(format!("bad sample: {}", self.message)).at(file, self.span.clone(), "here")
+    }
+
+    /// A problem of a table's row: no text to point into, so the file and row are in the message.
+    fn at_row(&self, file: &str) -> Diagnostic {
+        Diagnostic::error(format!("bad sample in `{file}`: {}", self.message))
     }
 }
 
@@ -292,12 +328,55 @@ fn delimited_records(text: &str, delimiter: u8) -> Result<Vec<Record>, Vec<LineE
     Ok(records)
 }
 
+/// A Parquet or Arrow IPC table's rows, each as the object Arrow's JSON writer makes of it
+/// (a null column is a null value; struct columns objects, list columns arrays): `line` is the
+/// 1-based row, and there is no text to span.
+fn table_records(bytes: &[u8], format: Format) -> Result<Vec<Record>, Vec<LineError>> {
+    let unreadable = |what: &str, e: &dyn std::fmt::Display| vec![LineError { span: 0..0, message: format!("the file cannot be read as {what}: {e}") }];
+    let batches: Vec<arrow_array::RecordBatch> = match format {
+        Format::Parquet => {
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(bytes))
+                .and_then(|b| b.build())
+                .map_err(|e| unreadable("Parquet", &e))?;
+            reader.collect::<Result<_, _>>().map_err(|e| unreadable("Parquet", &e))?
+        }
+        // `datasets` writes the IPC stream format; the file format starts with its magic.
+        _ if bytes.starts_with(b"ARROW1") => {
+            arrow_ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes), None).map_err(|e| unreadable("an Arrow IPC file", &e))?.collect::<Result<_, _>>().map_err(|e| unreadable("an Arrow IPC file", &e))?
+        }
+        _ => arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None).map_err(|e| unreadable("an Arrow IPC stream", &e))?.collect::<Result<_, _>>().map_err(|e| unreadable("an Arrow IPC stream", &e))?,
+    };
+    let mut records = Vec::new();
+    for batch in &batches {
+        let mut writer = arrow_json::WriterBuilder::new().with_explicit_nulls(true).build::<_, arrow_json::writer::JsonArray>(Vec::new());
+        writer.write(batch).and_then(|_| writer.finish()).map_err(|e| unreadable("JSON rows", &e))?;
+        let rows: Vec<Map<String, Value>> = serde_json::from_slice(&writer.into_inner()).map_err(|e| unreadable("JSON rows", &e))?;
+        for fields in rows {
+            records.push(Record { line: records.len() + 1, whole: 0..0, fields: Ok(fields) });
+        }
+    }
+    Ok(records)
+}
+
+/// A table's samples, or its bad rows.
+fn table_samples(bytes: &[u8], config: &DatasetConfig) -> Result<Vec<Sample>, Vec<LineError>> {
+    samples_of(table_records(bytes, config.format())?, config, None)
+}
+
 fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample>, Vec<LineError>> {
     let records = match config.format() {
         Format::Jsonl => jsonl_records(&file.text),
         Format::Csv => delimited_records(&file.text, b',')?,
         Format::Tsv => delimited_records(&file.text, b'\t')?,
+        Format::Parquet | Format::Arrow => table_records(file.text.as_bytes(), config.format())?,
     };
+    samples_of(records, config, Some(&file.text))
+}
+
+/// Samples from records, each checked (an id, unique; a label where one is named): `text` is the
+/// file's, where records are lines of it (`None` for a table, whose records are rows).
+fn samples_of(records: Vec<Record>, config: &DatasetConfig, text: Option<&str>) -> Result<Vec<Sample>, Vec<LineError>> {
+    let unit = if text.is_some() { "line" } else { "row" };
     let mut samples = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -314,16 +393,16 @@ fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(x)) => x.to_string(),
             Some(other) => {
-                errors.push(LineError { span: whole, message: format!("line {}: id field `{}` must be a string or number, found {other}", n + 1, config.id) });
+                errors.push(LineError { span: whole, message: format!("{unit} {}: id field `{}` must be a string or number, found {other}", n + 1, config.id) });
                 continue;
             }
             None => {
-                errors.push(LineError { span: whole, message: format!("line {} has no id field `{}`", n + 1, config.id) });
+                errors.push(LineError { span: whole, message: format!("{unit} {} has no id field `{}`", n + 1, config.id) });
                 continue;
             }
         };
         if let Some(first) = seen.insert(id.clone(), n + 1) {
-            errors.push(LineError { span: whole, message: format!("duplicate id `{id}` on line {} (first on line {first})", n + 1) });
+            errors.push(LineError { span: whole, message: format!("duplicate id `{id}` on {unit} {} (first on {unit} {first})", n + 1) });
             continue;
         }
         let label = match &config.label {
@@ -333,7 +412,7 @@ fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample
                 // A structured reference (for a judge reading answers as JSON) as its JSON text.
                 Some(v @ (Value::Number(_) | Value::Bool(_) | Value::Object(_) | Value::Array(_))) => Some(v.to_string()),
                 _ => {
-                    errors.push(LineError { span: whole, message: format!("line {}: label field `{field}` is missing or null (a reference is text, a number, true or false, or an object or list for a judge reading JSON)", n + 1) });
+                    errors.push(LineError { span: whole, message: format!("{unit} {}: label field `{field}` is missing or null (a reference is text, a number, true or false, or an object or list for a judge reading JSON)", n + 1) });
                     continue;
                 }
             },
@@ -341,10 +420,10 @@ fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample
         if let Some(field) = &config.stratify
             && !fields.contains_key(field)
         {
-            errors.push(LineError { span: whole, message: format!("line {}: has no field `{field}` (named by `stratify`)", n + 1) });
+            errors.push(LineError { span: whole, message: format!("{unit} {}: has no field `{field}` (named by `stratify`)", n + 1) });
             continue;
         }
-        let label_at = config.label.as_deref().map(|field| whole.start + value_offset(&file.text[whole.clone()], field));
+        let label_at = text.and_then(|text| Some(whole.start + value_offset(&text[whole.clone()], config.label.as_deref()?)));
         samples.push(Sample { id, label, label_at, fields });
     }
     if samples.is_empty() && errors.is_empty() {
