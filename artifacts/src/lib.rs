@@ -227,6 +227,25 @@ impl Artifact for Rendered {
 pub struct RenderedSample {
     pub id: String,
     pub messages: Vec<Message>,
+    /// Functions the model may call (OpenAI's `tools`: `{"type": "function", "function":
+    /// {"name", "description", "parameters"}}`), from the sample (`render`'s `tools`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Value>>,
+}
+
+/// A function call a model made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ToolCall {
+    pub name: String,
+    /// Its arguments as JSON (a server's argument text that is not JSON stays a string).
+    pub arguments: Value,
+}
+
+impl ToolCall {
+    /// As an answer's text holds it, to be judged: `{"name": ..., "arguments": ...}`.
+    pub fn as_json(&self) -> Value {
+        serde_json::json!({"name": self.name, "arguments": self.arguments})
+    }
 }
 
 /// `answers`: every candidate's answer to every rendered sample.
@@ -368,6 +387,10 @@ pub struct Answer {
     /// how many, or they are unknown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_tokens: Option<usize>,
+    /// The functions it called, for a sample with `tools` (its `text` is then the first call as
+    /// JSON, what a judge reads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 /// Splits a reasoning model's text at `tag`: the reasoning (between `<tag>` and `</tag>`; from the

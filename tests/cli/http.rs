@@ -22,6 +22,11 @@ pub(crate) struct LlamaServer {
 
 impl LlamaServer {
     pub(crate) fn start(api_key: &str) -> LlamaServer {
+        LlamaServer::start_with(api_key, &[])
+    }
+
+    /// A server started with more arguments (`--chat_format chatml-function-calling`).
+    pub(crate) fn start_with(api_key: &str, extra: &[&str]) -> LlamaServer {
         let python = std::env::var("PIPELINE_LLAMA_PYTHON")
             .map(PathBuf::from)
             .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/pipeline-llamacpp-venv/bin/python"));
@@ -30,6 +35,7 @@ impl LlamaServer {
         let child = Command::new(python)
             .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--n_threads", "1", "--n_ctx", "2048", "--model_alias", "smollm2"])
             .args(["--model", smollm2().to_str().unwrap(), "--port", &port.to_string(), "--api_key", api_key])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

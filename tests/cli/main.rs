@@ -9,6 +9,7 @@ use serde_json::Value;
 mod browser;
 mod capacity;
 mod concurrency;
+mod conversation;
 mod crash;
 mod disk;
 mod finetune;
@@ -20,6 +21,7 @@ mod repeats;
 mod reviser;
 mod review;
 mod structured;
+mod tools;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -201,7 +201,7 @@ impl StagePlugin for CapacityPlugin {
             return Err(errors);
         }
         let catalog_dir = catalog_path.parent().map(PathBuf::from).unwrap_or_default();
-        let settings = RunSettings { sampler: config.sampler.clone(), prepare: config.prepare, output: None, think: None, repeats: 1, device: DeviceSpec::Cpu, catalog_dir };
+        let settings = RunSettings { sampler: config.sampler.clone(), prepare: config.prepare, output: None, think: None, repeats: 1, tool_choice: None, device: DeviceSpec::Cpu, catalog_dir };
         let slo = Slo { ttft_ms: slo.ttft_ms, e2e_ms: slo.e2e_ms, tpot_ms: slo.tpot_ms, attainment: slo.attainment };
         let search = Search {
             seconds_per_load: config.seconds_per_load,

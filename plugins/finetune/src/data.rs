@@ -265,7 +265,7 @@ mod tests {
         };
         let rendered = Rendered {
             prompt: "p".into(),
-            samples: ["a", "b", "c", "d", "e"].iter().map(|id| RenderedSample { id: id.to_string(), messages: vec![Message::new("user", format!("say {id}"))] }).collect(),
+            samples: ["a", "b", "c", "d", "e"].iter().map(|id| RenderedSample { id: id.to_string(), messages: vec![Message::new("user", format!("say {id}"))], tools: None }).collect(),
         };
         (dataset, rendered)
     }
@@ -309,6 +309,7 @@ mod tests {
                 transport: None,
                 reasoning: None,
                 reasoning_tokens: None,
+                tool_calls: None,
             })
             .collect();
         let timing = ModelTiming { latency_p50_ms: 1.0, latency_p95_ms: 1.0, decode_tokens_per_s: None, busy_s: None, tokens_per_s: None };

@@ -253,6 +253,7 @@ fn answer(text: String, finish_reason: String, usage: &mistralrs::Usage, latency
         completion_tokens: usage.completion_tokens,
         reasoning: None,
         reasoning_tokens: None,
+        tool_calls: None,
         redone_alone: false,
         timing: Timing {
             latency_ms: latency.as_secs_f64() * 1000.0,

@@ -175,6 +175,7 @@ impl Endpoint {
         sampler: &Sampler,
         output: Option<&OutputConstraint>,
         seed: u64,
+        tools: Option<(&[Value], crate::ToolChoice)>,
         cancel: &Cancel,
     ) -> Result<(Answer, Transport), String> {
         let key = match &self.api_key_env {
@@ -192,6 +193,15 @@ impl Endpoint {
         });
         if !sampler.stop.is_empty() {
             body["stop"] = json!(sampler.stop);
+        }
+        if let Some((tools, choice)) = tools {
+            body["tools"] = json!(tools);
+            body["tool_choice"] = match (choice, tools) {
+                (crate::ToolChoice::Auto, _) => json!("auto"),
+                // One function: named, which every server with tools takes (not all take `required`).
+                (crate::ToolChoice::Required, [one]) => json!({"type": "function", "function": {"name": one["function"]["name"]}}),
+                (crate::ToolChoice::Required, _) => json!("required"),
+            };
         }
         let schema = match output {
             None => None,
@@ -355,6 +365,18 @@ fn parse_completion(bytes: &[u8]) -> Result<Answer, String> {
         /// A server that parses a reasoning model's thinking sends it apart (vLLM, llama.cpp).
         #[serde(default)]
         reasoning_content: Option<String>,
+        #[serde(default)]
+        tool_calls: Option<Vec<Call>>,
+    }
+    #[derive(Deserialize)]
+    struct Call {
+        function: Function,
+    }
+    #[derive(Deserialize)]
+    struct Function {
+        name: String,
+        /// JSON text, as OpenAI's API sends it.
+        arguments: Value,
     }
     #[derive(Deserialize)]
     struct Usage {
@@ -371,8 +393,26 @@ fn parse_completion(bytes: &[u8]) -> Result<Answer, String> {
     let c: Completion = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     let choice = c.choices.into_iter().next().ok_or("no choices")?;
     let usage = c.usage.ok_or("no usage")?;
+    let tool_calls: Option<Vec<artifacts::ToolCall>> = choice.message.tool_calls.filter(|c| !c.is_empty()).map(|calls| {
+        calls
+            .into_iter()
+            .map(|c| {
+                let arguments = match c.function.arguments {
+                    Value::String(text) => serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                    other => other,
+                };
+                artifacts::ToolCall { name: c.function.name, arguments }
+            })
+            .collect()
+    });
+    // A call is what is judged: the first, as JSON.
+    let text = match &tool_calls {
+        Some(calls) => calls[0].as_json().to_string(),
+        None => choice.message.content.unwrap_or_default(),
+    };
     Ok(Answer {
-        text: choice.message.content.unwrap_or_default(),
+        text,
+        tool_calls,
         finish_reason: choice.finish_reason.unwrap_or_default(),
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,

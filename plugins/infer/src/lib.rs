@@ -23,6 +23,7 @@
 
 mod convert;
 mod embedded;
+pub mod tools;
 pub mod http;
 mod hub;
 pub mod serve;
@@ -90,6 +91,20 @@ pub struct InferConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<usize>", range(min = 1, max = 100))]
     pub repeats: Option<Spanned<usize>>,
+    /// Samples with tools (`render`'s `tools`), over HTTP: `auto` (the default) lets the model
+    /// answer in text or call, `required` makes it call (sent as OpenAI's `required`, or as the
+    /// function itself when the sample offers one). Embedded models always call: their reply is
+    /// constrained to a call. Part of the memo key of samples with tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+}
+
+/// Whether a model offered tools must call one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    Auto,
+    Required,
 }
 
 /// The most answers `repeats` may draw per sample and model.
@@ -326,6 +341,9 @@ pub struct Answer {
     pub reasoning: Option<String>,
     #[serde(skip)]
     pub reasoning_tokens: Option<usize>,
+    /// The functions it called (a sample with tools).
+    #[serde(skip)]
+    pub tool_calls: Option<Vec<artifacts::ToolCall>>,
     /// Failed with other requests in flight and was redone alone (embedded; reported under the
     /// volatile `transport` key).
     #[serde(skip)]
@@ -359,6 +377,7 @@ impl Answer {
             transport,
             reasoning: self.reasoning,
             reasoning_tokens: None,
+            tool_calls: self.tool_calls,
         }
     }
 }
@@ -398,6 +417,8 @@ pub struct RunSettings {
     pub think: Option<String>,
     /// Answers drawn per sample (1 unless `repeats` says more; greedy draws 1 whatever it says).
     pub repeats: usize,
+    /// Whether a sample's tools must be called (HTTP; embedded models always call).
+    pub tool_choice: Option<ToolChoice>,
     pub device: DeviceSpec,
     /// Where the catalog is (its relative paths are relative to it).
     pub catalog_dir: PathBuf,
@@ -531,6 +552,11 @@ impl Candidate {
     /// the answer depends on (its memo key). `seed` is what a sampled answer (temperature above
     /// 0) is drawn with: in the key then, and only then.
     pub fn item_input(&self, settings: &RunSettings, messages: Vec<Message>, seed: u64) -> Value {
+        self.item_input_with_tools(settings, messages, None, seed)
+    }
+
+    /// [`Candidate::item_input`] for a sample that offers the model `tools` to call.
+    pub fn item_input_with_tools(&self, settings: &RunSettings, messages: Vec<Message>, tools: Option<Vec<Value>>, seed: u64) -> Value {
         let embedded = matches!(self.backend, Backend::Embedded { .. });
         let input = ItemInput {
             model: self.id.clone(),
@@ -545,6 +571,8 @@ impl Candidate {
             output: settings.output.as_ref().map(|o| serde_json::to_value(o).expect("constraints serialize")),
             think: settings.think.clone(),
             seed: settings.sampler.samples().then_some(seed),
+            tool_choice: settings.tool_choice.filter(|_| tools.is_some()),
+            tools,
             messages,
         };
         serde_json::to_value(input).expect("item inputs serialize")
@@ -552,11 +580,26 @@ impl Candidate {
 
     /// This model's answer to `messages`, drawn with `seed` when it samples, with how it was
     /// fetched (`transport`).
-    pub async fn chat(&self, messages: &[Message], settings: &RunSettings, seed: u64, cx: &ItemContext) -> Result<artifacts::Answer, String> {
+    pub async fn chat(&self, messages: &[Message], settings: &RunSettings, seed: u64, tools: Option<&[Value]>, cx: &ItemContext) -> Result<artifacts::Answer, String> {
+        if tools.is_some() && settings.output.is_some() {
+            return Err("this sample offers tools to call, and the stage constrains `output`: a call is constrained by the tools' schemas, so remove `output`".into());
+        }
         match &self.backend {
             Backend::Embedded { source, sha256 } => {
                 let runner = embedded::load(source, sha256, &settings.catalog_dir, settings.prepare, settings.device).await?;
-                let answer = runner.chat(messages, &settings.sampler, settings.output.as_ref(), Some(seed)).await?;
+                // Tools: the model is told them and its reply constrained to a call of one
+                // (llama.cpp's generic tool calling, for models without a native format).
+                let (called, constraint) = match tools {
+                    Some(tools) => (tools::instructed(messages, tools), Some(tools::call_constraint(tools)?)),
+                    None => (messages.to_vec(), None),
+                };
+                let mut answer = runner.chat(&called, &settings.sampler, constraint.as_ref().or(settings.output.as_ref()), Some(seed)).await?;
+                if tools.is_some()
+                    && let Some(call) = tools::read_call(&answer.text)
+                {
+                    answer.text = call.as_json().to_string();
+                    answer.tool_calls = Some(vec![call]);
+                }
                 let transport = answer.redone_alone.then(|| json!({"redone_alone": true}));
                 let mut answer = answer.into_artifact(transport);
                 if let Some(tag) = &settings.think
@@ -568,7 +611,8 @@ impl Candidate {
                 Ok(answer)
             }
             Backend::Http(endpoint) => {
-                let (answer, transport) = endpoint.chat(messages, &settings.sampler, settings.output.as_ref(), seed, &cx.cancel).await?;
+                let offered = tools.map(|t| (t, settings.tool_choice.unwrap_or(ToolChoice::Auto)));
+                let (answer, transport) = endpoint.chat(messages, &settings.sampler, settings.output.as_ref(), seed, offered, &cx.cancel).await?;
                 let reported = answer.reasoning_tokens;
                 let mut answer = answer.into_artifact(Some(serde_json::to_value(transport).expect("transport serializes")));
                 if let Some(tag) = &settings.think {
@@ -620,7 +664,7 @@ impl CalledModel {
         sampler.check_context(&candidate).map_err(|e| vec![cx.error_at(cx.key("sampler"), e, "these settings")])?;
         let concurrency = if candidate.is_http() { http.max_concurrency.0 } else { DEFAULT_MAX_IN_FLIGHT };
         let catalog_dir = path.parent().map(PathBuf::from).unwrap_or_default();
-        let settings = RunSettings { sampler, prepare, output: Some(output.0), think: None, repeats: 1, device: DeviceSpec::Cpu, catalog_dir };
+        let settings = RunSettings { sampler, prepare, output: Some(output.0), think: None, repeats: 1, tool_choice: None, device: DeviceSpec::Cpu, catalog_dir };
         Ok(CalledModel { candidate, settings, concurrency })
     }
 
@@ -637,7 +681,7 @@ impl CalledModel {
     /// Run an item made by [`CalledModel::item_input`]: the reply, an [`artifacts::Answer`].
     pub async fn run(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
         let input = ItemInput::read(item)?;
-        let answer = self.candidate.chat(&input.messages, &self.settings, input.seed.unwrap_or(cx.seed), cx).await.map_err(StageError::new)?;
+        let answer = self.candidate.chat(&input.messages, &self.settings, input.seed.unwrap_or(cx.seed), None, cx).await.map_err(StageError::new)?;
         Ok(serde_json::to_value(answer).expect("answers serialize"))
     }
 }
@@ -666,6 +710,11 @@ struct ItemInput {
     /// What a sampled answer is drawn with (only when it samples).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
+    /// Functions the model may call (only for a sample that has them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tools: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<ToolChoice>,
     messages: Vec<Message>,
 }
 
@@ -742,7 +791,7 @@ impl StagePlugin for Infer {
         let think = config.think.as_ref().map(|t| t.get_ref().clone());
         // Greedy decoding draws the same answer every time: one is computed.
         let drawn = if config.sampler.samples() { repeats } else { 1 };
-        let settings = RunSettings { sampler: config.sampler, prepare: config.prepare, output: output.map(|(c, _)| c), think, repeats: drawn, device, catalog_dir };
+        let settings = RunSettings { sampler: config.sampler, prepare: config.prepare, output: output.map(|(c, _)| c), think, repeats: drawn, tool_choice: config.tool_choice, device, catalog_dir };
         Ok(Arc::new(InferStage { settings, roster, concurrency, repeats }))
     }
 }
@@ -894,7 +943,7 @@ impl Stage for InferStage {
                 for r in 0..self.settings.repeats {
                     // The first answer keeps the id a single answer always had.
                     let id = if r == 0 { format!("{}/{}", c.id, s.id) } else { format!("{}/{}#{}", c.id, s.id, r + 1) };
-                    items.push(Item { id, input: c.item_input(&self.settings, s.messages.clone(), repeat_seed(input.seed, r)) });
+                    items.push(Item { id, input: c.item_input_with_tools(&self.settings, s.messages.clone(), s.tools.clone(), repeat_seed(input.seed, r)) });
                 }
             }
         }
@@ -904,7 +953,7 @@ impl Stage for InferStage {
     async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
         let input = ItemInput::read(item)?;
         let candidate = self.roster.candidate(&input.model).ok_or_else(|| StageError::new(format!("unknown model `{}`", input.model)))?;
-        let answer = candidate.chat(&input.messages, &self.settings, input.seed.unwrap_or(cx.seed), cx).await.map_err(StageError::new)?;
+        let answer = candidate.chat(&input.messages, &self.settings, input.seed.unwrap_or(cx.seed), input.tools.as_deref(), cx).await.map_err(StageError::new)?;
         Ok(serde_json::to_value(answer).expect("answers serialize"))
     }
 

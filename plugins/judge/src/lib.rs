@@ -56,6 +56,12 @@ pub struct JudgeConfig {
     /// fields are each scored exactly.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, structured::FieldRule>,
+    /// Tool calls (`normalize = "json"`, answers `{"name", "arguments"}`): the sample field holding
+    /// the functions offered (as `render`'s `tools`). Each split then scores `arguments_valid`,
+    /// the share of calls whose arguments are valid against the named function's parameter
+    /// schema; the answer passes by `fields` as any JSON answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<String>,
 }
 
 fn default_k() -> usize {
@@ -120,6 +126,9 @@ impl StagePlugin for Judge {
         if json && config.relevance.is_some() {
             errors.push(cx.error_at(cx.key("relevance"), "`relevance` (rankings) and `normalize = \"json\"` (structured answers) are two kinds of judging: choose one", ""));
         }
+        if config.tools.is_some() && !json {
+            errors.push(cx.error_at(cx.key("tools"), "`tools` checks tool calls' arguments, which are read as JSON: it needs `normalize = \"json\"`", ""));
+        }
         if !config.fields.is_empty() && !json {
             errors.push(
                 cx.error_at(cx.key("fields"), "`fields` compares fields of structured answers: it needs `normalize = \"json\"`", "")
@@ -169,7 +178,7 @@ impl Stage for JudgeStage {
         let answers: Answers = input.read("answers")?;
         let judge = |answers: &Answers| match (&self.0.relevance, self.0.normalize) {
             (Some(field), _) => self.rankings(&dataset, answers, field, input.seed),
-            (None, Normalize::Json) => structured::judge(&dataset, answers, &self.0.fields, self.0.bootstrap, input.seed),
+            (None, Normalize::Json) => structured::judge(&dataset, answers, &self.0.fields, self.0.tools.as_deref(), self.0.bootstrap, input.seed),
             (None, _) => self.labels(&dataset, answers, input.seed),
         };
         let mut judgement = judge(&answers)?;

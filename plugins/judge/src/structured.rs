@@ -161,7 +161,7 @@ impl Plan {
 }
 
 /// Judges every candidate's answers as JSON against the references.
-pub fn judge(dataset: &Dataset, answers: &Answers, fields: &BTreeMap<String, FieldRule>, bootstrap: u32, seed: u64) -> Result<Judgement, StageError> {
+pub fn judge(dataset: &Dataset, answers: &Answers, fields: &BTreeMap<String, FieldRule>, tools: Option<&str>, bootstrap: u32, seed: u64) -> Result<Judgement, StageError> {
     let mut references: BTreeMap<&str, Value> = BTreeMap::new();
     for s in &dataset.samples {
         let label = s.label.as_deref().ok_or_else(|| StageError::new(format!("sample `{}` has no reference: set `label` on the dataset stage to the field holding it", s.id)))?;
@@ -202,6 +202,19 @@ pub fn judge(dataset: &Dataset, answers: &Answers, fields: &BTreeMap<String, Fie
                 Some(p) if plan.whole => same(p, reference),
                 Some(_) => wrong.is_empty(),
             };
+            if let Some(field) = tools {
+                // A tool call's arguments against the schema of the function it names.
+                let valid = parsed.as_ref().is_some_and(|call| {
+                    let named = call.get("name").and_then(Value::as_str);
+                    let function = sample.fields.get(field).and_then(Value::as_array).into_iter().flatten().filter_map(|t| t.get("function")).find(|f| f.get("name").and_then(Value::as_str) == named);
+                    match (function, call.get("arguments")) {
+                        (Some(f), Some(arguments)) => f.get("parameters").is_none_or(|schema| valid_against(schema, arguments)),
+                        _ => false,
+                    }
+                });
+                let entry = tally_fields.entry(VALID_ARGUMENTS.to_string()).or_insert(("schema", Vec::new(), Vec::new(), 0));
+                entry.1.push(valid);
+            }
             tally_pass.push(pass);
             *unparsed += usize::from(parsed.is_none());
             let mode = (!pass).then(|| failure_mode(parsed.is_some(), &wrong, &mut modes));
@@ -231,6 +244,55 @@ pub fn judge(dataset: &Dataset, answers: &Answers, fields: &BTreeMap<String, Fie
         models.insert(model.clone(), JudgedModel { splits, verdicts, agreement: None });
     }
     Ok(Judgement { normalize: Some("json".into()), failure_modes: (!modes.is_empty()).then_some(modes), ..judgement(models, LABEL_METRICS) })
+}
+
+/// The per-field score of tool calls whose arguments are valid against the schema of the
+/// function they name (`tools`).
+pub const VALID_ARGUMENTS: &str = "arguments_valid";
+
+/// Whether `value` is valid against `schema`, for the JSON Schema that function parameters use:
+/// `type` (one or a list), `enum`, `const`, `properties`, `required`, `additionalProperties`
+/// (`false` or a schema), `items`, `minimum` / `maximum`, `minLength` / `maxLength`, `anyOf` /
+/// `oneOf` / `allOf`. Other keywords are not checked.
+pub fn valid_against(schema: &Value, value: &Value) -> bool {
+    let Some(schema) = schema.as_object() else { return schema.as_bool().unwrap_or(true) };
+    let is_type = |t: &str| match t {
+        "object" => value.is_object(),
+        "array" => value.is_array(),
+        "string" => value.is_string(),
+        "boolean" => value.is_boolean(),
+        "null" => value.is_null(),
+        "number" => value.is_number(),
+        "integer" => value.as_f64().is_some_and(|x| x.fract() == 0.0),
+        _ => true,
+    };
+    let typed = match schema.get("type") {
+        Some(Value::String(t)) => is_type(t),
+        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).any(is_type),
+        _ => true,
+    };
+    let in_enum = schema.get("enum").and_then(Value::as_array).is_none_or(|e| e.iter().any(|x| same(x, value)));
+    let constant = schema.get("const").is_none_or(|c| same(c, value));
+    let number = value.as_f64().is_none_or(|x| {
+        schema.get("minimum").and_then(Value::as_f64).is_none_or(|m| x >= m) && schema.get("maximum").and_then(Value::as_f64).is_none_or(|m| x <= m)
+    });
+    let length = value.as_str().is_none_or(|s| {
+        let n = s.chars().count() as u64;
+        schema.get("minLength").and_then(Value::as_u64).is_none_or(|m| n >= m) && schema.get("maxLength").and_then(Value::as_u64).is_none_or(|m| n <= m)
+    });
+    let object = value.as_object().is_none_or(|o| {
+        let properties = schema.get("properties").and_then(Value::as_object);
+        let required = schema.get("required").and_then(Value::as_array).is_none_or(|r| r.iter().filter_map(Value::as_str).all(|k| o.contains_key(k)));
+        let each = o.iter().all(|(k, v)| match properties.and_then(|p| p.get(k)) {
+            Some(s) => valid_against(s, v),
+            None => schema.get("additionalProperties").is_none_or(|extra| valid_against(extra, v)),
+        });
+        required && each
+    });
+    let array = value.as_array().is_none_or(|a| schema.get("items").is_none_or(|s| a.iter().all(|v| valid_against(s, v))));
+    let any = |key: &str| schema.get(key).and_then(Value::as_array).is_none_or(|s| s.iter().any(|s| valid_against(s, value)));
+    let all = schema.get("allOf").and_then(Value::as_array).is_none_or(|s| s.iter().all(|s| valid_against(s, value)));
+    typed && in_enum && constant && number && length && object && array && any("anyOf") && any("oneOf") && all
 }
 
 /// The failure mode a failed answer is filed under, added to `modes` with what it means: not
@@ -310,5 +372,20 @@ mod tests {
         let problems = check_fields(&rules);
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].contains("`a..b`") && problems[1].contains("`tolerance` must be") && problems[2].contains("numeric"), "{problems:?}");
+    }
+
+    #[test]
+    fn tool_arguments_are_checked_against_the_function_schema() {
+        use super::valid_against;
+        use serde_json::json;
+        let schema = json!({"type": "object", "properties": {"city": {"type": "string", "minLength": 2}, "days": {"type": "integer", "minimum": 1, "maximum": 7}, "unit": {"enum": ["c", "f"]}}, "required": ["city"], "additionalProperties": false});
+        assert!(valid_against(&schema, &json!({"city": "Oslo"})));
+        assert!(valid_against(&schema, &json!({"city": "Oslo", "days": 3, "unit": "c"})));
+        for bad in [json!({}), json!({"city": 3}), json!({"city": "O"}), json!({"city": "Oslo", "days": 9}), json!({"city": "Oslo", "days": 1.5}), json!({"city": "Oslo", "unit": "k"}), json!({"city": "Oslo", "wind": true}), json!("Oslo")] {
+            assert!(!valid_against(&schema, &bad), "{bad} passed");
+        }
+        assert!(valid_against(&json!({"anyOf": [{"type": "string"}, {"type": "null"}]}), &json!(null)));
+        assert!(valid_against(&json!({"type": "array", "items": {"type": "number"}}), &json!([1, 2.5])));
+        assert!(!valid_against(&json!({"type": "array", "items": {"type": "number"}}), &json!([1, "2"])));
     }
 }

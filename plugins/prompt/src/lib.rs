@@ -177,7 +177,23 @@ pub struct RenderConfig {
     /// Which samples to render.
     #[serde(default)]
     pub split: Split,
+    /// Multi-turn samples: the field holding each sample's conversation, a list of
+    /// `{"role": "system" | "user" | "assistant", "content": "..."}` turns ending with the user
+    /// turn the model answers. The prompt's `system` message comes first (unless it has none and
+    /// the conversation begins with its own), the earlier turns follow as they are, and the last
+    /// user turn is the template rendered with the sample's fields and `prompt`, that turn's text
+    /// (a template of `{{ prompt }}` passes it through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<String>,
+    /// Tool calling: the field holding the functions each sample offers the model, a list of
+    /// OpenAI tools (`{"type": "function", "function": {"name", "description", "parameters"}}`).
+    /// `infer` sends them with the sample, and the model answers with a call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<String>,
 }
+
+/// The variable a conversation's last user turn is given to the template as.
+const LAST_TURN: &str = "prompt";
 
 impl StagePlugin for Render {
     type Config = RenderConfig;
@@ -187,12 +203,14 @@ impl StagePlugin for Render {
     const INPUTS: &'static [Port] = &[Port::new("dataset", Dataset::TYPE), Port::new("prompt", artifacts::Prompt::TYPE)];
     const OUTPUT: &'static str = Rendered::TYPE;
 
-    fn build(config: RenderConfig, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
-        Ok(Arc::new(RenderStage(config)))
+    fn build(config: RenderConfig, cx: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        let (at, tools_at) = (cx.key("conversation"), cx.key("tools"));
+        Ok(Arc::new(RenderStage(config, at, tools_at)))
     }
 }
 
-struct RenderStage(RenderConfig);
+/// The config, and where `conversation` and `tools` are written.
+struct RenderStage(RenderConfig, Option<std::ops::Range<usize>>, Option<std::ops::Range<usize>>);
 
 #[async_trait::async_trait]
 impl Stage for RenderStage {
@@ -212,9 +230,32 @@ impl Stage for RenderStage {
             return Vec::new();
         };
         let template = SourceFile::new(prompt.template.file, prompt.template.text);
-        let known: BTreeSet<&str> = dataset.fields.iter().map(String::as_str).chain(["id"]).collect();
+        let conversation = self.0.conversation.as_deref();
+        let known: BTreeSet<&str> = dataset.fields.iter().map(String::as_str).chain(["id"]).chain(conversation.map(|_| LAST_TURN)).collect();
         let known: Vec<&str> = known.into_iter().collect();
         let mut errors = Vec::new();
+        if let Some(field) = &self.0.tools
+            && !dataset.fields.contains(field)
+        {
+            let fields: Vec<&str> = dataset.fields.iter().map(String::as_str).collect();
+            let d = Diagnostic::error(format!("`tools = \"{field}\"`: no sample of the dataset has that field"));
+            let d = match &self.2 {
+                Some(at) => d.at(pipeline, at.clone(), "each sample's tools are read from this field"),
+                None => d,
+            };
+            errors.push(d.suggest(field, &fields, "the samples have"));
+        }
+        if let Some(field) = conversation
+            && !dataset.fields.contains(field)
+        {
+            let fields: Vec<&str> = dataset.fields.iter().map(String::as_str).collect();
+            let d = Diagnostic::error(format!("`conversation = \"{field}\"`: no sample of the dataset has that field"));
+            let d = match &self.1 {
+                Some(at) => d.at(pipeline, at.clone(), "each sample's conversation is read from this field"),
+                None => d,
+            };
+            errors.push(d.suggest(field, &fields, "the samples have"));
+        }
         for v in &prompt.variables {
             let name = v.name.as_str();
             if known.contains(&name) {
@@ -244,7 +285,7 @@ impl Stage for RenderStage {
             })
             .map(|s| {
                 // Only what the rendering depends on: not the split, not the label.
-                let input = RenderInput { id: s.id.clone(), fields: s.fields, system: prompt.system.clone(), template: prompt.template.clone() };
+                let input = RenderInput { id: s.id.clone(), fields: s.fields, system: prompt.system.clone(), template: prompt.template.clone(), conversation: self.0.conversation.clone() };
                 Item { id: s.id, input: serde_json::to_value(input).expect("render inputs serialize") }
             })
             .collect())
@@ -265,6 +306,25 @@ impl Stage for RenderStage {
         if let Some(system) = &input.system {
             messages.push(Message::new("system", render(system)?));
         }
+        let Some(field) = &input.conversation else {
+            messages.push(Message::new("user", render(&input.template)?));
+            return Ok(serde_json::to_value(messages).expect("messages serialize"));
+        };
+        let mut turns = conversation(context.get(field), field)?;
+        let last = turns.pop().expect("a conversation has a last turn");
+        if input.system.is_some() && turns.first().is_some_and(|t| t.role == "system") {
+            return Err(StageError::new(format!(
+                "the conversation in `{field}` begins with a system turn, and the prompt has a `system` message too: keep one (the prompt's is the one `revise` can change)"
+            )));
+        }
+        messages.extend(turns);
+        context.insert(LAST_TURN.into(), Value::String(last.content));
+        let render = |source: &str| {
+            env.render_str(source, minijinja::Value::from(minijinja::value::Serde(&context))).map_err(|e| {
+                let at = e.line().map(|l| format!(" (template line {l})")).unwrap_or_default();
+                StageError::new(format!("{}{at}", e.detail().map(str::to_string).unwrap_or_else(|| e.to_string())))
+            })
+        };
         messages.push(Message::new("user", render(&input.template)?));
         Ok(serde_json::to_value(messages).expect("messages serialize"))
     }
@@ -275,7 +335,16 @@ impl Stage for RenderStage {
             .into_iter()
             .map(|(item, messages)| {
                 let messages = Vec::<Message>::deserialize(&messages).map_err(|e| StageError::new(format!("rendered messages of `{}` are malformed: {e}", item.id)))?;
-                Ok(RenderedSample { id: item.id, messages })
+                // A sample's tools go with its messages as they are (`infer` checks them).
+                let tools = match &self.0.tools {
+                    None => None,
+                    Some(field) => match item.input.get("fields").and_then(|f| f.get(field)) {
+                        Some(Value::Array(tools)) => Some(tools.clone()),
+                        Some(other) => return Err(StageError::new(format!("sample `{}`: `{field}` holds {other}, not a list of tools", item.id))),
+                        None => return Err(StageError::new(format!("sample `{}` has no `{field}` field holding its tools", item.id))),
+                    },
+                };
+                Ok(RenderedSample { id: item.id, messages, tools })
             })
             .collect::<Result<_, StageError>>()?;
         Ok(Rendered { prompt: prompt.source, samples }.to_json())
@@ -289,6 +358,31 @@ struct RenderInput {
     fields: serde_json::Map<String, Value>,
     system: Option<String>,
     template: String,
+    /// The field holding a multi-turn sample's conversation (only when set: single-turn items
+    /// keep their keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    conversation: Option<String>,
+}
+
+/// A sample's conversation read from its `field`: turns with a known role and text, the last a
+/// user turn (the one the model answers), a system turn only first.
+fn conversation(value: Option<&Value>, field: &str) -> Result<Vec<Message>, StageError> {
+    let value = value.ok_or_else(|| StageError::new(format!("the sample has no `{field}` field holding its conversation")))?;
+    let turns: Vec<Message> = serde_json::from_value(value.clone())
+        .map_err(|e| StageError::new(format!("`{field}` is not a conversation (a list of {{\"role\": \"user\", \"content\": \"...\"}} turns): {e}")))?;
+    for (i, turn) in turns.iter().enumerate() {
+        match turn.role.as_str() {
+            "user" | "assistant" => {}
+            "system" if i == 0 => {}
+            "system" => return Err(StageError::new(format!("`{field}`: turn {} is a system turn; only the first may be", i + 1))),
+            other => return Err(StageError::new(format!("`{field}`: turn {} has role `{other}`: use `system`, `user` or `assistant`", i + 1))),
+        }
+    }
+    match turns.last() {
+        Some(t) if t.role == "user" => Ok(turns),
+        Some(t) => Err(StageError::new(format!("the last turn of `{field}` is `{}`'s: a conversation ends with the user turn the model answers", t.role))),
+        None => Err(StageError::new(format!("`{field}` is an empty conversation: it needs at least the user turn the model answers"))),
+    }
 }
 
 #[cfg(test)]
@@ -299,7 +393,7 @@ mod tests {
     fn render(template: &str, fields: Value) -> Result<Value, StageError> {
         let item = Item { id: "s1".into(), input: json!({"id": "s1", "fields": fields, "system": "Be brief.", "template": template}) };
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(RenderStage(RenderConfig { split: Split::All }).run_item(&item, &ItemContext { seed: 0, cancel: Default::default(), progress: Default::default() }))
+        rt.block_on(RenderStage(RenderConfig { split: Split::All, conversation: None, tools: None }, None, None).run_item(&item, &ItemContext { seed: 0, cancel: Default::default(), progress: Default::default() }))
     }
 
     #[test]

@@ -625,6 +625,7 @@ mod tests {
         let sample = |id: &str| Sample { id: id.into(), split: Split::Dev, label: None, fields: Default::default() };
         let message = |id: &str, text: &str| RenderedSample {
             id: id.into(),
+            tools: None,
             messages: vec![Message::new("system", "Be brief."), Message::new("user", format!("Classify the review.\nReview: {text}\n\nAnswer with one word."))],
         };
         let rendered = Rendered {

@@ -467,7 +467,7 @@ mod tests {
     fn hundred_answers() -> Vec<Answer> {
         let timing = AnswerTiming { latency_ms: 500.0, prefill_ms: None, decode_ms: None };
         (0..100)
-            .map(|i| Answer { id: format!("s{i}"), text: String::new(), finish_reason: "stop".into(), prompt_tokens: 200, completion_tokens: 10, timing: timing.clone(), transport: None, reasoning: None, reasoning_tokens: None })
+            .map(|i| Answer { id: format!("s{i}"), text: String::new(), finish_reason: "stop".into(), prompt_tokens: 200, completion_tokens: 10, timing: timing.clone(), transport: None, reasoning: None, reasoning_tokens: None, tool_calls: None })
             .collect()
     }
 
