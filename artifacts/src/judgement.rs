@@ -405,6 +405,10 @@ pub struct Verdict {
     /// Compared in pairs: the outcome, and what the judge said in each order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pairwise: Option<PairVerdict>,
+    /// Several verdicts drawn on the answer (`llm_judge`'s `repeats`): how many passed it, of
+    /// those that could be read. Its `pass` is their majority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_votes: Option<[usize; 2]>,
 }
 
 /// A pairwise verdict on one sample: `A` is the answer shown first; the candidate's answer is

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::{Project, items, text};
 
-const WORDS: [(&str, &str); 6] = [
+pub(crate) const WORDS: [(&str, &str); 6] = [
     ("kettle", "A kettle is a pot with a spout and a handle for boiling water."),
     ("harbor", "A harbor is a sheltered stretch of water where ships can anchor."),
     ("glacier", "A glacier is a slow-moving mass of ice formed from packed snow."),
@@ -15,7 +15,7 @@ const WORDS: [(&str, &str); 6] = [
     ("pebble", "A pebble is a small stone made smooth by water."),
 ];
 
-const RUBRIC: &str = r#"task = "Each answer defines a word in one sentence."
+pub(crate) const RUBRIC: &str = r#"task = "Each answer defines a word in one sentence."
 pass = ["the definition is correct", "it is one sentence"]
 fail = ["the definition is wrong or about another word", "it rambles"]
 template = """Word: {{ input.word }}

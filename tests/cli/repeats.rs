@@ -143,3 +143,75 @@ fn repeats_draw_seeded_answers_judged_together_and_more_compute_only_the_new_one
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("`repeats` is 0: it must be 1 to 100"), "{}", text(&out.stderr));
 }
+
+/// `llm_judge`'s `repeats`: three verdicts drawn per answer at temperature 0.8 (each its own
+/// seed), the answer's verdict their majority, the votes kept; greedy judging draws one, and
+/// `plan` says so.
+#[test]
+fn a_judge_draws_several_verdicts_and_the_majority_decides() {
+    let p = Project::new();
+    let data: String = crate::pairwise::WORDS.iter().enumerate().map(|(i, (word, def))| format!("{{\"id\": \"w{i}\", \"word\": \"{word}\", \"definition\": \"{def}\"}}\n")).collect();
+    p.write("words.jsonl", &data);
+    p.write("word.j2", "Define the word \"{{ word }}\" in one sentence.");
+    p.write("definitions.toml", crate::pairwise::RUBRIC);
+    let judged = |temperature: f64| {
+        format!(
+            r#"seed = 8
+
+[stages.words]
+kind = "dataset"
+path = "words.jsonl"
+label = "definition"
+heldout = 0.5
+
+[stages.prompt]
+kind = "prompt"
+template = "word.j2"
+
+[stages.rendered]
+kind = "render"
+needs = ["words", "prompt"]
+
+[stages.answers]
+kind = "infer"
+needs = ["rendered"]
+catalog = "../catalogs/open-models.toml"
+models = ["smollm2-135m-instruct"]
+sampler = {{ max_tokens = 24, stop = ["\n"] }}
+
+[stages.graded]
+kind = "llm_judge"
+needs = ["words", "answers"]
+catalog = "../catalogs/open-models.toml"
+model = "smollm2-135m-instruct"
+rubric = "definitions.toml"
+sampler = {{ max_tokens = 64, temperature = {temperature} }}
+repeats = 3
+bootstrap = 50
+"#
+        )
+    };
+    p.write("graded.toml", &judged(0.8));
+    let (code, events, out) = p.run_logged_on("graded.toml", &[]);
+    assert_eq!(code, 0, "{}{}", text(&out.stdout), text(&out.stderr));
+    let calls: Vec<String> = items(&events).into_iter().filter(|i| i.starts_with("graded/")).collect();
+    assert_eq!(calls.len(), 18, "three verdicts for each of six answers: {calls:?}");
+    let graded: Value = serde_json::from_slice(&p.run(&["show", "graded.toml", "graded"]).stdout).unwrap();
+    for v in graded["models"]["smollm2-135m-instruct"]["verdicts"].as_array().unwrap() {
+        let votes = v["judge_votes"].as_array().unwrap_or_else(|| panic!("{v:#}"));
+        let (passes, scored) = (votes[0].as_u64().unwrap(), votes[1].as_u64().unwrap());
+        assert!(passes <= scored && scored <= 3, "{v:#}");
+        if scored > 0 {
+            assert_eq!(v["pass"], Value::Bool(passes * 2 > scored), "the majority decides: {v:#}");
+        } else {
+            assert!(v["pass"].is_null() && v["unscored"].is_string(), "{v:#}");
+        }
+    }
+    // Greedy: one verdict each, said by `plan`.
+    p.write("graded.toml", &judged(0.0));
+    let plan = text(&p.run(&["plan", "graded.toml"]).stdout);
+    assert!(plan.contains("greedy decoding gives the same verdict every time"), "{plan}");
+    let (code, events, _) = p.run_logged_on("graded.toml", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(items(&events).iter().filter(|i| i.starts_with("graded/")).count(), 6);
+}

@@ -293,6 +293,7 @@ pub fn verdict(id: &str, split: Split, label: Option<&str>, answer: &str) -> Ver
         label_example: None,
         repeat_passes: None,
         pairwise: None,
+        judge_votes: None,
     }
 }
 

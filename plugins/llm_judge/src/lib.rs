@@ -76,6 +76,12 @@ pub struct LlmJudgeConfig {
     /// changes with the order is a tie, counted apart. Reports the win rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pairwise: Option<PairwiseConfig>,
+    /// Verdicts to draw per answer (default 1, at most 100), each from a seed of its own, at the
+    /// judge sampler's temperature: the answer's verdict is their majority (a tie fails), and
+    /// each verdict keeps the votes (`judge_votes`). Greedy judging draws one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<usize>", range(min = 1, max = 100))]
+    pub repeats: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -410,6 +416,14 @@ impl StagePlugin for LlmJudge {
         if config.bootstrap > 100_000 {
             errors.push(cx.error_at(cx.key("bootstrap"), format!("`bootstrap` is {}: at most 100000 resamples", config.bootstrap), ""));
         }
+        if let Some(n) = &config.repeats
+            && !(1..=infer::MAX_REPEATS).contains(n.get_ref())
+        {
+            errors.push(cx.error_at(Some(n.span()), format!("`repeats` is {}: it must be 1 to {}", n.get_ref(), infer::MAX_REPEATS), "out of range"));
+        }
+        if config.pairwise.is_some() && config.repeats.is_some() {
+            errors.push(cx.error_at(cx.key("repeats"), "`repeats` draws several verdicts on one answer; a pairwise judge already judges each pair twice", "").help("remove `repeats`, or `pairwise`"));
+        }
         if let Some(p) = &config.pairwise {
             if config.labels.is_some() {
                 errors.push(cx.error_at(cx.key("labels"), "`labels` are people's pass/fail verdicts on single answers: a pairwise judge has no pass/fail to compare them with", "").help("remove `labels`, or `pairwise`"));
@@ -490,6 +504,16 @@ impl Stage for LlmJudgeStage {
         Some(if self.config.pairwise.is_some() { PAIRWISE_METRICS } else { RUBRIC_TARGETS })
     }
 
+    fn notes(&self) -> Vec<String> {
+        match &self.config.repeats {
+            Some(n) if *n.get_ref() > 1 && !self.config.sampler.samples() => vec![format!(
+                "repeats = {}: the judge's temperature is 0, and greedy decoding gives the same verdict every time, so one verdict per answer is drawn",
+                n.get_ref()
+            )],
+            _ => Vec::new(),
+        }
+    }
+
     fn resolved(&self) -> Option<Value> {
         Some(json!({"judge": self.judge.candidate.pin()}))
     }
@@ -516,7 +540,10 @@ impl Stage for LlmJudgeStage {
                         .messages(&more, &sample.fields, sample.label.as_deref(), &a.text)
                         .map_err(|e| StageError::new(format!("rendering the rubric's template for `{id}`: {e}")))?;
                     let id = if r == 0 { format!("{model}/{id}") } else { format!("{model}/{id}#{}", r + 1) };
-                    items.push(Item { id, input: self.judge.item_input(messages, input.seed) });
+                    for v in 0..self.votes() {
+                        let id = if v == 0 { id.clone() } else { format!("{id}~{}", v + 1) };
+                        items.push(Item { id, input: self.judge.item_input(messages.clone(), infer::repeat_seed(input.seed, v)) });
+                    }
                 }
             }
         }
@@ -557,11 +584,10 @@ impl Stage for LlmJudgeStage {
             let mut by_split: BTreeMap<Split, Vec<Option<bool>>> = BTreeMap::new();
             let mut pairs = Vec::new();
             for (a, sample) in dataset.join(model, m).map_err(StageError::new)? {
-                let (_, reply) = results.next().ok_or_else(|| StageError::new("fewer verdicts than answers"))?;
-                let reply: artifacts::Answer = serde_json::from_value(reply).map_err(|e| StageError::new(format!("the judge's reply to `{model}/{}` is malformed: {e}", a.id)))?;
+                let (reply, read, votes) = self.voted(&rubric, &mut results, &format!("{model}/{}", a.id))?;
                 let split = sample.split;
                 let mut verdict = judge::verdict(&a.id, split, sample.label.as_deref(), &a.text);
-                let read = rubric.read_verdict(&reply.text);
+                verdict.judge_votes = votes;
                 match &read {
                     Ok(v) => {
                         verdict.pass = Some(v.pass);
@@ -609,9 +635,8 @@ impl Stage for LlmJudgeStage {
             for (r, run) in later_runs(&answers, model, m).enumerate().skip(1) {
                 let mut verdicts = Vec::new();
                 for (a, sample) in dataset.join(model, &run).map_err(StageError::new)? {
-                    let (_, reply) = results.next().ok_or_else(|| StageError::new("fewer verdicts than answers"))?;
-                    let reply: artifacts::Answer = serde_json::from_value(reply).map_err(|e| StageError::new(format!("the judge's reply to `{model}/{}#{}` is malformed: {e}", a.id, r + 1)))?;
-                    let pass = rubric.read_verdict(&reply.text).ok().map(|v| v.pass);
+                    let (_, read, _) = self.voted(&rubric, &mut results, &format!("{model}/{}#{}", a.id, r + 1))?;
+                    let pass = read.ok().map(|v| v.pass);
                     verdicts.push(artifacts::Verdict { pass, ..judge::verdict(&a.id, sample.split, sample.label.as_deref(), &a.text) });
                 }
                 later[r - 1].insert(model.clone(), JudgedModel { splits: BTreeMap::new(), verdicts, agreement: None });
@@ -641,6 +666,50 @@ impl Stage for LlmJudgeStage {
             judge::add_repeats(&mut judgement, &later, n, self.config.bootstrap, input.seed);
         }
         Ok(judgement.to_json())
+    }
+}
+
+impl LlmJudgeStage {
+    /// Verdicts drawn per answer: `repeats` when the judge samples, else one.
+    fn votes(&self) -> usize {
+        match &self.config.repeats {
+            Some(n) if self.config.sampler.samples() => *n.get_ref(),
+            _ => 1,
+        }
+    }
+
+    /// The next answer's verdict from its replies (one per vote): the first reply, the verdict
+    /// (the majority of the readable ones, a tie a fail, filed under the failure mode most of its
+    /// fails name; or why none could be read), and the votes (passes, readable) when there were
+    /// several.
+    #[allow(clippy::type_complexity)]
+    fn voted(&self, rubric: &Rubric, results: &mut impl Iterator<Item = (Item, Value)>, what: &str) -> Result<(artifacts::Answer, Result<Verdict, String>, Option<[usize; 2]>), StageError> {
+        let mut replies = Vec::new();
+        for _ in 0..self.votes() {
+            let (_, reply) = results.next().ok_or_else(|| StageError::new("fewer verdicts than answers"))?;
+            let reply: artifacts::Answer = serde_json::from_value(reply).map_err(|e| StageError::new(format!("the judge's reply to `{what}` is malformed: {e}")))?;
+            replies.push(reply);
+        }
+        let reads: Vec<Result<Verdict, String>> = replies.iter().map(|r| rubric.read_verdict(&r.text)).collect();
+        let first = replies.swap_remove(0);
+        if reads.len() == 1 {
+            return Ok((first, reads.into_iter().next().expect("one read"), None));
+        }
+        let scored: Vec<&Verdict> = reads.iter().filter_map(|r| r.as_ref().ok()).collect();
+        let passes = scored.iter().filter(|v| v.pass).count();
+        let votes = Some([passes, scored.len()]);
+        if scored.is_empty() {
+            return Ok((first, Err(reads.into_iter().next().expect("one read").expect_err("none scored")), votes));
+        }
+        let pass = passes * 2 > scored.len();
+        let mut modes: BTreeMap<&str, usize> = BTreeMap::new();
+        for v in scored.iter().filter(|v| !v.pass) {
+            *modes.entry(v.failure_mode.as_deref().unwrap_or("unspecified")).or_default() += 1;
+        }
+        let failure_mode = (!pass).then(|| modes.iter().max_by_key(|(_, n)| **n).map(|(m, _)| m.to_string()).unwrap_or_else(|| "unspecified".into()));
+        // The reasoning of the first vote that agrees with the majority.
+        let reasoning = scored.iter().find(|v| v.pass == pass).map(|v| v.reasoning.clone()).unwrap_or_default();
+        Ok((first, Ok(Verdict { pass, reasoning, failure_mode }), votes))
     }
 }
 
