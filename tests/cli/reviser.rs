@@ -78,14 +78,11 @@ fn a_model_writes_the_rules_and_the_held_out_check_decides() {
     let revision = &revised["revision"];
     let system = revised["system"].as_str().unwrap();
     assert!(system.starts_with("You answer questions about numbers.\n\n{% raw %}Rules learned from mistakes:\n") && system.ends_with("{% endraw %}"), "{system}");
+    // Its reply is constrained to JSON whose rules fit `max_tokens`, so it is read.
     let summary = revised["summary"].as_str().unwrap();
-    if revision["revised_by"] == "smollm2-135m-instruct" {
-        assert!(summary.contains("(rules written by `smollm2-135m-instruct`)"), "{summary}");
-        assert!(!system.contains("A sample like the example below"), "the rule-based rules were used: {system}");
-    } else {
-        // Its reply could not be read: the rule-based rules, and the summary says so.
-        assert!(summary.contains("which is not the rules asked for: rule-based rules used"), "{summary}");
-    }
+    assert_eq!(revision["revised_by"], "smollm2-135m-instruct", "{summary}");
+    assert!(summary.contains("(rules written by `smollm2-135m-instruct`)"), "{summary}");
+    assert!(!system.contains("A sample like the example below"), "the rule-based rules were used: {system}");
     let targeted = revision["targeted"].as_array().unwrap();
     assert!(!targeted.is_empty(), "{revision:#}");
 

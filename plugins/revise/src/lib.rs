@@ -91,11 +91,14 @@ fn default_reviser_tokens() -> usize {
 /// The longest rules section a reviser may write.
 const MAX_RULES_CHARS: usize = 1200;
 
-/// What the reviser must reply.
-fn rules_schema() -> Value {
+/// What the reviser must reply: the rules as a string short enough to be closed within
+/// `max_tokens` (two characters a token at the least, less the JSON around it), so a reply that
+/// runs long still ends as the JSON asked for.
+fn rules_schema(max_tokens: usize) -> Value {
+    let longest = (2 * max_tokens).saturating_sub(16).clamp(1, MAX_RULES_CHARS);
     json!({
         "type": "object",
-        "properties": {"rules": {"type": "string", "minLength": 1, "maxLength": MAX_RULES_CHARS}},
+        "properties": {"rules": {"type": "string", "minLength": 1, "maxLength": longest}},
         "required": ["rules"],
         "additionalProperties": false,
     })
@@ -140,7 +143,7 @@ impl StagePlugin for Revise {
                     errors.push(cx.error_at(cx.key("reviser"), format!("`reviser.max_tokens` must be 16 to 4096, not {}", r.max_tokens), ""));
                 }
                 let sampler = infer::Sampler { max_tokens: r.max_tokens, ..Default::default() };
-                match infer::CalledModel::build(infer::ModelCall { catalog: &r.catalog, model: &r.model, schema: rules_schema(), sampler, prepare: r.prepare, http: &r.http }, cx) {
+                match infer::CalledModel::build(infer::ModelCall { catalog: &r.catalog, model: &r.model, schema: rules_schema(r.max_tokens), sampler, prepare: r.prepare, http: &r.http }, cx) {
                     Ok(model) => Some(model),
                     Err(e) => {
                         errors.extend(e);
