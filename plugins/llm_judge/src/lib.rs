@@ -533,7 +533,7 @@ impl Stage for LlmJudgeStage {
         let mut items = Vec::new();
         for (model, m) in &answers.models {
             // The first answers, then each later repeat's (`infer`'s `repeats`, when sampled).
-            for (r, run) in later_runs(&answers, model, m).enumerate() {
+            for (r, run) in later_runs(&answers, m).enumerate() {
                 for (a, sample) in dataset.join(model, &run).map_err(StageError::new)? {
                     let id = &a.id;
                     let messages = rubric
@@ -632,7 +632,7 @@ impl Stage for LlmJudgeStage {
             let agreement = (!pairs.is_empty()).then(|| judge::agreement(&pairs));
             all_pairs.extend(pairs);
             models.insert(model.clone(), JudgedModel { splits, verdicts, agreement });
-            for (r, run) in later_runs(&answers, model, m).enumerate().skip(1) {
+            for (r, run) in later_runs(&answers, m).enumerate().skip(1) {
                 let mut verdicts = Vec::new();
                 for (a, sample) in dataset.join(model, &run).map_err(StageError::new)? {
                     let (_, read, _) = self.voted(&rubric, &mut results, &format!("{model}/{}#{}", a.id, r + 1))?;
@@ -858,9 +858,9 @@ impl LlmJudgeStage {
 
 /// A model's answers per repeat judged (the first, then each later one drawn): one run when
 /// answers were not repeated, or were decoded greedily (every repeat the same answer).
-fn later_runs<'a>(answers: &'a Answers, model: &'a str, m: &'a ModelAnswers) -> impl Iterator<Item = ModelAnswers> + 'a {
+fn later_runs<'a>(answers: &'a Answers, m: &'a ModelAnswers) -> impl Iterator<Item = ModelAnswers> + 'a {
     let runs = if m.repeats.is_empty() { 1 } else { answers.runs(m).len() };
-    (0..runs).map(move |r| if r == 0 { m.clone() } else { answers.repeat(r).models.remove(model).expect("the model has answers") })
+    (0..runs).map(move |r| if r == 0 { m.clone() } else { ModelAnswers { answers: answers.runs(m)[r].to_vec(), repeats: Vec::new(), ..m.clone() } })
 }
 
 fn summary(best: Option<(&str, &SplitScores)>, agreement: Option<&Agreement>, judge: &str) -> String {

@@ -296,6 +296,21 @@ impl Stage for RenderStage {
         let env = environment();
         let mut context = input.fields;
         context.insert("id".into(), Value::String(input.id));
+        // A conversation's earlier turns go as they are; its last is the template's `prompt`.
+        let earlier = match &input.conversation {
+            None => Vec::new(),
+            Some(field) => {
+                let mut turns = conversation(context.get(field), field)?;
+                let last = turns.pop().expect("a conversation has a last turn");
+                if input.system.is_some() && turns.first().is_some_and(|t| t.role == "system") {
+                    return Err(StageError::new(format!(
+                        "the conversation in `{field}` begins with a system turn, and the prompt has a `system` message too: keep one (the prompt's is the one `revise` can change)"
+                    )));
+                }
+                context.insert(LAST_TURN.into(), Value::String(last.content));
+                turns
+            }
+        };
         let render = |source: &str| {
             env.render_str(source, minijinja::Value::from(minijinja::value::Serde(&context))).map_err(|e| {
                 let at = e.line().map(|l| format!(" (template line {l})")).unwrap_or_default();
@@ -306,25 +321,7 @@ impl Stage for RenderStage {
         if let Some(system) = &input.system {
             messages.push(Message::new("system", render(system)?));
         }
-        let Some(field) = &input.conversation else {
-            messages.push(Message::new("user", render(&input.template)?));
-            return Ok(serde_json::to_value(messages).expect("messages serialize"));
-        };
-        let mut turns = conversation(context.get(field), field)?;
-        let last = turns.pop().expect("a conversation has a last turn");
-        if input.system.is_some() && turns.first().is_some_and(|t| t.role == "system") {
-            return Err(StageError::new(format!(
-                "the conversation in `{field}` begins with a system turn, and the prompt has a `system` message too: keep one (the prompt's is the one `revise` can change)"
-            )));
-        }
-        messages.extend(turns);
-        context.insert(LAST_TURN.into(), Value::String(last.content));
-        let render = |source: &str| {
-            env.render_str(source, minijinja::Value::from(minijinja::value::Serde(&context))).map_err(|e| {
-                let at = e.line().map(|l| format!(" (template line {l})")).unwrap_or_default();
-                StageError::new(format!("{}{at}", e.detail().map(str::to_string).unwrap_or_else(|| e.to_string())))
-            })
-        };
+        messages.extend(earlier);
         messages.push(Message::new("user", render(&input.template)?));
         Ok(serde_json::to_value(messages).expect("messages serialize"))
     }
