@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::{Project, items, text};
 
-pub(crate) const WORDS: [(&str, &str); 6] = [
+const WORDS: [(&str, &str); 6] = [
     ("kettle", "A kettle is a pot with a spout and a handle for boiling water."),
     ("harbor", "A harbor is a sheltered stretch of water where ships can anchor."),
     ("glacier", "A glacier is a slow-moving mass of ice formed from packed snow."),
@@ -15,7 +15,7 @@ pub(crate) const WORDS: [(&str, &str); 6] = [
     ("pebble", "A pebble is a small stone made smooth by water."),
 ];
 
-pub(crate) const RUBRIC: &str = r#"task = "Each answer defines a word in one sentence."
+const RUBRIC: &str = r#"task = "Each answer defines a word in one sentence."
 pass = ["the definition is correct", "it is one sentence"]
 fail = ["the definition is wrong or about another word", "it rambles"]
 template = """Word: {{ input.word }}
@@ -27,12 +27,8 @@ description = "defines the word wrongly"
 fix = "Ask for the word's common meaning."
 "#;
 
-fn pipeline(against: &str) -> String {
-    format!(
-        r#"description = "Definitions, compared in pairs with reference definitions"
-seed = 11
-
-[stages.words]
+/// The definitions task up to SmolLM2's answers, as stages of a pipeline file.
+pub(crate) const WORD_STAGES: &str = r#"[stages.words]
 kind = "dataset"
 path = "words.jsonl"
 label = "definition"
@@ -51,8 +47,24 @@ kind = "infer"
 needs = ["rendered"]
 catalog = "../catalogs/open-models.toml"
 models = ["smollm2-135m-instruct"]
-sampler = {{ max_tokens = 24, stop = ["\n"] }}
+sampler = { max_tokens = 24, stop = ["\n"] }
+"#;
 
+/// Writes the definitions task's files (the words, the template, the rubric) into `p`; its
+/// stages are [`WORD_STAGES`].
+pub(crate) fn write_definitions(p: &Project) {
+    let data: String = WORDS.iter().enumerate().map(|(i, (word, def))| format!("{{\"id\": \"w{i}\", \"word\": \"{word}\", \"definition\": \"{def}\"}}\n")).collect();
+    p.write("words.jsonl", &data);
+    p.write("word.j2", "Define the word \"{{ word }}\" in one sentence.");
+    p.write("definitions.toml", RUBRIC);
+}
+
+fn pipeline(against: &str) -> String {
+    format!(
+        r#"description = "Definitions, compared in pairs with reference definitions"
+seed = 11
+
+{WORD_STAGES}
 [stages.compared]
 kind = "llm_judge"
 needs = ["words", "answers"]
@@ -73,10 +85,7 @@ win_rate = {{ min = 0 }}
 #[test]
 fn pairs_are_judged_in_both_orders_and_a_flip_is_a_tie() {
     let p = Project::new();
-    let data: String = WORDS.iter().enumerate().map(|(i, (word, def))| format!("{{\"id\": \"w{i}\", \"word\": \"{word}\", \"definition\": \"{def}\"}}\n")).collect();
-    p.write("words.jsonl", &data);
-    p.write("word.j2", "Define the word \"{{ word }}\" in one sentence.");
-    p.write("definitions.toml", RUBRIC);
+    write_definitions(&p);
     p.write("words.toml", &pipeline("reference"));
     let (code, events, out) = p.run_logged_on("words.toml", &[]);
     assert_eq!(code, 0, "{}{}", text(&out.stdout), text(&out.stderr));

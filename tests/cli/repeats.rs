@@ -150,35 +150,12 @@ fn repeats_draw_seeded_answers_judged_together_and_more_compute_only_the_new_one
 #[test]
 fn a_judge_draws_several_verdicts_and_the_majority_decides() {
     let p = Project::new();
-    let data: String = crate::pairwise::WORDS.iter().enumerate().map(|(i, (word, def))| format!("{{\"id\": \"w{i}\", \"word\": \"{word}\", \"definition\": \"{def}\"}}\n")).collect();
-    p.write("words.jsonl", &data);
-    p.write("word.j2", "Define the word \"{{ word }}\" in one sentence.");
-    p.write("definitions.toml", crate::pairwise::RUBRIC);
+    crate::pairwise::write_definitions(&p);
     let judged = |temperature: f64| {
         format!(
             r#"seed = 8
 
-[stages.words]
-kind = "dataset"
-path = "words.jsonl"
-label = "definition"
-heldout = 0.5
-
-[stages.prompt]
-kind = "prompt"
-template = "word.j2"
-
-[stages.rendered]
-kind = "render"
-needs = ["words", "prompt"]
-
-[stages.answers]
-kind = "infer"
-needs = ["rendered"]
-catalog = "../catalogs/open-models.toml"
-models = ["smollm2-135m-instruct"]
-sampler = {{ max_tokens = 24, stop = ["\n"] }}
-
+{stages}
 [stages.graded]
 kind = "llm_judge"
 needs = ["words", "answers"]
@@ -188,7 +165,8 @@ rubric = "definitions.toml"
 sampler = {{ max_tokens = 64, temperature = {temperature} }}
 repeats = 3
 bootstrap = 50
-"#
+"#,
+            stages = crate::pairwise::WORD_STAGES
         )
     };
     p.write("graded.toml", &judged(0.8));

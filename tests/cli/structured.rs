@@ -97,11 +97,9 @@ fn quoted(v: &str) -> String {
     format!("\"{}\"", v.replace('"', "\"\""))
 }
 
-/// The same golden set as CSV and as TSV is the same dataset: the `dataset` stage reruns on the
-/// new file and its output is byte for byte the JSON lines' one, so nothing after it reruns — the
-/// real model's answers stay memoized.
-#[test]
-fn csv_and_tsv_golden_sets_are_the_same_dataset_as_json_lines() {
+/// Six tickets answered by SmolLM2 and judged, for a golden set written another way to be
+/// compared with: the project, and the dataset and judgement as `show` prints them.
+fn answered_tickets() -> (Project, Vec<u8>, Vec<u8>) {
     let p = Project::new();
     p.keep_tickets(6);
     p.write(
@@ -114,6 +112,15 @@ fn csv_and_tsv_golden_sets_are_the_same_dataset_as_json_lines() {
     assert_eq!(code, 0, "{}{}", text(&out.stdout), text(&out.stderr));
     let dataset = p.run(&["show", "select.toml", "tickets"]).stdout;
     let judged = p.run(&["show", "select.toml", "judge"]).stdout;
+    (p, dataset, judged)
+}
+
+/// The same golden set as CSV and as TSV is the same dataset: the `dataset` stage reruns on the
+/// new file and its output is byte for byte the JSON lines' one, so nothing after it reruns — the
+/// real model's answers stay memoized.
+#[test]
+fn csv_and_tsv_golden_sets_are_the_same_dataset_as_json_lines() {
+    let (p, dataset, judged) = answered_tickets();
     let tickets: Vec<Value> = p.read("data/tickets.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     // A header row; a byte-order mark and Windows line ends on the CSV, as a spreadsheet writes it.
     let row = |t: &Value, sep: &str| ["id", "text", "intent"].map(|k| quoted(t[k].as_str().unwrap())).join(sep);
@@ -144,18 +151,7 @@ fn csv_and_tsv_golden_sets_are_the_same_dataset_as_json_lines() {
 /// named by its row.
 #[test]
 fn parquet_and_arrow_golden_sets_from_datasets_are_the_same_dataset_as_json_lines() {
-    let p = Project::new();
-    p.keep_tickets(6);
-    p.write(
-        "select.toml",
-        &(p.read("select.toml")
-            + "\n[stages.answers]\nkind = \"infer\"\nneeds = [\"rendered\"]\ncatalog = \"../catalogs/open-models.toml\"\nmodels = [\"smollm2-135m-instruct\"]\nsampler = { max_tokens = 6, stop = [\"\\n\"] }\n"
-            + "\n[stages.judge]\nkind = \"judge\"\nneeds = [\"tickets\", \"answers\"]\nbootstrap = 50\n"),
-    );
-    let (code, _, out) = p.run_logged(&[]);
-    assert_eq!(code, 0, "{}{}", text(&out.stdout), text(&out.stderr));
-    let dataset = p.run(&["show", "select.toml", "tickets"]).stdout;
-    let judged = p.run(&["show", "select.toml", "judge"]).stdout;
+    let (p, dataset, judged) = answered_tickets();
     let fixtures = crate::root().join("tests/cli/fixtures");
     let mut current = "data/tickets.jsonl".to_string();
     for file in ["tickets.parquet", "tickets.zstd.parquet", "tickets.arrow"] {
