@@ -79,6 +79,63 @@ fn vec_dot_f32<T: UpcastF32 + Copy>(a: &[T], b: &[T]) -> f32 {
     sum
 }
 
+/// Keys a block of [`dot_scores`] scores together: one lane per key.
+const SCORE_LANES: usize = 16;
+
+/// Local change (vendor/README.md): the keys of one (batch, KV head) transposed to
+/// `[d][keys rounded up to SCORE_LANES]` in f32, so that [`dot_scores`] reads one key per lane.
+/// Built once per (batch, KV head) and shared by every query row and head that reads it.
+fn transpose_keys<T: UpcastF32 + Copy>(
+    k_data: &[T],
+    k_base: usize,
+    key_stride: usize,
+    kv_len: usize,
+    d: usize,
+) -> Vec<f32> {
+    let padded = kv_len.div_ceil(SCORE_LANES) * SCORE_LANES;
+    let mut kt = vec![0f32; d * padded];
+    for kv_pos in 0..kv_len {
+        let row = &k_data[k_base + kv_pos * key_stride..][..d];
+        for (d_i, x) in row.iter().enumerate() {
+            kt[d_i * padded + kv_pos] = x.to_f32();
+        }
+    }
+    kt
+}
+
+/// Local change (vendor/README.md): `vec_dot_f32(q_row, key)` for every key of `kt` (from
+/// [`transpose_keys`]) at once, into `scores`. Each lane holds one key and adds its products in
+/// exactly `vec_dot_f32`'s order (per chunk of four, left to right, then to the running sum; the
+/// tail one by one), with separate multiplies and adds, so every score is bitwise what
+/// `vec_dot_f32` gives; the lanes are independent, so they run as vector instructions instead of
+/// one dependent chain per key.
+fn dot_scores<T: UpcastF32 + Copy>(q_row: &[T], kt: &[f32], scores: &mut [f32]) {
+    let d = q_row.len();
+    let padded = kt.len() / d.max(1);
+    let q: Vec<f32> = q_row.iter().map(|x| x.to_f32()).collect();
+    let whole = d / DOT_CHUNK * DOT_CHUNK;
+    for (block, out) in scores.chunks_mut(SCORE_LANES).enumerate() {
+        let lane0 = block * SCORE_LANES;
+        let col = |d_i: usize| -> &[f32; SCORE_LANES] {
+            kt[d_i * padded + lane0..][..SCORE_LANES].try_into().unwrap()
+        };
+        let mut sum = [0f32; SCORE_LANES];
+        for c in (0..whole).step_by(DOT_CHUNK) {
+            let (k0, k1, k2, k3) = (col(c), col(c + 1), col(c + 2), col(c + 3));
+            for l in 0..SCORE_LANES {
+                sum[l] += q[c] * k0[l] + q[c + 1] * k1[l] + q[c + 2] * k2[l] + q[c + 3] * k3[l];
+            }
+        }
+        for d_i in whole..d {
+            let k = col(d_i);
+            for l in 0..SCORE_LANES {
+                sum[l] += q[d_i] * k[l];
+            }
+        }
+        out.copy_from_slice(&sum[..out.len()]);
+    }
+}
+
 #[inline]
 fn clamp_index(idx: usize, dim: usize) -> usize {
     if dim == 0 {
@@ -608,6 +665,15 @@ where
         _ => None,
     };
 
+    // Local change (vendor/README.md): the keys transposed once per (batch, KV head), for
+    // `dot_scores`.
+    let keys_t: Vec<Vec<f32>> = FLASH_ATTN_POOL.install(|| {
+        (0..b * k_h)
+            .into_par_iter()
+            .map(|i| transpose_keys(k_data, (i / k_h) * kstride[0] + (i % k_h) * kstride[2], kstride[1], kv_len, d))
+            .collect()
+    });
+
     FLASH_ATTN_POOL.install(|| {
         out.par_chunks_mut(dv)
             .with_min_len(64)
@@ -636,19 +702,18 @@ where
                 // Q row
                 let q_base = b_i * qstride[0] + q_pos * qstride[1] + h_i * qstride[2];
                 let q_row = &q_data[q_base..q_base + d];
+                let mut scores = vec![0f32; kv_len];
+                dot_scores(q_row, &keys_t[b_i * k_h + k_head], &mut scores);
 
                 for kv_pos in 0..kv_len {
-                    // -------- ping‑pong prefetch of next KV row --------
+                    // -------- ping‑pong prefetch of next V row (K was read above) --------
                     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
                     {
                         let next_pos = kv_pos + 1;
                         if next_pos < kv_len {
-                            let next_k_base =
-                                b_i * kstride[0] + next_pos * kstride[1] + k_head * kstride[2];
                             let next_v_base =
                                 b_i * vstride[0] + next_pos * vstride[1] + v_head * vstride[2];
                             unsafe {
-                                prefetch(k_data.as_ptr().add(next_k_base) as *const u8);
                                 prefetch(v_data.as_ptr().add(next_v_base) as *const u8);
                             }
                         }
@@ -663,12 +728,8 @@ where
                         continue;
                     }
 
-                    // K row
-                    let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
-                    let k_row = &k_data[k_base..k_base + d];
-
-                    // dot(Q, K)
-                    let mut s_val = vec_dot_f32(q_row, k_row);
+                    // dot(Q, K): computed above for every key (bitwise `vec_dot_f32`)
+                    let mut s_val = scores[kv_pos];
                     let mut scale_applied = scale;
                     if logit_softcap != 0.0 {
                         scale_applied /= logit_softcap;
@@ -765,6 +826,35 @@ mod tests {
                 assert_eq!(vec_dot_f32(&a, &b).to_bits(), indexed(&a, &b).to_bits(), "f16, len {len}, seed {seed}");
             }
         }
+    }
+
+    /// Local change (vendor/README.md): the prefill kernel's scores, all keys at once from the
+    /// transposed keys, are bitwise `vec_dot_f32` of the query row and each key — f32 and f16,
+    /// head sizes 1 to 70, key counts below, at and past a block of lanes, keys strided as the KV
+    /// cache hands them over (other heads' rows between them).
+    #[test]
+    fn dot_scores_are_bitwise_vec_dot_f32_per_key() {
+        fn check<T: UpcastF32 + Copy + std::fmt::Debug>(conv: impl Fn(f32) -> T, what: &str) {
+            for d in 1..=70 {
+                for kv_len in [1, 3, 15, 16, 17, 40] {
+                    let scaled = |v: Vec<f32>| -> Vec<T> {
+                        v.iter().enumerate().map(|(i, x)| conv(x * 10f32.powi((i % 7) as i32 - 3))).collect()
+                    };
+                    let q = scaled(values(d, d as u64));
+                    // Two KV heads interleaved per position, the second one read: offset d, stride 2d.
+                    let k = scaled(values(2 * d * kv_len, 7 + kv_len as u64));
+                    let kt = transpose_keys(&k, d, 2 * d, kv_len, d);
+                    let mut scores = vec![f32::NAN; kv_len];
+                    dot_scores(&q, &kt, &mut scores);
+                    for (kv_pos, score) in scores.iter().enumerate() {
+                        let key = &k[d + kv_pos * 2 * d..][..d];
+                        assert_eq!(score.to_bits(), vec_dot_f32(&q, key).to_bits(), "{what}, d {d}, {kv_len} keys, key {kv_pos}");
+                    }
+                }
+            }
+        }
+        check(|x| x, "f32");
+        check(f16::from_f32, "f16");
     }
 
     /// Local change (vendor/README.md): a decode step (q_len 1) over a batch gives every
