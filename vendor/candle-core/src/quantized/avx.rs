@@ -9,6 +9,23 @@ use core::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
+/// Local change (vendor/README.md): `f16::to_f32` as a kernel's loop should do it. `half`'s
+/// conversion compiles to `vpinsrw` into whatever register is at hand — in these loops, the
+/// accumulator — so each block's scale waited for the previous block's multiply-add: a false
+/// dependency that chained every block of a dot product. `vmovd` zero-extends into a fresh
+/// register; `vcvtph2ps` then converts exactly as `half` does (the same f32, bitwise).
+#[inline(always)]
+pub(crate) unsafe fn f16_to_f32(x: f16) -> f32 {
+    #[cfg(target_feature = "f16c")]
+    {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(x.to_bits() as i32)))
+    }
+    #[cfg(not(target_feature = "f16c"))]
+    {
+        f16::to_f32(x)
+    }
+}
+
 #[inline(always)]
 pub(crate) unsafe fn sum_i16_pairs_float(x: __m256i) -> __m256 {
     let ones = _mm256_set1_epi16(1);
@@ -55,7 +72,7 @@ pub(crate) fn vec_dot_q4_0_q8_0(n: usize, xs: &[BlockQ4_0], ys: &[BlockQ8_0]) ->
     unsafe {
         let mut acc = _mm256_setzero_ps();
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = _mm256_set1_ps(f16::to_f32(x.d) * f16::to_f32(y.d));
+            let d = _mm256_set1_ps(f16_to_f32(x.d) * f16_to_f32(y.d));
             let bx = bytes_from_nibbles_32(x.qs.as_ptr());
             let off = _mm256_set1_epi8(8);
             let bx = _mm256_sub_epi8(bx, off);
@@ -76,7 +93,7 @@ pub(crate) fn vec_dot_q8_0_q8_0(n: usize, xs: &[BlockQ8_0], ys: &[BlockQ8_0]) ->
     unsafe {
         let mut acc = _mm256_setzero_ps();
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = _mm256_set1_ps(f16::to_f32(x.d) * f16::to_f32(y.d));
+            let d = _mm256_set1_ps(f16_to_f32(x.d) * f16_to_f32(y.d));
             let bx = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
             let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
             let q = mul_sum_i8_pairs_float(bx, by);
@@ -91,7 +108,8 @@ pub(crate) fn vec_dot_q8_0_q8_0(n: usize, xs: &[BlockQ8_0], ys: &[BlockQ8_0]) ->
 /// per block the same scale product, integer dot and fused multiply-add into its own
 /// accumulator, blocks in the same order, the same horizontal sum — so `[r][c]` is bitwise
 /// `vec_dot_q8_0_q8_0(n, xs[c], ys[r])`; what changes is that each block is loaded once for all
-/// eight, and eight independent chains of multiply-adds keep the core busy instead of one.
+/// eight, and eight independent chains of multiply-adds keep the core busy instead of one. On a
+/// CPU with AVX-512 VNNI the same results come from [`vec_dot_q8_0_q8_0_2x4_vnni`].
 #[inline(always)]
 pub(crate) fn vec_dot_q8_0_q8_0_2x4(
     n: usize,
@@ -102,6 +120,16 @@ pub(crate) fn vec_dot_q8_0_q8_0_2x4(
         n.is_multiple_of(QK8_0),
         "vec_dot_q8_0_q8_0: {n} is not divisible by {QK8_0}"
     );
+    if has_avx512_vnni() {
+        // SAFETY: the CPU has the features (checked just above).
+        return unsafe { vec_dot_q8_0_q8_0_2x4_vnni(xs, ys) };
+    }
+    vec_dot_q8_0_q8_0_2x4_avx2(xs, ys)
+}
+
+/// The AVX2 form of [`vec_dot_q8_0_q8_0_2x4`], for CPUs without AVX-512 VNNI.
+#[inline(always)]
+pub(crate) fn vec_dot_q8_0_q8_0_2x4_avx2(xs: [&[BlockQ8_0]; 4], ys: [&[BlockQ8_0]; 2]) -> [[f32; 4]; 2] {
     // `vec_dot_q8_0_q8_0` zips its two slices: as many blocks as the shorter has.
     let blocks = xs.iter().chain(ys.iter()).map(|s| s.len()).min().unwrap_or(0);
     unsafe {
@@ -109,11 +137,11 @@ pub(crate) fn vec_dot_q8_0_q8_0_2x4(
         for i in 0..blocks {
             let bx: [__m256i; 4] =
                 std::array::from_fn(|c| _mm256_loadu_si256(xs[c][i].qs.as_ptr() as *const __m256i));
-            let dx: [f32; 4] = std::array::from_fn(|c| f16::to_f32(xs[c][i].d));
+            let dx: [f32; 4] = std::array::from_fn(|c| f16_to_f32(xs[c][i].d));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let y = &ys[r][i];
                 let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-                let dy = f16::to_f32(y.d);
+                let dy = f16_to_f32(y.d);
                 for c in 0..4 {
                     let d = _mm256_set1_ps(dx[c] * dy);
                     let q = mul_sum_i8_pairs_float(bx[c], by);
@@ -123,6 +151,52 @@ pub(crate) fn vec_dot_q8_0_q8_0_2x4(
         }
         std::array::from_fn(|r| std::array::from_fn(|c| hsum_float_8(acc[r][c])))
     }
+}
+
+/// Local change (vendor/README.md): whether this CPU runs the 256-bit AVX-512 VNNI forms that
+/// [`vec_dot_q8_0_q8_0_2x4_vnni`] uses (checked at run time: the build targets AVX2).
+#[inline]
+pub(crate) fn has_avx512_vnni() -> bool {
+    std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// Local change (vendor/README.md): [`vec_dot_q8_0_q8_0_2x4`] with AVX-512 VNNI's `vpdpbusd`
+/// (four u8 × i8 products summed into each i32 lane in one instruction). Bitwise the same: per
+/// lane AVX2's `maddubs` + `madd` sum the same four products (bytes `4j..4j+3`) exactly — `maddubs`
+/// cannot saturate on `|x| · y` of two i8 — and so does `vpdpbusd`; only how the exact integer is
+/// reached changes. `vpdpbusd` wants an unsigned operand: `x ^ 0x80` is `x + 128`, and starting
+/// the lane's sum at `-128 · Σ y` (per row and block, shared by the four columns) leaves exactly
+/// `Σ x · y`. The scale product, conversion, fused multiply-add and horizontal sum are
+/// `vec_dot_q8_0_q8_0`'s (the product of two broadcast scales is the scalar product).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA, AVX512-VNNI and AVX512-VL ([`has_avx512_vnni`]).
+#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+pub(crate) unsafe fn vec_dot_q8_0_q8_0_2x4_vnni(
+    xs: [&[BlockQ8_0]; 4],
+    ys: [&[BlockQ8_0]; 2],
+) -> [[f32; 4]; 2] {
+    let blocks = xs.iter().chain(ys.iter()).map(|s| s.len()).min().unwrap_or(0);
+    let zero = _mm256_setzero_si256();
+    let bias = _mm256_set1_epi8(-128i8);
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    for i in 0..blocks {
+        let xu: [__m256i; 4] = std::array::from_fn(|c| {
+            _mm256_xor_si256(_mm256_loadu_si256(xs[c][i].qs.as_ptr() as *const __m256i), bias)
+        });
+        let dx: [__m256; 4] = std::array::from_fn(|c| _mm256_set1_ps(f16_to_f32(xs[c][i].d)));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let y = &ys[r][i];
+            let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+            let start = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, bias, by));
+            let dy = _mm256_set1_ps(f16_to_f32(y.d));
+            for c in 0..4 {
+                let q = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, xu[c], by));
+                acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dx[c], dy), q, acc[c]);
+            }
+        }
+    }
+    std::array::from_fn(|r| std::array::from_fn(|c| hsum_float_8(acc[r][c])))
 }
 
 #[inline(always)]

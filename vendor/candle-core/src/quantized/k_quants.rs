@@ -2650,6 +2650,53 @@ mod tests {
         check::<f32>(40);
     }
 
+    /// Local change (vendor/README.md): both forms of the Q8_0 2×4 kernel — AVX2, and AVX-512
+    /// VNNI where this CPU has it — are bitwise `vec_dot` for every element, over weights of the
+    /// whole i8 range (-128 included), activations of the range `from_float` makes (-127 to 127:
+    /// it scales by the largest magnitude over 127), and scales of many magnitudes. (An
+    /// activation of -128 beside a negative weight overflows AVX2's sign trick, `-(-128)`; the
+    /// VNNI form computes that product right, so there they would part.)
+    #[cfg(target_feature = "avx2")]
+    #[test]
+    fn q8_0_2x4_kernels_are_bitwise_vec_dot() {
+        use super::super::avx;
+        let mut state = 0x2545f4914f6cdd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let block = |next: &mut dyn FnMut() -> u64, lowest: i8| BlockQ8_0 {
+            d: f16::from_f32(((next() % 2000) as f32 - 1000.0) * 10f32.powi((next() % 7) as i32 - 6)),
+            qs: std::array::from_fn(|_| match next() % 8 {
+                0 => lowest,
+                1 => 127,
+                _ => (next() as i8).max(lowest),
+            }),
+        };
+        let vnni = avx::has_avx512_vnni();
+        if !vnni {
+            eprintln!("this CPU has no AVX-512 VNNI: only the AVX2 kernel is checked");
+        }
+        for blocks in [1, 2, 5, 18, 40] {
+            for _ in 0..20 {
+                let cols: Vec<Vec<BlockQ8_0>> = (0..4).map(|_| (0..blocks).map(|_| block(&mut next, -128)).collect()).collect();
+                let rows: Vec<Vec<BlockQ8_0>> = (0..2).map(|_| (0..blocks).map(|_| block(&mut next, -127)).collect()).collect();
+                let xs = [&cols[0][..], &cols[1][..], &cols[2][..], &cols[3][..]];
+                let ys = [&rows[0][..], &rows[1][..]];
+                let n = blocks * QK8_0;
+                let want: [[u32; 4]; 2] = std::array::from_fn(|r| std::array::from_fn(|c| BlockQ8_0::vec_dot(n, xs[c], ys[r]).to_bits()));
+                let bits = |v: [[f32; 4]; 2]| v.map(|row| row.map(f32::to_bits));
+                assert_eq!(bits(avx::vec_dot_q8_0_q8_0_2x4_avx2(xs, ys)), want, "AVX2, {blocks} blocks");
+                if vnni {
+                    // SAFETY: the CPU has the features (checked above).
+                    assert_eq!(bits(unsafe { avx::vec_dot_q8_0_q8_0_2x4_vnni(xs, ys) }), want, "VNNI, {blocks} blocks");
+                }
+            }
+        }
+    }
+
     #[test]
     fn matmul_refuses_a_short_output() {
         let rhs_t = vec![0f32; 2 * 4];
