@@ -153,6 +153,69 @@ pub(crate) fn vec_dot_q8_0_q8_0_2x4_avx2(xs: [&[BlockQ8_0]; 4], ys: [&[BlockQ8_0
     }
 }
 
+/// Local change (vendor/README.md): [`vec_dot_q8_0_q8_0`] of four weight columns with four
+/// activation rows: `[r][c]` is bitwise `vec_dot_q8_0_q8_0(n, xs[c], ys[r])`. With AVX-512 VNNI,
+/// one kernel shares each block's loads, offset and scales between sixteen dot products
+/// ([`vec_dot_q8_0_q8_0_4x4_vnni`]); without, two calls of the 2×4 kernel.
+#[inline(always)]
+pub(crate) fn vec_dot_q8_0_q8_0_4x4(
+    n: usize,
+    xs: [&[BlockQ8_0]; 4],
+    ys: [&[BlockQ8_0]; 4],
+) -> [[f32; 4]; 4] {
+    if has_avx512_vnni() {
+        // SAFETY: the CPU has the features (checked just above).
+        return unsafe { vec_dot_q8_0_q8_0_4x4_vnni(xs, ys) };
+    }
+    let top = vec_dot_q8_0_q8_0_2x4(n, xs, [ys[0], ys[1]]);
+    let bottom = vec_dot_q8_0_q8_0_2x4(n, xs, [ys[2], ys[3]]);
+    [top[0], top[1], bottom[0], bottom[1]]
+}
+
+/// A block's f16 scale converted into all eight lanes (`vpbroadcastw`, `vcvtph2ps`): the same f32
+/// in every lane as `f16::to_f32`, and the product of two of these is the broadcast product of
+/// the two scalars.
+#[inline(always)]
+unsafe fn scale_x8(d: f16) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(d.to_bits() as i16))
+}
+
+/// Local change (vendor/README.md): the 4×4 form of [`vec_dot_q8_0_q8_0_2x4_vnni`], the same
+/// arithmetic per result (see there); each weight block's offset and scale serve four rows, each
+/// activation block's starting sums and scale four columns.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL ([`has_avx512_vnni`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(crate) unsafe fn vec_dot_q8_0_q8_0_4x4_vnni(
+    xs: [&[BlockQ8_0]; 4],
+    ys: [&[BlockQ8_0]; 4],
+) -> [[f32; 4]; 4] {
+    let blocks = xs.iter().chain(ys.iter()).map(|s| s.len()).min().unwrap_or(0);
+    let (xp, yp) = (xs.map(<[BlockQ8_0]>::as_ptr), ys.map(<[BlockQ8_0]>::as_ptr));
+    let zero = _mm256_setzero_si256();
+    let bias = _mm256_set1_epi8(-128i8);
+    let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+    for i in 0..blocks {
+        // SAFETY: `i` is below every slice's length.
+        let x: [&BlockQ8_0; 4] = std::array::from_fn(|c| &*xp[c].add(i));
+        let xu: [__m256i; 4] =
+            std::array::from_fn(|c| _mm256_xor_si256(_mm256_loadu_si256(x[c].qs.as_ptr() as *const __m256i), bias));
+        let dx: [__m256; 4] = std::array::from_fn(|c| scale_x8(x[c].d));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let y = &*yp[r].add(i);
+            let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+            let start = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, bias, by));
+            let dy = scale_x8(y.d);
+            for c in 0..4 {
+                let q = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, xu[c], by));
+                acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dx[c], dy), q, acc[c]);
+            }
+        }
+    }
+    std::array::from_fn(|r| std::array::from_fn(|c| hsum_float_8(acc[r][c])))
+}
+
 /// Local change (vendor/README.md): whether this CPU runs the 256-bit AVX-512 VNNI forms that
 /// [`vec_dot_q8_0_q8_0_2x4_vnni`] uses (checked at run time: the build targets AVX2).
 #[inline]

@@ -59,6 +59,15 @@ pub trait GgmlType: Sized + Clone + Send + Sync {
     fn vec_dot_2x4(n: usize, xs: [&[Self]; 4], ys: [&[Self::VecDotType]; 2]) -> [[f32; 4]; 2] {
         std::array::from_fn(|r| std::array::from_fn(|c| Self::vec_dot(n, xs[c], ys[r])))
     }
+
+    /// Local change (vendor/README.md): `vec_dot` of four columns `xs` with four rows `ys`;
+    /// element `[r][c]` is bitwise `Self::vec_dot(n, xs[c], ys[r])`. By default two calls of
+    /// `vec_dot_2x4`.
+    fn vec_dot_4x4(n: usize, xs: [&[Self]; 4], ys: [&[Self::VecDotType]; 4]) -> [[f32; 4]; 4] {
+        let top = Self::vec_dot_2x4(n, xs, [ys[0], ys[1]]);
+        let bottom = Self::vec_dot_2x4(n, xs, [ys[2], ys[3]]);
+        [top[0], top[1], bottom[0], bottom[1]]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -670,6 +679,12 @@ impl GgmlType for BlockQ8_0 {
     #[cfg(target_feature = "avx2")]
     fn vec_dot_2x4(n: usize, xs: [&[Self]; 4], ys: [&[Self::VecDotType]; 2]) -> [[f32; 4]; 2] {
         super::avx::vec_dot_q8_0_q8_0_2x4(n, xs, ys)
+    }
+
+    // Local change (vendor/README.md): sixteen dot products sharing their loads (AVX-512 VNNI).
+    #[cfg(target_feature = "avx2")]
+    fn vec_dot_4x4(n: usize, xs: [&[Self]; 4], ys: [&[Self::VecDotType]; 4]) -> [[f32; 4]; 4] {
+        super::avx::vec_dot_q8_0_q8_0_4x4(n, xs, ys)
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
@@ -2313,8 +2328,8 @@ pub fn matmul<T: GgmlType>(
     // Local change (vendor/README.md): one parallel loop per matmul, over tiles of rows × columns,
     // instead of one per row of `lhs` (a 133-token prompt was 133 fork/joins per matmul, and every
     // row streamed all the weights). Every element is `T::vec_dot` of its column and row, or comes
-    // from `vec_dot_2x4`, which computes eight of them sharing their loads and is tested bitwise
-    // equal to it: the result is bitwise that of the loop per row.
+    // from `vec_dot_4x4` or `vec_dot_2x4`, which compute sixteen or eight of them sharing their
+    // loads and are tested bitwise equal to it: the result is bitwise that of the loop per row.
     let lhs_b = lhs_b.as_slice();
     if dst.len() < m * n {
         crate::bail!("unexpected dst length {} ({m},{k},{n})", dst.len());
@@ -2336,10 +2351,29 @@ pub fn matmul<T: GgmlType>(
             // hold `m * n`), and each (row, column) belongs to exactly one tile, so no two tasks
             // write the same element.
             let put = |row: usize, col: usize, value: f32| unsafe { *dst_ptr.get().add(row * n + col) = value };
-            // Pairs of rows × quads of columns through `vec_dot_2x4`; the rest (at the edges of
-            // the matrix) one element at a time. Both are bitwise `vec_dot`.
-            let (pairs_end, quads_end) = (rows.start + rows.len() / 2 * 2, cols.start + cols.len() / 4 * 4);
-            for row in (rows.start..pairs_end).step_by(2) {
+            // Quads of rows × quads of columns through `vec_dot_4x4`, then a pair of rows through
+            // `vec_dot_2x4`; the rest (at the edges of the matrix) one element at a time. All are
+            // bitwise `vec_dot`.
+            let quads_end = cols.start + cols.len() / 4 * 4;
+            let row_quads_end = rows.start + rows.len() / 4 * 4;
+            let pairs_end = row_quads_end + (rows.end - row_quads_end) / 2 * 2;
+            for row in (rows.start..row_quads_end).step_by(4) {
+                let ys = [lhs_row(row), lhs_row(row + 1), lhs_row(row + 2), lhs_row(row + 3)];
+                for col in (cols.start..quads_end).step_by(4) {
+                    let values = T::vec_dot_4x4(k, [rhs_col(col), rhs_col(col + 1), rhs_col(col + 2), rhs_col(col + 3)], ys);
+                    for (r, values) in values.iter().enumerate() {
+                        for (c, &value) in values.iter().enumerate() {
+                            put(row + r, col + c, value);
+                        }
+                    }
+                }
+                for col in quads_end..cols.end {
+                    for (r, y) in ys.iter().enumerate() {
+                        put(row + r, col, T::vec_dot(k, rhs_col(col), y));
+                    }
+                }
+            }
+            for row in (row_quads_end..pairs_end).step_by(2) {
                 for col in (cols.start..quads_end).step_by(4) {
                     let values = T::vec_dot_2x4(
                         k,
@@ -2650,15 +2684,15 @@ mod tests {
         check::<f32>(40);
     }
 
-    /// Local change (vendor/README.md): both forms of the Q8_0 2×4 kernel — AVX2, and AVX-512
-    /// VNNI where this CPU has it — are bitwise `vec_dot` for every element, over weights of the
+    /// Local change (vendor/README.md): the Q8_0 2×4 and 4×4 kernels — AVX2, and AVX-512 VNNI
+    /// where this CPU has it — are bitwise `vec_dot` for every element, over weights of the
     /// whole i8 range (-128 included), activations of the range `from_float` makes (-127 to 127:
     /// it scales by the largest magnitude over 127), and scales of many magnitudes. (An
     /// activation of -128 beside a negative weight overflows AVX2's sign trick, `-(-128)`; the
     /// VNNI form computes that product right, so there they would part.)
     #[cfg(target_feature = "avx2")]
     #[test]
-    fn q8_0_2x4_kernels_are_bitwise_vec_dot() {
+    fn q8_0_multi_kernels_are_bitwise_vec_dot() {
         use super::super::avx;
         let mut state = 0x2545f4914f6cdd1du64;
         let mut next = move || {
@@ -2682,16 +2716,19 @@ mod tests {
         for blocks in [1, 2, 5, 18, 40] {
             for _ in 0..20 {
                 let cols: Vec<Vec<BlockQ8_0>> = (0..4).map(|_| (0..blocks).map(|_| block(&mut next, -128)).collect()).collect();
-                let rows: Vec<Vec<BlockQ8_0>> = (0..2).map(|_| (0..blocks).map(|_| block(&mut next, -127)).collect()).collect();
+                let rows: Vec<Vec<BlockQ8_0>> = (0..4).map(|_| (0..blocks).map(|_| block(&mut next, -127)).collect()).collect();
                 let xs = [&cols[0][..], &cols[1][..], &cols[2][..], &cols[3][..]];
-                let ys = [&rows[0][..], &rows[1][..]];
+                let ys = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
                 let n = blocks * QK8_0;
-                let want: [[u32; 4]; 2] = std::array::from_fn(|r| std::array::from_fn(|c| BlockQ8_0::vec_dot(n, xs[c], ys[r]).to_bits()));
-                let bits = |v: [[f32; 4]; 2]| v.map(|row| row.map(f32::to_bits));
-                assert_eq!(bits(avx::vec_dot_q8_0_q8_0_2x4_avx2(xs, ys)), want, "AVX2, {blocks} blocks");
+                let want: [[u32; 4]; 4] = std::array::from_fn(|r| std::array::from_fn(|c| BlockQ8_0::vec_dot(n, xs[c], ys[r]).to_bits()));
+                let bits = |v: &[[f32; 4]]| v.iter().map(|row| row.map(f32::to_bits)).collect::<Vec<_>>();
+                let pair = [ys[0], ys[1]];
+                assert_eq!(bits(&avx::vec_dot_q8_0_q8_0_2x4_avx2(xs, pair)), want[..2], "AVX2 2x4, {blocks} blocks");
+                assert_eq!(bits(&BlockQ8_0::vec_dot_4x4(n, xs, ys)), want, "4x4 as dispatched, {blocks} blocks");
                 if vnni {
                     // SAFETY: the CPU has the features (checked above).
-                    assert_eq!(bits(unsafe { avx::vec_dot_q8_0_q8_0_2x4_vnni(xs, ys) }), want, "VNNI, {blocks} blocks");
+                    assert_eq!(bits(&unsafe { avx::vec_dot_q8_0_q8_0_2x4_vnni(xs, pair) }), want[..2], "VNNI 2x4, {blocks} blocks");
+                    assert_eq!(bits(&unsafe { avx::vec_dot_q8_0_q8_0_4x4_vnni(xs, ys) }), want, "VNNI 4x4, {blocks} blocks");
                 }
             }
         }
