@@ -4,7 +4,7 @@ use itertools::Itertools;
 use tracing::info;
 
 use crate::{
-    kv_cache::RecurrentStateSnapshot, paged_attention::block_hash::BlockHash, pipeline::KvCache,
+    kv_cache::{RecurrentStateSnapshot, SingleCache}, paged_attention::block_hash::BlockHash, pipeline::KvCache,
     sequence::Sequence,
 };
 
@@ -68,6 +68,27 @@ pub enum MatchingCache {
     },
 }
 
+/// Local change (vendor/README.md): a normal layer cache holding only its own positions, in
+/// tensors of its own (the same values; a capacity of exactly its length, which grows again on
+/// the next append).
+fn compact(cache: &KvCache) -> KvCache {
+    let KvCache::Normal { k, v } = cache else {
+        return cache.clone();
+    };
+    let own = |c: &SingleCache| -> Option<SingleCache> {
+        let len = c.current_seq_len;
+        if c.row_lens.is_some() || len == 0 {
+            return None;
+        }
+        let data = c.all_data.as_ref()?.narrow(c.dim, 0, len).ok()?.force_contiguous().ok()?;
+        Some(SingleCache { all_data: Some(data), capacity_seq_len: len, ..c.clone() })
+    };
+    match (own(k), own(v)) {
+        (Some(k), Some(v)) => KvCache::Normal { k, v },
+        _ => cache.clone(),
+    }
+}
+
 impl PrefixCacheManagerV2 {
     pub fn new(n_on_device: usize, no_prefix_cache: bool, has_paged_attention: bool) -> Self {
         if !no_prefix_cache && !has_paged_attention {
@@ -100,7 +121,11 @@ impl PrefixCacheManagerV2 {
         // For paged attention, prefix caching is handled by the KVCacheManager.
         // PrefixCacheManagerV2 only handles non-paged attention caching.
         if !self.has_paged_attention {
-            let cache = seq.normal_cache().to_vec();
+            // Local change (vendor/README.md): each normal layer cache is copied down to the
+            // positions it holds. A decoding sequence's cache is a view into its batch's tensor
+            // (every row, at the largest capacity): kept as it was, each finished sequence held
+            // its whole batch's KV memory alive for as long as the prefix cache kept it.
+            let cache = seq.normal_cache().iter().map(|c| c.as_ref().map(compact)).collect();
 
             self.caches.insert(
                 seq.get_toks().to_vec().into(),

@@ -103,6 +103,30 @@ impl Sdpa {
     /// 1) If using flash attn (CUDA), use a flash attention V2/V3 kernel
     /// 2) If decoding and using a Metal device, use a fused kkernel
     /// 2) Otherwise, use the "naive" SDPA implementation (with optimized mask+softmax+scale application)
+    /// Local change (vendor/README.md): attention for one decode step of a batch whose rows of
+    /// `k` and `v` are valid only up to `row_lens[b]` positions (sequences of different lengths
+    /// batched together, right-padded). CPU only; each row's result is bitwise what the row
+    /// gives alone through `run_attention`.
+    pub fn run_attention_rows(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        row_lens: &[usize],
+        sdpa_params: &SdpaParams,
+    ) -> Result<Tensor> {
+        if !q.device().is_cpu() || sdpa_params.sinks.is_some() || q.dim(2)? != 1 {
+            candle_core::bail!("attention over rows of different lengths: CPU decode steps only");
+        }
+        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
+        match q.dtype() {
+            DType::F32 => cpu::run_flash_attn_cpu_rows::<f32>(&q, &k, &v, row_lens, sdpa_params),
+            DType::F16 => cpu::run_flash_attn_cpu_rows::<half::f16>(&q, &k, &v, row_lens, sdpa_params),
+            DType::BF16 => cpu::run_flash_attn_cpu_rows::<half::bf16>(&q, &k, &v, row_lens, sdpa_params),
+            _ => Err(candle_core::Error::Msg("Unsupported data type".into())),
+        }
+    }
+
     #[allow(unused_variables, clippy::too_many_arguments)]
     pub fn run_attention(
         &self,

@@ -219,6 +219,11 @@ impl Engine {
         // Configure prefix caching on the scheduler based on the global no_prefix_cache flag
         // This ensures PagedAttention prefix caching respects the same setting
         get_mut_arcmutex!(scheduler).set_prefix_caching_enabled(!no_prefix_cache);
+        // Local change (vendor/README.md): decode sequences of different lengths together where
+        // the pipeline can (and only with a KV cache to hold their lengths).
+        if !no_kv_cache && get_mut_arcmutex!(pipeline).decodes_mixed_lengths() {
+            get_mut_arcmutex!(scheduler).set_mixed_length_decoding(true);
+        }
 
         let has_paged_attention = get_mut_arcmutex!(scheduler).kv_cache_manager().is_some();
 

@@ -184,6 +184,15 @@ impl KvCache {
         matches!(self, Self::Rotating { .. })
     }
 
+    /// Local change (vendor/README.md): each batch row's length when the rows' lengths differ
+    /// (see `SingleCache::row_lens`); attention must then read each row only that far.
+    pub fn row_lens(&self) -> Option<&[usize]> {
+        match self {
+            Self::Normal { k, .. } => k.row_lens.as_deref(),
+            Self::Rotating { .. } | Self::Shared { .. } => None,
+        }
+    }
+
     pub fn is_shared(&self) -> bool {
         matches!(self, Self::Shared { .. })
     }
@@ -260,6 +269,37 @@ impl NormalCache {
 
 pub struct NormalCacheManager;
 
+/// Local change (vendor/README.md): for a batch of sequences whose normal caches at `layer` have
+/// different lengths or capacities, the largest capacity and, where the lengths differ, each
+/// sequence's length; `None` when they are all alike (upstream's batch, assembled as before) or
+/// a cache is not normal.
+fn row_shapes(
+    seqs: &mut [&mut crate::sequence::Sequence],
+    layer: usize,
+    modify_draft_cache: bool,
+) -> Option<(Option<Vec<usize>>, usize)> {
+    let mut lens = Vec::with_capacity(seqs.len());
+    let mut capacities = Vec::with_capacity(seqs.len());
+    for seq in seqs.iter_mut() {
+        let cache = if modify_draft_cache {
+            seq.normal_draft_cache()
+        } else {
+            seq.normal_cache()
+        };
+        match cache.get(layer)?.as_ref()? {
+            KvCache::Normal { k, .. } if k.all_data.is_some() => {
+                lens.push(k.current_seq_len);
+                capacities.push(k.all_data.as_ref()?.dims()[2]);
+            }
+            _ => return None,
+        }
+    }
+    let same_lens = lens.windows(2).all(|w| w[0] == w[1]);
+    let same_capacities = capacities.windows(2).all(|w| w[0] == w[1]);
+    (!same_lens || !same_capacities)
+        .then(|| ((!same_lens).then_some(lens), capacities.into_iter().max().unwrap_or(0)))
+}
+
 impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCacheManager {
     fn clone_in_cache(
         &self,
@@ -269,6 +309,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
     ) {
         let mut new_k_cache = Vec::new();
         let mut new_v_cache = Vec::new();
+        let mut new_rows = Vec::new();
 
         for layer in 0..pipeline.get_metadata().num_hidden_layers {
             // Preallocate combined k and v caches across all sequences, avoiding Tensor::cat copies
@@ -283,6 +324,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                 let Some(cache) = src_cache.get(layer).unwrap().as_ref() else {
                     new_k_cache.push(None);
                     new_v_cache.push(None);
+                    new_rows.push(None);
                     continue;
                 };
                 match cache {
@@ -295,6 +337,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                     KvCache::Shared { .. } => {
                         new_k_cache.push(None);
                         new_v_cache.push(None);
+                        new_rows.push(None);
                         continue;
                     }
                 }
@@ -304,6 +347,13 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
             let mut dims_v = first_v.dims().to_vec();
             dims_k[0] *= batch_len;
             dims_v[0] *= batch_len;
+            // Local change (vendor/README.md): sequences of different lengths may have caches of
+            // different capacities; the batch takes the largest, each row its own prefix.
+            let rows = row_shapes(seqs, layer, modify_draft_cache);
+            if let Some((_, capacity)) = rows.as_ref() {
+                dims_k[2] = *capacity;
+                dims_v[2] = *capacity;
+            }
             let batch_k = Tensor::zeros(dims_k.clone(), first_k.dtype(), first_k.device()).unwrap();
             let batch_v = Tensor::zeros(dims_v.clone(), first_v.dtype(), first_v.device()).unwrap();
             // Fill each sequence's cache slice
@@ -326,11 +376,24 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                     KvCache::Shared { .. } => continue,
                 };
                 let offset = i * first_k.dims()[0];
-                batch_k.slice_set(&src_k, 0, offset).unwrap();
-                batch_v.slice_set(&src_v, 0, offset).unwrap();
+                if rows.is_some() {
+                    // Only the positions the sequence holds: the rest of a row is never read
+                    // (attention stops at the row's length) and is overwritten as it grows.
+                    let len = cache.current_seq_len();
+                    if len > 0 {
+                        let rows_k = batch_k.narrow(0, offset, src_k.dims()[0]).unwrap();
+                        let rows_v = batch_v.narrow(0, offset, src_v.dims()[0]).unwrap();
+                        rows_k.slice_set(&src_k.narrow(2, 0, len).unwrap().contiguous().unwrap(), 2, 0).unwrap();
+                        rows_v.slice_set(&src_v.narrow(2, 0, len).unwrap().contiguous().unwrap(), 2, 0).unwrap();
+                    }
+                } else {
+                    batch_k.slice_set(&src_k, 0, offset).unwrap();
+                    batch_v.slice_set(&src_v, 0, offset).unwrap();
+                }
             }
             new_k_cache.push(Some(batch_k));
             new_v_cache.push(Some(batch_v));
+            new_rows.push(rows);
         }
 
         let seq0_cache = if modify_draft_cache {
@@ -340,7 +403,8 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
         };
 
         let mut caches = Vec::new();
-        for (layer_idx, (k_cache, v_cache)) in new_k_cache.into_iter().zip(new_v_cache).enumerate()
+        for (layer_idx, ((k_cache, v_cache), rows)) in
+            new_k_cache.into_iter().zip(new_v_cache).zip(new_rows).enumerate()
         {
             // Use this for the various parameters. Assumes all seqs are from one model.
             let Some(cache_ref) = seq0_cache[layer_idx].as_ref() else {
@@ -352,9 +416,16 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
             match cache_ref {
                 KvCache::Normal { k: old_k, .. } => {
                     let template_cache_dim = old_k.dim;
-                    let template_cache_csl = old_k.current_seq_len;
+                    let mut template_cache_csl = old_k.current_seq_len;
                     let template_cache_msl = old_k.max_seq_len;
-                    let template_cache_capsl = old_k.capacity_seq_len;
+                    let mut template_cache_capsl = old_k.capacity_seq_len;
+                    // Local change (vendor/README.md): rows of different lengths keep theirs.
+                    let row_lens = rows.and_then(|(lens, capacity)| {
+                        template_cache_capsl = capacity;
+                        let lens = lens?;
+                        template_cache_csl = lens.iter().copied().max().unwrap_or(0);
+                        Some(lens)
+                    });
 
                     caches.push(KvCache::Normal {
                         k: SingleCache {
@@ -363,6 +434,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                             current_seq_len: template_cache_csl,
                             max_seq_len: template_cache_msl,
                             capacity_seq_len: template_cache_capsl,
+                            row_lens: row_lens.clone(),
                         },
                         v: SingleCache {
                             all_data: v_cache.map(|x| x.contiguous().unwrap()),
@@ -370,6 +442,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                             current_seq_len: template_cache_csl,
                             max_seq_len: template_cache_msl,
                             capacity_seq_len: template_cache_capsl,
+                            row_lens,
                         },
                     });
                 }
@@ -453,20 +526,27 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                         k: cache_k,
                         v: cache_v,
                     } => {
+                        // Local change (vendor/README.md): a row of a batch of different
+                        // lengths goes back to its sequence with its own length.
+                        let len = |c: &SingleCache| {
+                            c.row_lens.as_ref().map_or(c.current_seq_len, |lens| lens[seq_i])
+                        };
                         *seq_cache = Some(KvCache::Normal {
                             k: SingleCache {
                                 all_data: Some(k),
                                 dim: cache_k.dim,
-                                current_seq_len: cache_k.current_seq_len,
+                                current_seq_len: len(cache_k),
                                 max_seq_len: cache_k.max_seq_len,
                                 capacity_seq_len: cache_k.capacity_seq_len,
+                                row_lens: None,
                             },
                             v: SingleCache {
                                 all_data: Some(v),
                                 dim: cache_v.dim,
-                                current_seq_len: cache_v.current_seq_len,
+                                current_seq_len: len(cache_v),
                                 max_seq_len: cache_v.max_seq_len,
                                 capacity_seq_len: cache_v.capacity_seq_len,
+                                row_lens: None,
                             },
                         });
                     }
@@ -611,6 +691,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                             current_seq_len: 0,
                             max_seq_len: template_cache_msl,
                             capacity_seq_len: k_cache.dims()[template_cache_dim],
+                            row_lens: None,
                         },
                         v: SingleCache {
                             all_data: Some(v_cache.zeros_like().unwrap()),
@@ -618,6 +699,7 @@ impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCa
                             current_seq_len: 0,
                             max_seq_len: template_cache_msl,
                             capacity_seq_len: k_cache.dims()[template_cache_dim],
+                            row_lens: None,
                         },
                     };
                     *layer = cache;

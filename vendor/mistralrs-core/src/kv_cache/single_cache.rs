@@ -13,6 +13,11 @@ pub struct SingleCache {
     pub current_seq_len: usize,
     pub capacity_seq_len: usize,
     pub max_seq_len: usize,
+    /// Local change (vendor/README.md): the length of each batch row when the rows' lengths
+    /// differ (a batch of decoding sequences of different lengths, right-padded); `None` when
+    /// every row is `current_seq_len` long, as upstream has it. `current_seq_len` is then the
+    /// longest row.
+    pub row_lens: Option<Vec<usize>>,
 }
 
 impl SingleCache {
@@ -23,6 +28,7 @@ impl SingleCache {
             current_seq_len: 0,
             max_seq_len,
             capacity_seq_len,
+            row_lens: None,
         }
     }
 
@@ -53,6 +59,7 @@ impl SingleCache {
     pub fn reset(&mut self) {
         self.current_seq_len = 0;
         self.all_data = None;
+        self.row_lens = None;
     }
 
     pub fn try_set_len(&self, len: usize) -> candle_core::Result<()> {
@@ -67,13 +74,52 @@ impl SingleCache {
     }
 
     pub fn set_len(&mut self, len: usize) -> candle_core::Result<()> {
+        if self.row_lens.is_some() {
+            candle_core::bail!("kv-cache: set_len on a batch whose rows have different lengths");
+        }
         self.try_set_len(len)?;
         self.current_seq_len = len;
         Ok(())
     }
 
     pub fn append(&mut self, src: &Tensor) -> Result<()> {
+        if self.row_lens.is_some() {
+            return self.append_rows(src);
+        }
         let seq_len = src.dim(self.dim)?;
+        self.reserve(src, seq_len)?;
+        let ad = self.all_data.as_mut().unwrap();
+
+        ad.slice_set(src, self.dim, self.current_seq_len)?;
+        self.current_seq_len += seq_len;
+        Ok(())
+    }
+
+    /// Local change (vendor/README.md): appends one position to each row of a batch whose rows
+    /// have different lengths, each at its own row's end (`row_lens`), so that every row holds
+    /// exactly what it holds when its sequence runs alone. Decode steps only (one new position).
+    fn append_rows(&mut self, src: &Tensor) -> Result<()> {
+        let seq_len = src.dim(self.dim)?;
+        if seq_len != 1 || self.dim == 0 {
+            candle_core::bail!("kv-cache: rows of different lengths take one new position each, got {seq_len}");
+        }
+        let mut lens = self.row_lens.clone().unwrap();
+        if lens.len() != src.dim(0)? {
+            candle_core::bail!("kv-cache: {} row lengths for a batch of {}", lens.len(), src.dim(0)?);
+        }
+        self.reserve(src, seq_len)?;
+        let ad = self.all_data.as_ref().unwrap();
+        for (row, len) in lens.iter_mut().enumerate() {
+            ad.narrow(0, row, 1)?.slice_set(&src.narrow(0, row, 1)?, self.dim, *len)?;
+            *len += seq_len;
+        }
+        self.current_seq_len = lens.iter().copied().max().unwrap_or(0);
+        self.row_lens = Some(lens);
+        Ok(())
+    }
+
+    /// Makes room for `seq_len` more positions after `current_seq_len` (the longest row).
+    fn reserve(&mut self, src: &Tensor, seq_len: usize) -> Result<()> {
         // This doesn't seem very idiomatic but because the creation can fail, it's tricky to use
         // self.all_data.get_or_insert_with.
         if self.all_data.is_none() {
@@ -101,11 +147,6 @@ impl SingleCache {
             ad.slice_set(self.all_data.as_ref().unwrap(), self.dim, 0)?;
             self.all_data = Some(ad);
         }
-
-        let ad = self.all_data.as_mut().unwrap();
-
-        ad.slice_set(src, self.dim, self.current_seq_len)?;
-        self.current_seq_len += seq_len;
         Ok(())
     }
 }

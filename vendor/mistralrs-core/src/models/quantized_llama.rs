@@ -196,7 +196,12 @@ impl LayerWeights {
             None => {
                 let (k, v) = kv_cache.append(&k, &v)?;
 
-                Sdpa.run_attention(&q, &k, &v, mask, None, &self.sdpa_params)?
+                // Local change (vendor/README.md): a decode batch of sequences of different
+                // lengths reads each row of the cache only as far as its own length.
+                match kv_cache.row_lens() {
+                    Some(lens) => Sdpa.run_attention_rows(&q, &k, &v, lens, &self.sdpa_params)?,
+                    None => Sdpa.run_attention(&q, &k, &v, mask, None, &self.sdpa_params)?,
+                }
             }
         };
 

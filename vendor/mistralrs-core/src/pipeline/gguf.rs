@@ -741,6 +741,18 @@ impl MetadataMixin for GGUFPipeline {
 
 #[async_trait::async_trait]
 impl Pipeline for GGUFPipeline {
+    // Local change (vendor/README.md): the quantized Llama model (SmolLM2 and other
+    // Llama-architecture GGUFs) on CPU, with the normal KV cache and no sliding window, reads each
+    // row of a mixed-length decode batch only to its own length (`quantized_llama.rs`).
+    fn decodes_mixed_lengths(&self) -> bool {
+        matches!(self.model, Model::Llama(_))
+            && self.device().is_cpu()
+            && self.metadata.cache_config.is_none()
+            && self.metadata.sliding_window.is_none()
+            && !self.no_kv_cache
+            && !self.metadata.is_xlora
+    }
+
     fn forward_inputs(
         &mut self,
         inputs: Box<dyn Any>,

@@ -481,6 +481,13 @@ pub trait Pipeline:
     + MetadataMixin
     + AnyMoePipelineMixin
 {
+    /// Local change (vendor/README.md): whether one forward pass may decode sequences whose
+    /// lengths differ (their KV rows right-padded, each read only to its own length), each row
+    /// computing bitwise what it computes alone. Off unless a pipeline's model does so.
+    fn decodes_mixed_lengths(&self) -> bool {
+        false
+    }
+
     fn forward_inputs(
         &mut self,
         inputs: Box<dyn Any>,

@@ -66,20 +66,50 @@ pub trait BucketingManager<Backer: FcfsBacker>: Send + Sync {
         waiting: Backer,
         discrete: bool,
     ) -> BucketedSeqs<Backer>;
+
+    /// Local change (vendor/README.md): see `FixedBucketingManager::mixed_length_completions`.
+    fn set_mixed_length_completions(&mut self, _enabled: bool) {}
 }
 
 // (cache length, (has_imgs && is_prompt), sequence offset)
 // Bucket by that metric for images because if we are not a prompt, then this doesn't apply
 type BucketKey = (usize, bool, usize);
 
-struct FixedBucketingManager;
+struct FixedBucketingManager {
+    /// Local change (vendor/README.md): when the pipeline decodes sequences of different lengths
+    /// in one forward pass (`Pipeline::decodes_mixed_lengths`), every decoding sequence runs in
+    /// each step, beside the one bucket of prompts chosen as before; otherwise (upstream) one
+    /// bucket of equal lengths runs, prompts and decoding sequences alike.
+    mixed_length_completions: bool,
+}
 
 impl<Backer: FcfsBacker> BucketingManager<Backer> for FixedBucketingManager {
+    fn set_mixed_length_completions(&mut self, enabled: bool) {
+        self.mixed_length_completions = enabled;
+    }
+
     /// Move the sequences into buckets, and run the ones with the shortest lengths.
     /// The others are moved to the waiting list (retaining high priority due to start time),
     /// without a state modification.
     fn bucket_and_waitlist_seqs_waiting(
         &mut self,
+        running: Vec<Sequence>,
+        waiting: Backer,
+        discrete: bool,
+    ) -> BucketedSeqs<Backer> {
+        if !self.mixed_length_completions {
+            return Self::bucket(running, waiting, discrete);
+        }
+        let (mut completions, prompts): (Vec<_>, Vec<_>) =
+            running.into_iter().partition(|seq| seq.is_completion());
+        let BucketedSeqs { running, waiting } = Self::bucket(prompts, waiting, discrete);
+        completions.extend(running);
+        BucketedSeqs { running: completions, waiting }
+    }
+}
+
+impl FixedBucketingManager {
+    fn bucket<Backer: FcfsBacker>(
         running: Vec<Sequence>,
         mut waiting: Backer,
         discrete: bool,
@@ -180,7 +210,7 @@ pub struct DefaultScheduler<Backer: FcfsBacker> {
 impl<Backer: FcfsBacker> DefaultScheduler<Backer> {
     pub fn new(method: DefaultSchedulerMethod) -> Self {
         let bucketing_manager: Box<dyn BucketingManager<_>> = match method {
-            DefaultSchedulerMethod::Fixed(_) => Box::new(FixedBucketingManager),
+            DefaultSchedulerMethod::Fixed(_) => Box::new(FixedBucketingManager { mixed_length_completions: false }),
         };
         Self {
             running: Vec::new(),
@@ -358,6 +388,9 @@ impl Scheduler for DefaultScheduler<VecDeque<Sequence>> {
     fn kv_cache_manager(&self) -> Option<Arc<tokio::sync::Mutex<KVCacheManager>>> {
         None
     }
+    fn set_mixed_length_decoding(&mut self, enabled: bool) {
+        self.bucketing_manager.set_mixed_length_completions(enabled);
+    }
     fn set_prefix_caching_enabled(&mut self, _enabled: bool) {
         // DefaultScheduler doesn't use PagedAttention prefix caching
     }
@@ -439,6 +472,38 @@ mod tests {
         assert_eq!(ids, [0, 1]);
         assert!(out.completion.is_empty());
         assert_eq!(s.waiting.len(), 3);
+    }
+
+    /// With mixed-length decoding (`set_mixed_length_decoding`), every decoding sequence runs
+    /// in the step, whatever its length, beside one bucket of prompts of equal length; without
+    /// it (upstream), one bucket of equal lengths runs.
+    #[test]
+    fn decodes_every_length_together_when_the_pipeline_can() {
+        use crate::scheduler::Scheduler;
+        let logger = IntervalLogger::new(Duration::from_secs(3600), None);
+        for mixed in [false, true] {
+            let mut s = scheduler(8);
+            s.set_mixed_length_decoding(mixed);
+            for (id, len) in [(0, 8), (1, 9), (2, 10)] {
+                let seq = sequence(id, len);
+                seq.set_state(SequenceState::RunningCompletion);
+                s.running.push(seq);
+            }
+            for (id, len) in [(3, 5), (4, 5), (5, 7)] {
+                s.waiting.push_back(sequence(id, len));
+            }
+            let out = DefaultScheduler::schedule(&mut s, &logger);
+            let mut completion: Vec<usize> = out.completion.iter().map(|seq| *seq.id()).collect();
+            completion.sort();
+            let prompt_lens: Vec<usize> = out.prompt.iter().map(|seq| seq.len()).collect();
+            if mixed {
+                assert_eq!(completion, [0, 1, 2]);
+                assert!(!prompt_lens.is_empty() && prompt_lens.iter().all(|&l| l == prompt_lens[0]), "{prompt_lens:?}");
+            } else {
+                let lens: Vec<usize> = out.completion.iter().chain(out.prompt.iter()).map(|seq| seq.len()).collect();
+                assert!(!lens.is_empty() && lens.iter().all(|&l| l == lens[0]), "one bucket, got lengths {lens:?}");
+            }
+        }
     }
 
     /// A sequence sent back to waiting mid-generation (another length bucket ran) resumes

@@ -69,4 +69,8 @@ pub trait Scheduler: Send + Sync {
     /// Set whether prefix caching is enabled. Called by Engine after creation
     /// to synchronize with the global no_prefix_cache setting.
     fn set_prefix_caching_enabled(&mut self, enabled: bool);
+
+    /// Local change (vendor/README.md): the pipeline decodes sequences of different lengths in
+    /// one forward pass (`Pipeline::decodes_mixed_lengths`), so a scheduler may run them together.
+    fn set_mixed_length_decoding(&mut self, _enabled: bool) {}
 }

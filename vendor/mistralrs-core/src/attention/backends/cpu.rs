@@ -336,6 +336,40 @@ pub fn run_flash_attn_cpu<T>(
 where
     T: WithDType + Sum + num_traits::real::Real + DowncastF32 + UpcastF32 + Copy,
 {
+    run_flash_attn_cpu_with::<T>(q, k, v, mask, sdpa_params, None)
+}
+
+/// Local change (vendor/README.md): a decode step (query length 1) of a batch whose KV rows are
+/// valid only up to `row_lens[b]` positions: each row attends to exactly its own positions, in
+/// exactly the tiles and order it does alone, so its result is bitwise the same.
+pub fn run_flash_attn_cpu_rows<T>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    row_lens: &[usize],
+    sdpa_params: &SdpaParams,
+) -> Result<Tensor>
+where
+    T: WithDType + Sum + num_traits::real::Real + DowncastF32 + UpcastF32 + Copy,
+{
+    let (b, q_len, kv_len) = (q.dim(0)?, q.dim(1)?, k.dim(1)?);
+    if q_len != 1 || row_lens.len() != b || row_lens.iter().any(|&len| len == 0 || len > kv_len) {
+        candle_core::bail!("attention over rows: {b} rows of lengths {row_lens:?} (at most {kv_len}), query length {q_len}");
+    }
+    run_flash_attn_cpu_with::<T>(q, k, v, None, sdpa_params, Some(row_lens))
+}
+
+fn run_flash_attn_cpu_with<T>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    sdpa_params: &SdpaParams,
+    row_lens: Option<&[usize]>,
+) -> Result<Tensor>
+where
+    T: WithDType + Sum + num_traits::real::Real + DowncastF32 + UpcastF32 + Copy,
+{
     // Inline CPU slice extraction for q, k, v, and optional mask
     let (q_guard, q_layout) = q.storage_and_layout();
     let q_data: &[T] = if let Storage::Cpu(cpu) = &*q_guard {
@@ -406,6 +440,7 @@ where
             sdpa_params.softmax_scale,
             0.0,
             sdpa_params.softcap.unwrap_or(0.0),
+            row_lens,
         );
     }
 
@@ -446,12 +481,16 @@ fn flash_attn_cpu_single_q<T>(
     scale: f32,
     max_bias: f32,
     logit_softcap: f32,
+    row_lens: Option<&[usize]>,
 ) -> Result<Tensor>
 where
     T: WithDType + Copy + UpcastF32 + DowncastF32,
 {
     let (b, _q_len, h, d) = (qshape[0], qshape[1], qshape[2], qshape[3]);
     let kv_len = kshape[1];
+    // Local change (vendor/README.md): how far row `b_i` of K and V is valid (all of it unless
+    // the batch's rows have different lengths). A row reads the same tiles as it does alone.
+    let row_len = |b_i: usize| row_lens.map_or(kv_len, |lens| lens[b_i]);
     let kv_tiles = kv_len.div_ceil(TILE_KV);
     let dv = d;
 
@@ -483,9 +522,12 @@ where
     FLASH_ATTN_POOL.install(|| {
         (0..kv_tiles).into_par_iter().for_each(|tile_idx| {
             let start = tile_idx * TILE_KV;
-            let end = (start + TILE_KV).min(kv_len);
 
             for b_i in 0..b {
+                let end = (start + TILE_KV).min(row_len(b_i));
+                if start >= end {
+                    continue;
+                }
                 for h_i in 0..h {
                     // Per‑head slope for ALiBi / NTK bias.
                     let slope = if max_bias > 0.0 {
@@ -588,7 +630,7 @@ where
             let mut s = scratch_s[first];
             let mut m = scratch_m[first];
 
-            for tile_idx in 1..kv_tiles {
+            for tile_idx in 1..row_len(b_i).div_ceil(TILE_KV) {
                 let base_s = (b_i * kv_tiles + tile_idx) * h + h_i;
                 let base = base_s * dv;
 
@@ -895,6 +937,61 @@ mod tests {
                     "sequence {b_i} of {b}, kv_len {kv_len}"
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Local change (vendor/README.md): a decode step over a batch whose rows have different
+    /// lengths (right-padded, the padding NaN so that reading it would show) gives every row
+    /// bitwise what its sequence gets alone — lengths within one tile, at and past a tile
+    /// boundary, several tiles.
+    #[test]
+    fn rows_of_different_lengths_attend_as_each_sequence_alone() -> CandleResult<()> {
+        let (h, kv_h, d, capacity) = (4, 2, 8, 64);
+        let lens = [5, TILE_KV, TILE_KV + 1, 3 * TILE_KV + 7, 1];
+        let b = lens.len();
+        let sdpa = SdpaParams {
+            softmax_scale: 1.0 / (d as f32).sqrt(),
+            softcap: None,
+            n_kv_groups: h / kv_h,
+            sliding_window: None,
+            sinks: None,
+        };
+        let longest = *lens.iter().max().unwrap();
+        let q = Tensor::from_vec(values(b * h * d, 11), (b, h, 1, d), &Device::Cpu)?.transpose(1, 2)?;
+        // Each row's own positions from `values`, the rest NaN; (b, kv_heads, capacity, d) as the
+        // cache holds it, narrowed to the longest row and transposed as attention receives it.
+        let cache = |seed| -> CandleResult<(Vec<f32>, Tensor)> {
+            let mut data = values(b * kv_h * capacity * d, seed);
+            for (row, &len) in lens.iter().enumerate() {
+                for head in 0..kv_h {
+                    let base = (row * kv_h + head) * capacity * d;
+                    data[base + len * d..base + capacity * d].fill(f32::NAN);
+                }
+            }
+            let t = Tensor::from_vec(data.clone(), (b, kv_h, capacity, d), &Device::Cpu)?
+                .narrow(2, 0, longest)?
+                .transpose(1, 2)?;
+            Ok((data, t))
+        };
+        let ((k_data, k), (v_data, v)) = (cache(12)?, cache(13)?);
+        let batched = run_flash_attn_cpu_rows::<f32>(&q, &k, &v, &lens, &sdpa)?;
+        assert_eq!(batched.dims(), &[b, h, 1, d]);
+        let bits = |t: &Tensor| -> CandleResult<Vec<u32>> {
+            Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect())
+        };
+        for (row, &len) in lens.iter().enumerate() {
+            // The sequence alone: its own cache, as long as it is, with a capacity of its own.
+            let own = |data: &[f32]| -> CandleResult<Tensor> {
+                let rows = &data[row * kv_h * capacity * d..(row + 1) * kv_h * capacity * d];
+                Tensor::from_vec(rows.to_vec(), (1, kv_h, capacity, d), &Device::Cpu)?
+                    .narrow(2, 0, len)?
+                    .transpose(1, 2)
+            };
+            let alone = run_flash_attn_cpu::<f32>(&q.narrow(0, row, 1)?, &own(&k_data)?, &own(&v_data)?, None, &sdpa)?;
+            let got = bits(&batched.narrow(0, row, 1)?)?;
+            assert!(got.iter().all(|x| !f32::from_bits(*x).is_nan()), "row {row} read padding");
+            assert_eq!(got, bits(&alone)?, "row {row}, length {len}");
         }
         Ok(())
     }
