@@ -1,8 +1,9 @@
 //! mistral.rs in-process: one loaded model per weights digest per process, shared by every stage
 //! and by `pipeline serve`, with many requests in flight.
 //!
-//! Requests overlap freely: mistral.rs schedules them (continuous batching; on CPU it batches
-//! sequences of equal length, the rest interleave step by step). The vendored mistral.rs
+//! Requests overlap freely: mistral.rs schedules them (continuous batching; on CPU the vendored
+//! copy decodes sequences of any lengths together for GGUF Llama-architecture models, and
+//! prefills prompts together at equal length, the rest one step each). The vendored mistral.rs
 //! (vendor/README.md) fixes what made 0.8.1 mix answers up under load, and the tests below prove
 //! that greedy answers do not depend on how many requests are in flight.
 //!

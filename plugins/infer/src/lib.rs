@@ -59,8 +59,9 @@ pub struct InferConfig {
     #[serde(default)]
     pub sampler: Sampler,
     /// Most items of this stage in flight at once for embedded models (default 1, at most 64):
-    /// mistral.rs batches them. Answers do not depend on it. On CPU it batches only prompts of
-    /// equal token length, and mixed lengths run slower with more in flight (BENCHMARKS.md).
+    /// mistral.rs batches them. Answers do not depend on it. On CPU, sequences of any lengths
+    /// decode together (GGUF Llama-architecture models) and prompts prefill together only at
+    /// equal token length: it pays most for long answers (BENCHMARKS.md).
     #[schemars(with = "Option<usize>", range(min = 1, max = 64))]
     pub max_in_flight: Option<Spanned<usize>>,
     /// Convert GGUF weights to this quantization before running (cached per machine). `q8_0`
@@ -358,8 +359,11 @@ pub struct Answer {
 pub const EMBEDDED_ENGINE: &str = "mistral.rs 0.8.1 + vendor: gguf pre-tokenizer by tokenizer.ggml.pre";
 
 /// Embedded items of one stage in flight at once, unless `max_in_flight` says otherwise. One:
-/// on CPU, mistral.rs 0.8.1 batches only sequences of equal length, and the main job (prompts
-/// of mixed lengths) took 12 min 37 s at 8 in flight against 11 min 21 s at 1 (BENCHMARKS.md).
+/// the main job (prompts of mixed lengths) took 12 min 37 s at 8 in flight against 11 min 21 s
+/// at 1 when mistral.rs batched only equal lengths on CPU. The vendored copy now decodes mixed
+/// lengths together (vendor/README.md, change 10; prompts still prefill one length at a time),
+/// and the eval workload at 8 is 1.08× its speed at 1 in one run (BENCHMARKS.md) — too little,
+/// measured once, to change the default before the main job is measured again.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1;
 
 pub use artifacts::AnswerTiming as Timing;
