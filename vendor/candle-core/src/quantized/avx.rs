@@ -109,7 +109,7 @@ pub(crate) fn vec_dot_q8_0_q8_0(n: usize, xs: &[BlockQ8_0], ys: &[BlockQ8_0]) ->
 /// accumulator, blocks in the same order, the same horizontal sum — so `[r][c]` is bitwise
 /// `vec_dot_q8_0_q8_0(n, xs[c], ys[r])`; what changes is that each block is loaded once for all
 /// eight, and eight independent chains of multiply-adds keep the core busy instead of one. On a
-/// CPU with AVX-512 VNNI the same results come from [`vec_dot_q8_0_q8_0_2x4_vnni`].
+/// CPU with AVX-512 VNNI the same results come from [`vec_dot_q8_0_q8_0_rx4_vnni`].
 #[inline(always)]
 pub(crate) fn vec_dot_q8_0_q8_0_2x4(
     n: usize,
@@ -122,7 +122,7 @@ pub(crate) fn vec_dot_q8_0_q8_0_2x4(
     );
     if has_avx512_vnni() {
         // SAFETY: the CPU has the features (checked just above).
-        return unsafe { vec_dot_q8_0_q8_0_2x4_vnni(xs, ys) };
+        return unsafe { vec_dot_q8_0_q8_0_rx4_vnni::<2>(xs, ys) };
     }
     vec_dot_q8_0_q8_0_2x4_avx2(xs, ys)
 }
@@ -156,7 +156,7 @@ pub(crate) fn vec_dot_q8_0_q8_0_2x4_avx2(xs: [&[BlockQ8_0]; 4], ys: [&[BlockQ8_0
 /// Local change (vendor/README.md): [`vec_dot_q8_0_q8_0`] of four weight columns with four
 /// activation rows: `[r][c]` is bitwise `vec_dot_q8_0_q8_0(n, xs[c], ys[r])`. With AVX-512 VNNI,
 /// one kernel shares each block's loads, offset and scales between sixteen dot products
-/// ([`vec_dot_q8_0_q8_0_4x4_vnni`]); without, two calls of the 2×4 kernel.
+/// ([`vec_dot_q8_0_q8_0_rx4_vnni`]); without, two calls of the 2×4 kernel.
 #[inline(always)]
 pub(crate) fn vec_dot_q8_0_q8_0_4x4(
     n: usize,
@@ -165,7 +165,7 @@ pub(crate) fn vec_dot_q8_0_q8_0_4x4(
 ) -> [[f32; 4]; 4] {
     if has_avx512_vnni() {
         // SAFETY: the CPU has the features (checked just above).
-        return unsafe { vec_dot_q8_0_q8_0_4x4_vnni(xs, ys) };
+        return unsafe { vec_dot_q8_0_q8_0_rx4_vnni::<4>(xs, ys) };
     }
     let top = vec_dot_q8_0_q8_0_2x4(n, xs, [ys[0], ys[1]]);
     let bottom = vec_dot_q8_0_q8_0_2x4(n, xs, [ys[2], ys[3]]);
@@ -180,22 +180,37 @@ unsafe fn scale_x8(d: f16) -> __m256 {
     _mm256_cvtph_ps(_mm_set1_epi16(d.to_bits() as i16))
 }
 
-/// Local change (vendor/README.md): the 4×4 form of [`vec_dot_q8_0_q8_0_2x4_vnni`], the same
-/// arithmetic per result (see there); each weight block's offset and scale serve four rows, each
-/// activation block's starting sums and scale four columns.
+/// Local change (vendor/README.md): whether this CPU runs the 256-bit AVX-512 VNNI forms that
+/// [`vec_dot_q8_0_q8_0_rx4_vnni`] uses (checked at run time: the build targets AVX2).
+#[inline]
+pub(crate) fn has_avx512_vnni() -> bool {
+    std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// Local change (vendor/README.md): [`vec_dot_q8_0_q8_0`] of four weight columns with `R`
+/// activation rows (the 2×4 and 4×4 kernels) with AVX-512 VNNI's `vpdpbusd` (four u8 × i8
+/// products summed into each i32 lane in one instruction): `[r][c]` is bitwise
+/// `vec_dot_q8_0_q8_0(n, xs[c], ys[r])`. Per lane AVX2's `maddubs` + `madd` sum the same four
+/// products (bytes `4j..4j+3`) exactly — `maddubs` cannot saturate on `|x| · y` of two i8 — and
+/// so does `vpdpbusd`; only how the exact integer is reached changes. `vpdpbusd` wants an
+/// unsigned operand: `x ^ 0x80` is `x + 128`, and starting the lane's sum at `-128 · Σ y` leaves
+/// exactly `Σ x · y`. Each weight block's offset and scale serve the `R` rows, each activation
+/// block's starting sums and scale the four columns. The scale product (of two broadcast scales:
+/// the scalar product in every lane), conversion, fused multiply-add and horizontal sum are
+/// `vec_dot_q8_0_q8_0`'s.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL ([`has_avx512_vnni`]).
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-pub(crate) unsafe fn vec_dot_q8_0_q8_0_4x4_vnni(
+pub(crate) unsafe fn vec_dot_q8_0_q8_0_rx4_vnni<const R: usize>(
     xs: [&[BlockQ8_0]; 4],
-    ys: [&[BlockQ8_0]; 4],
-) -> [[f32; 4]; 4] {
+    ys: [&[BlockQ8_0]; R],
+) -> [[f32; 4]; R] {
     let blocks = xs.iter().chain(ys.iter()).map(|s| s.len()).min().unwrap_or(0);
     let (xp, yp) = (xs.map(<[BlockQ8_0]>::as_ptr), ys.map(<[BlockQ8_0]>::as_ptr));
     let zero = _mm256_setzero_si256();
     let bias = _mm256_set1_epi8(-128i8);
-    let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
     for i in 0..blocks {
         // SAFETY: `i` is below every slice's length.
         let x: [&BlockQ8_0; 4] = std::array::from_fn(|c| &*xp[c].add(i));
@@ -207,52 +222,6 @@ pub(crate) unsafe fn vec_dot_q8_0_q8_0_4x4_vnni(
             let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
             let start = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, bias, by));
             let dy = scale_x8(y.d);
-            for c in 0..4 {
-                let q = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, xu[c], by));
-                acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dx[c], dy), q, acc[c]);
-            }
-        }
-    }
-    std::array::from_fn(|r| std::array::from_fn(|c| hsum_float_8(acc[r][c])))
-}
-
-/// Local change (vendor/README.md): whether this CPU runs the 256-bit AVX-512 VNNI forms that
-/// [`vec_dot_q8_0_q8_0_2x4_vnni`] uses (checked at run time: the build targets AVX2).
-#[inline]
-pub(crate) fn has_avx512_vnni() -> bool {
-    std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl")
-}
-
-/// Local change (vendor/README.md): [`vec_dot_q8_0_q8_0_2x4`] with AVX-512 VNNI's `vpdpbusd`
-/// (four u8 × i8 products summed into each i32 lane in one instruction). Bitwise the same: per
-/// lane AVX2's `maddubs` + `madd` sum the same four products (bytes `4j..4j+3`) exactly — `maddubs`
-/// cannot saturate on `|x| · y` of two i8 — and so does `vpdpbusd`; only how the exact integer is
-/// reached changes. `vpdpbusd` wants an unsigned operand: `x ^ 0x80` is `x + 128`, and starting
-/// the lane's sum at `-128 · Σ y` (per row and block, shared by the four columns) leaves exactly
-/// `Σ x · y`. The scale product, conversion, fused multiply-add and horizontal sum are
-/// `vec_dot_q8_0_q8_0`'s (the product of two broadcast scales is the scalar product).
-///
-/// # Safety
-/// The CPU must have AVX2, FMA, AVX512-VNNI and AVX512-VL ([`has_avx512_vnni`]).
-#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-pub(crate) unsafe fn vec_dot_q8_0_q8_0_2x4_vnni(
-    xs: [&[BlockQ8_0]; 4],
-    ys: [&[BlockQ8_0]; 2],
-) -> [[f32; 4]; 2] {
-    let blocks = xs.iter().chain(ys.iter()).map(|s| s.len()).min().unwrap_or(0);
-    let zero = _mm256_setzero_si256();
-    let bias = _mm256_set1_epi8(-128i8);
-    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-    for i in 0..blocks {
-        let xu: [__m256i; 4] = std::array::from_fn(|c| {
-            _mm256_xor_si256(_mm256_loadu_si256(xs[c][i].qs.as_ptr() as *const __m256i), bias)
-        });
-        let dx: [__m256; 4] = std::array::from_fn(|c| _mm256_set1_ps(f16_to_f32(xs[c][i].d)));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let y = &ys[r][i];
-            let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-            let start = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, bias, by));
-            let dy = _mm256_set1_ps(f16_to_f32(y.d));
             for c in 0..4 {
                 let q = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, xu[c], by));
                 acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dx[c], dy), q, acc[c]);

@@ -2727,8 +2727,8 @@ mod tests {
                 assert_eq!(bits(&BlockQ8_0::vec_dot_4x4(n, xs, ys)), want, "4x4 as dispatched, {blocks} blocks");
                 if vnni {
                     // SAFETY: the CPU has the features (checked above).
-                    assert_eq!(bits(&unsafe { avx::vec_dot_q8_0_q8_0_2x4_vnni(xs, pair) }), want[..2], "VNNI 2x4, {blocks} blocks");
-                    assert_eq!(bits(&unsafe { avx::vec_dot_q8_0_q8_0_4x4_vnni(xs, ys) }), want, "VNNI 4x4, {blocks} blocks");
+                    assert_eq!(bits(&unsafe { avx::vec_dot_q8_0_q8_0_rx4_vnni::<2>(xs, pair) }), want[..2], "VNNI 2x4, {blocks} blocks");
+                    assert_eq!(bits(&unsafe { avx::vec_dot_q8_0_q8_0_rx4_vnni::<4>(xs, ys) }), want, "VNNI 4x4, {blocks} blocks");
                 }
             }
         }

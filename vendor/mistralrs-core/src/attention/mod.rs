@@ -92,17 +92,6 @@ pub struct SdpaParams {
 pub struct Sdpa;
 
 impl Sdpa {
-    /// Computes softmax(QK^T*sqrt(d_k))V
-    ///
-    /// Inputs:
-    /// - q: (b_sz, n_attn_heads, q_len, head_dim)
-    /// - k: (b_sz, n_kv_heads, q_len, head_dim)
-    /// - v: (b_sz, n_kv_heads, q_len, head_dim)
-    ///
-    /// The attention implementation is dispatched as follows:
-    /// 1) If using flash attn (CUDA), use a flash attention V2/V3 kernel
-    /// 2) If decoding and using a Metal device, use a fused kkernel
-    /// 2) Otherwise, use the "naive" SDPA implementation (with optimized mask+softmax+scale application)
     /// Local change (vendor/README.md): attention for one decode step of a batch whose rows of
     /// `k` and `v` are valid only up to `row_lens[b]` positions (sequences of different lengths
     /// batched together, right-padded). CPU only; each row's result is bitwise what the row
@@ -127,6 +116,17 @@ impl Sdpa {
         }
     }
 
+    /// Computes softmax(QK^T*sqrt(d_k))V
+    ///
+    /// Inputs:
+    /// - q: (b_sz, n_attn_heads, q_len, head_dim)
+    /// - k: (b_sz, n_kv_heads, q_len, head_dim)
+    /// - v: (b_sz, n_kv_heads, q_len, head_dim)
+    ///
+    /// The attention implementation is dispatched as follows:
+    /// 1) If using flash attn (CUDA), use a flash attention V2/V3 kernel
+    /// 2) If decoding and using a Metal device, use a fused kkernel
+    /// 2) Otherwise, use the "naive" SDPA implementation (with optimized mask+softmax+scale application)
     #[allow(unused_variables, clippy::too_many_arguments)]
     pub fn run_attention(
         &self,
