@@ -464,6 +464,7 @@ fn run(args: RunArgs) -> Outcome {
             struct Summary {
                 summary: Option<String>,
             }
+            let registry = registry();
             let summaries: Vec<(String, String)> = report
                 .iterations
                 .last()
@@ -472,6 +473,7 @@ fn run(args: RunArgs) -> Outcome {
                         .iter()
                         // A fed stage's output is another stage's, summary included.
                         .filter(|s| s.status != engine::exec::Status::Fed)
+                        .filter(|s| registry.get(&s.kind).is_some_and(|k| artifacts::SUMMARIZED.contains(&k.output())))
                         .filter_map(|s| Some((s.id.clone(), store.get_object_as::<Summary>(&s.output?)?.summary?)))
                         .collect()
                 })

@@ -38,6 +38,11 @@ pub trait Artifact: Serialize + DeserializeOwned {
     }
 }
 
+/// The artifact types that sum their stage's result up in a top-level `summary` (printed after a
+/// run), by name; a user command's `json` may too. Only these are read for one: the others can
+/// be a million samples long.
+pub const SUMMARIZED: &[&str] = &[Prompt::TYPE, Judgement::TYPE, Candidates::TYPE, Decision::TYPE, TrainingSet::TYPE, FineTuned::TYPE, "json"];
+
 /// Which part of the dataset a sample is in: `dev` (what a prompt may learn from) or `heldout`
 /// (what decides).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
@@ -807,5 +812,36 @@ mod reasoning_tests {
         assert_eq!(split("Answer: <think>hm</think> refund"), Some(("hm".into(), "Answer: refund".into())));
         assert_eq!(split("refund"), None);
         assert_eq!(split_reasoning("<reasoning>x</reasoning>y", "reasoning"), Some(("x".into(), "y".into())));
+    }
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::*;
+
+    /// Whether a type's JSON has a top-level `summary`.
+    fn has_summary<T: JsonSchema + Artifact>() -> (&'static str, bool) {
+        let schema = serde_json::to_value(schemars::schema_for!(T)).unwrap();
+        (T::TYPE, schema["properties"].get("summary").is_some())
+    }
+
+    #[test]
+    fn exactly_the_summarized_types_have_a_summary() {
+        let all = [
+            has_summary::<Dataset>(),
+            has_summary::<Prompt>(),
+            has_summary::<Rendered>(),
+            has_summary::<Answers>(),
+            has_summary::<Judgement>(),
+            has_summary::<Clusters>(),
+            has_summary::<Candidates>(),
+            has_summary::<Decision>(),
+            has_summary::<TrainingSet>(),
+            has_summary::<FineTuned>(),
+            has_summary::<Capacity>(),
+        ];
+        for (ty, has) in all {
+            assert_eq!(SUMMARIZED.contains(&ty), has, "`{ty}`: in SUMMARIZED exactly when it has a summary");
+        }
     }
 }

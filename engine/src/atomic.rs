@@ -19,22 +19,32 @@ pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Replace `path` with what `fill` writes, staged in `staging` (on the same filesystem).
 pub fn write_staged(path: &Path, staging: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> io::Result<()> {
     fs::create_dir_all(staging)?;
-    let dir = parent(path);
-    fs::create_dir_all(dir)?;
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let tmp = staging.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+    let tmp = staged(staging, &name);
     let result = (|| {
         let mut f = File::create(&tmp)?;
         fill(&mut f)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        commit(&tmp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// A fresh name in `staging` for a file that will become `name`.
+pub fn staged(staging: &Path, name: &str) -> std::path::PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    staging.join(format!(".{name}.tmp-{}-{n}", std::process::id()))
+}
+
+/// Puts the synced file `tmp` in place as `path` (creating its directory) and syncs the directory.
+pub fn commit(tmp: &Path, path: &Path) -> io::Result<()> {
+    let dir = parent(path);
+    fs::create_dir_all(dir)?;
+    fs::rename(tmp, path)?;
+    File::open(dir)?.sync_all()
 }
 
 fn parent(path: &Path) -> &Path {

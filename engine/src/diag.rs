@@ -38,6 +38,11 @@ impl SourceFile {
     /// are an error located at the first of them, not silently replaced.
     pub fn read(path: &Path, what: &str) -> Result<SourceFile, Diagnostic> {
         let bytes = std::fs::read(path).map_err(|e| Diagnostic::error(format!("cannot read {what} `{}`: {e}", path.display())))?;
+        Self::from_bytes(path, bytes, what)
+    }
+
+    /// A text file's bytes, already read (see [`Self::read`]).
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>, what: &str) -> Result<SourceFile, Diagnostic> {
         match String::from_utf8(bytes) {
             Ok(text) => Ok(SourceFile::new(path, text)),
             Err(e) => {

@@ -22,8 +22,10 @@ use crate::events::{Event, ItemGroup, Observer, item_group};
 use crate::fingerprint::{FORMAT_VERSION, Fingerprint};
 use crate::hash::Digest;
 use crate::lockfile::{ENGINE_VERSION, LOCK_VERSION, LockedStage, Lockfile};
-use crate::stage::{Cancel, Item, ItemContext, ItemProgress, Reported, StageInput};
+use crate::stage::{Cancel, Item, ItemContext, ItemProgress, Reported, Stage, StageError, StageInput};
+use crate::stream::OutputWriter;
 use crate::store::{Outputs, Store, StoreError};
+use crate::stream::{Lazy, StoredInput};
 
 mod plan;
 mod report;
@@ -33,8 +35,20 @@ pub use plan::{PlanReport, PlanStage, PlanStatus, plan};
 pub use report::{IterationReport, Record, RunError, RunOptions, RunReport, StageResult, Status, StopReason, TargetResult};
 use stage::run_stage;
 
-/// Referenced files, read once per run: the bytes digested are the bytes the stages get.
-pub struct Files(BTreeMap<String, (Arc<[u8]>, Digest)>);
+/// Referenced files, digested once per run. A small file's bytes are kept: the bytes digested are
+/// the bytes the stages get. A large one (a dataset of a million lines) is hashed as it is read
+/// and read again, verified, only by the stage that needs it while it runs.
+pub struct Files(BTreeMap<String, FileData>);
+
+struct FileData {
+    path: std::path::PathBuf,
+    digest: Digest,
+    /// `None`: a large file, left on disk.
+    bytes: Option<Arc<[u8]>>,
+}
+
+/// Files above this size are not held for the whole run.
+const HELD_FILE_BYTES: u64 = 8 << 20;
 
 impl Files {
     pub fn read(pipeline: &Pipeline) -> Result<Files, RunError> {
@@ -44,16 +58,24 @@ impl Files {
                 if map.contains_key(written) {
                     continue;
                 }
-                let bytes = std::fs::read(resolved).map_err(|source| RunError::File { path: written.clone(), source })?;
-                let digest = Digest::of_bytes(&bytes);
-                map.insert(written.clone(), (Arc::from(bytes), digest));
+                let failed = |source| RunError::File { path: written.clone(), source };
+                let large = std::fs::metadata(resolved).map_err(failed)?.len() > HELD_FILE_BYTES;
+                let (digest, bytes) = if large {
+                    let mut hasher = blake3::Hasher::new();
+                    hasher.update_reader(std::fs::File::open(resolved).map_err(failed)?).map_err(failed)?;
+                    (Digest(*hasher.finalize().as_bytes()), None)
+                } else {
+                    let bytes = std::fs::read(resolved).map_err(failed)?;
+                    (Digest::of_bytes(&bytes), Some(Arc::from(bytes)))
+                };
+                map.insert(written.clone(), FileData { path: resolved.clone(), digest, bytes });
             }
         }
         Ok(Files(map))
     }
 
     pub fn digests(&self) -> BTreeMap<String, Digest> {
-        self.0.iter().map(|(k, (_, d))| (k.clone(), *d)).collect()
+        self.0.iter().map(|(k, f)| (k.clone(), f.digest)).collect()
     }
 }
 
@@ -74,29 +96,41 @@ fn fingerprint(pipeline: &Pipeline, files: &Files, i: usize, inputs: &BTreeMap<S
         plugin_version: node.version,
         config: node.config.clone(),
         inputs: inputs.clone(),
-        files: node.files.iter().map(|(w, _)| (w.clone(), files.0[w].1)).collect(),
+        files: node.files.iter().map(|(w, _)| (w.clone(), files.0[w].digest)).collect(),
         seed: pipeline.seed,
     }
 }
 
-/// Upstream artifacts by input name, from the store. `Err` names the first one missing.
-fn load_inputs(store: &Store, inputs: &BTreeMap<String, Digest>) -> Result<BTreeMap<String, Arc<Value>>, String> {
+/// Upstream artifacts by input name, left in the store until a stage reads them. `Err` names the
+/// first one missing.
+fn load_inputs(store: &Store, inputs: &BTreeMap<String, Digest>) -> Result<BTreeMap<String, StoredInput>, String> {
     inputs
         .iter()
         .map(|(port, d)| {
-            let v = store.get_object(d).ok_or_else(|| format!("input `{port}` ({}) is missing from the store", d.short()))?;
-            Ok((port.clone(), Arc::new(v)))
+            if !store.has_object(d) {
+                return Err(format!("input `{port}` ({}) is missing from the store", d.short()));
+            }
+            Ok((port.clone(), StoredInput::new(store.object_path(d), *d)))
         })
         .collect()
 }
 
-fn stage_input(pipeline: &Pipeline, files: &Files, i: usize, inputs: BTreeMap<String, Arc<Value>>, cancel: Cancel) -> StageInput {
-    StageInput {
-        cancel,
-        inputs,
-        files: pipeline.stages[i].files.iter().map(|(w, _)| (w.clone(), files.0[w].0.clone())).collect(),
-        seed: pipeline.seed,
+fn stage_input(pipeline: &Pipeline, files: &Files, i: usize, stored: BTreeMap<String, StoredInput>, cancel: Cancel) -> StageInput {
+    let mut input = StageInput::new(BTreeMap::new(), BTreeMap::new(), pipeline.seed);
+    input.cancel = cancel;
+    input.stored = stored;
+    for (written, _) in &pipeline.stages[i].files {
+        let file = &files.0[written];
+        match &file.bytes {
+            Some(bytes) => {
+                input.files.insert(written.clone(), bytes.clone());
+            }
+            None => {
+                input.large_files.insert(written.clone(), Lazy::new(file.path.clone(), file.digest, format!("file `{written}`")));
+            }
+        }
     }
+    input
 }
 
 impl Ctx {

@@ -4,6 +4,7 @@
 //! [`stage::StagePlugin`]) registered by the binary in a [`registry::Registry`].
 
 pub mod atomic;
+pub mod cache;
 pub mod config;
 pub mod diag;
 pub mod events;
@@ -15,6 +16,7 @@ pub mod registry;
 pub mod schema;
 pub mod stage;
 pub mod store;
+pub mod stream;
 
 pub use config::{Bound, Pipeline, load};
 pub use diag::Diagnostic;

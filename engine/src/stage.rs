@@ -22,6 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 use crate::diag::{Diagnostic, SourceFile};
+use crate::stream::{Lazy, OutputWriter, StoredInput};
 
 /// Named things a stage runs (a model id), each with its pinned facts (`weights_sha256`: `…`).
 pub type Pins = BTreeMap<String, BTreeMap<String, String>>;
@@ -102,6 +103,29 @@ pub trait Stage: Send + Sync {
     /// The independent items of work for these inputs. Must be deterministic and cheap.
     fn items(&self, _input: &StageInput) -> Result<Vec<Item>, StageError> {
         Ok(Vec::new())
+    }
+
+    /// The items one at a time, in [`Stage::items`]' order: what the engine calls, so that a stage
+    /// over a million samples never lists them all at once (it reads its input with
+    /// [`StageInput::each`]). Defaults to `items`.
+    fn each_item(&self, input: &StageInput, f: &mut dyn FnMut(Item) -> Result<(), StageError>) -> Result<(), StageError> {
+        for item in self.items(input)? {
+            f(item)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the output is written as it is assembled ([`Stage::write_output`]) rather than
+    /// built whole ([`Stage::finish`]). Such a stage has no [`Stage::volatile_keys`].
+    fn streams_output(&self) -> bool {
+        false
+    }
+
+    /// Writes the output, for a stage that [`Stage::streams_output`]: `results` are the items
+    /// (from [`Stage::each_item`] again) with their memoized results, in order, read from the
+    /// store one at a time.
+    fn write_output(&self, _input: &StageInput, _results: &mut dyn Iterator<Item = Result<(Item, Value), StageError>>, _out: &mut OutputWriter) -> Result<(), StageError> {
+        Err(StageError::new("this stage does not stream its output"))
     }
 
     /// Compute one item. Its result must depend only on `item.input`, the referenced files and the
@@ -218,18 +242,44 @@ impl Cancel {
 
 /// What a stage sees when it runs.
 pub struct StageInput {
-    /// Upstream artifacts by port name.
+    /// Upstream artifacts at hand, by port name (the engine leaves them in the store:
+    /// `stored`).
     pub inputs: BTreeMap<String, Arc<Value>>,
     /// Referenced files by their path as written in the pipeline; the exact bytes that were digested.
     pub files: BTreeMap<String, Arc<[u8]>>,
     pub seed: u64,
     /// Set on Ctrl-C: long-running `finish` work may stop early and return an error.
     pub cancel: Cancel,
+    /// Upstream artifacts in the store, parsed when a stage asks for one (whole, or element by
+    /// element: [`Self::each`]).
+    pub(crate) stored: BTreeMap<String, StoredInput>,
+    /// Large referenced files, read when a stage asks (not held for the whole run).
+    pub(crate) large_files: BTreeMap<String, Lazy>,
 }
 
 impl StageInput {
+    /// Inputs and files at hand (a stage's own tests).
+    pub fn new(inputs: BTreeMap<String, Arc<Value>>, files: BTreeMap<String, Arc<[u8]>>, seed: u64) -> StageInput {
+        StageInput { inputs, files, seed, cancel: Cancel::default(), stored: BTreeMap::new(), large_files: BTreeMap::new() }
+    }
+
+    /// Whether an artifact is bound to `port`.
+    pub fn has(&self, port: &str) -> bool {
+        self.inputs.contains_key(port) || self.stored.contains_key(port)
+    }
+
+    /// The ports bound, in order.
+    pub fn ports(&self) -> Vec<&str> {
+        let mut ports: Vec<&str> = self.inputs.keys().chain(self.stored.keys()).map(String::as_str).collect();
+        ports.sort_unstable();
+        ports
+    }
+
     pub fn input(&self, port: &str) -> Result<&Value, StageError> {
-        self.inputs.get(port).map(|v| &**v).ok_or_else(|| StageError::new(format!("missing input `{port}`")))
+        if let Some(v) = self.inputs.get(port) {
+            return Ok(v);
+        }
+        self.stored.get(port).ok_or_else(|| StageError::new(format!("missing input `{port}`")))?.value(port)
     }
 
     /// The artifact at `port`, read as the type the stage declares for it.
@@ -239,11 +289,44 @@ impl StageInput {
 
     /// Like [`Self::read`], for an optional port: `None` when nothing is bound to it.
     pub fn read_optional<T: DeserializeOwned>(&self, port: &str) -> Result<Option<T>, StageError> {
-        if self.inputs.contains_key(port) { self.read(port).map(Some) } else { Ok(None) }
+        if self.has(port) { self.read(port).map(Some) } else { Ok(None) }
+    }
+
+    /// Visits the elements of the list at `key` in the artifact at `port`, one at a time, without
+    /// holding the artifact (a million samples are read in the memory of one). `f` stops the
+    /// visit by returning an error, which is returned.
+    pub fn each<T: DeserializeOwned>(&self, port: &str, key: &str, mut f: impl FnMut(T) -> Result<(), StageError>) -> Result<(), StageError> {
+        if let Some(v) = self.inputs.get(port) {
+            return crate::stream::each_in_value(v, port, key, &mut f);
+        }
+        self.stored.get(port).ok_or_else(|| StageError::new(format!("missing input `{port}`")))?.each(port, key, &mut f)
+    }
+
+    /// Writes the artifact at `port` to `out` as JSON, straight from the store (verified first)
+    /// when it is there: a program gets a million samples without them being parsed here.
+    pub fn write_json(&self, port: &str, out: &mut dyn std::io::Write) -> Result<(), StageError> {
+        let failed = |e: std::io::Error| StageError::new(format!("writing input `{port}`: {e}"));
+        if let Some(v) = self.inputs.get(port) {
+            return serde_json::to_writer(out, &**v).map_err(|e| failed(e.into()));
+        }
+        self.stored.get(port).ok_or_else(|| StageError::new(format!("missing input `{port}`")))?.copy_to(port, out)
+    }
+
+    /// A declared file read from its start without holding it; once read to its end, a large
+    /// file is checked against the digest its run started with (the read that reaches the end
+    /// fails if the file changed since).
+    pub fn file_reader(&self, file: &FileRef) -> Result<Box<dyn std::io::Read + Send + '_>, StageError> {
+        if let Some(bytes) = self.files.get(&file.path) {
+            return Ok(Box::new(&bytes[..]));
+        }
+        self.large_files.get(&file.path).ok_or_else(|| StageError::new(format!("file `{}` was not declared", file.path)))?.reader()
     }
 
     pub fn file(&self, file: &FileRef) -> Result<&[u8], StageError> {
-        self.files.get(&file.path).map(|b| &**b).ok_or_else(|| StageError::new(format!("file `{}` was not declared", file.path)))
+        if let Some(bytes) = self.files.get(&file.path) {
+            return Ok(bytes);
+        }
+        self.large_files.get(&file.path).ok_or_else(|| StageError::new(format!("file `{}` was not declared", file.path)))?.bytes()
     }
 }
 
@@ -325,6 +408,46 @@ impl BuildContext<'_> {
         Ok(resolved)
     }
 
+    /// Declare a file (as [`Self::file`]) and check its whole contents with `check`, whose outcome
+    /// must depend only on the file's bytes and on `on` (the settings it reads, and what names the
+    /// check: its kind). A check that passed is remembered on this machine (the cache's
+    /// `checks/`, keyed by the bytes' BLAKE3, `on` and this build of the program), so that
+    /// validating an unchanged file of a million lines again costs hashing it, not parsing it.
+    /// A failed check is not remembered: its problems are found and shown every time.
+    pub fn checked<T: Serialize + DeserializeOwned>(
+        &mut self,
+        file: &FileRef,
+        on: &impl Serialize,
+        check: impl FnOnce(&Path, Vec<u8>) -> Result<T, Vec<Diagnostic>>,
+    ) -> Result<T, Vec<Diagnostic>> {
+        let path = self.file(file).map_err(|d| vec![d])?;
+        let unreadable = |e: std::io::Error| vec![self.error_at(file.span.clone(), format!("cannot read `{}`: {e}", self.display_path(file).display()), "this file")];
+        // Hashed as it is read: a remembered check of a large file never holds it.
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(std::fs::File::open(&path).map_err(unreadable)?).map_err(unreadable)?;
+        let key = crate::Digest::of_json(&serde_json::json!({
+            "build": crate::cache::build_identity(),
+            "on": serde_json::to_value(on).expect("check settings serialize"),
+            "file": crate::Digest(*hasher.finalize().as_bytes()).hex(),
+        }));
+        let remembered = crate::cache::dir("checks").join(key.hex());
+        if let Some(found) = std::fs::read(&remembered).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            return Ok(found);
+        }
+        let bytes = std::fs::read(&path).map_err(unreadable)?;
+        let same = crate::Digest::of_bytes(&bytes) == crate::Digest(*hasher.finalize().as_bytes());
+        let found = check(&path, bytes)?;
+        if !same {
+            // Changed between the hashing and the reading: checked, but not remembered.
+            return Ok(found);
+        }
+        // Only a cache: a write that fails costs the next validation a parse, nothing more.
+        if let Err(e) = crate::atomic::write(&remembered, &serde_json::to_vec(&found).expect("check results serialize")) {
+            tracing::debug!("could not remember a passed check in {}: {e}", remembered.display());
+        }
+        Ok(found)
+    }
+
     /// How to show a referenced file's path to the user (relative to where they are).
     pub fn display_path(&self, file: &FileRef) -> PathBuf {
         if self.base_dir == Path::new(".") { PathBuf::from(&file.path) } else { self.base_dir.join(&file.path) }
@@ -347,5 +470,41 @@ impl BuildContext<'_> {
             Some(span) => d.at(self.pipeline, span, label),
             None => d.at(self.pipeline, self.stage_span.clone(), "in this stage"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passed_check_is_remembered_until_the_file_changes_and_a_failed_one_never() {
+        let dir = tempfile::tempdir().unwrap();
+        // The only test of this crate that reads the cache's location.
+        unsafe { std::env::set_var("PIPELINE_CACHE_DIR", dir.path().join("cache")) };
+        std::fs::write(dir.path().join("data.txt"), "one\ntwo\n").unwrap();
+        let pipeline = SourceFile::new("p.toml", "[stages.s]\n".to_string());
+        let mut cx = BuildContext { pipeline: &pipeline, base_dir: dir.path(), stage_id: "s", files: Vec::new(), stage_span: 0..0, key_spans: Vec::new() };
+        let file = FileRef { path: "data.txt".into(), span: None };
+        let runs = std::cell::Cell::new(0);
+        let lines = |cx: &mut BuildContext, on: &str| -> Result<usize, Vec<Diagnostic>> {
+            cx.checked(&file, &on, |_, bytes| {
+                runs.set(runs.get() + 1);
+                let text = String::from_utf8(bytes).unwrap();
+                if text.contains("bad") { Err(vec![Diagnostic::error("a bad line")]) } else { Ok(text.lines().count()) }
+            })
+        };
+        assert_eq!(lines(&mut cx, "count").unwrap(), 2);
+        assert_eq!(lines(&mut cx, "count").unwrap(), 2);
+        assert_eq!(runs.get(), 1, "the second check was remembered");
+        assert_eq!(cx.files.len(), 1, "the file is declared once");
+        assert_eq!(lines(&mut cx, "count again").unwrap(), 2);
+        assert_eq!(runs.get(), 2, "other settings check again");
+        std::fs::write(dir.path().join("data.txt"), "one\ntwo\nthree\n").unwrap();
+        assert_eq!(lines(&mut cx, "count").unwrap(), 3);
+        std::fs::write(dir.path().join("data.txt"), "bad\n").unwrap();
+        assert!(lines(&mut cx, "count").is_err());
+        assert!(lines(&mut cx, "count").is_err());
+        assert_eq!(runs.get(), 5, "a failure is found again each time");
     }
 }

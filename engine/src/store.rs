@@ -51,6 +51,43 @@ mod crash_test {
     }
 }
 
+/// Objects are written compressed (Zstandard, fast level); the digest is of the JSON, not of the
+/// file. An object written before (plain JSON) is read as it is: a frame's magic number tells them
+/// apart, and JSON never starts with it.
+const ZSTD_LEVEL: i32 = 1;
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// An object file's JSON bytes.
+pub(crate) fn read_object(path: &Path) -> io::Result<Vec<u8>> {
+    let bytes = fs::read(path)?;
+    if bytes.starts_with(&ZSTD_MAGIC) { zstd::stream::decode_all(&bytes[..]) } else { Ok(bytes) }
+}
+
+/// An object file's JSON bytes as they are read.
+pub(crate) fn open_object(path: &Path) -> io::Result<Box<dyn io::Read + Send>> {
+    use io::BufRead;
+    let mut file = io::BufReader::with_capacity(1 << 16, File::open(path)?);
+    if file.fill_buf()?.starts_with(&ZSTD_MAGIC) { Ok(Box::new(zstd::stream::Decoder::with_buffer(file)?)) } else { Ok(Box::new(file)) }
+}
+
+/// A writer that hashes what goes through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path}: {source}")]
@@ -221,9 +258,53 @@ impl Store {
         let digest = Digest::of_bytes(&bytes);
         let path = self.sharded("objects", &digest);
         if !path.exists() {
-            self.write_atomic(&path, &bytes)?;
+            let compressed = zstd::stream::encode_all(&bytes[..], ZSTD_LEVEL).map_err(io_err(&path))?;
+            self.write_atomic(&path, &compressed)?;
         }
         Ok(digest)
+    }
+
+    /// Stores an artifact that `fill` writes as it is assembled (its canonical JSON bytes: see
+    /// [`crate::stream::OutputWriter`]), hashed as it is written; returns its digest. `fill`
+    /// returns whether to keep what it wrote (false: the stage failed, nothing is stored). Staged
+    /// in `tmp/` and renamed into place, like every other write: a kill leaves no object.
+    pub fn put_object_streamed(&self, fill: impl FnOnce(&mut dyn Write) -> io::Result<bool>) -> Result<Option<Digest>, StoreError> {
+        let staging = self.root.join("tmp");
+        fs::create_dir_all(&staging).map_err(io_err(&staging))?;
+        let tmp = crate::atomic::staged(&staging, "object");
+        let result = (|| {
+            let file = File::create(&tmp)?;
+            let compressed = zstd::stream::Encoder::new(io::BufWriter::with_capacity(1 << 16, file), ZSTD_LEVEL)?;
+            let mut out = Hashing { inner: compressed, hasher: blake3::Hasher::new() };
+            if !fill(&mut out)? {
+                return Ok(None);
+            }
+            let Hashing { inner, hasher } = out;
+            let file = inner.finish()?.into_inner().map_err(io::IntoInnerError::into_error)?;
+            if crash_test::at_this_write() {
+                // Half the bytes, then die: the torn write a kill can leave.
+                file.set_len(file.metadata()?.len() / 2)?;
+                std::process::abort();
+            }
+            file.sync_all()?;
+            let digest = Digest(*hasher.finalize().as_bytes());
+            let path = self.sharded("objects", &digest);
+            if path.is_file() {
+                fs::remove_file(&tmp)?;
+            } else {
+                crate::atomic::commit(&tmp, &path)?;
+            }
+            Ok(Some(digest))
+        })();
+        if !matches!(result, Ok(Some(_))) {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(io_err(&tmp))
+    }
+
+    /// Where an object is (it may not be there).
+    pub(crate) fn object_path(&self, digest: &Digest) -> PathBuf {
+        self.sharded("objects", digest)
     }
 
     pub fn has_object(&self, digest: &Digest) -> bool {
@@ -238,7 +319,7 @@ impl Store {
     /// An object read straight into `T`: a part of a large artifact (its `summary`) without
     /// building the whole of it as a `Value`.
     pub fn get_object_as<T: serde::de::DeserializeOwned>(&self, digest: &Digest) -> Option<T> {
-        let bytes = fs::read(self.sharded("objects", digest)).ok()?;
+        let bytes = read_object(&self.sharded("objects", digest)).ok()?;
         if Digest::of_bytes(&bytes) != *digest {
             tracing::warn!(object = %digest, "damaged object in store; it will be recomputed");
             return None;
@@ -292,10 +373,28 @@ impl Store {
         serde_json::from_slice(&bytes).ok()
     }
 
+    /// Item lookups for a pass over many items (a stage's listing, its output written from its
+    /// items): one read transaction on a connection of their own, not a lock per lookup. It sees
+    /// the items committed when it was made.
+    pub fn item_reader(&self) -> ItemReader<'_> {
+        let path = self.items_path();
+        let open = || -> Result<rusqlite::Connection, rusqlite::Error> {
+            let db = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+            db.busy_timeout(std::time::Duration::from_secs(30))?;
+            db.pragma_update(None, "cache_size", -8192)?;
+            db.execute_batch("BEGIN")?;
+            Ok(db)
+        };
+        ItemReader { store: self, db: if path.is_file() { open().ok() } else { None } }
+    }
+
+    /// Whether an item's result is memoized and intact (verified against its digest, as a read
+    /// would, without parsing it).
     pub fn has_item(&self, key: &Digest) -> bool {
         let found = self.with_items(false, |db| {
-            let mut statement = db.prepare_cached("SELECT 1 FROM items WHERE key = ?1").map_err(db_err(&self.items_path()))?;
-            Ok(statement.exists([&key.0[..]]).unwrap_or(false))
+            let mut statement = db.prepare_cached("SELECT digest, value FROM items WHERE key = ?1").map_err(db_err(&self.items_path()))?;
+            let intact = statement.query_row([&key.0[..]], |row| Ok(row.get_ref(0)?.as_blob()? == Digest::of_bytes(row.get_ref(1)?.as_blob()?).0));
+            Ok(intact.unwrap_or(false))
         });
         found.ok().flatten().unwrap_or(false) || self.sharded("items", key).is_file()
     }
@@ -308,13 +407,21 @@ impl Store {
 
     /// Memoizes an item's result: committed when this returns.
     pub fn put_item(&self, key: &Digest, value: &Value) -> Result<(), StoreError> {
-        let bytes = canonical_json(value);
+        self.put_items(&[(key, value)])
+    }
+
+    /// Memoizes items' results in one transaction: all committed when this returns, none if a
+    /// kill comes first (items that finish together cost one commit, not one each).
+    pub fn put_items(&self, items: &[(&Digest, &Value)]) -> Result<(), StoreError> {
         let path = self.items_path();
         self.with_items(true, |db| {
             let tx = db.unchecked_transaction().map_err(db_err(&path))?;
-            tx.prepare_cached("INSERT OR REPLACE INTO items (key, digest, value) VALUES (?1, ?2, ?3)")
-                .and_then(|mut s| s.execute((&key.0[..], &Digest::of_bytes(&bytes).0[..], &bytes)))
-                .map_err(db_err(&path))?;
+            for (key, value) in items {
+                let bytes = canonical_json(value);
+                tx.prepare_cached("INSERT OR REPLACE INTO items (key, digest, value) VALUES (?1, ?2, ?3)")
+                    .and_then(|mut s| s.execute((&key.0[..], &Digest::of_bytes(&bytes).0[..], &bytes)))
+                    .map_err(db_err(&path))?;
+            }
             if crash_test::at_this_write() {
                 // Written to the log, not committed, then die: what a kill mid-transaction leaves.
                 std::process::abort();
@@ -355,6 +462,42 @@ impl Store {
     }
 }
 
+/// See [`Store::item_reader`].
+pub struct ItemReader<'s> {
+    store: &'s Store,
+    /// `None`: no database yet (or it cannot be read): the earlier layout's files are looked at.
+    db: Option<rusqlite::Connection>,
+}
+
+impl ItemReader<'_> {
+    /// The item's stored digest and bytes.
+    fn row(&self, key: &Digest) -> Option<(Vec<u8>, Vec<u8>)> {
+        let mut statement = self.db.as_ref()?.prepare_cached("SELECT digest, value FROM items WHERE key = ?1").ok()?;
+        statement.query_row([&key.0[..]], |row| Ok((row.get(0)?, row.get(1)?))).ok()
+    }
+
+    /// As [`Store::has_item`].
+    pub fn has(&self, key: &Digest) -> bool {
+        match self.row(key) {
+            Some((digest, bytes)) => digest == Digest::of_bytes(&bytes).0,
+            None => self.db.is_none() && self.store.has_item(key),
+        }
+    }
+
+    /// As [`Store::get_item`].
+    pub fn get(&self, key: &Digest) -> Option<Value> {
+        match self.row(key) {
+            Some((digest, bytes)) if digest == Digest::of_bytes(&bytes).0 => serde_json::from_slice(&bytes).ok(),
+            Some(_) => {
+                tracing::warn!(item = %key, "damaged item in store; it will be recomputed");
+                None
+            }
+            None if self.db.is_none() => self.store.get_item(key),
+            None => None,
+        }
+    }
+}
+
 fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
     let bytes = fs::read(path).ok()?;
     serde_json::from_slice(&bytes).ok()
@@ -378,6 +521,22 @@ mod tests {
         let missing = Digest::of_bytes(b"missing");
         store.put_done(&fp, &Outputs { full: missing, stable: missing }).unwrap();
         assert_eq!(store.get_done(&fp), None);
+    }
+
+    #[test]
+    fn objects_are_stored_compressed_and_plain_ones_from_before_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let value = json!({"samples": vec!["the same text again"; 1000]});
+        let d = store.put_object(&value).unwrap();
+        let on_disk = fs::read(store.sharded("objects", &d)).unwrap();
+        assert!(on_disk.starts_with(&ZSTD_MAGIC) && on_disk.len() < canonical_json(&value).len() / 10, "{} bytes", on_disk.len());
+        assert_eq!(d, Digest::of_json(&value), "named by the JSON, not by the file");
+        assert_eq!(store.get_object(&d), Some(value));
+        let plain = json!({"written": "before"});
+        let p = Digest::of_json(&plain);
+        store.write_atomic(&store.sharded("objects", &p), &canonical_json(&plain)).unwrap();
+        assert_eq!(store.get_object(&p), Some(plain));
     }
 
     #[test]
@@ -405,6 +564,7 @@ mod tests {
         let db = rusqlite::Connection::open(dir.path().join("items.db")).unwrap();
         db.execute("UPDATE items SET value = ?1", [&b"{\"answer\":\"b\"}"[..]]).unwrap();
         assert_eq!(Store::new(dir.path()).get_item(&key), None);
+        assert!(!Store::new(dir.path()).has_item(&key), "a damaged item is not counted as cached: it is recomputed");
     }
 
     #[test]

@@ -205,9 +205,43 @@ impl Stage for TimedStage {
     }
 }
 
+/// `stream_shift`: `shift` with `add = 1` and no parameter, its input read one element at a time
+/// and its output written as it is assembled.
+struct StreamShift;
+struct StreamShiftStage;
+impl StagePlugin for StreamShift {
+    type Config = Empty;
+    const KIND: &'static str = "stream_shift";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "add one to each number, streamed";
+    const INPUTS: &'static [Port] = &[Port::new("numbers", "numbers")];
+    const OUTPUT: &'static str = "numbers";
+    fn build(_: Empty, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        Ok(Arc::new(StreamShiftStage))
+    }
+}
+#[async_trait::async_trait]
+impl Stage for StreamShiftStage {
+    fn each_item(&self, input: &StageInput, f: &mut dyn FnMut(Item) -> Result<(), StageError>) -> Result<(), StageError> {
+        input.each("numbers", "values", |v: Value| f(Item { id: v["id"].as_str().unwrap().into(), input: json!({"value": v["value"], "param": 0, "add": 1}) }))
+    }
+    async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
+        ShiftStage(ShiftConfig { add: 1, label: None }).run_item(item, cx).await
+    }
+    fn streams_output(&self) -> bool {
+        true
+    }
+    fn write_output(&self, _: &StageInput, results: &mut dyn Iterator<Item = Result<(Item, Value), StageError>>, out: &mut crate::stream::OutputWriter) -> Result<(), StageError> {
+        out.elements("values", results.map(|r| r.map(|(it, v)| json!({"id": it.id, "value": v}))))
+    }
+    fn finish(&self, _: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        Err(StageError::new("streamed: never built whole"))
+    }
+}
+
 fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register::<Numbers>().register::<Constant>().register::<Shift>().register::<Sum>().register::<Improve>().register::<Timed>();
+    r.register::<Numbers>().register::<Constant>().register::<Shift>().register::<Sum>().register::<Improve>().register::<Timed>().register::<StreamShift>();
     r
 }
 
@@ -637,4 +671,71 @@ fn item_progress_reaches_the_observers() {
     progress.report(3, 10, "loss 0.5");
     crate::ItemProgress::default().report(1, 1, "to nobody");
     assert_eq!(recorder.take(), [Event::ItemProgress { iteration: 2, stage: "train".into(), item: "m".into(), done: 3, total: 10, message: "loss 0.5".into() }]);
+}
+
+const BOTH_WAYS: &str = r#"
+[stages.nums]
+kind = "numbers"
+path = "nums.txt"
+[stages.param]
+kind = "constant"
+value = 0
+[stages.shifted]
+kind = "shift"
+needs = ["nums", "param"]
+add = 1
+[stages.streamed]
+kind = "stream_shift"
+needs = ["nums"]
+"#;
+
+/// The outputs of `shifted` and `streamed` in the last run.
+fn both_outputs(p: &Project) -> (crate::Digest, crate::Digest) {
+    let report: crate::RunReport = p.store().get_run("p").unwrap();
+    let output = |id: &str| report.iterations[0].stages.iter().find(|s| s.id == id).unwrap().output.unwrap();
+    (output("shifted"), output("streamed"))
+}
+
+#[test]
+fn a_streamed_output_is_the_artifact_built_whole_and_follows_new_rows() {
+    // More items than the engine keeps from its listing: the rest are listed again as they run.
+    let rows: String = (0..5000).map(|n| format!("{}\n", n + 20)).collect();
+    let p = Project::new(BOTH_WAYS, &rows);
+    let log = p.run();
+    assert!(log.contains(&"0 streamed run (5000 of 5000 items)".to_string()), "{log:?}");
+    let (whole, streamed) = both_outputs(&p);
+    assert_eq!(whole, streamed, "the same bytes, whichever way they were assembled");
+    assert_eq!(p.store().get_object(&streamed).unwrap()["values"][4999], json!({"id": "n5000", "value": 5020}));
+    p.write("nums.txt", &format!("{rows}7\n"));
+    let log = p.run();
+    assert!(log.contains(&"0 streamed run (1 of 5001 items)".to_string()) && log.contains(&"0 streamed/n5001".to_string()), "{log:?}");
+    let (whole, streamed) = both_outputs(&p);
+    assert_eq!(whole, streamed);
+}
+
+#[test]
+fn a_streamed_stage_keeps_finished_items_when_one_fails_and_writes_no_output() {
+    let rows: String = (0..6000).map(|n| if n == 4500 { "13\n".to_string() } else { format!("{}\n", n + 20) }).collect();
+    let p = Project::new(BOTH_WAYS, &rows);
+    let (result, log) = p.run_with(None, None);
+    assert!(result.is_ok_and(|r| !r.succeeded()));
+    assert!(log.contains(&"0 streamed failed: item `n4501`: unlucky number".to_string()), "{log:?}");
+    let objects = |p: &Project| walk(&p.path(".pipeline/objects"));
+    let before = objects(&p);
+    p.write("nums.txt", &rows.replace("\n13\n", "\n14\n"));
+    let log = p.run();
+    assert!(log.contains(&"0 streamed run (1 of 6000 items)".to_string()), "{log:?}");
+    let (whole, streamed) = both_outputs(&p);
+    assert_eq!(whole, streamed);
+    assert_eq!(objects(&p).len(), before.len() + 2, "the new numbers and the shifted output both stages wrote, nothing half-written");
+    assert!(walk(&p.path(".pipeline/tmp")).is_empty());
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.path().is_dir() { files.extend(walk(&entry.path())) } else { files.push(entry.path()) }
+    }
+    files
 }

@@ -69,14 +69,18 @@ pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<PlanReport, RunError> 
         // Count the items that would run.
         if let Ok(values) = load_inputs(store, &inputs) {
             let input = stage_input(pipeline, &files, i, values, Cancel::default());
-            if let Ok(items) = node.stage.items(&input)
-                && !items.is_empty()
-            {
-                let cached = items.iter().filter(|it| store.has_item(&fp.item_key(&it.input))).count();
+            let (mut items, mut cached) = (0, 0);
+            let reader = store.item_reader();
+            let counted = node.stage.each_item(&input, &mut |it| {
+                items += 1;
+                cached += usize::from(reader.has(&fp.item_key(&it.input)));
+                Ok(())
+            });
+            if counted.is_ok() && items > 0 {
                 if cached > 0 || previous.is_some() {
-                    entry.reasons.push(format!("{} new item(s), {} cached", items.len() - cached, cached));
+                    entry.reasons.push(format!("{} new item(s), {} cached", items - cached, cached));
                 }
-                entry.items = Some(items.len());
+                entry.items = Some(items);
                 entry.cached_items = Some(cached);
             }
         }

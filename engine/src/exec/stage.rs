@@ -48,77 +48,148 @@ pub(super) async fn run_stage(
     }
     let reasons = dirty_reasons(&fp, previous.as_ref());
 
-    let values = load_inputs(&ctx.store, &inputs).map_err(StageFail::Error)?;
-    let input = Arc::new(stage_input(pipeline, &ctx.files, i, values, Cancel(ctx.cancel.clone())));
-    let items = node.stage.items(&input).map_err(|e| StageFail::Error(e.message))?;
-    let keys: Vec<Digest> = items.iter().map(|it| fp.item_key(&it.input)).collect();
-    let mut outputs: Vec<Option<Value>> = keys.iter().map(|k| ctx.store.get_item(k)).collect();
-    let cached = outputs.iter().filter(|o| o.is_some()).count();
-    let mut groups: Vec<ItemGroup> = Vec::new();
-    for (item, output) in items.iter().zip(&outputs) {
-        let Some(name) = item_group(&item.id) else { continue };
-        let at = match groups.iter().position(|g| g.name == name) {
-            Some(at) => at,
-            None => {
-                groups.push(ItemGroup { name: name.to_string(), items: 0, cached_items: 0 });
-                groups.len() - 1
-            }
-        };
-        groups[at].items += 1;
-        groups[at].cached_items += usize::from(output.is_some());
-    }
-    ctx.emit(Event::Started { iteration, stage: node.id.clone(), reasons, items: items.len(), cached_items: cached, groups });
+    let stored = load_inputs(&ctx.store, &inputs).map_err(StageFail::Error)?;
+    let input = Arc::new(stage_input(pipeline, &ctx.files, i, stored, Cancel(ctx.cancel.clone())));
+    // The items, one at a time (a million samples are never listed at once): each one's memo
+    // key, whether it is cached, and the first few still to run, kept to run without listing
+    // the items again.
+    let listed = {
+        let (stage, input, fp, store) = (node.stage.clone(), input.clone(), fp.clone(), ctx.store.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut listed = Listed::default();
+            let reader = store.item_reader();
+            stage
+                .each_item(&input, &mut |item| {
+                    let key = fp.item_key(&item.input);
+                    let cached = reader.has(&key);
+                    if let Some(name) = item_group(&item.id) {
+                        let at = match listed.groups.iter().position(|g| g.name == name) {
+                            Some(at) => at,
+                            None => {
+                                listed.groups.push(ItemGroup { name: name.to_string(), items: 0, cached_items: 0 });
+                                listed.groups.len() - 1
+                            }
+                        };
+                        listed.groups[at].items += 1;
+                        listed.groups[at].cached_items += usize::from(cached);
+                    }
+                    if !cached {
+                        listed.pending.push(listed.keys.len());
+                        if let Some(held) = listed.held.as_mut() {
+                            if held.len() < HELD_PENDING { held.push(item) } else { listed.held = None }
+                        }
+                    }
+                    listed.keys.push(key);
+                    Ok(())
+                })
+                .map(|()| listed)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        .map_err(|e| StageFail::Error(e.message))?
+    };
+    let Listed { keys, pending, held, groups } = listed;
+    let cached = keys.len() - pending.len();
+    ctx.emit(Event::Started { iteration, stage: node.id.clone(), reasons, items: keys.len(), cached_items: cached, groups });
 
-    let items = Arc::new(items);
-    let mut pending = (0..items.len()).filter(|&k| outputs[k].is_none()).collect::<Vec<_>>().into_iter();
+    // What a stage that builds its output whole gets: every result, the fresh ones as computed.
+    let streams = node.stage.streams_output();
+    let mut fresh: BTreeMap<usize, Value> = BTreeMap::new();
+    let mut to_run = pending_items(node.stage.clone(), input.clone(), &pending, held);
     let limit = node.stage.item_concurrency().max(1);
-    let mut running: JoinSet<(usize, Result<Value, crate::stage::StageError>)> = JoinSet::new();
+    let mut running: JoinSet<(usize, Item, Result<Value, crate::stage::StageError>)> = JoinSet::new();
     // A failed item does not stop the others: everything that succeeds is kept, and a rerun
     // retries only what failed. Failures in a row (a server down, a systematic bug) stop the
     // stage early instead of failing every item one by one.
     let give_up_after = limit.max(5);
     let (mut failures, mut failed_in_a_row) = (Vec::<String>::new(), 0);
     let mut interrupted = false;
-    let mut ran = 0;
+    let (mut ran, mut started) = (0, 0);
+    let mut done: Vec<(tokio::time::Instant, usize, Item, Value)> = Vec::new();
+    let mut commit = |done: &mut Vec<(tokio::time::Instant, usize, Item, Value)>| -> Result<(), StoreError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let batch = ctx.store.put_items(&done.iter().map(|(_, k, _, value)| (&keys[*k], value)).collect::<Vec<_>>());
+        for (_, k, item, value) in done.drain(..) {
+            if let Err(e) = &batch {
+                // The commit failed (a full disk): each item that still fits is kept alone.
+                if let Err(alone) = ctx.store.put_item(&keys[k], &value) {
+                    tracing::debug!("a batch of items could not be kept ({e}); nor this one: {alone}");
+                    return Err(alone);
+                }
+            }
+            ran += 1;
+            ctx.emit(Event::Item { iteration, stage: node.id.clone(), item: item.id });
+            if !streams {
+                fresh.insert(k, value);
+            }
+        }
+        Ok(())
+    };
     loop {
         while running.len() < limit && failed_in_a_row < give_up_after {
             if ctx.cancel.load(Ordering::SeqCst) {
                 interrupted = true;
                 break;
             }
-            let Some(k) = pending.next() else { break };
-            let (stage, items, cx) = (node.stage.clone(), items.clone(), ItemContext {
+            let Some((k, item)) = to_run.next().await else { break };
+            let item = match item {
+                Ok(item) => item,
+                Err(e) => {
+                    commit(&mut done)?;
+                    return Err(StageFail::Error(e.message));
+                }
+            };
+            started += 1;
+            let (stage, cx) = (node.stage.clone(), ItemContext {
                 seed: pipeline.seed,
                 cancel: Cancel(ctx.cancel.clone()),
-                progress: ItemProgress(Some((ctx.observer.clone(), iteration, node.id.clone(), items[k].id.clone()))),
+                progress: ItemProgress(Some((ctx.observer.clone(), iteration, node.id.clone(), item.id.clone()))),
             });
-            running.spawn(async move { (k, stage.run_item(&items[k], &cx).await) });
+            running.spawn(async move {
+                let result = stage.run_item(&item, &cx).await;
+                (k, item, result)
+            });
         }
-        let Some(joined) = running.join_next().await else { break };
-        let (k, result) = match joined {
-            Ok(v) => v,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        // Items that run many at a time wait, once finished (at most COMMIT_WITHIN, at most
+        // COMMIT_AT_MOST of them), to be memoized in one commit, and are reported only then: a
+        // kill never loses an item reported finished, and cheap items do not cost a commit each.
+        let due = done.first().map(|(since, ..)| *since + COMMIT_WITHIN);
+        let joined = match due {
+            None => running.join_next().await,
+            Some(due) => tokio::select! {
+                joined = running.join_next() => joined,
+                () = tokio::time::sleep_until(due) => {
+                    commit(&mut done)?;
+                    continue;
+                }
+            },
         };
+        let Some(joined) = joined else { break };
+        let (k, item, result) = joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         match result {
             Ok(value) => {
-                // Memoize at once: a kill after this point never loses the item.
-                ctx.store.put_item(&keys[k], &value)?;
-                ran += 1;
-                ctx.emit(Event::Item { iteration, stage: node.id.clone(), item: items[k].id.clone() });
-                outputs[k] = Some(value);
+                done.push((tokio::time::Instant::now(), k, item, value));
                 failed_in_a_row = 0;
+                // One item at a time: each is kept and reported before the next starts.
+                if limit == 1 || done.len() >= COMMIT_AT_MOST {
+                    commit(&mut done)?;
+                }
             }
             Err(e) => {
-                tracing::warn!(stage = node.id, item = items[k].id, "item failed: {}", e.message);
-                failures.push(format!("item `{}`: {}", items[k].id, e.message));
+                tracing::warn!(stage = node.id, item = item.id, "item failed: {}", e.message);
+                failures.push(format!("item `{}`: {}", item.id, e.message));
                 failed_in_a_row += 1;
             }
         }
     }
+    commit(&mut done)?;
+    drop(to_run);
     if let Some(first) = failures.first() {
         let n = failures.len();
         return Err(StageFail::Error(if failed_in_a_row >= give_up_after {
-            format!("stopped after {failed_in_a_row} items failed in a row ({} not started); finished items are kept. First: {first}", pending.len())
+            format!("stopped after {failed_in_a_row} items failed in a row ({} not started); finished items are kept. First: {first}", pending.len() - started)
         } else if n == 1 {
             first.clone()
         } else {
@@ -128,23 +199,168 @@ pub(super) async fn run_stage(
     if interrupted {
         return Err(StageFail::Interrupted);
     }
-    let results: Vec<(Item, Value)> = items.iter().cloned().zip(outputs.into_iter().map(|o| o.expect("every item computed"))).collect();
     let stage = node.stage.clone();
-    let finish_input = input.clone();
-    let value = tokio::task::spawn_blocking(move || stage.finish(&finish_input, results))
+    let (finish_input, store) = (input.clone(), ctx.store.clone());
+    let output = if streams {
+        let full = tokio::task::spawn_blocking(move || write_streamed(&*stage, &finish_input, &store, &keys))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?
+            .map_err(|e| StageFail::Error(e.message))?;
+        Outputs { full, stable: full }
+    } else {
+        let value = tokio::task::spawn_blocking(move || {
+            // Every item again, each with its result: fresh ones as computed, cached ones read back.
+            let mut results = Vec::with_capacity(keys.len());
+            stage.each_item(&finish_input, &mut |item| {
+                let k = results.len();
+                let value = match fresh.remove(&k) {
+                    Some(v) => v,
+                    None => store.get_item(&keys[k]).ok_or_else(|| StageError::new(format!("item `{}` vanished from the store while the stage ran", item.id)))?,
+                };
+                results.push((item, value));
+                Ok(())
+            })?;
+            stage.finish(&finish_input, results)
+        })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
         .map_err(|e| StageFail::Error(e.message))?;
-    let full = ctx.store.put_object(&value)?;
-    let volatile = node.stage.volatile_keys();
-    let stable = if volatile.is_empty() { full } else { Digest::of_json(&without_keys(&value, volatile)) };
-    let output = Outputs { full, stable };
+        let full = ctx.store.put_object(&value)?;
+        let volatile = node.stage.volatile_keys();
+        let stable = if volatile.is_empty() { full } else { Digest::of_json(&without_keys(&value, volatile)) };
+        Outputs { full, stable }
+    };
+    let full = output.full;
     ctx.store.put_done(&digest, &output)?;
     let unchanged = previous.as_ref().is_some_and(|r| r.output == full);
     ctx.store.put_record(&pipeline.name, &node.id, &Record { fingerprint: fp.clone(), output: full })?;
     ctx.emit(Event::Finished { iteration, stage: node.id.clone(), output: full, unchanged });
     check_locked_output(ctx, iteration, &node.id, &output)?;
     Ok(StageDone { fingerprint: fp, stable_inputs, output, executed: true, items_run: ran, items_cached: cached })
+}
+
+/// At most this many finished items are memoized in one commit, and none waits longer than
+/// `COMMIT_WITHIN` for it.
+const COMMIT_AT_MOST: usize = 256;
+const COMMIT_WITHIN: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// How many of the items still to run are kept from the listing (beyond it, they are listed
+/// again as they run: a first run over a million samples holds none of them).
+const HELD_PENDING: usize = 4096;
+
+/// What listing a stage's items found.
+struct Listed {
+    /// Every item's memo key, in order.
+    keys: Vec<Digest>,
+    /// The positions of the items not cached.
+    pending: Vec<usize>,
+    /// Those items, while there are no more than [`HELD_PENDING`].
+    held: Option<Vec<Item>>,
+    groups: Vec<ItemGroup>,
+}
+
+impl Default for Listed {
+    fn default() -> Self {
+        Listed { keys: Vec::new(), pending: Vec::new(), held: Some(Vec::new()), groups: Vec::new() }
+    }
+}
+
+/// The items to run, with their positions: the ones held, or listed again, in batches.
+enum ToRun {
+    Held(std::iter::Zip<std::vec::IntoIter<usize>, std::vec::IntoIter<Item>>),
+    Listed(tokio::sync::mpsc::Receiver<Vec<(usize, Result<Item, StageError>)>>, std::vec::IntoIter<(usize, Result<Item, StageError>)>),
+}
+
+/// Items listed again go to the runner this many at a time (one wake-up per batch).
+const BATCH: usize = 64;
+
+impl ToRun {
+    async fn next(&mut self) -> Option<(usize, Result<Item, StageError>)> {
+        match self {
+            ToRun::Held(items) => items.next().map(|(k, item)| (k, Ok(item))),
+            ToRun::Listed(rx, batch) => loop {
+                if let Some(next) = batch.next() {
+                    return Some(next);
+                }
+                *batch = rx.recv().await?.into_iter();
+            },
+        }
+    }
+}
+
+fn pending_items(stage: Arc<dyn Stage>, input: Arc<StageInput>, pending: &[usize], held: Option<Vec<Item>>) -> ToRun {
+    if let Some(held) = held {
+        return ToRun::Held(pending.to_vec().into_iter().zip(held));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let pending = pending.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let (mut k, mut next) = (0, 0);
+        let mut batch = Vec::with_capacity(BATCH);
+        let listed = stage.each_item(&input, &mut |item| {
+            let at = k;
+            k += 1;
+            if pending.get(next) != Some(&at) {
+                return Ok(());
+            }
+            next += 1;
+            batch.push((at, Ok(item)));
+            if batch.len() < BATCH {
+                return Ok(());
+            }
+            // The runner stopped (a failure, Ctrl-C): so does the listing.
+            tx.blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).map_err(|_| StageError::new("stopped"))
+        });
+        if let Err(e) = listed {
+            if tx.is_closed() {
+                return;
+            }
+            batch.push((usize::MAX, Err(e)));
+        }
+        let _ = tx.blocking_send(batch);
+    });
+    ToRun::Listed(rx, Vec::new().into_iter())
+}
+
+/// A streamed stage's output, written into the store as the stage assembles it from its items
+/// (listed again) and their results (read back one at a time). The outer error is the store's.
+fn write_streamed(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[Digest]) -> Result<Result<Digest, StageError>, StoreError> {
+    let mut failed = None;
+    let written = store.put_object_streamed(|w| {
+        let mut out = OutputWriter::new(w);
+        let result = std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Item>(256);
+            let lister = scope.spawn(move || stage.each_item(input, &mut |item| tx.send(item).map_err(|_| StageError::new("stopped"))));
+            let mut k = 0;
+            let reader = store.item_reader();
+            let mut results = rx.iter().map(|item| {
+                let key = keys.get(k).ok_or_else(|| StageError::new("the stage listed more items than it ran"))?;
+                k += 1;
+                let value = reader.get(key).ok_or_else(|| StageError::new(format!("item `{}` vanished from the store while the stage ran", item.id)))?;
+                Ok((item, value))
+            });
+            let written = stage.write_output(input, &mut results, &mut out);
+            drop(results);
+            let listed = lister.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+            written?;
+            listed?;
+            if k != keys.len() { Err(StageError::new("the stage listed fewer items than it ran")) } else { Ok(()) }
+        });
+        if let Some(e) = out.failed.take() {
+            return Err(e);
+        }
+        match result {
+            Ok(()) => out.finish().map(|()| true),
+            Err(e) => {
+                failed = Some(e);
+                Ok(false)
+            }
+        }
+    })?;
+    Ok(match failed {
+        Some(e) => Err(e),
+        None => Ok(written.expect("kept when the stage succeeded")),
+    })
 }
 
 fn check_locked_output(ctx: &Ctx, iteration: u32, id: &str, output: &Outputs) -> Result<(), StageFail> {

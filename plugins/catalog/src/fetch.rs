@@ -42,13 +42,7 @@ pub struct Weights {
 }
 
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("PIPELINE_MODEL_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".cache"));
-    base.join("pipeline/models")
+    std::env::var_os("PIPELINE_MODEL_CACHE").map(PathBuf::from).unwrap_or_else(|| engine::cache::dir("models"))
 }
 
 /// Where a fine-tuned model lives: the model cache's `finetuned/`, by the digest of its files

@@ -452,12 +452,11 @@ mod tests {
             let models = [("m".to_string(), JudgedModel { splits: Default::default(), verdicts, agreement: None })].into();
             let judgement = Judgement { labels: Some(vec!["billing".into(), "shipping".into()]), ..judge::judgement(models, &[]) };
             let answers = Answers { sampler: Value::Null, prepare: Value::Null, models: Default::default(), output: None, repeats: None };
-            let input = StageInput {
-                inputs: [("judgement".to_string(), Arc::new(judgement.to_json())), ("answers".to_string(), Arc::new(answers.to_json()))].into_iter().collect(),
-                files: Default::default(),
-                seed: 1,
-                cancel: Default::default(),
-            };
+            let input = StageInput::new(
+                [("judgement".to_string(), Arc::new(judgement.to_json())), ("answers".to_string(), Arc::new(answers.to_json()))].into_iter().collect(),
+                Default::default(),
+                1,
+            );
             let out = Clusters::read(&stage.finish(&input, vec![]).unwrap()).unwrap();
             out.models["m"].clusters.clone()
         };

@@ -16,7 +16,7 @@ use engine::stage::ANY;
 use engine::{BuildContext, FileRef, Item, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub struct Command;
 
@@ -69,8 +69,12 @@ impl Stage for CommandStage {
     }
 
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
-        let inputs: serde_json::Map<String, Value> = input.inputs.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect();
-        let stdin = serde_json::to_vec(&json!({"inputs": inputs, "seed": input.seed})).expect("JSON");
+        std::thread::scope(|scope| self.run(scope, input))
+    }
+}
+
+impl CommandStage {
+    fn run<'s>(&self, scope: &'s std::thread::Scope<'s, '_>, input: &'s StageInput) -> Result<Value, StageError> {
         let program = &self.config.run[0];
         let mut child = std::process::Command::new(program)
             .args(&self.config.run[1..])
@@ -80,8 +84,21 @@ impl Stage for CommandStage {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| StageError::new(format!("cannot start `{program}`: {e}")))?;
-        let mut child_in = child.stdin.take().expect("piped");
-        let writer = std::thread::spawn(move || child_in.write_all(&stdin));
+        let child_in = child.stdin.take().expect("piped");
+        // `{"inputs": {<port>: <artifact>, ...}, "seed": N}`, each artifact copied from the store
+        // as it is written (never parsed here).
+        let writer = scope.spawn(move || -> Result<(), StageError> {
+            let mut w = std::io::BufWriter::with_capacity(1 << 16, child_in);
+            let io = |e: std::io::Error| StageError::new(e.to_string());
+            w.write_all(b"{\"inputs\":{").map_err(io)?;
+            for (i, port) in input.ports().into_iter().enumerate() {
+                let key = serde_json::to_string(port).expect("a string serializes");
+                w.write_all(format!("{}{key}:", if i > 0 { "," } else { "" }).as_bytes()).map_err(io)?;
+                input.write_json(port, &mut w)?;
+            }
+            w.write_all(format!("}},\"seed\":{}}}", input.seed).as_bytes()).map_err(io)?;
+            w.flush().map_err(io)
+        });
         let mut out = child.stdout.take().expect("piped");
         let mut err = child.stderr.take().expect("piped");
         let reader = std::thread::spawn(move || {
@@ -111,13 +128,14 @@ impl Stage for CommandStage {
             std::thread::sleep(Duration::from_millis(5));
         };
         // A program that exits without reading stdin closes the pipe: not an error by itself.
-        let _ = writer.join();
+        let written = writer.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
         let stdout = reader.join().expect("reader thread").map_err(|e| StageError::new(format!("reading `{program}` output: {e}")))?;
         let stderr = err_reader.join().expect("reader thread");
         if !status.success() {
             let tail: Vec<&str> = std::str::from_utf8(&stderr).unwrap_or("").lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(StageError::new(format!("`{program}` failed ({status}):\n{}", tail.join("\n"))));
+            let unwritten = written.err().map(|e| format!(" (its input could not all be written: {})", e.message)).unwrap_or_default();
+            return Err(StageError::new(format!("`{program}` failed ({status}){unwritten}:\n{}", tail.join("\n"))));
         }
         if stdout.iter().all(u8::is_ascii_whitespace) {
             return Err(StageError::new(format!("`{program}` printed nothing; a command stage must print its output as JSON")));
@@ -129,6 +147,7 @@ impl Stage for CommandStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::collections::BTreeMap;
 
     fn run(argv: &[&str]) -> Result<Value, StageError> {
@@ -136,7 +155,7 @@ mod tests {
             config: CommandConfig { run: argv.iter().map(|s| s.to_string()).collect(), files: vec![], timeout_s: Some(10) },
             dir: std::env::temp_dir(),
         };
-        let input = StageInput { inputs: BTreeMap::from([("a".to_string(), Arc::new(json!([1, 2, 3])))]), files: BTreeMap::new(), seed: 9, cancel: Default::default() };
+        let input = StageInput::new(BTreeMap::from([("a".to_string(), Arc::new(json!([1, 2, 3])))]), BTreeMap::new(), 9);
         stage.finish(&input, vec![])
     }
 
@@ -161,7 +180,7 @@ mod tests {
             config: CommandConfig { run: vec!["sleep".into(), "30".into()], files: vec![], timeout_s: Some(1) },
             dir: std::env::temp_dir(),
         };
-        let input = StageInput { inputs: BTreeMap::new(), files: BTreeMap::new(), seed: 0, cancel: Default::default() };
+        let input = StageInput::new(BTreeMap::new(), BTreeMap::new(), 0);
         let started = Instant::now();
         assert!(stage.finish(&input, vec![]).unwrap_err().message.contains("timeout_s = 1"));
         assert!(started.elapsed() < Duration::from_secs(10));

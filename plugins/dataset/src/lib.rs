@@ -10,8 +10,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use artifacts::facts::DatasetFacts;
 use artifacts::{Artifact, Split, SplitCounts};
 use engine::diag::{Diagnostic, SourceFile};
+use engine::stream::OutputWriter;
 use engine::{BuildContext, FileRef, Item, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -123,23 +125,48 @@ impl StagePlugin for Dataset {
             )
             .help("use a fraction below 1; with 0 every sample is dev, and the judge reports on dev")]);
         }
-        let path = cx.file(&config.path).map_err(|d| vec![d])?;
-        if config.format().is_table() {
-            // Check every row now, so `pipeline validate` reports them all with their rows.
-            let display = cx.display_path(&config.path).display().to_string();
-            let bytes = std::fs::read(&path).map_err(|e| vec![cx.error_at(config.path.span.clone(), format!("cannot read `{display}`: {e}"), "this file")])?;
-            let samples = table_samples(&bytes, &config).map_err(|errors| errors.into_iter().map(|e| e.at_row(&display)).collect::<Vec<_>>())?;
-            let fields = samples.iter().flat_map(|s| s.fields.keys().cloned()).collect();
-            let labels_not_json = samples.iter().filter(|s| s.label.as_deref().is_some_and(|l| serde_json::from_str::<Value>(l).is_err())).count();
-            return Ok(Arc::new(DatasetStage { config, fields, labels_not_json, labels_not_json_first: Vec::new() }));
-        }
-        // Check every line now, so `pipeline validate` reports them all with their locations.
-        let file = SourceFile::read(&path, "dataset").map_err(|d| vec![d])?;
-        let file = SourceFile::new(cx.display_path(&config.path), file.text);
-        let samples = parse_samples(&file, &config).map_err(|errors| errors.into_iter().map(|e| e.diagnostic(&file)).collect::<Vec<_>>())?;
-        let fields = samples.iter().flat_map(|s| s.fields.keys().cloned()).collect();
-        let (labels_not_json, labels_not_json_first) = labels_not_json(&file, &samples);
-        Ok(Arc::new(DatasetStage { config, fields, labels_not_json, labels_not_json_first }))
+        // Every line (row) is checked now, so that `pipeline validate` reports them all with their
+        // locations; a file that passed is not parsed again until it changes.
+        let display = cx.display_path(&config.path);
+        let on = serde_json::json!({"kind": Dataset::KIND, "config": &config, "display": display});
+        let facts = cx.checked(&config.path.clone(), &on, |path, bytes| {
+            if config.format().is_table() {
+                let display = display.display().to_string();
+                let samples = table_samples(&bytes, &config).map_err(|errors| errors.into_iter().map(|e| e.at_row(&display)).collect::<Vec<_>>())?;
+                let fields = samples.iter().flat_map(|s| s.fields.keys().cloned()).collect();
+                let labels_not_json = samples.iter().filter(|s| s.label.as_deref().is_some_and(|l| serde_json::from_str::<Value>(l).is_err())).count();
+                return Ok(DatasetFacts { fields, labels_not_json, labels_not_json_first: Vec::new() });
+            }
+            let file = SourceFile::from_bytes(path, bytes, "dataset").map_err(|d| vec![d])?;
+            let file = SourceFile::new(display.clone(), file.text);
+            // Sample by sample, no sample held (the text is: diagnostics point into it): the
+            // fields seen, the references that are not JSON.
+            let mut facts = DatasetFacts { fields: Default::default(), labels_not_json: 0, labels_not_json_first: Vec::new() };
+            let mut keep = |sample: Sample, _| {
+                for field in sample.fields.keys() {
+                    if !facts.fields.contains(field) {
+                        facts.fields.insert(field.clone());
+                    }
+                }
+                if let Some(e) = label_not_json(&sample) {
+                    facts.labels_not_json += 1;
+                    if facts.labels_not_json_first.len() < 5 {
+                        facts.labels_not_json_first.push(located(&file, &sample, e));
+                    }
+                }
+            };
+            let errors = match config.format() {
+                Format::Jsonl => check_each(jsonl_records(&file.text), &config, "line", Some(&file.text), &mut keep),
+                Format::Csv => delimited_records(&file.text, b',').map_or_else(|e| e, |r| check_each(r, &config, "line", Some(&file.text), &mut keep)),
+                Format::Tsv => delimited_records(&file.text, b'\t').map_or_else(|e| e, |r| check_each(r, &config, "line", Some(&file.text), &mut keep)),
+                Format::Parquet | Format::Arrow => unreachable!("tables are checked above"),
+            };
+            if !errors.is_empty() {
+                return Err(errors.into_iter().map(|e| e.diagnostic(&file)).collect());
+            }
+            Ok(facts)
+        })?;
+        Ok(Arc::new(DatasetStage { config, facts }))
     }
 }
 
@@ -153,50 +180,124 @@ pub fn read(file: &SourceFile, config: &DatasetConfig, seed: u64) -> Result<arti
 
 struct DatasetStage {
     config: DatasetConfig,
-    /// Every field name some sample has (at build time).
-    fields: std::collections::BTreeSet<String>,
-    /// References that do not parse as JSON: how many, and the first few.
-    labels_not_json: usize,
-    labels_not_json_first: Vec<artifacts::facts::NotJson>,
+    /// Every field name some sample has, and the references that do not parse as JSON (how
+    /// many, the first few): found at build time.
+    facts: DatasetFacts,
 }
 
-/// Located references (labels) that a judge reading JSON could not read: how many, and the first
-/// five.
-fn labels_not_json(file: &SourceFile, samples: &[Sample]) -> (usize, Vec<artifacts::facts::NotJson>) {
-    let mut count = 0;
-    let mut first = Vec::new();
-    for s in samples {
-        let (Some(label), Some(at)) = (&s.label, s.label_at) else { continue };
-        let Err(e) = serde_json::from_str::<Value>(label) else { continue };
-        count += 1;
-        if first.len() < 5 {
-            let (line, column) = file.line_col(at);
-            let message = format!("the reference {} is not JSON ({e})", serde_json::to_string(label).expect("a string serializes"));
-            first.push(artifacts::facts::NotJson { file: file.path.display().to_string(), line, column, id: s.id.clone(), message });
-        }
-    }
-    (count, first)
+/// Why a sample's located reference (label) is not JSON, for a judge that reads it as JSON.
+fn label_not_json(s: &Sample) -> Option<serde_json::Error> {
+    let (Some(label), Some(_)) = (&s.label, s.label_at) else { return None };
+    serde_json::from_str::<Value>(label).err()
+}
+
+/// That reference, located in the file (a scan of the text before it: for the first few only).
+fn located(file: &SourceFile, s: &Sample, e: serde_json::Error) -> artifacts::facts::NotJson {
+    let (line, column) = file.line_col(s.label_at.unwrap_or(0));
+    let label = s.label.as_deref().unwrap_or_default();
+    let message = format!("the reference {} is not JSON ({e})", serde_json::to_string(label).expect("a string serializes"));
+    artifacts::facts::NotJson { file: file.path.display().to_string(), line, column, id: s.id.clone(), message }
 }
 
 impl Stage for DatasetStage {
     /// `{"fields": [...]}`: the field names some sample has, for templates and stages that name
     /// fields to be checked against at `validate`.
     fn facts(&self) -> Value {
-        let facts = artifacts::facts::DatasetFacts {
-            fields: self.fields.clone(),
-            labels_not_json: self.labels_not_json,
-            labels_not_json_first: self.labels_not_json_first.clone(),
-        };
-        serde_json::to_value(facts).expect("facts serialize")
+        serde_json::to_value(&self.facts).expect("facts serialize")
+    }
+
+    fn streams_output(&self) -> bool {
+        true
+    }
+
+    /// JSON lines are read twice as they come, never held: once to check every line and order
+    /// each stratum (a million samples cost their line numbers, strata and orders, and the ids
+    /// seen), once more to write each sample.
+    fn write_output(&self, input: &StageInput, _: &mut dyn Iterator<Item = Result<(Item, Value), StageError>>, out: &mut OutputWriter) -> Result<(), StageError> {
+        if self.config.format() != Format::Jsonl {
+            let dataset = self.whole(input.file(&self.config.path)?, input.seed)?;
+            out.field("counts", &dataset.counts)?;
+            out.field("label_field", &dataset.label_field)?;
+            return out.elements("samples", dataset.samples.into_iter().map(Ok));
+        }
+        let unreadable = |e: std::io::Error| StageError::new(format!("{}: {e}", self.config.path.path));
+        let lines = || -> Result<_, StageError> { Ok(jsonl_lines(std::io::BufReader::with_capacity(1 << 16, input.file_reader(&self.config.path)?))) };
+        // Each sample's line, stratum and place in its stratum's order.
+        let mut kept: Vec<(usize, u32, [u8; 32])> = Vec::new();
+        let mut strata: HashMap<Option<String>, u32> = HashMap::new();
+        let mut failed = None;
+        let records = lines()?.map_while(|r| r.map_err(|e| failed = Some(e)).ok());
+        let errors = check_each(records, &self.config, "line", None, &mut |s, line| {
+            let next = strata.len() as u32;
+            let stratum = *strata.entry(stratum_of(&s, &self.config)).or_insert(next);
+            kept.push((line, stratum, split_order(input.seed, &s.id)));
+        });
+        if let Some(e) = failed {
+            return Err(unreadable(e));
+        }
+        if let Some(first) = errors.first() {
+            // Located as a whole read locates them (rare: `validate` checked the file).
+            self.whole(input.file(&self.config.path)?, input.seed)?;
+            return Err(StageError::new(format!("{}: {} ({} problem(s) in all)", self.config.path.path, first.message, errors.len())));
+        }
+        let mut members: Vec<Vec<u32>> = vec![Vec::new(); strata.len()];
+        for (i, (_, stratum, _)) in kept.iter().enumerate() {
+            members[*stratum as usize].push(i as u32);
+        }
+        let mut heldout = vec![false; kept.len()];
+        for stratum in &mut members {
+            stratum.sort_unstable_by_key(|&i| kept[i as usize].2);
+            let take = (stratum.len() as f64 * self.config.heldout.0).round() as usize;
+            for &i in stratum.iter().take(take) {
+                heldout[i as usize] = true;
+            }
+        }
+        drop(members);
+        let n_heldout = heldout.iter().filter(|h| **h).count();
+        out.field("counts", &SplitCounts { dev: kept.len() - n_heldout, heldout: n_heldout })?;
+        out.field("label_field", &self.config.label)?;
+        let mut records = lines()?;
+        let mut next = 0;
+        let mut seen = HashMap::new();
+        let samples = std::iter::from_fn(|| {
+            let &(line, _, _) = kept.get(next)?;
+            let h = heldout[next];
+            next += 1;
+            loop {
+                match records.next() {
+                    None => return Some(Err(StageError::new(format!("{}: ended before line {line}", self.config.path.path)))),
+                    Some(Err(e)) => return Some(Err(unreadable(e))),
+                    Some(Ok(record)) if record.line == line => {
+                        // Checked above: the same line gives the same sample.
+                        seen.clear();
+                        let s = sample_of(line, record.whole, record.fields, &self.config, None, "line", &mut seen);
+                        return Some(s.map_err(|e| StageError::new(e.message)).map(|s| artifacts::Sample { id: s.id, split: if h { Split::Heldout } else { Split::Dev }, label: s.label, fields: s.fields }));
+                    }
+                    Some(Ok(_)) => continue,
+                }
+            }
+        });
+        out.elements("samples", samples)?;
+        // Read to the end: the file is checked against its digest there.
+        for record in records {
+            record.map_err(unreadable)?;
+        }
+        Ok(())
     }
 
     fn finish(&self, input: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
-        let bytes = input.file(&self.config.path)?;
+        Ok(self.whole(input.file(&self.config.path)?, input.seed)?.to_json())
+    }
+}
+
+impl DatasetStage {
+    /// The dataset built whole (a table's rows are read at once).
+    fn whole(&self, bytes: &[u8], seed: u64) -> Result<artifacts::Dataset, StageError> {
         if self.config.format().is_table() {
             let samples = table_samples(bytes, &self.config).map_err(|errors| {
                 StageError::new(format!("{}: {} ({} problem(s) in all)", self.config.path.path, errors[0].message, errors.len()))
             })?;
-            return Ok(split(samples, &self.config, input.seed).to_json());
+            return Ok(split(samples, &self.config, seed));
         }
         let file = SourceFile::new(&self.config.path.path, String::from_utf8_lossy(bytes).into_owned());
         let samples = parse_samples(&file, &self.config).map_err(|errors| {
@@ -204,8 +305,24 @@ impl Stage for DatasetStage {
             let (line, col) = file.line_col(first.span.start);
             StageError::new(format!("{}:{line}:{col}: {} ({} problem(s) in all)", self.config.path.path, first.message, errors.len()))
         })?;
-        Ok(split(samples, &self.config, input.seed).to_json())
+        Ok(split(samples, &self.config, seed))
     }
+}
+
+/// The stratum a sample is split within: its `stratify` field's value, else its label.
+fn stratum_of(s: &Sample, config: &DatasetConfig) -> Option<String> {
+    match &config.stratify {
+        Some(field) => s.fields.get(field).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)),
+        None => s.label.clone(),
+    }
+}
+
+/// A sample's place in its stratum's order: BLAKE3(seed, id).
+fn split_order(seed: u64, id: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.update(id.as_bytes());
+    *h.finalize().as_bytes()
 }
 
 struct Sample {
@@ -250,29 +367,57 @@ fn after_bom(text: &str) -> (&str, usize) {
 }
 
 /// JSON lines: each non-blank line one object.
-fn jsonl_records(text: &str) -> Vec<Record> {
+fn jsonl_records(text: &str) -> impl Iterator<Item = Record> + '_ {
     let (text, bom) = after_bom(text);
-    let mut records = Vec::new();
     let mut offset = bom;
-    for (n, raw) in text.split_inclusive('\n').enumerate() {
+    text.split_inclusive('\n').enumerate().filter_map(move |(n, raw)| {
         let start = offset;
         offset += raw.len();
-        let line = raw.trim_end_matches(['\n', '\r']);
-        if line.trim().is_empty() {
-            continue;
-        }
-        let whole = start..start + line.len();
-        let fields = match serde_json::from_str(line) {
-            Ok(Value::Object(fields)) => Ok(fields),
-            Ok(_) => Err(LineError { span: whole.clone(), message: format!("line {} is not a JSON object", n + 1) }),
-            Err(e) => {
-                let at = start + line.char_indices().nth(e.column().saturating_sub(1)).map_or(line.len(), |(i, _)| i);
-                Err(LineError { span: at..at + 1, message: format!("line {} is not valid JSON: {e}", n + 1) })
+        jsonl_record(n, start, raw)
+    })
+}
+
+/// JSON lines read as they come from `reader` (as [`jsonl_records`] reads a whole text), or
+/// the error reading stopped at; bytes that are not UTF-8 are replaced, as in the whole text.
+fn jsonl_lines(mut reader: impl std::io::BufRead) -> impl Iterator<Item = std::io::Result<Record>> {
+    let (mut n, mut offset, mut line) = (0usize, 0usize, Vec::new());
+    std::iter::from_fn(move || {
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Err(e) => return Some(Err(e)),
+                Ok(0) => return None,
+                Ok(read) => {
+                    let text = String::from_utf8_lossy(&line);
+                    let (raw, bom) = if n == 0 { after_bom(&text) } else { (&text[..], 0) };
+                    let record = jsonl_record(n, offset + bom, raw);
+                    n += 1;
+                    offset += read;
+                    if let Some(record) = record {
+                        return Some(Ok(record));
+                    }
+                }
             }
-        };
-        records.push(Record { line: n + 1, whole, fields });
+        }
+    })
+}
+
+/// Line `n` (0-based) of a JSON lines file, starting at byte `start`: its record, unless blank.
+fn jsonl_record(n: usize, start: usize, raw: &str) -> Option<Record> {
+    let line = raw.trim_end_matches(['\n', '\r']);
+    if line.trim().is_empty() {
+        return None;
     }
-    records
+    let whole = start..start + line.len();
+    let fields = match serde_json::from_str(line) {
+        Ok(Value::Object(fields)) => Ok(fields),
+        Ok(_) => Err(LineError { span: whole.clone(), message: format!("line {} is not a JSON object", n + 1) }),
+        Err(e) => {
+            let at = start + line.char_indices().nth(e.column().saturating_sub(1)).map_or(line.len(), |(i, _)| i);
+            Err(LineError { span: at..at + 1, message: format!("line {} is not valid JSON: {e}", n + 1) })
+        }
+    };
+    Some(Record { line: n + 1, whole, fields })
 }
 
 /// CSV or TSV (`delimiter`): a header row naming the columns, then one sample per row (quoted
@@ -365,7 +510,7 @@ fn table_samples(bytes: &[u8], config: &DatasetConfig) -> Result<Vec<Sample>, Ve
 
 fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample>, Vec<LineError>> {
     let records = match config.format() {
-        Format::Jsonl => jsonl_records(&file.text),
+        Format::Jsonl => return samples_of(jsonl_records(&file.text), config, Some(&file.text)),
         Format::Csv => delimited_records(&file.text, b',')?,
         Format::Tsv => delimited_records(&file.text, b'\t')?,
         Format::Parquet | Format::Arrow => table_records(file.text.as_bytes(), config.format())?,
@@ -373,63 +518,80 @@ fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample
     samples_of(records, config, Some(&file.text))
 }
 
-/// Samples from records, each checked (an id, unique; a label where one is named): `text` is the
-/// file's, where records are lines of it (`None` for a table, whose records are rows).
-fn samples_of(records: Vec<Record>, config: &DatasetConfig, text: Option<&str>) -> Result<Vec<Sample>, Vec<LineError>> {
-    let unit = if text.is_some() { "line" } else { "row" };
-    let mut samples = Vec::new();
+/// Every sample checked, each handed to `keep` as it is read (with its span), none held: a
+/// JSON lines file of a million samples costs the memory of one and of the ids seen. The problems
+/// found, in file order (none when `keep` was handed every sample).
+fn check_each(records: impl IntoIterator<Item = Record>, config: &DatasetConfig, unit: &str, text: Option<&str>, keep: &mut dyn FnMut(Sample, usize)) -> Vec<LineError> {
     let mut errors = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut seen: HashMap<u128, usize> = HashMap::new();
+    let mut kept = 0usize;
     for Record { line, whole, fields } in records {
-        let n = line - 1;
-        let fields = match fields {
-            Ok(fields) => fields,
-            Err(e) => {
-                errors.push(e);
-                continue;
+        match sample_of(line, whole, fields, config, text, unit, &mut seen) {
+            Ok(sample) => {
+                kept += 1;
+                keep(sample, line);
             }
-        };
-        let id = match fields.get(&config.id) {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(Value::Number(x)) => x.to_string(),
-            Some(other) => {
-                errors.push(LineError { span: whole, message: format!("{unit} {}: id field `{}` must be a string or number, found {other}", n + 1, config.id) });
-                continue;
-            }
-            None => {
-                errors.push(LineError { span: whole, message: format!("{unit} {} has no id field `{}`", n + 1, config.id) });
-                continue;
-            }
-        };
-        if let Some(first) = seen.insert(id.clone(), n + 1) {
-            errors.push(LineError { span: whole, message: format!("duplicate id `{id}` on {unit} {} (first on {unit} {first})", n + 1) });
-            continue;
+            Err(e) => errors.push(e),
         }
-        let label = match &config.label {
-            None => None,
-            Some(field) => match fields.get(field) {
-                Some(Value::String(s)) => Some(s.clone()),
-                // A structured reference (for a judge reading answers as JSON) as its JSON text.
-                Some(v @ (Value::Number(_) | Value::Bool(_) | Value::Object(_) | Value::Array(_))) => Some(v.to_string()),
-                _ => {
-                    errors.push(LineError { span: whole, message: format!("{unit} {}: label field `{field}` is missing or null (a reference is text, a number, true or false, or an object or list for a judge reading JSON)", n + 1) });
-                    continue;
-                }
-            },
-        };
-        if let Some(field) = &config.stratify
-            && !fields.contains_key(field)
-        {
-            errors.push(LineError { span: whole, message: format!("{unit} {}: has no field `{field}` (named by `stratify`)", n + 1) });
-            continue;
-        }
-        let label_at = text.and_then(|text| Some(whole.start + value_offset(&text[whole.clone()], config.label.as_deref()?)));
-        samples.push(Sample { id, label, label_at, fields });
     }
-    if samples.is_empty() && errors.is_empty() {
+    if kept == 0 && errors.is_empty() {
         errors.push(LineError { span: 0..0, message: "the dataset has no samples".into() });
     }
+    errors
+}
+
+/// Samples from records, each checked (an id, unique; a label where one is named): `text` is the
+/// file's, where records are lines of it (`None` for a table, whose records are rows).
+fn samples_of(records: impl IntoIterator<Item = Record>, config: &DatasetConfig, text: Option<&str>) -> Result<Vec<Sample>, Vec<LineError>> {
+    let mut samples = Vec::new();
+    let unit = if text.is_some() { "line" } else { "row" };
+    let errors = check_each(records, config, unit, text, &mut |sample, _| samples.push(sample));
     if errors.is_empty() { Ok(samples) } else { Err(errors) }
+}
+
+/// One record checked: its sample, or what is wrong with it. `seen` holds the ids before it, by
+/// the first 128 bits of their BLAKE3 (a million ids in a few tens of MB; two ids that differ
+/// share them with a probability near 10^-27) and the line each was on.
+fn sample_of(
+    line: usize,
+    whole: std::ops::Range<usize>,
+    fields: Result<Map<String, Value>, LineError>,
+    config: &DatasetConfig,
+    text: Option<&str>,
+    unit: &str,
+    seen: &mut HashMap<u128, usize>,
+) -> Result<Sample, LineError> {
+    let n = line - 1;
+    let fields = fields?;
+    let id = match fields.get(&config.id) {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::Number(x)) => x.to_string(),
+        Some(other) => return Err(LineError { span: whole, message: format!("{unit} {}: id field `{}` must be a string or number, found {other}", n + 1, config.id) }),
+        None => return Err(LineError { span: whole, message: format!("{unit} {} has no id field `{}`", n + 1, config.id) }),
+    };
+    let seen_as = u128::from_le_bytes(blake3::hash(id.as_bytes()).as_bytes()[..16].try_into().expect("16 bytes"));
+    if let Some(first) = seen.get(&seen_as) {
+        return Err(LineError { span: whole, message: format!("duplicate id `{id}` on {unit} {} (first on {unit} {first})", n + 1) });
+    }
+    seen.insert(seen_as, n + 1);
+    let label = match &config.label {
+        None => None,
+        Some(field) => match fields.get(field) {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A structured reference (for a judge reading answers as JSON) as its JSON text.
+            Some(v @ (Value::Number(_) | Value::Bool(_) | Value::Object(_) | Value::Array(_))) => Some(v.to_string()),
+            _ => {
+                return Err(LineError { span: whole, message: format!("{unit} {}: label field `{field}` is missing or null (a reference is text, a number, true or false, or an object or list for a judge reading JSON)", n + 1) });
+            }
+        },
+    };
+    if let Some(field) = &config.stratify
+        && !fields.contains_key(field)
+    {
+        return Err(LineError { span: whole, message: format!("{unit} {}: has no field `{field}` (named by `stratify`)", n + 1) });
+    }
+    let label_at = text.and_then(|text| Some(whole.start + value_offset(&text[whole.clone()], config.label.as_deref()?)));
+    Ok(Sample { id, label, label_at, fields })
 }
 
 /// Where the value of `"field":` starts in a JSON object's line (the line's start if the key is
@@ -445,20 +607,11 @@ fn value_offset(line: &str, field: &str) -> usize {
 fn split(samples: Vec<Sample>, config: &DatasetConfig, seed: u64) -> artifacts::Dataset {
     let mut strata: BTreeMap<Option<String>, Vec<usize>> = BTreeMap::new();
     for (i, s) in samples.iter().enumerate() {
-        let stratum = match &config.stratify {
-            Some(field) => s.fields.get(field).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)),
-            None => s.label.clone(),
-        };
-        strata.entry(stratum).or_default().push(i);
+        strata.entry(stratum_of(s, config)).or_default().push(i);
     }
     let mut heldout = vec![false; samples.len()];
     for members in strata.values_mut() {
-        members.sort_by_cached_key(|&i| {
-            let mut h = blake3::Hasher::new();
-            h.update(&seed.to_le_bytes());
-            h.update(samples[i].id.as_bytes());
-            *h.finalize().as_bytes()
-        });
+        members.sort_by_cached_key(|&i| split_order(seed, &samples[i].id));
         let take = (members.len() as f64 * config.heldout.0).round() as usize;
         for &i in members.iter().take(take) {
             heldout[i] = true;

@@ -868,7 +868,7 @@ impl Roster {
             None => Vec::new(),
         };
         *self.tuned.lock().expect("not poisoned") = tuned.clone();
-        let mut active: Vec<Arc<Candidate>> = match input.inputs.get("candidates") {
+        let mut active: Vec<Arc<Candidate>> = match input.has("candidates").then(|| input.input("candidates")).transpose()? {
             None if !self.models_from_config && tuned.is_empty() => {
                 return Err(StageError::new("no models to run: set `models`, or put a `license_filter` or `finetune` stage in `needs`"));
             }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use artifacts::facts::{self, DatasetFacts, PromptFacts, RenderFacts, TemplateFile, TemplateVariable, VariableIn};
 use artifacts::{Artifact, Dataset, Message, Rendered, RenderedSample};
 use engine::diag::{Diagnostic, SourceFile};
+use engine::stream::OutputWriter;
 use engine::{BuildContext, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
 use minijinja::{Environment, UndefinedBehavior};
 use schemars::JsonSchema;
@@ -273,22 +274,46 @@ impl Stage for RenderStage {
     }
 
     fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
+        let mut items = Vec::new();
+        self.each_item(input, &mut |item| {
+            items.push(item);
+            Ok(())
+        })?;
+        Ok(items)
+    }
+
+    /// The dataset's samples one at a time: a million are rendered in the memory of one.
+    fn each_item(&self, input: &StageInput, f: &mut dyn FnMut(Item) -> Result<(), StageError>) -> Result<(), StageError> {
         let prompt: artifacts::Prompt = input.read("prompt")?;
-        let dataset: Dataset = input.read("dataset")?;
-        Ok(dataset
-            .samples
-            .into_iter()
-            .filter(|s| match self.0.split {
+        input.each("dataset", "samples", |s: artifacts::Sample| {
+            let wanted = match self.0.split {
                 Split::All => true,
                 Split::Dev => s.split == artifacts::Split::Dev,
                 Split::Heldout => s.split == artifacts::Split::Heldout,
-            })
-            .map(|s| {
-                // Only what the rendering depends on: not the split, not the label.
-                let input = RenderInput { id: s.id.clone(), fields: s.fields, system: prompt.system.clone(), template: prompt.template.clone(), conversation: self.0.conversation.clone() };
-                Item { id: s.id, input: serde_json::to_value(input).expect("render inputs serialize") }
-            })
-            .collect())
+            };
+            if !wanted {
+                return Ok(());
+            }
+            // Only what the rendering depends on: not the split, not the label.
+            let input = RenderInput { id: s.id.clone(), fields: s.fields, system: prompt.system.clone(), template: prompt.template.clone(), conversation: self.0.conversation.clone() };
+            f(Item { id: s.id, input: serde_json::to_value(input).expect("render inputs serialize") })
+        })
+    }
+
+    fn streams_output(&self) -> bool {
+        true
+    }
+
+    /// Rendering is cheap and pure: many at once, so that they finish, and are memoized, many
+    /// per commit.
+    fn item_concurrency(&self) -> usize {
+        64
+    }
+
+    fn write_output(&self, input: &StageInput, results: &mut dyn Iterator<Item = Result<(Item, Value), StageError>>, out: &mut OutputWriter) -> Result<(), StageError> {
+        let prompt: artifacts::Prompt = input.read("prompt")?;
+        out.field("prompt", &prompt.source)?;
+        out.elements("samples", results.map(|r| r.and_then(|(item, messages)| self.rendered(item, messages))))
     }
 
     async fn run_item(&self, item: &Item, _: &ItemContext) -> Result<Value, StageError> {
@@ -328,23 +353,25 @@ impl Stage for RenderStage {
 
     fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let prompt: artifacts::Prompt = input.read("prompt")?;
-        let samples = results
-            .into_iter()
-            .map(|(item, messages)| {
-                let messages = Vec::<Message>::deserialize(&messages).map_err(|e| StageError::new(format!("rendered messages of `{}` are malformed: {e}", item.id)))?;
-                // A sample's tools go with its messages as they are (`infer` checks them).
-                let tools = match &self.0.tools {
-                    None => None,
-                    Some(field) => match item.input.get("fields").and_then(|f| f.get(field)) {
-                        Some(Value::Array(tools)) => Some(tools.clone()),
-                        Some(other) => return Err(StageError::new(format!("sample `{}`: `{field}` holds {other}, not a list of tools", item.id))),
-                        None => return Err(StageError::new(format!("sample `{}` has no `{field}` field holding its tools", item.id))),
-                    },
-                };
-                Ok(RenderedSample { id: item.id, messages, tools })
-            })
-            .collect::<Result<_, StageError>>()?;
+        let samples = results.into_iter().map(|(item, messages)| self.rendered(item, messages)).collect::<Result<_, StageError>>()?;
         Ok(Rendered { prompt: prompt.source, samples }.to_json())
+    }
+}
+
+impl RenderStage {
+    /// One sample of the output: its rendered messages, and its tools.
+    fn rendered(&self, item: Item, messages: Value) -> Result<RenderedSample, StageError> {
+        let messages = Vec::<Message>::deserialize(&messages).map_err(|e| StageError::new(format!("rendered messages of `{}` are malformed: {e}", item.id)))?;
+        // A sample's tools go with its messages as they are (`infer` checks them).
+        let tools = match &self.0.tools {
+            None => None,
+            Some(field) => match item.input.get("fields").and_then(|f| f.get(field)) {
+                Some(Value::Array(tools)) => Some(tools.clone()),
+                Some(other) => return Err(StageError::new(format!("sample `{}`: `{field}` holds {other}, not a list of tools", item.id))),
+                None => return Err(StageError::new(format!("sample `{}` has no `{field}` field holding its tools", item.id))),
+            },
+        };
+        Ok(RenderedSample { id: item.id, messages, tools })
     }
 }
 

@@ -551,18 +551,17 @@ mod tests {
         let models = [("m".to_string(), JudgedModel { splits: Default::default(), verdicts: Vec::new(), agreement: None })].into();
         let judgement = Judgement { best: Some("m".into()), ..judge::judgement(models, &[]) };
         let dataset = Dataset { label_field: None, counts: artifacts::SplitCounts { dev: 1, heldout: 0 }, samples: serde_json::from_value(samples).unwrap() };
-        StageInput {
-            inputs: [
+        StageInput::new(
+            [
                 ("prompt".to_string(), Arc::new(prompt.to_json())),
                 ("clusters".to_string(), Arc::new(clusters.to_json())),
                 ("judgement".to_string(), Arc::new(judgement.to_json())),
                 ("dataset".to_string(), Arc::new(dataset.to_json())),
             ]
             .into(),
-            files: Default::default(),
-            seed: 0,
-            cancel: Default::default(),
-        }
+            Default::default(),
+            0,
+        )
     }
 
     /// A failure mode with nothing but its id and signature.

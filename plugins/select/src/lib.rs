@@ -436,17 +436,16 @@ mod tests {
         let models = candidates.iter().map(|(id, _, _, p95)| (id.to_string(), answered(&[], *p95))).collect();
         let answers = Answers { sampler: Value::Null, prepare: Value::Null, models, output: None, repeats: None };
         let prompt = Prompt { source: "p.j2".into(), system: None, template: "{{ text }}".into(), metrics: None, revision: None, accepted: None, summary: None };
-        StageInput {
-            inputs: [
+        StageInput::new(
+            [
                 ("judgement".to_string(), Arc::new(judge::judgement(judged, &[]).to_json())),
                 ("answers".to_string(), Arc::new(answers.to_json())),
                 ("prompt".to_string(), Arc::new(prompt.to_json())),
             ]
             .into(),
-            files: Default::default(),
-            seed: 0,
-            cancel: Default::default(),
-        }
+            Default::default(),
+            0,
+        )
     }
 
     /// A candidate's answers, as `infer` summarizes them, with this p95 latency.

@@ -1,0 +1,424 @@
+//! Artifacts too large to hold: read one element at a time from the store, and written as they
+//! are assembled.
+//!
+//! An artifact is still one canonical JSON object, named by the BLAKE3 of its bytes (the same
+//! bytes and digest as if it had been built whole: lockfiles do not see the difference). A stage
+//! that opts in ([`crate::Stage::streams_output`]) writes its output through an [`OutputWriter`],
+//! field by field in canonical key order, one array element at a time; a stage reading a large
+//! input visits the elements of one of its arrays with [`crate::StageInput::each`]. Memory then
+//! follows one element, not the artifact.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::hash::{Digest, write_canonical};
+use crate::stage::StageError;
+
+/// A stage's output, written as canonical JSON while it is assembled: an object whose keys come
+/// in code-point order (as canonical JSON sorts them), each value written whole
+/// ([`Self::field`]) or as an array one element at a time ([`Self::elements`]).
+pub struct OutputWriter<'a> {
+    out: &'a mut dyn Write,
+    last_key: Option<String>,
+    buf: Vec<u8>,
+    /// The first write that failed (a full disk): the store reports it once the stage returns.
+    pub(crate) failed: Option<io::Error>,
+}
+
+impl<'a> OutputWriter<'a> {
+    pub(crate) fn new(out: &'a mut dyn Write) -> Self {
+        OutputWriter { out, last_key: None, buf: Vec::with_capacity(4096), failed: None }
+    }
+
+    fn key(&mut self, key: &str) {
+        assert!(self.last_key.as_deref().is_none_or(|last| last < key), "output keys must come in canonical (code point) order: `{key}` after `{:?}`", self.last_key);
+        self.buf.push(if self.last_key.is_none() { b'{' } else { b',' });
+        serde_json::to_writer(&mut self.buf, key).expect("writing to a Vec cannot fail");
+        self.buf.push(b':');
+        self.last_key = Some(key.to_string());
+    }
+
+    fn flush_buf(&mut self) -> Result<(), StageError> {
+        if self.failed.is_none()
+            && let Err(e) = self.out.write_all(&self.buf)
+        {
+            self.failed = Some(e);
+        }
+        self.buf.clear();
+        match &self.failed {
+            Some(e) => Err(StageError::new(format!("writing the output: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// `key` and its whole value.
+    pub fn field(&mut self, key: &str, value: &impl Serialize) -> Result<(), StageError> {
+        self.key(key);
+        write_canonical(&serde_json::to_value(value).map_err(|e| StageError::new(format!("`{key}` does not serialize: {e}")))?, &mut self.buf);
+        self.flush_buf()
+    }
+
+    /// `key` and an array of `elements`, each written as it comes.
+    pub fn elements<T: Serialize>(&mut self, key: &str, elements: impl IntoIterator<Item = Result<T, StageError>>) -> Result<(), StageError> {
+        self.key(key);
+        self.buf.push(b'[');
+        for (i, element) in elements.into_iter().enumerate() {
+            if i > 0 {
+                self.buf.push(b',');
+            }
+            let value = serde_json::to_value(element?).map_err(|e| StageError::new(format!("an element of `{key}` does not serialize: {e}")))?;
+            write_canonical(&value, &mut self.buf);
+            if self.buf.len() >= 1 << 16 {
+                self.flush_buf()?;
+            }
+        }
+        self.buf.push(b']');
+        self.flush_buf()
+    }
+
+    pub(crate) fn finish(mut self) -> Result<(), io::Error> {
+        self.buf.extend_from_slice(if self.last_key.is_none() { b"{}" } else { b"}" });
+        let _ = self.flush_buf();
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A file's bytes read from its path when first asked for, checked against the digest taken
+/// when the run started (a large file is not held for the whole run).
+pub(crate) struct Lazy {
+    pub(crate) path: PathBuf,
+    pub(crate) digest: Digest,
+    pub(crate) what: String,
+    value: OnceLock<Result<Arc<[u8]>, StageError>>,
+}
+
+impl Lazy {
+    pub(crate) fn new(path: PathBuf, digest: Digest, what: String) -> Self {
+        Lazy { path, digest, what, value: OnceLock::new() }
+    }
+
+    pub(crate) fn bytes(&self) -> Result<&[u8], StageError> {
+        let got = self.value.get_or_init(|| {
+            let bytes = std::fs::read(&self.path).map_err(|e| StageError::new(format!("cannot read {}: {e}", self.what)))?;
+            if Digest::of_bytes(&bytes) != self.digest {
+                return Err(StageError::new(format!("{} changed while the pipeline ran; run it again", self.what)));
+            }
+            Ok(Arc::from(bytes))
+        });
+        got.as_deref().map_err(Clone::clone)
+    }
+}
+
+impl Lazy {
+    /// The file read from its start, verified when read to its end.
+    pub(crate) fn reader(&self) -> Result<Box<dyn Read + Send + '_>, StageError> {
+        let file = File::open(&self.path).map_err(|e| StageError::new(format!("cannot read {}: {e}", self.what)))?;
+        Ok(Box::new(Verifying { inner: file, hasher: blake3::Hasher::new(), lazy: self, done: false }))
+    }
+}
+
+/// A reader that hashes what it reads and, at the end, fails unless it read the bytes digested.
+struct Verifying<'a, R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    lazy: &'a Lazy,
+    done: bool,
+}
+
+impl<R: Read> Read for Verifying<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        if n == 0 && !buf.is_empty() && !self.done {
+            self.done = true;
+            if Digest(*self.hasher.finalize().as_bytes()) != self.lazy.digest {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} changed while the pipeline ran; run it again", self.lazy.what)));
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// An upstream artifact in the store, parsed only when a stage asks for the whole of it.
+pub(crate) struct StoredInput {
+    pub(crate) path: PathBuf,
+    pub(crate) digest: Digest,
+    value: OnceLock<Result<Value, StageError>>,
+}
+
+impl StoredInput {
+    pub(crate) fn new(path: PathBuf, digest: Digest) -> Self {
+        StoredInput { path, digest, value: OnceLock::new() }
+    }
+
+    pub(crate) fn value(&self, port: &str) -> Result<&Value, StageError> {
+        let got = self.value.get_or_init(|| {
+            let bytes = crate::store::read_object(&self.path).map_err(|e| self.missing(port, e))?;
+            if Digest::of_bytes(&bytes) != self.digest {
+                return Err(self.damaged(port));
+            }
+            serde_json::from_slice(&bytes).map_err(|e| StageError::new(format!("input `{port}` is not JSON: {e}")))
+        });
+        got.as_ref().map_err(Clone::clone)
+    }
+
+    fn missing(&self, port: &str, e: io::Error) -> StageError {
+        StageError::new(format!("input `{port}` ({}) cannot be read from the store: {e}", self.digest.short()))
+    }
+
+    fn damaged(&self, port: &str) -> StageError {
+        StageError::new(format!("input `{port}` ({}) is damaged in the store (its bytes no longer match their digest); run again to compute it anew", self.digest.short()))
+    }
+
+    /// The artifact's bytes copied to `out`, after checking them against the digest.
+    pub(crate) fn copy_to(&self, port: &str, out: &mut dyn Write) -> Result<(), StageError> {
+        self.verified(port)?;
+        let mut file = crate::store::open_object(&self.path).map_err(|e| self.missing(port, e))?;
+        io::copy(&mut file, out).map_err(|e| StageError::new(format!("writing input `{port}`: {e}")))?;
+        Ok(())
+    }
+
+    /// Checks the file against the digest, reading it through once.
+    fn verified(&self, port: &str) -> Result<(), StageError> {
+        let mut hasher = blake3::Hasher::new();
+        let damaged = |_| self.damaged(port);
+        hasher.update_reader(crate::store::open_object(&self.path).map_err(|e| self.missing(port, e))?).map_err(damaged)?;
+        if Digest(*hasher.finalize().as_bytes()) != self.digest {
+            return Err(self.damaged(port));
+        }
+        Ok(())
+    }
+
+    /// Visits each element of the array at `key` (a top-level key of the artifact) without
+    /// holding the artifact: the file is verified against its digest first, then scanned.
+    pub(crate) fn each<T: DeserializeOwned>(&self, port: &str, key: &str, f: &mut dyn FnMut(T) -> Result<(), StageError>) -> Result<(), StageError> {
+        if let Some(Ok(value)) = self.value.get() {
+            return each_in_value(value, port, key, f);
+        }
+        self.verified(port)?;
+        let file = crate::store::open_object(&self.path).map_err(|e| self.missing(port, e))?;
+        each_in_canonical(file, port, key, f)
+    }
+}
+
+/// [`StoredInput::each`] over an artifact already in memory.
+pub(crate) fn each_in_value<T: DeserializeOwned>(value: &Value, port: &str, key: &str, f: &mut dyn FnMut(T) -> Result<(), StageError>) -> Result<(), StageError> {
+    let elements = value.get(key).and_then(Value::as_array).ok_or_else(|| StageError::new(format!("input `{port}` has no list `{key}`")))?;
+    for element in elements {
+        f(T::deserialize(element).map_err(|e| StageError::new(format!("an element of `{key}` in input `{port}` is not what this stage reads: {e}")))?)?;
+    }
+    Ok(())
+}
+
+/// The elements of the array at `key` in canonical JSON (what the store holds: no whitespace,
+/// keys sorted), found by a scan of the bytes (strings and nesting) and each parsed from its
+/// slice, several times faster than parsing from a reader.
+fn each_in_canonical<T: DeserializeOwned>(reader: impl Read, port: &str, key: &str, f: &mut dyn FnMut(T) -> Result<(), StageError>) -> Result<(), StageError> {
+    let mut scan = Scanner { reader, buf: Vec::with_capacity(1 << 20), at: 0, eof: false };
+    let broken = |e: io::Error| StageError::new(format!("input `{port}` cannot be read: {e}"));
+    let not_canonical = || StageError::new(format!("input `{port}` is not canonical JSON"));
+    if scan.byte().map_err(broken)? != Some(b'{') {
+        return Err(not_canonical());
+    }
+    let wanted = serde_json::to_vec(key).expect("a string serializes");
+    loop {
+        let name = scan.value().map_err(broken)?;
+        let is_key = name.as_deref() == Some(&wanted[..]);
+        if name.is_none() || scan.byte().map_err(broken)? != Some(b':') {
+            return Err(not_canonical());
+        }
+        if is_key {
+            if scan.byte().map_err(broken)? != Some(b'[') {
+                return Err(not_canonical());
+            }
+            if scan.peek().map_err(broken)? == Some(b']') {
+                return Ok(());
+            }
+            loop {
+                let element = scan.value().map_err(broken)?.ok_or_else(not_canonical)?;
+                f(serde_json::from_slice(&element).map_err(|e| StageError::new(format!("an element of `{key}` in input `{port}` is not what this stage reads: {e}")))?)?;
+                match scan.byte().map_err(broken)? {
+                    Some(b',') => continue,
+                    Some(b']') => return Ok(()),
+                    _ => return Err(not_canonical()),
+                }
+            }
+        }
+        if scan.value().map_err(broken)?.is_none() {
+            return Err(not_canonical());
+        }
+        match scan.byte().map_err(broken)? {
+            Some(b',') => continue,
+            Some(b'}') => return Err(StageError::new(format!("input `{port}` has no list `{key}`"))),
+            _ => return Err(not_canonical()),
+        }
+    }
+}
+
+/// Bytes of canonical JSON read in large blocks, one value at a time.
+struct Scanner<R> {
+    reader: R,
+    buf: Vec<u8>,
+    at: usize,
+    eof: bool,
+}
+
+impl<R: Read> Scanner<R> {
+    /// At least one more byte in `buf` (false: the end).
+    fn fill(&mut self) -> io::Result<bool> {
+        if self.at < self.buf.len() {
+            return Ok(true);
+        }
+        if self.eof {
+            return Ok(false);
+        }
+        self.buf.clear();
+        self.at = 0;
+        self.buf.resize(1 << 20, 0);
+        let n = self.reader.read(&mut self.buf)?;
+        self.buf.truncate(n);
+        self.eof = n == 0;
+        Ok(n > 0)
+    }
+
+    fn peek(&mut self) -> io::Result<Option<u8>> {
+        Ok(if self.fill()? { Some(self.buf[self.at]) } else { None })
+    }
+
+    fn byte(&mut self) -> io::Result<Option<u8>> {
+        let b = self.peek()?;
+        self.at += usize::from(b.is_some());
+        Ok(b)
+    }
+
+    /// The bytes of the next value (a string, number, literal, object or array), found by its
+    /// nesting and its strings' quotes and escapes; `None` at the end or before a delimiter.
+    fn value(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut out = Vec::new();
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        loop {
+            if !self.fill()? {
+                return Ok(if depth == 0 && !in_string && !out.is_empty() { Some(out) } else { None });
+            }
+            let start = self.at;
+            let chunk = &self.buf[start..];
+            let mut end = None;
+            for (i, &b) in chunk.iter().enumerate() {
+                if in_string {
+                    if escaped {
+                        escaped = false;
+                    } else if b == b'\\' {
+                        escaped = true;
+                    } else if b == b'"' {
+                        in_string = false;
+                        if depth == 0 {
+                            end = Some(i + 1);
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                match b {
+                    b'"' => in_string = true,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' if depth == 0 => {
+                        end = Some(i);
+                        break;
+                    }
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = Some(i + 1);
+                            break;
+                        }
+                    }
+                    b',' | b':' if depth == 0 => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            match end {
+                Some(i) => {
+                    out.extend_from_slice(&chunk[..i]);
+                    self.at = start + i;
+                    return Ok(if out.is_empty() { None } else { Some(out) });
+                }
+                None => {
+                    out.extend_from_slice(chunk);
+                    self.at = self.buf.len();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::canonical_json;
+    use serde_json::json;
+
+    #[test]
+    fn a_streamed_output_is_the_canonical_json_of_the_whole() {
+        let whole = json!({"a": 1, "samples": [{"z": 1, "b": [2, 1]}, {"id": "x"}], "total": {"y": 2, "x": 1}});
+        let mut bytes = Vec::new();
+        let mut w = OutputWriter::new(&mut bytes);
+        w.field("a", &1).unwrap();
+        w.elements("samples", [json!({"z": 1, "b": [2, 1]}), json!({"id": "x"})].into_iter().map(Ok)).unwrap();
+        w.field("total", &json!({"y": 2, "x": 1})).unwrap();
+        w.finish().unwrap();
+        assert_eq!(String::from_utf8(bytes).unwrap(), String::from_utf8(canonical_json(&whole)).unwrap());
+        let mut empty = Vec::new();
+        OutputWriter::new(&mut empty).finish().unwrap();
+        assert_eq!(empty, b"{}");
+    }
+
+    #[test]
+    fn elements_are_visited_one_at_a_time_and_a_stop_is_the_stages_error() {
+        let whole = json!({"a": {"samples": 0}, "samples": [{"n": 1}, {"n": 2}, {"n": 3}], "z": [9]});
+        let mut seen = Vec::new();
+        each_in_canonical(&canonical_json(&whole)[..], "p", "samples", &mut |v: Value| {
+            seen.push(v["n"].as_i64().unwrap());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, [1, 2, 3]);
+        let stop = each_in_canonical(&canonical_json(&whole)[..], "p", "samples", &mut |v: Value| if v["n"] == 2 { Err(StageError::new("enough")) } else { Ok(()) });
+        assert_eq!(stop.unwrap_err().message, "enough");
+        let missing = each_in_canonical(&canonical_json(&whole)[..], "p", "rows", &mut |_: Value| Ok(()));
+        assert_eq!(missing.unwrap_err().message, "input `p` has no list `rows`");
+        // Strings holding brackets, quotes and escapes do not mislead the scan.
+        let tricky = json!({"a": "]}\\\"", "samples": [{"n": 1, "s": "[{\\\",:"}, {"n": 2}, {"n": 3, "x": [[]]}], "z": [9]});
+        let mut scanned = Vec::new();
+        each_in_canonical(&canonical_json(&tricky)[..], "p", "samples", &mut |v: Value| {
+            scanned.push(v);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(Value::Array(scanned), tricky["samples"]);
+        let pretty = serde_json::to_vec_pretty(&tricky).unwrap();
+        let refused = each_in_canonical(&pretty[..], "p", "samples", &mut |_: Value| Ok(()));
+        assert_eq!(refused.unwrap_err().message, "input `p` is not canonical JSON");
+        let mut empty = 0;
+        each_in_canonical(&canonical_json(&json!({"samples": []}))[..], "p", "samples", &mut |_: Value| Ok(empty += 1)).unwrap();
+        assert_eq!(empty, 0);
+        let mut from_value = Vec::new();
+        each_in_value(&whole, "p", "samples", &mut |v: Value| {
+            from_value.push(v["n"].as_i64().unwrap());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(from_value, seen);
+    }
+}
