@@ -48,6 +48,10 @@ pub struct Finetune;
 /// The trainer's packages, pinned; the environment is rebuilt when this changes.
 pub const PACKAGES: &[&str] = &["torch==2.15.0", "transformers==5.23.0", "peft==0.21.2", "gguf==0.19.0", "safetensors==0.8.0", "accelerate==1.15.0"];
 
+/// Every package those pull in, pinned too (pip constraints, from `pip freeze`): an unpinned
+/// tokenizers, numpy or jinja2 resolved later on another machine could train other bytes.
+const CONSTRAINTS: &str = include_str!("constraints.txt");
+
 /// The training script, in every item's key by digest.
 const TRAIN_PY: &str = include_str!("train.py");
 
@@ -340,6 +344,7 @@ struct TrainInput {
 fn trainer_pins() -> BTreeMap<String, String> {
     let mut pins = BTreeMap::new();
     pins.insert("packages".into(), PACKAGES.join(" "));
+    pins.insert("constraints_sha256".into(), sha256_hex(CONSTRAINTS.as_bytes()));
     pins.insert("script_sha256".into(), sha256_hex(TRAIN_PY.as_bytes()));
     pins.insert("kernels".into(), KERNELS.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
     pins
@@ -516,7 +521,7 @@ mod trainer {
         let dir = venv();
         let python = dir.join("bin/python");
         let marker = dir.join(".pipeline-trainer");
-        let wanted = PACKAGES.join("\n");
+        let wanted = format!("{}\n{CONSTRAINTS}", PACKAGES.join("\n"));
         if python.is_file() && std::fs::read_to_string(&marker).is_ok_and(|m| m == wanted) {
             return Ok(python);
         }
@@ -536,6 +541,9 @@ mod trainer {
             run(&dir, Path::new(&system), &["-m".into(), "venv".into(), dir.to_string_lossy().into_owned()]).await?;
         }
         let mut args: Vec<String> = ["-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-cache-dir"].map(String::from).to_vec();
+        let constraints = dir.join("constraints.txt");
+        std::fs::write(&constraints, CONSTRAINTS).map_err(|e| format!("{}: {e}", constraints.display()))?;
+        args.extend(["-c".to_string(), constraints.to_string_lossy().into_owned()]);
         args.extend(PACKAGES.iter().map(|p| p.to_string()));
         run(&dir, &python, &args).await?;
         std::fs::write(&marker, wanted).map_err(|e| format!("{}: {e}", marker.display()))?;
@@ -726,5 +734,16 @@ mod tests {
         assert!(pins["packages"].contains("torch==2.15.0"));
         assert_eq!(pins["kernels"], "ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1");
         assert_eq!(pins["script_sha256"], sha256_hex(TRAIN_PY.as_bytes()));
+        assert_eq!(pins["constraints_sha256"], sha256_hex(CONSTRAINTS.as_bytes()));
+    }
+
+    #[test]
+    fn the_constraints_pin_every_package_at_the_version_asked_for() {
+        let pinned: BTreeMap<&str, &str> = CONSTRAINTS.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).map(|l| l.split_once("==").expect("name==version")).collect();
+        for package in PACKAGES {
+            let (name, version) = package.split_once("==").unwrap();
+            assert_eq!(pinned.get(name), Some(&version), "{package}");
+        }
+        assert!(pinned.contains_key("tokenizers") && pinned.contains_key("numpy"), "what the packages pull in is pinned too");
     }
 }
