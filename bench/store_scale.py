@@ -16,7 +16,8 @@ Prints a table per N and how each cost grows from one N to the next (x per 10x s
                                  [--check] [--binary PATH]
 
 `--profile dev` (the default) times the binary README's commands build. `--check` (what CI runs)
-fails when our peak RSS passes 256 MB or the store holds more than a few files per stage.
+fails when our peak RSS passes 256 MB, the store passes twice the input's size or holds more than
+a few files per stage.
 DVC is installed into ~/.cache/pipeline-bench-venv when missing. Export CARGO_TARGET_DIR as the
 tests do.
 """
@@ -52,6 +53,7 @@ with open("data.jsonl") as f, open("rendered.jsonl", "w") as out:
         out.write(json.dumps({"id": s["id"], "messages": [{"role": "user", "content": template.replace("{{ text }}", s["text"])}]}) + "\\n")
 """
 PEAK_RSS_MB = 256
+STORE_X = 2.0
 
 
 def binary(profile):
@@ -158,7 +160,7 @@ def main():
     ap.add_argument("--profile", choices=["dev", "release"], default="dev")
     ap.add_argument("--no-dvc", action="store_true")
     ap.add_argument("--binary", help="a `pipeline` binary already built (CI passes the one its tests ran), instead of building one")
-    ap.add_argument("--check", action="store_true", help=f"fail when our peak RSS passes {PEAK_RSS_MB} MB or the store's files grow with N")
+    ap.add_argument("--check", action="store_true", help=f"fail when our peak RSS passes {PEAK_RSS_MB} MB, the store {STORE_X}x the input, or the store's files grow with N")
     args = ap.parse_args()
     pipeline = Path(args.binary) if args.binary else binary(args.profile)
     tools = [("pipeline", setup_ours, pipeline)]
@@ -186,11 +188,13 @@ def main():
             for what in ["first_rss", "noop_rss", "appended_rss"]:
                 if r[what] > PEAK_RSS_MB:
                     problems.append(f"{r['n']} samples: {what} {r[what]:.0f} MB > {PEAK_RSS_MB} MB")
+            if r["store_mb"] > STORE_X * r["input_mb"]:
+                problems.append(f"{r['n']} samples: the store is {r['store_mb'] / r['input_mb']:.2f}x the input (at most {STORE_X}x)")
             if r["store_files"] > 40:
                 problems.append(f"{r['n']} samples: {r['store_files']} files in the store (a few per stage expected)")
         if problems:
             sys.exit("store_scale --check failed:\n  " + "\n  ".join(problems))
-        print(f"check: peak RSS within {PEAK_RSS_MB} MB and the store a few files per stage at every N")
+        print(f"check: peak RSS within {PEAK_RSS_MB} MB, the store within {STORE_X}x the input and a few files per stage at every N")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 //! ```text
 //! objects/ab/cdef…    artifacts, content-addressed by the BLAKE3 of their bytes
 //! done/ab/cdef…       fingerprint digest → output digest: "this stage result is complete"
-//! items.db            per-item memo (SQLite, WAL): item key → the item's JSON result and its digest
+//! items.db            per-item memo (SQLite, WAL): item key → the item's JSON result and its digest;
+//!                     a compression dictionary per stage ([`dict`])
 //! records/<pipeline>/<stage>.json   last fingerprint of each stage, to explain staleness
 //! runs/<pipeline>.json              the last run: every iteration's stage outputs
 //! tmp/                staging for atomic writes
@@ -34,6 +35,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::hash::{Digest, canonical_json};
+
+mod dict;
 
 /// Fault injection for the crash tests (`tests/cli/crash.rs`): with `PIPELINE_CRASH_AT_WRITE=N`
 /// the process aborts in the middle of its N-th store write (half the temporary file written, not
@@ -114,6 +117,8 @@ pub struct Store {
     root: PathBuf,
     /// The item database, opened on first use (shared by clones).
     items: Arc<OnceLock<Mutex<Option<rusqlite::Connection>>>>,
+    /// The items' compression dictionaries (shared by clones).
+    dicts: Arc<dict::Dicts>,
 }
 
 /// A SQLite failure as the I/O error it is (a full disk, a read-only one), so that it is reported
@@ -144,7 +149,7 @@ impl Drop for StoreLock {
 impl Store {
     /// Opening does not touch the disk; directories are created on first write.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Store { root: root.into(), items: Default::default() }
+        Store { root: root.into(), items: Default::default(), dicts: Default::default() }
     }
 
     fn items_path(&self) -> PathBuf {
@@ -173,6 +178,7 @@ impl Store {
                 db.pragma_update(None, "journal_mode", "WAL")?;
                 db.pragma_update(None, "synchronous", "NORMAL")?;
                 db.execute_batch("CREATE TABLE IF NOT EXISTS items (key BLOB PRIMARY KEY, digest BLOB NOT NULL, value BLOB NOT NULL) WITHOUT ROWID")?;
+                db.execute_batch(dict::SCHEMA)?;
                 Ok(db)
             };
             let db = open().map_err(db_err(&path))?;
@@ -363,13 +369,21 @@ impl Store {
         let row = self.with_items(false, |db| {
             let mut statement = db.prepare_cached("SELECT digest, value FROM items WHERE key = ?1").map_err(db_err(&self.items_path()))?;
             let found = statement.query_row([&key.0[..]], |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?)));
-            Ok(found.ok())
+            Ok(found.ok().map(|(digest, stored)| self.read_row(db, key, digest, stored)))
         });
-        let Some((digest, bytes)) = row.ok().flatten().flatten() else { return self.get_item_file(key) };
-        if digest != Digest::of_bytes(&bytes).0 {
+        match row.ok().flatten().flatten() {
+            Some(value) => value,
+            None => self.get_item_file(key),
+        }
+    }
+
+    /// A row's value, verified against its digest (of the stored bytes) and decompressed.
+    fn read_row(&self, db: &rusqlite::Connection, key: &Digest, digest: Vec<u8>, stored: Vec<u8>) -> Option<Value> {
+        let bytes = (digest == Digest::of_bytes(&stored).0).then(|| self.dicts.decode(db, stored)).flatten();
+        let Some(bytes) = bytes else {
             tracing::warn!(item = %key, "damaged item in store; it will be recomputed");
             return None;
-        }
+        };
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -393,7 +407,10 @@ impl Store {
     pub fn has_item(&self, key: &Digest) -> bool {
         let found = self.with_items(false, |db| {
             let mut statement = db.prepare_cached("SELECT digest, value FROM items WHERE key = ?1").map_err(db_err(&self.items_path()))?;
-            let intact = statement.query_row([&key.0[..]], |row| Ok(row.get_ref(0)?.as_blob()? == Digest::of_bytes(row.get_ref(1)?.as_blob()?).0));
+            let intact = statement.query_row([&key.0[..]], |row| {
+                let stored = row.get_ref(1)?.as_blob()?;
+                Ok(row.get_ref(0)?.as_blob()? == Digest::of_bytes(stored).0 && self.dicts.readable(db, stored))
+            });
             Ok(intact.unwrap_or(false))
         });
         found.ok().flatten().unwrap_or(false) || self.sharded("items", key).is_file()
@@ -405,28 +422,50 @@ impl Store {
         serde_json::from_slice(&fs::read(self.sharded("items", key)).ok()?).ok()
     }
 
-    /// Memoizes an item's result: committed when this returns.
-    pub fn put_item(&self, key: &Digest, value: &Value) -> Result<(), StoreError> {
-        self.put_items(&[(key, value)])
+    /// Memoizes an item's result: committed when this returns. `family` names the items that
+    /// are alike (a stage's): they share a compression dictionary.
+    pub fn put_item(&self, family: &str, key: &Digest, value: &Value) -> Result<(), StoreError> {
+        self.put_items(family, &[(key, value)])
     }
 
     /// Memoizes items' results in one transaction: all committed when this returns, none if a
     /// kill comes first (items that finish together cost one commit, not one each).
-    pub fn put_items(&self, items: &[(&Digest, &Value)]) -> Result<(), StoreError> {
+    pub fn put_items(&self, family: &str, items: &[(&Digest, &Value)]) -> Result<(), StoreError> {
         let path = self.items_path();
         self.with_items(true, |db| {
             let tx = db.unchecked_transaction().map_err(db_err(&path))?;
+            let mut new_dict = None;
             for (key, value) in items {
-                let bytes = canonical_json(value);
+                let json = canonical_json(value);
+                let mut encoded = self.dicts.encode(&tx, family, &json);
+                if let Some((id, dict)) = encoded.new_dict.take()
+                    && new_dict != Some(id)
+                {
+                    // The dictionary goes in with the first value that needs it. Ids are random:
+                    // one taken by another dictionary leaves this family plain.
+                    let taken: Option<Vec<u8>> = tx.query_row("SELECT digest FROM dicts WHERE id = ?1", [id.get()], |row| row.get(0)).ok();
+                    if taken.is_some_and(|d| d != Digest::of_bytes(&dict).0) {
+                        self.dicts.refuse(family);
+                        encoded.bytes = json[..].into();
+                    } else {
+                        tx.execute("INSERT OR IGNORE INTO dicts (id, family, digest, dict) VALUES (?1, ?2, ?3, ?4)", (id.get(), family, &Digest::of_bytes(&dict).0[..], &dict))
+                            .map_err(db_err(&path))?;
+                        new_dict = Some(id);
+                    }
+                }
                 tx.prepare_cached("INSERT OR REPLACE INTO items (key, digest, value) VALUES (?1, ?2, ?3)")
-                    .and_then(|mut s| s.execute((&key.0[..], &Digest::of_bytes(&bytes).0[..], &bytes)))
+                    .and_then(|mut s| s.execute((&key.0[..], &Digest::of_bytes(&encoded.bytes).0[..], &encoded.bytes[..])))
                     .map_err(db_err(&path))?;
             }
             if crash_test::at_this_write() {
                 // Written to the log, not committed, then die: what a kill mid-transaction leaves.
                 std::process::abort();
             }
-            tx.commit().map_err(db_err(&path))
+            tx.commit().map_err(db_err(&path))?;
+            if let Some(id) = new_dict {
+                self.dicts.stored(family, id);
+            }
+            Ok(())
         })?;
         Ok(())
     }
@@ -478,22 +517,18 @@ impl ItemReader<'_> {
 
     /// As [`Store::has_item`].
     pub fn has(&self, key: &Digest) -> bool {
-        match self.row(key) {
-            Some((digest, bytes)) => digest == Digest::of_bytes(&bytes).0,
-            None => self.db.is_none() && self.store.has_item(key),
+        match (self.row(key), &self.db) {
+            (Some((digest, stored)), Some(db)) => digest == Digest::of_bytes(&stored).0 && self.store.dicts.readable(db, &stored),
+            _ => self.db.is_none() && self.store.has_item(key),
         }
     }
 
     /// As [`Store::get_item`].
     pub fn get(&self, key: &Digest) -> Option<Value> {
-        match self.row(key) {
-            Some((digest, bytes)) if digest == Digest::of_bytes(&bytes).0 => serde_json::from_slice(&bytes).ok(),
-            Some(_) => {
-                tracing::warn!(item = %key, "damaged item in store; it will be recomputed");
-                None
-            }
-            None if self.db.is_none() => self.store.get_item(key),
-            None => None,
+        match (self.row(key), &self.db) {
+            (Some((digest, stored)), Some(db)) => self.store.read_row(db, key, digest, stored),
+            _ if self.db.is_none() => self.store.get_item(key),
+            _ => None,
         }
     }
 }
@@ -558,13 +593,56 @@ mod tests {
         let key = Digest::of_bytes(b"item");
         assert!(!store.has_item(&key) && store.get_item(&key).is_none());
         assert!(!dir.path().join("items.db").exists(), "reading creates nothing");
-        store.put_item(&key, &json!({"answer": "a"})).unwrap();
+        store.put_item("test", &key, &json!({"answer": "a"})).unwrap();
         assert_eq!(Store::new(dir.path()).get_item(&key), Some(json!({"answer": "a"})), "committed: another connection sees it");
         // Damage the value behind its digest: it reads as absent.
         let db = rusqlite::Connection::open(dir.path().join("items.db")).unwrap();
         db.execute("UPDATE items SET value = ?1", [&b"{\"answer\":\"b\"}"[..]]).unwrap();
         assert_eq!(Store::new(dir.path()).get_item(&key), None);
         assert!(!Store::new(dir.path()).has_item(&key), "a damaged item is not counted as cached: it is recomputed");
+    }
+
+    /// A stage's values like the ones of a rendered prompt: the same keys and text around what
+    /// differs.
+    fn alike(n: usize) -> Value {
+        json!({"id": format!("sample-{n}"), "prompt": format!("Read the sample and answer with one word.\n\nSample {n}: the value {} is {}.", n * 7919 % 10007, ["low", "mid", "high"][n % 3]), "max_tokens": 8})
+    }
+
+    #[test]
+    fn a_family_of_items_is_compressed_with_a_dictionary_it_trained_and_reads_back_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let keys: Vec<Digest> = (0..6000).map(|n| Digest::of_bytes(format!("k{n}").as_bytes())).collect();
+        let values: Vec<Value> = (0..6000).map(alike).collect();
+        for chunk in (0..4000).collect::<Vec<_>>().chunks(256) {
+            store.put_items("p/render", &chunk.iter().map(|&n| (&keys[n], &values[n])).collect::<Vec<_>>()).unwrap();
+        }
+        let db = rusqlite::Connection::open(dir.path().join("items.db")).unwrap();
+        let stored = |n: usize| db.query_row("SELECT value FROM items WHERE key = ?1", [&keys[n].0[..]], |r| r.get::<_, Vec<u8>>(0)).unwrap();
+        assert_eq!(db.query_row("SELECT count(*) FROM dicts WHERE family = 'p/render'", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
+        assert_eq!(stored(0), canonical_json(&values[0]), "the values it learns from stay plain");
+        let (plain, compressed) = (canonical_json(&values[3999]).len(), stored(3999).len());
+        assert!(stored(3999).starts_with(&ZSTD_MAGIC) && compressed * 3 < plain, "{plain} bytes stored as {compressed}");
+        // Another run (a new process) uses the same dictionary, and reads everything back.
+        let again = Store::new(dir.path());
+        again.put_items("p/render", &(4000..6000).map(|n| (&keys[n], &values[n])).collect::<Vec<_>>()).unwrap();
+        assert_eq!(db.query_row("SELECT count(*) FROM dicts", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
+        assert!(stored(5999).starts_with(&ZSTD_MAGIC));
+        let fresh = Store::new(dir.path());
+        let reader = fresh.item_reader();
+        for n in [0, 1999, 2000, 3999, 4000, 5999] {
+            assert!(fresh.has_item(&keys[n]) && reader.has(&keys[n]), "item {n}");
+            assert_eq!(fresh.get_item(&keys[n]).as_ref(), Some(&values[n]), "item {n}");
+            assert_eq!(reader.get(&keys[n]).as_ref(), Some(&values[n]), "item {n}");
+        }
+        // A damaged dictionary: the items compressed with it read as absent (recomputed), the
+        // plain ones as they are.
+        drop(reader);
+        db.execute("UPDATE dicts SET dict = substr(dict, 1, length(dict) - 1) || x'00'", []).unwrap();
+        let damaged = Store::new(dir.path());
+        assert!(damaged.has_item(&keys[0]) && !damaged.has_item(&keys[5999]) && !damaged.item_reader().has(&keys[5999]));
+        assert_eq!(damaged.get_item(&keys[5999]), None);
+        assert_eq!(damaged.item_reader().get(&keys[0]).as_ref(), Some(&values[0]));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{Project, loop_stages, text};
+use crate::{Project, loop_stages, pipeline, text};
 
 
 fn project() -> Project {
@@ -122,4 +122,74 @@ fn kill_9_anywhere_loses_nothing_and_redoes_nothing() {
         println!("chain {chains}: lockfile identical; {} item(s) finished just before a kill, unlogged and not recomputed", all_items.len() - done.len());
     }
     println!("{kills} kills in {chains} chain(s), {step} runs: nothing lost, nothing computed twice");
+}
+
+/// A project of `n` generated samples through `dataset -> prompt -> render`: enough items for
+/// `render` to train its compression dictionary in the store (after 2,000 values).
+fn many_samples(n: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let data: String = (0..n)
+        .map(|i| format!("{{\"id\":\"r{i:05}\",\"text\":\"reading {i}: the pressure was {} and the valve {}\",\"label\":\"{}\"}}\n", i * 7919 % 10007, ["open", "shut"][i % 2], ["ok", "check"][i % 3 / 2]))
+        .collect();
+    std::fs::write(dir.path().join("data.jsonl"), data).unwrap();
+    std::fs::write(dir.path().join("sample.j2"), "Is this reading ok or does it need a check?\n\n{{ text }}\n").unwrap();
+    std::fs::write(
+        dir.path().join("scale.toml"),
+        "seed = 1\n[stages.samples]\nkind = \"dataset\"\npath = \"data.jsonl\"\nlabel = \"label\"\n[stages.prompt]\nkind = \"prompt\"\ntemplate = \"sample.j2\"\n\
+         [stages.rendered]\nkind = \"render\"\nneeds = [\"samples\", \"prompt\"]\n",
+    )
+    .unwrap();
+    dir
+}
+
+/// Aborts in the middle of store writes while `render` memoizes 6,000 items and trains its
+/// dictionary (which goes into the store in the same transaction as the first value compressed
+/// with it): each run continues from what the last left, no finished item is computed again, and
+/// the last run writes the lockfile of an uninterrupted one, its items read back through the
+/// dictionary.
+#[test]
+fn a_kill_while_items_train_their_dictionary_loses_nothing() {
+    let reference = many_samples(6000);
+    let out = pipeline(reference.path(), &["run", "scale.toml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lock = std::fs::read_to_string(reference.path().join("scale.lock")).unwrap();
+
+    let p = many_samples(6000);
+    let mut done: Vec<String> = Vec::new();
+    let mut kills = 0;
+    for step in 1.. {
+        let log = p.path().join(format!("events-{step}.jsonl"));
+        let status = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(["run", "scale.toml", "--events", log.to_str().unwrap()])
+            .current_dir(p.path())
+            .env_remove("PIPELINE_STORE")
+            .env("PIPELINE_CRASH_AT_WRITE", (6 + 2 * step).to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        let now = finished(&log);
+        let redone: Vec<&String> = now.iter().filter(|i| done.contains(i)).collect();
+        assert!(redone.is_empty(), "run {step}: finished items computed again: {redone:?}");
+        println!("run {step}: {} item(s) finished, {} in all", now.len(), done.len() + now.len());
+        done.extend(now);
+        if status.signal().is_none() {
+            assert!(status.success(), "run {step} failed");
+            break;
+        }
+        kills += 1;
+        assert!(step < 60, "60 runs and still not done ({} items)", done.len());
+    }
+    assert!(kills >= 3, "only {kills} kill(s): the items were not interrupted");
+    assert_eq!(std::fs::read_to_string(p.path().join("scale.lock")).unwrap(), lock, "the lockfile differs from the uninterrupted run's");
+    let db = rusqlite::Connection::open(p.path().join(".pipeline/items.db")).unwrap();
+    let dicts: i64 = db.query_row("SELECT count(*) FROM dicts", [], |r| r.get(0)).unwrap();
+    let compressed: i64 = db.query_row("SELECT count(*) FROM items WHERE substr(value, 1, 4) = x'28b52ffd'", [], |r| r.get(0)).unwrap();
+    assert_eq!(dicts, 1, "render's items share one dictionary");
+    assert!(compressed >= 3000, "{compressed} of 6000 items compressed");
+    // Read back through the dictionary: the rendered output again, from the memo alone.
+    std::fs::remove_dir_all(p.path().join(".pipeline/done")).unwrap();
+    let out = pipeline(p.path(), &["run", "--locked", "scale.toml", "--events", p.path().join("again.jsonl").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(finished(&p.path().join("again.jsonl")).is_empty(), "every item read back from the store, none computed");
 }

@@ -106,15 +106,17 @@ pub(super) async fn run_stage(
     let mut interrupted = false;
     let (mut ran, mut started) = (0, 0);
     let mut done: Vec<(tokio::time::Instant, usize, Item, Value)> = Vec::new();
+    // The stage's items share a compression dictionary in the store.
+    let family = format!("{}/{}", pipeline.name, node.id);
     let mut commit = |done: &mut Vec<(tokio::time::Instant, usize, Item, Value)>| -> Result<(), StoreError> {
         if done.is_empty() {
             return Ok(());
         }
-        let batch = ctx.store.put_items(&done.iter().map(|(_, k, _, value)| (&keys[*k], value)).collect::<Vec<_>>());
+        let batch = ctx.store.put_items(&family, &done.iter().map(|(_, k, _, value)| (&keys[*k], value)).collect::<Vec<_>>());
         for (_, k, item, value) in done.drain(..) {
             if let Err(e) = &batch {
                 // The commit failed (a full disk): each item that still fits is kept alone.
-                if let Err(alone) = ctx.store.put_item(&keys[k], &value) {
+                if let Err(alone) = ctx.store.put_item(&family, &keys[k], &value) {
                     tracing::debug!("a batch of items could not be kept ({e}); nor this one: {alone}");
                     return Err(alone);
                 }
