@@ -331,11 +331,27 @@ fn write_streamed(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[
     let written = store.put_object_streamed(|w| {
         let mut out = OutputWriter::new(w);
         let result = std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Item>(256);
-            let lister = scope.spawn(move || stage.each_item(input, &mut |item| tx.send(item).map_err(|_| StageError::new("stopped"))));
+            // Items cross in batches: one hand-off per item costs more than the item (a wake-up
+            // of the other thread each time).
+            const BATCH: usize = 256;
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(4);
+            let lister = scope.spawn(move || {
+                let mut batch = Vec::with_capacity(BATCH);
+                stage.each_item(input, &mut |item| {
+                    batch.push(item);
+                    if batch.len() == BATCH {
+                        tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).map_err(|_| StageError::new("stopped"))?;
+                    }
+                    Ok(())
+                })?;
+                if !batch.is_empty() {
+                    tx.send(batch).map_err(|_| StageError::new("stopped"))?;
+                }
+                Ok(())
+            });
             let mut k = 0;
             let reader = store.item_reader();
-            let mut results = rx.iter().map(|item| {
+            let mut results = rx.iter().flatten().map(|item| {
                 let key = keys.get(k).ok_or_else(|| StageError::new("the stage listed more items than it ran"))?;
                 k += 1;
                 let value = reader.get(key).ok_or_else(|| StageError::new(format!("item `{}` vanished from the store while the stage ran", item.id)))?;
