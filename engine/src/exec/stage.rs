@@ -273,8 +273,10 @@ enum ToRun {
     Listed(tokio::sync::mpsc::Receiver<Vec<(usize, Result<Item, StageError>)>>, std::vec::IntoIter<(usize, Result<Item, StageError>)>),
 }
 
-/// Items listed again go to the runner this many at a time (one wake-up per batch).
+/// Items listed again go to the runner this many at a time (one wake-up per batch)...
 const BATCH: usize = 64;
+/// ... and to a streamed output's writer this many.
+const STREAMED_BATCH: usize = 256;
 
 impl ToRun {
     async fn next(&mut self) -> Option<(usize, Result<Item, StageError>)> {
@@ -297,31 +299,46 @@ fn pending_items(stage: Arc<dyn Stage>, input: Arc<StageInput>, pending: &[usize
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let pending = pending.to_vec();
     tokio::task::spawn_blocking(move || {
-        let (mut k, mut next) = (0, 0);
-        let mut batch = Vec::with_capacity(BATCH);
-        let listed = stage.each_item(&input, &mut |item| {
-            let at = k;
-            k += 1;
-            if pending.get(next) != Some(&at) {
-                return Ok(());
-            }
-            next += 1;
-            batch.push((at, Ok(item)));
-            if batch.len() < BATCH {
-                return Ok(());
-            }
-            // The runner stopped (a failure, Ctrl-C): so does the listing.
-            tx.blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).map_err(|_| StageError::new("stopped"))
-        });
+        let mut next = 0;
+        let pick = |at, item| {
+            (pending.get(next) == Some(&at)).then(|| {
+                next += 1;
+                (at, Ok(item))
+            })
+        };
+        // The runner stopped (a failure, Ctrl-C): so does the listing.
+        let (listed, mut rest) = each_item_batched(&*stage, &input, BATCH, pick, |batch| tx.blocking_send(batch).map_err(|_| StageError::new("stopped")));
         if let Err(e) = listed {
             if tx.is_closed() {
                 return;
             }
-            batch.push((usize::MAX, Err(e)));
+            rest.push((usize::MAX, Err(e)));
         }
-        let _ = tx.blocking_send(batch);
+        let _ = tx.blocking_send(rest);
     });
     ToRun::Listed(rx, Vec::new().into_iter())
+}
+
+/// Lists a stage's items for another thread: those `pick` keeps (given each one's position), in
+/// batches of `size` handed to `send` (one hand-off, a wake-up of the other thread, per batch
+/// rather than per item). Returns how the listing ended and the last batch, not yet sent.
+fn each_item_batched<T>(
+    stage: &dyn Stage,
+    input: &StageInput,
+    size: usize,
+    mut pick: impl FnMut(usize, Item) -> Option<T>,
+    mut send: impl FnMut(Vec<T>) -> Result<(), StageError>,
+) -> (Result<(), StageError>, Vec<T>) {
+    let (mut at, mut batch) = (0, Vec::with_capacity(size));
+    let listed = stage.each_item(input, &mut |item| {
+        at += 1;
+        batch.extend(pick(at - 1, item));
+        if batch.len() < size {
+            return Ok(());
+        }
+        send(std::mem::replace(&mut batch, Vec::with_capacity(size)))
+    });
+    (listed, batch)
 }
 
 /// A streamed stage's output, written into the store as the stage assembles it from its items
@@ -331,23 +348,12 @@ fn write_streamed(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[
     let written = store.put_object_streamed(|w| {
         let mut out = OutputWriter::new(w);
         let result = std::thread::scope(|scope| {
-            // Items cross in batches: one hand-off per item costs more than the item (a wake-up
-            // of the other thread each time).
-            const BATCH: usize = 256;
             let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(4);
             let lister = scope.spawn(move || {
-                let mut batch = Vec::with_capacity(BATCH);
-                stage.each_item(input, &mut |item| {
-                    batch.push(item);
-                    if batch.len() == BATCH {
-                        tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).map_err(|_| StageError::new("stopped"))?;
-                    }
-                    Ok(())
-                })?;
-                if !batch.is_empty() {
-                    tx.send(batch).map_err(|_| StageError::new("stopped"))?;
-                }
-                Ok(())
+                let send = |batch| tx.send(batch).map_err(|_| StageError::new("stopped"));
+                let (listed, rest) = each_item_batched(stage, input, STREAMED_BATCH, |_, item| Some(item), send);
+                listed?;
+                if rest.is_empty() { Ok(()) } else { send(rest) }
             });
             let mut k = 0;
             let reader = store.item_reader();
