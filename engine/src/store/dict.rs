@@ -77,7 +77,10 @@ impl Dicts {
     pub(super) fn encode<'a>(&self, db: &rusqlite::Connection, family: &str, value: &'a [u8]) -> Encoded<'a> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let State { families, cctx, .. } = &mut *state;
-        let entry = families.entry(family.to_string()).or_insert_with(|| load_family(db, family));
+        if !families.contains_key(family) {
+            families.insert(family.to_string(), load_family(db, family));
+        }
+        let entry = families.get_mut(family).expect("inserted");
         if let Family::Learning { samples, sizes } = entry {
             samples.extend_from_slice(value);
             sizes.push(value.len());
