@@ -4,7 +4,7 @@
 //! sha256 plus the target, so it is converted once per machine.
 
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufReader, BufWriter};
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -28,7 +28,8 @@ pub fn to_q8_0(source: &Path) -> Result<PathBuf, String> {
         return Ok(target);
     }
     let err = |e: candle_core::Error| format!("converting {} to Q8_0: {e}", source.display());
-    let mut reader = File::open(source).map_err(|e| format!("{}: {e}", source.display()))?;
+    // Buffered: the metadata is parsed field by field, each a system call on a bare file.
+    let mut reader = BufReader::new(File::open(source).map_err(|e| format!("{}: {e}", source.display()))?);
     let content = gguf_file::Content::read(&mut reader).map_err(err)?;
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();

@@ -68,6 +68,15 @@ fn parse_gguf_value(value: &Value) -> String {
     }
 }
 
+/// Local change (vendor/README.md): the reader a GGUF weight file is parsed through. Buffered,
+/// because `gguf_file::Content::read` reads the metadata field by field (a length, then its
+/// bytes): on a bare file each is a `read` system call, about a quarter of a million for a
+/// 49,152-token vocabulary. Tensor data is read with one `read_exact` per tensor, which a
+/// `BufReader` hands straight to the file once its buffer is empty (it is after every seek).
+pub(crate) fn weight_reader<R: std::io::Read + std::io::Seek>(inner: R) -> std::io::BufReader<R> {
+    std::io::BufReader::with_capacity(1 << 16, inner)
+}
+
 // Internal invariant: contents and readers must be paired.
 /// This abstracts the files for a GGUF model and enables multiple files to be used.
 pub struct Content<'a, R: std::io::Seek + std::io::Read> {
@@ -253,5 +262,79 @@ impl<'a, R: std::io::Seek + std::io::Read> Content<'a, R> {
     /// Get all metadatas
     pub fn get_metadata(&self) -> &HashMap<String, Value> {
         &self.all_metadata
+    }
+}
+
+#[cfg(test)]
+mod weight_reader_tests {
+    use std::cell::Cell;
+    use std::io::{Cursor, Read, Seek, SeekFrom};
+    use std::rc::Rc;
+
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use super::{weight_reader, Content};
+
+    /// A reader that counts the `read` calls that reach it (each a system call on a file).
+    struct Counting {
+        inner: Cursor<Vec<u8>>,
+        reads: Rc<Cell<usize>>,
+    }
+
+    impl Read for Counting {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.reads.set(self.reads.get() + 1);
+            self.inner.read(buf)
+        }
+    }
+
+    impl Seek for Counting {
+        fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+            self.inner.seek(pos)
+        }
+    }
+
+    fn counting(bytes: &[u8]) -> (Counting, Rc<Cell<usize>>) {
+        let reads = Rc::new(Cell::new(0));
+        (Counting { inner: Cursor::new(bytes.to_vec()), reads: reads.clone() }, reads)
+    }
+
+    #[test]
+    fn a_weight_file_is_parsed_in_few_reads_and_reads_the_same() -> candle_core::Result<()> {
+        let vocabulary = gguf_file::Value::Array(
+            (0..20_000).map(|i| gguf_file::Value::String(format!("token{i}"))).collect(),
+        );
+        let arch = gguf_file::Value::String("llama".to_string());
+        let weights = Tensor::arange(0f32, 4096., &Device::Cpu)?.reshape((64, 64))?;
+        let weights = QTensor::quantize(&weights, GgmlDType::Q8_0)?;
+        let mut bytes = Cursor::new(Vec::new());
+        gguf_file::write(
+            &mut bytes,
+            &[("general.architecture", &arch), ("tokenizer.ggml.tokens", &vocabulary)],
+            &[("w", &weights)],
+        )?;
+        let bytes = bytes.into_inner();
+
+        // Unbuffered, as 0.8.1 parsed it: at least one read per token (its length, its bytes).
+        let (mut bare, bare_reads) = counting(&bytes);
+        let plain = gguf_file::Content::read(&mut bare)?;
+        assert!(bare_reads.get() > 40_000, "{} reads", bare_reads.get());
+
+        let (inner, reads) = counting(&bytes);
+        let mut reader = weight_reader(inner);
+        let mut readers = vec![&mut reader];
+        let mut content = Content::from_readers(&mut readers)?;
+        let tensor = content.tensor("w", &Device::Cpu)?;
+        assert!(reads.get() < 40, "{} reads", reads.get());
+
+        let parsed = content.get_metadata();
+        assert_eq!(parsed.len(), plain.metadata.len());
+        for (key, value) in &plain.metadata {
+            assert_eq!(format!("{:?}", parsed[key]), format!("{value:?}"), "{key}");
+        }
+        let expected = plain.tensor(&mut bare, "w", &Device::Cpu)?;
+        assert_eq!(tensor.data()?, expected.data()?);
+        Ok(())
     }
 }

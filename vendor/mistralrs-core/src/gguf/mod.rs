@@ -5,7 +5,7 @@ use strum::EnumString;
 
 use anyhow::{Context, Result};
 pub(crate) use chat_template::get_gguf_chat_template;
-pub(crate) use content::Content;
+pub(crate) use content::{weight_reader, Content};
 pub(crate) use gguf_tokenizer::{convert_gguf_to_hf_tokenizer, GgufTokenizerConversion};
 use std::str::FromStr;
 

@@ -4,7 +4,7 @@ use anyhow::Result;
 use candle_core::quantized::gguf_file;
 use candle_core::DType;
 use std::collections::HashMap;
-use std::fs;
+use std::{fs, io};
 use tracing::warn;
 
 use crate::attention::ATTENTION_CHUNK_SIZE;
@@ -243,7 +243,7 @@ macro_rules! tensor_info_size_in_bytes {
 }
 
 pub struct GgufDeviceMapLoaderInner<'a, 'f> {
-    pub model: &'a Content<'f, fs::File>,
+    pub model: &'a Content<'f, io::BufReader<fs::File>>,
     pub arch: GGUFArchitecture,
 }
 
