@@ -128,6 +128,15 @@ pub trait Stage: Send + Sync {
         Err(StageError::new("this stage does not stream its output"))
     }
 
+    /// Whether each item's result is, as memoized, an element of the streamed output (an array of
+    /// them in item order, which [`Stage::write_output`] writes with [`OutputWriter::item_values`]).
+    /// The engine then writes that array from the store alone, each result's canonical bytes as
+    /// they are kept: the items are not listed again, nor their results parsed. `results` is then
+    /// empty.
+    fn output_holds_results(&self) -> bool {
+        false
+    }
+
     /// Compute one item. Its result must depend only on `item.input`, the referenced files and the
     /// seed: it is memoized on exactly those (not on the stage config — put the settings an item
     /// depends on into its input).

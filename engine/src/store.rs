@@ -379,12 +379,17 @@ impl Store {
 
     /// A row's value, verified against its digest (of the stored bytes) and decompressed.
     fn read_row(&self, db: &rusqlite::Connection, key: &Digest, digest: Vec<u8>, stored: Vec<u8>) -> Option<Value> {
+        serde_json::from_slice(&self.read_row_bytes(db, key, digest, stored)?).ok()
+    }
+
+    /// A row's value as the canonical JSON it was kept as: verified against its digest and
+    /// decompressed, not parsed.
+    fn read_row_bytes(&self, db: &rusqlite::Connection, key: &Digest, digest: Vec<u8>, stored: Vec<u8>) -> Option<Vec<u8>> {
         let bytes = (digest == Digest::of_bytes(&stored).0).then(|| self.dicts.decode(db, stored)).flatten();
-        let Some(bytes) = bytes else {
+        if bytes.is_none() {
             tracing::warn!(item = %key, "damaged item in store; it will be recomputed");
-            return None;
-        };
-        serde_json::from_slice(&bytes).ok()
+        }
+        bytes
     }
 
     /// Item lookups for a pass over many items (a stage's listing, its output written from its
@@ -528,6 +533,15 @@ impl ItemReader<'_> {
         match (self.row(key), &self.db) {
             (Some((digest, stored)), Some(db)) => self.store.read_row(db, key, digest, stored),
             _ if self.db.is_none() => self.store.get_item(key),
+            _ => None,
+        }
+    }
+
+    /// As [`Self::get`], the value's canonical JSON bytes (as kept, not parsed).
+    pub fn get_canonical(&self, key: &Digest) -> Option<Vec<u8>> {
+        match (self.row(key), &self.db) {
+            (Some((digest, stored)), Some(db)) => self.store.read_row_bytes(db, key, digest, stored),
+            _ if self.db.is_none() => self.store.get_item(key).map(|value| canonical_json(&value)),
             _ => None,
         }
     }

@@ -27,13 +27,20 @@ pub struct OutputWriter<'a> {
     out: &'a mut dyn Write,
     last_key: Option<String>,
     buf: Vec<u8>,
+    /// For a stage whose output holds its items' results ([`crate::Stage::output_holds_results`]):
+    /// each one's canonical JSON, in item order, read from the store.
+    results: Option<&'a mut dyn Iterator<Item = Result<Vec<u8>, StageError>>>,
     /// The first write that failed (a full disk): the store reports it once the stage returns.
     pub(crate) failed: Option<io::Error>,
 }
 
 impl<'a> OutputWriter<'a> {
     pub(crate) fn new(out: &'a mut dyn Write) -> Self {
-        OutputWriter { out, last_key: None, buf: Vec::with_capacity(4096), failed: None }
+        OutputWriter { out, last_key: None, buf: Vec::with_capacity(4096), results: None, failed: None }
+    }
+
+    pub(crate) fn with_results(out: &'a mut dyn Write, results: &'a mut dyn Iterator<Item = Result<Vec<u8>, StageError>>) -> Self {
+        OutputWriter { results: Some(results), ..OutputWriter::new(out) }
     }
 
     fn key(&mut self, key: &str) {
@@ -80,6 +87,33 @@ impl<'a> OutputWriter<'a> {
         }
         self.buf.push(b']');
         self.flush_buf()
+    }
+
+    /// `key` and an array of the items' results, as memoized, in item order: for a stage whose
+    /// output holds them ([`crate::Stage::output_holds_results`]). Their canonical bytes are copied
+    /// as the store keeps them.
+    pub fn item_values(&mut self, key: &str) -> Result<(), StageError> {
+        let Some(results) = self.results.take() else {
+            return Err(StageError::new("the items' results are written as they are only for a stage whose output holds them"));
+        };
+        self.key(key);
+        self.buf.push(b'[');
+        for (i, result) in results.enumerate() {
+            if i > 0 {
+                self.buf.push(b',');
+            }
+            self.buf.extend_from_slice(&result?);
+            if self.buf.len() >= 1 << 16 {
+                self.flush_buf()?;
+            }
+        }
+        self.buf.push(b']');
+        self.flush_buf()
+    }
+
+    /// Whether [`Self::item_values`] wrote the results it was given.
+    pub(crate) fn results_written(&self) -> bool {
+        self.results.is_none()
     }
 
     pub(crate) fn finish(mut self) -> Result<(), io::Error> {

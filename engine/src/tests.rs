@@ -239,9 +239,48 @@ impl Stage for StreamShiftStage {
     }
 }
 
+/// `stream_results`: `stream_shift` whose items' results are the output's elements as they are
+/// ([`Stage::output_holds_results`]): its output is written from the store alone.
+struct StreamResults;
+struct StreamResultsStage;
+impl StagePlugin for StreamResults {
+    type Config = Empty;
+    const KIND: &'static str = "stream_results";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "add one to each number, its output written from the results as kept";
+    const INPUTS: &'static [Port] = &[Port::new("numbers", "numbers")];
+    const OUTPUT: &'static str = "numbers";
+    fn build(_: Empty, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        Ok(Arc::new(StreamResultsStage))
+    }
+}
+#[async_trait::async_trait]
+impl Stage for StreamResultsStage {
+    fn each_item(&self, input: &StageInput, f: &mut dyn FnMut(Item) -> Result<(), StageError>) -> Result<(), StageError> {
+        input.each("numbers", "values", |v: Value| f(Item { id: v["id"].as_str().unwrap().into(), input: json!({"id": v["id"], "value": v["value"], "param": 0, "add": 1}) }))
+    }
+    async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
+        let value = ShiftStage(ShiftConfig { add: 1, label: None }).run_item(item, cx).await?;
+        Ok(json!({"id": item.input["id"], "value": value}))
+    }
+    fn streams_output(&self) -> bool {
+        true
+    }
+    fn output_holds_results(&self) -> bool {
+        true
+    }
+    fn write_output(&self, _: &StageInput, results: &mut dyn Iterator<Item = Result<(Item, Value), StageError>>, out: &mut crate::stream::OutputWriter) -> Result<(), StageError> {
+        assert!(results.next().is_none(), "a stage whose output holds its results is not given its items again");
+        out.item_values("values")
+    }
+    fn finish(&self, _: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        Err(StageError::new("streamed: never built whole"))
+    }
+}
+
 fn registry() -> Registry {
     let mut r = Registry::new();
-    r.register::<Numbers>().register::<Constant>().register::<Shift>().register::<Sum>().register::<Improve>().register::<Timed>().register::<StreamShift>();
+    r.register::<Numbers>().register::<Constant>().register::<Shift>().register::<Sum>().register::<Improve>().register::<Timed>().register::<StreamShift>().register::<StreamResults>();
     r
 }
 
@@ -687,12 +726,16 @@ add = 1
 [stages.streamed]
 kind = "stream_shift"
 needs = ["nums"]
+[stages.held]
+kind = "stream_results"
+needs = ["nums"]
 "#;
 
-/// The outputs of `shifted` and `streamed` in the last run.
+/// The outputs of `shifted` and `streamed` in the last run (`held`'s checked to be `streamed`'s).
 fn both_outputs(p: &Project) -> (crate::Digest, crate::Digest) {
     let report: crate::RunReport = p.store().get_run("p").unwrap();
     let output = |id: &str| report.iterations[0].stages.iter().find(|s| s.id == id).unwrap().output.unwrap();
+    assert_eq!(output("held"), output("streamed"), "written from the results as kept, the same bytes as from the items listed again");
     (output("shifted"), output("streamed"))
 }
 
@@ -709,6 +752,7 @@ fn a_streamed_output_is_the_artifact_built_whole_and_follows_new_rows() {
     p.write("nums.txt", &format!("{rows}7\n"));
     let log = p.run();
     assert!(log.contains(&"0 streamed run (1 of 5001 items)".to_string()) && log.contains(&"0 streamed/n5001".to_string()), "{log:?}");
+    assert!(log.contains(&"0 held run (1 of 5001 items)".to_string()), "{log:?}");
     let (whole, streamed) = both_outputs(&p);
     assert_eq!(whole, streamed);
 }
@@ -720,6 +764,7 @@ fn a_streamed_stage_keeps_finished_items_when_one_fails_and_writes_no_output() {
     let (result, log) = p.run_with(None, None);
     assert!(result.is_ok_and(|r| !r.succeeded()));
     assert!(log.contains(&"0 streamed failed: item `n4501`: unlucky number".to_string()), "{log:?}");
+    assert!(log.contains(&"0 held failed: item `n4501`: unlucky number".to_string()), "{log:?}");
     let objects = |p: &Project| walk(&p.path(".pipeline/objects"));
     let before = objects(&p);
     p.write("nums.txt", &rows.replace("\n13\n", "\n14\n"));
@@ -727,7 +772,7 @@ fn a_streamed_stage_keeps_finished_items_when_one_fails_and_writes_no_output() {
     assert!(log.contains(&"0 streamed run (1 of 6000 items)".to_string()), "{log:?}");
     let (whole, streamed) = both_outputs(&p);
     assert_eq!(whole, streamed);
-    assert_eq!(objects(&p).len(), before.len() + 2, "the new numbers and the shifted output both stages wrote, nothing half-written");
+    assert_eq!(objects(&p).len(), before.len() + 2, "the new numbers and the shifted output all three stages wrote, nothing half-written");
     assert!(walk(&p.path(".pipeline/tmp")).is_empty());
 }
 

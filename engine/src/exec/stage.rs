@@ -342,39 +342,17 @@ fn each_item_batched<T>(
 }
 
 /// A streamed stage's output, written into the store as the stage assembles it from its items
-/// (listed again) and their results (read back one at a time). The outer error is the store's.
+/// (listed again) and their results (read back one at a time), or, when its output holds the
+/// results as they are, from the results alone. The outer error is the store's.
 fn write_streamed(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[Digest]) -> Result<Result<Digest, StageError>, StoreError> {
     let mut failed = None;
     let written = store.put_object_streamed(|w| {
-        let mut out = OutputWriter::new(w);
-        let result = std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(4);
-            let lister = scope.spawn(move || {
-                let send = |batch| tx.send(batch).map_err(|_| StageError::new("stopped"));
-                let (listed, rest) = each_item_batched(stage, input, STREAMED_BATCH, |_, item| Some(item), send);
-                listed?;
-                if rest.is_empty() { Ok(()) } else { send(rest) }
-            });
-            let mut k = 0;
-            let reader = store.item_reader();
-            let mut results = rx.iter().flatten().map(|item| {
-                let key = keys.get(k).ok_or_else(|| StageError::new("the stage listed more items than it ran"))?;
-                k += 1;
-                let value = reader.get(key).ok_or_else(|| StageError::new(format!("item `{}` vanished from the store while the stage ran", item.id)))?;
-                Ok((item, value))
-            });
-            let written = stage.write_output(input, &mut results, &mut out);
-            drop(results);
-            let listed = lister.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-            written?;
-            listed?;
-            if k != keys.len() { Err(StageError::new("the stage listed fewer items than it ran")) } else { Ok(()) }
-        });
-        if let Some(e) = out.failed.take() {
+        let (result, out) = if stage.output_holds_results() { write_results(stage, input, store, keys, w) } else { write_listed(stage, input, store, keys, w) };
+        if let Some(e) = out {
             return Err(e);
         }
         match result {
-            Ok(()) => out.finish().map(|()| true),
+            Ok(()) => Ok(true),
             Err(e) => {
                 failed = Some(e);
                 Ok(false)
@@ -385,6 +363,66 @@ fn write_streamed(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[
         Some(e) => Err(e),
         None => Ok(written.expect("kept when the stage succeeded")),
     })
+}
+
+/// The stage's output from its items listed again, each with its result parsed. Returns how the
+/// stage did and the write that failed, if one did.
+fn write_listed(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[Digest], w: &mut dyn std::io::Write) -> (Result<(), StageError>, Option<std::io::Error>) {
+    let mut out = OutputWriter::new(w);
+    let result = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(4);
+        let lister = scope.spawn(move || {
+            let send = |batch| tx.send(batch).map_err(|_| StageError::new("stopped"));
+            let (listed, rest) = each_item_batched(stage, input, STREAMED_BATCH, |_, item| Some(item), send);
+            listed?;
+            if rest.is_empty() { Ok(()) } else { send(rest) }
+        });
+        let mut k = 0;
+        let reader = store.item_reader();
+        let mut results = rx.iter().flatten().map(|item| {
+            let key = keys.get(k).ok_or_else(|| StageError::new("the stage listed more items than it ran"))?;
+            k += 1;
+            let value = reader.get(key).ok_or_else(|| StageError::new(format!("item `{}` vanished from the store while the stage ran", item.id)))?;
+            Ok((item, value))
+        });
+        let written = stage.write_output(input, &mut results, &mut out);
+        drop(results);
+        let listed = lister.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+        written?;
+        listed?;
+        if k != keys.len() { Err(StageError::new("the stage listed fewer items than it ran")) } else { Ok(()) }
+    });
+    finish_output(out, result)
+}
+
+/// The output of a stage that [`Stage::output_holds_results`]: each result's canonical bytes as
+/// the store keeps them, in item order.
+fn write_results(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[Digest], w: &mut dyn std::io::Write) -> (Result<(), StageError>, Option<std::io::Error>) {
+    let reader = store.item_reader();
+    let mut k = 0;
+    let mut results = keys.iter().map(|key| {
+        k += 1;
+        reader.get_canonical(key).ok_or_else(|| StageError::new(format!("result {k} of {} (memo key {}) vanished from the store while the stage ran", keys.len(), key.short())))
+    });
+    let mut out = OutputWriter::with_results(w, &mut results);
+    let mut result = stage.write_output(input, &mut std::iter::empty(), &mut out);
+    if result.is_ok() && !out.results_written() {
+        result = Err(StageError::new("the stage's output holds its results but it did not write them"));
+    }
+    finish_output(out, result)
+}
+
+fn finish_output(mut out: OutputWriter, result: Result<(), StageError>) -> (Result<(), StageError>, Option<std::io::Error>) {
+    if let Some(e) = out.failed.take() {
+        return (result, Some(e));
+    }
+    match result {
+        Ok(()) => match out.finish() {
+            Ok(()) => (Ok(()), None),
+            Err(e) => (Ok(()), Some(e)),
+        },
+        Err(e) => (Err(e), None),
+    }
 }
 
 fn check_locked_output(ctx: &Ctx, iteration: u32, id: &str, output: &Outputs) -> Result<(), StageFail> {

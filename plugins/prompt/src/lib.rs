@@ -295,7 +295,15 @@ impl Stage for RenderStage {
                 return Ok(());
             }
             // Only what the rendering depends on: not the split, not the label.
-            let input = RenderInput { id: s.id.clone(), fields: s.fields, system: prompt.system.clone(), template: prompt.template.clone(), conversation: self.0.conversation.clone() };
+            let input = RenderInput {
+                id: s.id.clone(),
+                fields: s.fields,
+                system: prompt.system.clone(),
+                template: prompt.template.clone(),
+                conversation: self.0.conversation.clone(),
+                tools: self.0.tools.clone(),
+                result: RESULT_IS_THE_SAMPLE,
+            };
             f(Item { id: s.id, input: serde_json::to_value(input).expect("render inputs serialize") })
         })
     }
@@ -310,15 +318,30 @@ impl Stage for RenderStage {
         64
     }
 
-    fn write_output(&self, input: &StageInput, results: &mut dyn Iterator<Item = Result<(Item, Value), StageError>>, out: &mut OutputWriter) -> Result<(), StageError> {
+    /// Each item's result is its sample as rendered: the output's `samples` are the results as
+    /// they are kept.
+    fn output_holds_results(&self) -> bool {
+        true
+    }
+
+    fn write_output(&self, input: &StageInput, _: &mut dyn Iterator<Item = Result<(Item, Value), StageError>>, out: &mut OutputWriter) -> Result<(), StageError> {
         let prompt: artifacts::Prompt = input.read("prompt")?;
         out.field("prompt", &prompt.source)?;
-        out.elements("samples", results.map(|r| r.and_then(|(item, messages)| self.rendered(item, messages))))
+        out.item_values("samples")
     }
 
     async fn run_item(&self, item: &Item, _: &ItemContext) -> Result<Value, StageError> {
         let input = RenderInput::deserialize(&item.input).map_err(|e| StageError::new(format!("render item `{}` is malformed: {e}", item.id)))?;
         let env = environment();
+        // A sample's tools go with its messages as they are (`infer` checks them).
+        let tools = match &input.tools {
+            None => None,
+            Some(field) => match input.fields.get(field) {
+                Some(Value::Array(tools)) => Some(tools.clone()),
+                Some(other) => return Err(StageError::new(format!("sample `{}`: `{field}` holds {other}, not a list of tools", item.id))),
+                None => return Err(StageError::new(format!("sample `{}` has no `{field}` field holding its tools", item.id))),
+            },
+        };
         let mut context = input.fields;
         context.insert("id".into(), Value::String(input.id));
         // A conversation's earlier turns go as they are; its last is the template's `prompt`.
@@ -348,30 +371,16 @@ impl Stage for RenderStage {
         }
         messages.extend(earlier);
         messages.push(Message::new("user", render(&input.template)?));
-        Ok(serde_json::to_value(messages).expect("messages serialize"))
+        Ok(serde_json::to_value(RenderedSample { id: item.id.clone(), messages, tools }).expect("a rendered sample serializes"))
     }
 
     fn finish(&self, input: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
         let prompt: artifacts::Prompt = input.read("prompt")?;
-        let samples = results.into_iter().map(|(item, messages)| self.rendered(item, messages)).collect::<Result<_, StageError>>()?;
+        let samples = results
+            .into_iter()
+            .map(|(item, sample)| RenderedSample::deserialize(&sample).map_err(|e| StageError::new(format!("the rendered sample `{}` is malformed: {e}", item.id))))
+            .collect::<Result<_, StageError>>()?;
         Ok(Rendered { prompt: prompt.source, samples }.to_json())
-    }
-}
-
-impl RenderStage {
-    /// One sample of the output: its rendered messages, and its tools.
-    fn rendered(&self, item: Item, messages: Value) -> Result<RenderedSample, StageError> {
-        let messages = Vec::<Message>::deserialize(&messages).map_err(|e| StageError::new(format!("rendered messages of `{}` are malformed: {e}", item.id)))?;
-        // A sample's tools go with its messages as they are (`infer` checks them).
-        let tools = match &self.0.tools {
-            None => None,
-            Some(field) => match item.input.get("fields").and_then(|f| f.get(field)) {
-                Some(Value::Array(tools)) => Some(tools.clone()),
-                Some(other) => return Err(StageError::new(format!("sample `{}`: `{field}` holds {other}, not a list of tools", item.id))),
-                None => return Err(StageError::new(format!("sample `{}` has no `{field}` field holding its tools", item.id))),
-            },
-        };
-        Ok(RenderedSample { id: item.id, messages, tools })
     }
 }
 
@@ -386,7 +395,17 @@ struct RenderInput {
     /// keep their keys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     conversation: Option<String>,
+    /// The field holding a sample's tools (only when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tools: Option<String>,
+    /// What the result is: [`RESULT_IS_THE_SAMPLE`]. Results memoized by earlier builds were the
+    /// messages alone, under keys without this.
+    result: u32,
 }
+
+/// An item's result is the whole rendered sample (its id, messages and tools), an element of the
+/// output as it is.
+const RESULT_IS_THE_SAMPLE: u32 = 2;
 
 /// A sample's conversation read from its `field`: turns with a known role and text, the last a
 /// user turn (the one the model answers), a system turn only first.
@@ -415,9 +434,11 @@ mod tests {
     use serde_json::json;
 
     fn render(template: &str, fields: Value) -> Result<Value, StageError> {
-        let item = Item { id: "s1".into(), input: json!({"id": "s1", "fields": fields, "system": "Be brief.", "template": template}) };
+        let item = Item { id: "s1".into(), input: json!({"id": "s1", "fields": fields, "system": "Be brief.", "template": template, "result": RESULT_IS_THE_SAMPLE}) };
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(RenderStage(RenderConfig { split: Split::All, conversation: None, tools: None }, None, None).run_item(&item, &ItemContext { seed: 0, cancel: Default::default(), progress: Default::default() }))
+        let sample = rt.block_on(RenderStage(RenderConfig { split: Split::All, conversation: None, tools: None }, None, None).run_item(&item, &ItemContext { seed: 0, cancel: Default::default(), progress: Default::default() }))?;
+        assert_eq!(sample["id"], "s1", "the result is the whole sample");
+        Ok(sample["messages"].clone())
     }
 
     #[test]
