@@ -530,11 +530,7 @@ impl ItemReader<'_> {
 
     /// As [`Store::get_item`].
     pub fn get(&self, key: &Digest) -> Option<Value> {
-        match (self.row(key), &self.db) {
-            (Some((digest, stored)), Some(db)) => self.store.read_row(db, key, digest, stored),
-            _ if self.db.is_none() => self.store.get_item(key),
-            _ => None,
-        }
+        serde_json::from_slice(&self.get_canonical(key)?).ok()
     }
 
     /// As [`Self::get`], the value's canonical JSON bytes (as kept, not parsed).
