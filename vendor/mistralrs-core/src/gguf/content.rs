@@ -73,7 +73,7 @@ fn parse_gguf_value(value: &Value) -> String {
 /// bytes): on a bare file each is a `read` system call, about a quarter of a million for a
 /// 49,152-token vocabulary. Tensor data is read with one `read_exact` per tensor, which a
 /// `BufReader` hands straight to the file once its buffer is empty (it is after every seek).
-pub(crate) fn weight_reader<R: std::io::Read + std::io::Seek>(inner: R) -> std::io::BufReader<R> {
+pub(crate) fn weight_reader<R: std::io::Read>(inner: R) -> std::io::BufReader<R> {
     std::io::BufReader::with_capacity(1 << 16, inner)
 }
 
