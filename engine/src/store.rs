@@ -4,7 +4,8 @@
 //! objects/ab/cdef…    artifacts, content-addressed by the BLAKE3 of their bytes
 //! done/ab/cdef…       fingerprint digest → output digest: "this stage result is complete"
 //! items.db            per-item memo (SQLite, WAL): item key → the item's JSON result and its digest;
-//!                     a compression dictionary per stage ([`dict`])
+//!                     a compression dictionary per stage ([`dict`]); chunks of a stage's
+//!                     consecutive results kept together ([`chunks`])
 //! records/<pipeline>/<stage>.json   last fingerprint of each stage, to explain staleness
 //! runs/<pipeline>.json              the last run: every iteration's stage outputs
 //! tmp/                staging for atomic writes
@@ -37,6 +38,7 @@ use serde_json::Value;
 use crate::hash::{Digest, canonical_json};
 
 mod dict;
+pub mod chunks;
 
 /// Fault injection for the crash tests (`tests/cli/crash.rs`): with `PIPELINE_CRASH_AT_WRITE=N`
 /// the process aborts in the middle of its N-th store write (half the temporary file written, not
@@ -179,6 +181,7 @@ impl Store {
                 db.pragma_update(None, "synchronous", "NORMAL")?;
                 db.execute_batch("CREATE TABLE IF NOT EXISTS items (key BLOB PRIMARY KEY, digest BLOB NOT NULL, value BLOB NOT NULL) WITHOUT ROWID")?;
                 db.execute_batch(dict::SCHEMA)?;
+                db.execute_batch(chunks::SCHEMA)?;
                 Ok(db)
             };
             let db = open().map_err(db_err(&path))?;
@@ -475,6 +478,18 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps a chunk of items' results ([`chunks`]) under `key`, committed when this returns.
+    pub fn put_chunk(&self, key: &Digest, results: &[Vec<u8>]) -> Result<(), StoreError> {
+        let path = self.items_path();
+        let stored = chunks::encode(results).map_err(io_err(&path))?;
+        self.with_items(true, |db| {
+            db.prepare_cached("INSERT OR REPLACE INTO chunks (key, digest, value) VALUES (?1, ?2, ?3)")
+                .and_then(|mut s| s.execute((&key.0[..], &Digest::of_bytes(&stored).0[..], &stored[..])))
+                .map_err(db_err(&path))
+        })?;
+        Ok(())
+    }
+
     fn record_path(&self, pipeline: &str, stage: &str) -> PathBuf {
         self.root.join("records").join(pipeline).join(format!("{stage}.json"))
     }
@@ -518,6 +533,28 @@ impl ItemReader<'_> {
     fn row(&self, key: &Digest) -> Option<(Vec<u8>, Vec<u8>)> {
         let mut statement = self.db.as_ref()?.prepare_cached("SELECT digest, value FROM items WHERE key = ?1").ok()?;
         statement.query_row([&key.0[..]], |row| Ok((row.get(0)?, row.get(1)?))).ok()
+    }
+
+    /// A chunk's stored bytes, if they are intact (a store from before chunks has none).
+    fn chunk_row(&self, key: &Digest) -> Option<Vec<u8>> {
+        let mut statement = self.db.as_ref()?.prepare_cached("SELECT digest, value FROM chunks WHERE key = ?1").ok()?;
+        let (digest, stored): (Vec<u8>, Vec<u8>) = statement.query_row([&key.0[..]], |row| Ok((row.get(0)?, row.get(1)?))).ok()?;
+        if digest == Digest::of_bytes(&stored).0 {
+            Some(stored)
+        } else {
+            tracing::warn!(chunk = %key, "damaged chunk in store; its items are read one by one");
+            None
+        }
+    }
+
+    /// Whether the chunk `key` is kept, intact: all its items' results are.
+    pub fn has_chunk(&self, key: &Digest) -> bool {
+        self.chunk_row(key).is_some()
+    }
+
+    /// The `n` results of the chunk `key`, in order, as kept (canonical JSON).
+    pub fn get_chunk(&self, key: &Digest, n: usize) -> Option<Vec<Vec<u8>>> {
+        chunks::decode(&self.chunk_row(key)?, n)
     }
 
     /// As [`Store::has_item`].

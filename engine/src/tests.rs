@@ -758,6 +758,37 @@ fn a_streamed_output_is_the_artifact_built_whole_and_follows_new_rows() {
 }
 
 #[test]
+fn a_damaged_chunk_is_read_item_by_item_and_a_kept_one_stands_for_its_items() {
+    let rows: String = (0..5000).map(|n| format!("{}\n", n + 20)).collect();
+    let p = Project::new(BOTH_WAYS, &rows);
+    p.run();
+    let db = rusqlite::Connection::open(p.path(".pipeline/items.db")).unwrap();
+    let chunks = |db: &rusqlite::Connection| -> Vec<(Vec<u8>, Vec<u8>)> {
+        db.prepare("SELECT digest, value FROM chunks").unwrap().query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    };
+    let kept = chunks(&db).len();
+    assert!((2..=20).contains(&kept), "5000 results of `held` in chunks of about a thousand: {kept}");
+    // Every chunk damaged: each one's items are read one by one, and the chunk is kept again.
+    db.execute("UPDATE chunks SET value = substr(value, 1, length(value) - 1)", []).unwrap();
+    p.write("nums.txt", &format!("{rows}7\n"));
+    let log = p.run();
+    assert!(log.contains(&"0 held run (1 of 5001 items)".to_string()), "{log:?}");
+    let (whole, streamed) = both_outputs(&p);
+    assert_eq!(whole, streamed);
+    let intact = chunks(&db).iter().filter(|(digest, value)| digest[..] == crate::Digest::of_bytes(value).0).count();
+    assert!(intact >= kept - 1, "{intact} of the {kept} chunks kept again");
+    // Every item's own row gone, every stage to run again: the chunks still hold every result.
+    let before = p.store().get_object(&both_outputs(&p).1).unwrap();
+    db.execute("DELETE FROM items", []).unwrap();
+    std::fs::remove_dir_all(p.path(".pipeline/done")).unwrap();
+    let log = p.run();
+    assert!(log.contains(&"0 held run (0 of 5001 items)".to_string()) && log.contains(&"0 streamed run (5001 of 5001 items)".to_string()), "{log:?}");
+    let (whole, streamed) = both_outputs(&p);
+    assert_eq!(whole, streamed);
+    assert_eq!(p.store().get_object(&streamed).unwrap(), before);
+}
+
+#[test]
 fn a_streamed_stage_keeps_finished_items_when_one_fails_and_writes_no_output() {
     let rows: String = (0..6000).map(|n| if n == 4500 { "13\n".to_string() } else { format!("{}\n", n + 20) }).collect();
     let p = Project::new(BOTH_WAYS, &rows);

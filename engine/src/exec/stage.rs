@@ -2,6 +2,7 @@
 //! output assembled, stored and checked against the lockfile.
 
 use super::*;
+use crate::store::{ItemReader, chunks};
 
 pub(super) async fn run_stage(
     ctx: &Arc<Ctx>,
@@ -58,31 +59,23 @@ pub(super) async fn run_stage(
         tokio::task::spawn_blocking(move || {
             let mut listed = Listed::default();
             let reader = store.item_reader();
+            // Items wait for the end of their chunk: a chunk kept whole has all its items cached
+            // (one lookup for about a thousand of them).
+            let mut chunk = Vec::new();
             stage
                 .each_item(&input, &mut |item| {
                     let key = fp.item_key(&item.input);
-                    let cached = reader.has(&key);
-                    if let Some(name) = item_group(&item.id) {
-                        let at = match listed.groups.iter().position(|g| g.name == name) {
-                            Some(at) => at,
-                            None => {
-                                listed.groups.push(ItemGroup { name: name.to_string(), items: 0, cached_items: 0 });
-                                listed.groups.len() - 1
-                            }
-                        };
-                        listed.groups[at].items += 1;
-                        listed.groups[at].cached_items += usize::from(cached);
+                    let ends = chunks::ends_chunk(&key, chunk.len() + 1);
+                    chunk.push((key, item));
+                    if ends {
+                        listed.settle(&reader, &mut chunk);
                     }
-                    if !cached {
-                        listed.pending.push(listed.keys.len());
-                        if let Some(held) = listed.held.as_mut() {
-                            if held.len() < HELD_PENDING { held.push(item) } else { listed.held = None }
-                        }
-                    }
-                    listed.keys.push(key);
                     Ok(())
                 })
-                .map(|()| listed)
+                .map(|()| {
+                    listed.settle(&reader, &mut chunk);
+                    listed
+                })
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
@@ -261,6 +254,38 @@ struct Listed {
     groups: Vec<ItemGroup>,
 }
 
+impl Listed {
+    /// A chunk's items, listed: all cached when the chunk is kept whole, else each as its own
+    /// row says.
+    fn settle(&mut self, reader: &ItemReader, chunk: &mut Vec<(Digest, Item)>) {
+        if chunk.is_empty() {
+            return;
+        }
+        let whole = reader.has_chunk(&chunks::chunk_key(chunk.iter().map(|(key, _)| key)));
+        for (key, item) in chunk.drain(..) {
+            let cached = whole || reader.has(&key);
+            if let Some(name) = item_group(&item.id) {
+                let at = match self.groups.iter().position(|g| g.name == name) {
+                    Some(at) => at,
+                    None => {
+                        self.groups.push(ItemGroup { name: name.to_string(), items: 0, cached_items: 0 });
+                        self.groups.len() - 1
+                    }
+                };
+                self.groups[at].items += 1;
+                self.groups[at].cached_items += usize::from(cached);
+            }
+            if !cached {
+                self.pending.push(self.keys.len());
+                if let Some(held) = self.held.as_mut() {
+                    if held.len() < HELD_PENDING { held.push(item) } else { self.held = None }
+                }
+            }
+            self.keys.push(key);
+        }
+    }
+}
+
 impl Default for Listed {
     fn default() -> Self {
         Listed { keys: Vec::new(), pending: Vec::new(), held: Some(Vec::new()), groups: Vec::new() }
@@ -396,13 +421,41 @@ fn write_listed(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[Di
 }
 
 /// The output of a stage that [`Stage::output_holds_results`]: each result's canonical bytes as
-/// the store keeps them, in item order.
+/// the store keeps them, in item order, a chunk at a time. A chunk not kept whole is read item by
+/// item, then kept whole for the next time.
 fn write_results(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[Digest], w: &mut dyn std::io::Write) -> (Result<(), StageError>, Option<std::io::Error>) {
     let reader = store.item_reader();
-    let mut k = 0;
-    let mut results = keys.iter().map(|key| {
-        k += 1;
-        reader.get_canonical(key).ok_or_else(|| StageError::new(format!("result {k} of {} (memo key {}) vanished from the store while the stage ran", keys.len(), key.short())))
+    let mut spans = chunks::chunks(keys);
+    let mut ready = Vec::new().into_iter();
+    let mut results = std::iter::from_fn(|| {
+        loop {
+            if let Some(next) = ready.next() {
+                return Some(Ok(next));
+            }
+            let span = spans.next()?;
+            let key = chunks::chunk_key(keys[span.clone()].iter());
+            let chunk = match reader.get_chunk(&key, span.len()) {
+                Some(chunk) => chunk,
+                None => {
+                    let mut chunk = Vec::with_capacity(span.len());
+                    for k in span {
+                        match reader.get_canonical(&keys[k]) {
+                            Some(bytes) => chunk.push(bytes),
+                            None => {
+                                let e = format!("result {} of {} (memo key {}) vanished from the store while the stage ran", k + 1, keys.len(), keys[k].short());
+                                return Some(Err(StageError::new(e)));
+                            }
+                        }
+                    }
+                    // Only saves reading them one by one next time: not kept, they still are.
+                    if let Err(e) = store.put_chunk(&key, &chunk) {
+                        tracing::debug!("a chunk of {} results could not be kept whole: {e}", chunk.len());
+                    }
+                    chunk
+                }
+            };
+            ready = chunk.into_iter();
+        }
     });
     let mut out = OutputWriter::with_results(w, &mut results);
     let mut result = stage.write_output(input, &mut std::iter::empty(), &mut out);
