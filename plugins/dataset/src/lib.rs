@@ -221,12 +221,14 @@ impl Stage for DatasetStage {
             return out.elements("samples", dataset.samples.into_iter().map(Ok));
         }
         let unreadable = |e: std::io::Error| StageError::new(format!("{}: {e}", self.config.path.path));
-        let lines = || -> Result<_, StageError> { Ok(jsonl_lines(std::io::BufReader::with_capacity(1 << 16, input.file_reader(&self.config.path)?))) };
+        let lines = |only: Option<Vec<String>>| -> Result<_, StageError> { Ok(jsonl_lines(std::io::BufReader::with_capacity(1 << 16, input.file_reader(&self.config.path)?), only)) };
+        // The first pass needs each sample's id and stratum: its other fields are read past.
+        let needed = [Some(&self.config.id), self.config.label.as_ref(), self.config.stratify.as_ref()].into_iter().flatten().cloned().collect();
         // Each sample's line, stratum and place in its stratum's order.
         let mut kept: Vec<(usize, u32, [u8; 32])> = Vec::new();
         let mut strata: HashMap<Option<String>, u32> = HashMap::new();
         let mut failed = None;
-        let records = lines()?.map_while(|r| r.map_err(|e| failed = Some(e)).ok());
+        let records = lines(Some(needed))?.map_while(|r| r.map_err(|e| failed = Some(e)).ok());
         let errors = check_each(records, &self.config, "line", None, &mut |s, line| {
             let next = strata.len() as u32;
             let stratum = *strata.entry(stratum_of(&s, &self.config)).or_insert(next);
@@ -256,9 +258,9 @@ impl Stage for DatasetStage {
         let n_heldout = heldout.iter().filter(|h| **h).count();
         out.field("counts", &SplitCounts { dev: kept.len() - n_heldout, heldout: n_heldout })?;
         out.field("label_field", &self.config.label)?;
-        let mut records = lines()?;
+        let mut records = lines(None)?;
         let mut next = 0;
-        let mut seen = HashMap::new();
+        let mut seen = Seen::default();
         let samples = std::iter::from_fn(|| {
             let &(line, _, _) = kept.get(next)?;
             let h = heldout[next];
@@ -379,7 +381,8 @@ fn jsonl_records(text: &str) -> impl Iterator<Item = Record> + '_ {
 
 /// JSON lines read as they come from `reader` (as [`jsonl_records`] reads a whole text), or
 /// the error reading stopped at; bytes that are not UTF-8 are replaced, as in the whole text.
-fn jsonl_lines(mut reader: impl std::io::BufRead) -> impl Iterator<Item = std::io::Result<Record>> {
+/// With `only`, each record holds only the fields it names ([`jsonl_record_only`]).
+fn jsonl_lines(mut reader: impl std::io::BufRead, only: Option<Vec<String>>) -> impl Iterator<Item = std::io::Result<Record>> {
     let (mut n, mut offset, mut line) = (0usize, 0usize, Vec::new());
     std::iter::from_fn(move || {
         loop {
@@ -390,7 +393,10 @@ fn jsonl_lines(mut reader: impl std::io::BufRead) -> impl Iterator<Item = std::i
                 Ok(read) => {
                     let text = String::from_utf8_lossy(&line);
                     let (raw, bom) = if n == 0 { after_bom(&text) } else { (&text[..], 0) };
-                    let record = jsonl_record(n, offset + bom, raw);
+                    let record = match &only {
+                        Some(only) => jsonl_record_only(n, offset + bom, raw, only).or_else(|| jsonl_record(n, offset + bom, raw)),
+                        None => jsonl_record(n, offset + bom, raw),
+                    };
                     n += 1;
                     offset += read;
                     if let Some(record) = record {
@@ -418,6 +424,60 @@ fn jsonl_record(n: usize, start: usize, raw: &str) -> Option<Record> {
         }
     };
     Some(Record { line: n + 1, whole, fields })
+}
+
+/// Line `n` as [`jsonl_record`] reads it, its fields only those named in `only`: the others are
+/// read past as JSON, not built. `None` where the line is blank or not read this way (not a JSON
+/// object, or not JSON): [`jsonl_record`] says what it is. Reading past a value checks less than
+/// building it (a lone UTF-16 surrogate escape passes), so this is for a file already checked
+/// whole (as `build` checks a dataset's file).
+fn jsonl_record_only(n: usize, start: usize, raw: &str, only: &[String]) -> Option<Record> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    /// An object's fields named in the list; the others read past.
+    struct Only<'a>(&'a [String]);
+    /// A field's name: where it is in the list, if it is.
+    struct Name<'a>(&'a [String]);
+    impl<'de> DeserializeSeed<'de> for Name<'_> {
+        type Value = Option<usize>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Name<'_> {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a field name")
+        }
+        fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
+            Ok(self.0.iter().position(|f| f == name))
+        }
+    }
+    impl<'de> Visitor<'de> for Only<'_> {
+        type Value = Map<String, Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut fields = Map::new();
+            while let Some(at) = map.next_key_seed(Name(self.0))? {
+                // A name given twice: the last value, as a whole read keeps.
+                if let Some(at) = at {
+                    fields.insert(self.0[at].clone(), map.next_value()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(fields)
+        }
+    }
+    let line = raw.trim_end_matches(['\n', '\r']);
+    if line.trim().is_empty() {
+        return None;
+    }
+    let mut reader = serde_json::Deserializer::from_str(line);
+    let fields = reader.deserialize_map(Only(only)).ok()?;
+    reader.end().ok()?;
+    Some(Record { line: n + 1, whole: start..start + line.len(), fields: Ok(fields) })
 }
 
 /// CSV or TSV (`delimiter`): a header row naming the columns, then one sample per row (quoted
@@ -523,7 +583,7 @@ fn parse_samples(file: &SourceFile, config: &DatasetConfig) -> Result<Vec<Sample
 /// found, in file order (none when `keep` was handed every sample).
 fn check_each(records: impl IntoIterator<Item = Record>, config: &DatasetConfig, unit: &str, text: Option<&str>, keep: &mut dyn FnMut(Sample, usize)) -> Vec<LineError> {
     let mut errors = Vec::new();
-    let mut seen: HashMap<u128, usize> = HashMap::new();
+    let mut seen = Seen::default();
     let mut kept = 0usize;
     for Record { line, whole, fields } in records {
         match sample_of(line, whole, fields, config, text, unit, &mut seen) {
@@ -549,6 +609,28 @@ fn samples_of(records: impl IntoIterator<Item = Record>, config: &DatasetConfig,
     if errors.is_empty() { Ok(samples) } else { Err(errors) }
 }
 
+/// The ids seen, by the first 128 bits of their BLAKE3, and the line of each: a digest already,
+/// so its bits are the table's hash as they are.
+type Seen = HashMap<u128, usize, std::hash::BuildHasherDefault<Prehashed>>;
+
+/// The hash of a key that is a digest's bits: the key.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// One record checked: its sample, or what is wrong with it. `seen` holds the ids before it, by
 /// the first 128 bits of their BLAKE3 (a million ids in a few tens of MB; two ids that differ
 /// share them with a probability near 10^-27) and the line each was on.
@@ -559,7 +641,7 @@ fn sample_of(
     config: &DatasetConfig,
     text: Option<&str>,
     unit: &str,
-    seen: &mut HashMap<u128, usize>,
+    seen: &mut Seen,
 ) -> Result<Sample, LineError> {
     let n = line - 1;
     let fields = fields?;
@@ -632,6 +714,30 @@ mod tests {
 
     fn config(heldout: f64) -> DatasetConfig {
         DatasetConfig { path: FileRef { path: "d.jsonl".into(), span: None }, format: None, id: "id".into(), label: Some("y".into()), stratify: None, heldout: Fraction(heldout) }
+    }
+
+    #[test]
+    fn a_line_read_for_some_fields_holds_them_as_a_whole_read_does() {
+        let only = ["id".to_string(), "y".to_string(), "k\"q".to_string()];
+        let lines = [
+            r#"{"id": "a", "y": "x", "text": "long text", "n": [1, {"z": null}]}"#,
+            r#"{"text": "before", "y": 3.50, "id": 7}"#,
+            r#"{"id": "a", "y": "first", "y": {"b": 1, "a": [true]}}"#,
+            r#"{"i\u0064": "escaped name", "k\"q": "\u00e9\n"}"#,
+            r#"{"id": "b", "y": null}"#,
+            "{}\r\n",
+        ];
+        for line in lines {
+            let whole = jsonl_record(0, 10, line).unwrap();
+            let some = jsonl_record_only(0, 10, line, &only).unwrap();
+            let kept: Map<String, Value> = whole.fields.ok().unwrap().into_iter().filter(|(k, _)| only.contains(k)).collect();
+            assert_eq!(some.fields.ok().unwrap(), kept, "{line}");
+            assert_eq!((some.line, some.whole), (1, 10..10 + line.trim_end().len()));
+        }
+        // Not read this way: the whole read says what is wrong.
+        for line in ["[1]", r#"{"id": "a"} x"#, r#"{"id": "a""#, "\"s\"", "  \n"] {
+            assert!(jsonl_record_only(0, 0, line, &only).is_none(), "{line}");
+        }
     }
 
     /// Samples (`id=label`) or located errors of a delimited file.
