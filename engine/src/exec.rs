@@ -115,10 +115,11 @@ fn load_inputs(store: &Store, inputs: &BTreeMap<String, Digest>) -> Result<BTree
         .collect()
 }
 
-fn stage_input(pipeline: &Pipeline, files: &Files, i: usize, stored: BTreeMap<String, StoredInput>, cancel: Cancel) -> StageInput {
+fn stage_input(pipeline: &Pipeline, files: &Files, i: usize, stored: BTreeMap<String, StoredInput>, cancel: Cancel, store: &Store) -> StageInput {
     let mut input = StageInput::new(BTreeMap::new(), BTreeMap::new(), pipeline.seed);
     input.cancel = cancel;
     input.stored = stored;
+    input.store = Some(store.clone());
     for (written, _) in &pipeline.stages[i].files {
         let file = &files.0[written];
         match &file.bytes {

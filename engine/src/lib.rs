@@ -24,7 +24,7 @@ pub use events::{Event, ItemGroup, Observer, item_group};
 pub use exec::{PlanReport, RunError, RunOptions, RunReport, plan, run};
 pub use hash::Digest;
 pub use registry::Registry;
-pub use stage::{BuildContext, Cancel, FileRef, Item, ItemContext, ItemProgress, Pins, Port, Reported, Stage, StageError, StageInput, StagePlugin};
+pub use stage::{BuildContext, Cancel, ElementItems, FileRef, Item, ItemContext, ItemProgress, Kept, Pins, Port, Reported, Stage, StageError, StageInput, StagePlugin};
 pub use store::Store;
 
 #[cfg(test)]

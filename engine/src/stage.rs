@@ -80,6 +80,9 @@ impl Port {
     }
 }
 
+/// See [`Stage::element_items`].
+pub type ElementItems<'a> = Box<dyn FnMut(&[u8]) -> Result<Option<Item>, StageError> + 'a>;
+
 /// A kind of stage, implemented by a plugin crate and registered by the binary.
 pub trait StagePlugin: Send + Sync + 'static {
     /// The fields of `[stages.<id>]` besides `kind` and `needs`.
@@ -107,12 +110,37 @@ pub trait Stage: Send + Sync {
 
     /// The items one at a time, in [`Stage::items`]' order: what the engine calls, so that a stage
     /// over a million samples never lists them all at once (it reads its input with
-    /// [`StageInput::each`]). Defaults to `items`.
+    /// [`StageInput::each`]). Defaults to the items of [`Stage::items_of_elements`], else `items`.
     fn each_item(&self, input: &StageInput, f: &mut dyn FnMut(Item) -> Result<(), StageError>) -> Result<(), StageError> {
+        if let Some((port, key)) = self.items_of_elements() {
+            let mut make = self.element_items(input)?;
+            return input.each_element(port, key, |element| match make(element)? {
+                Some(item) => f(item),
+                None => Ok(()),
+            });
+        }
         for item in self.items(input)? {
             f(item)?;
         }
         Ok(())
+    }
+
+    /// For a stage whose items are made one from each element of a list in one input (at most
+    /// one each, in its order: `render`'s, a sample each of the dataset's `samples`): that input's
+    /// port and the list's key. The engine then remembers which items a run of elements made,
+    /// under their bytes, and a rerun after a few elements changed makes items only for the
+    /// chunks they are in ([`crate::store::chunks`]). An item must depend on nothing of that input
+    /// but its element: its other inputs, config, files and seed are in what the engine
+    /// remembers it under. Its items are made by [`Stage::element_items`].
+    fn items_of_elements(&self) -> Option<(&'static str, &'static str)> {
+        None
+    }
+
+    /// The item of an element (its canonical JSON), or none (an element the stage leaves out),
+    /// for a stage with [`Stage::items_of_elements`]: prepared once for a listing (it may read the
+    /// other inputs then).
+    fn element_items<'a>(&'a self, _input: &'a StageInput) -> Result<ElementItems<'a>, StageError> {
+        Err(StageError::new("this stage does not make its items from elements"))
     }
 
     /// Whether the output is written as it is assembled ([`Stage::write_output`]) rather than
@@ -264,12 +292,21 @@ pub struct StageInput {
     pub(crate) stored: BTreeMap<String, StoredInput>,
     /// Large referenced files, read when a stage asks (not held for the whole run).
     pub(crate) large_files: BTreeMap<String, Lazy>,
+    /// Where [`Self::kept`] records are (none in a stage's own tests).
+    pub(crate) store: Option<crate::Store>,
 }
 
 impl StageInput {
     /// Inputs and files at hand (a stage's own tests).
     pub fn new(inputs: BTreeMap<String, Arc<Value>>, files: BTreeMap<String, Arc<[u8]>>, seed: u64) -> StageInput {
-        StageInput { inputs, files, seed, cancel: Cancel::default(), stored: BTreeMap::new(), large_files: BTreeMap::new() }
+        StageInput { inputs, files, seed, cancel: Cancel::default(), stored: BTreeMap::new(), large_files: BTreeMap::new(), store: None }
+    }
+
+    /// The same input, keeping records ([`Self::kept`]) in `store`: for a stage's own tests (a
+    /// run gives every stage the pipeline's store).
+    pub fn with_store(mut self, store: crate::Store) -> StageInput {
+        self.store = Some(store);
+        self
     }
 
     /// Whether an artifact is bound to `port`.
@@ -311,8 +348,31 @@ impl StageInput {
         self.stored.get(port).ok_or_else(|| StageError::new(format!("missing input `{port}`")))?.each(port, key, &mut f)
     }
 
-    /// Writes the artifact at `port` to `out` as JSON, straight from the store (verified first)
-    /// when it is there: a program gets a million samples without them being parsed here.
+    /// As [`Self::each`], each element given as its canonical JSON, unparsed.
+    pub fn each_element(&self, port: &str, key: &str, mut f: impl FnMut(&[u8]) -> Result<(), StageError>) -> Result<(), StageError> {
+        if let Some(v) = self.inputs.get(port) {
+            return crate::stream::each_element_in_value(v, port, key, &mut f);
+        }
+        self.stored.get(port).ok_or_else(|| StageError::new(format!("missing input `{port}`")))?.each_element(port, key, &mut f)
+    }
+
+    /// As [`Self::each_element`], the artifact verified as it is read ([`StoredInput::scan_elements`]):
+    /// for the engine's listing, which a damaged artifact fails at its end.
+    pub(crate) fn scan_elements(&self, port: &str, key: &str, mut f: impl FnMut(&[u8]) -> Result<(), StageError>) -> Result<(), StageError> {
+        if let Some(v) = self.inputs.get(port) {
+            return crate::stream::each_element_in_value(v, port, key, &mut f);
+        }
+        self.stored.get(port).ok_or_else(|| StageError::new(format!("missing input `{port}`")))?.scan_elements(port, key, &mut f)
+    }
+
+    /// Whether the artifact at `port` is read from the store (as a run reads every input).
+    pub(crate) fn is_stored(&self, port: &str) -> bool {
+        self.stored.contains_key(port)
+    }
+
+    /// Writes the artifact at `port` to `out` as JSON, straight from the store when it is there
+    /// (checked against its digest as it is copied; a damaged one never reaches `out` whole): a
+    /// program gets a million samples without them being parsed here.
     pub fn write_json(&self, port: &str, out: &mut dyn std::io::Write) -> Result<(), StageError> {
         let failed = |e: std::io::Error| StageError::new(format!("writing input `{port}`: {e}"));
         if let Some(v) = self.inputs.get(port) {
@@ -336,6 +396,39 @@ impl StageInput {
             return Ok(bytes);
         }
         self.large_files.get(&file.path).ok_or_else(|| StageError::new(format!("file `{}` was not declared", file.path)))?.bytes()
+    }
+
+    /// Records this stage keeps in the store between runs: what it derived from part of an input
+    /// (a thousand lines of a file, parsed), read back by a later run instead of derived again.
+    /// Reads see what was kept before this call.
+    pub fn kept(&self) -> Kept<'_> {
+        Kept { store: self.store.as_ref().map(|store| (store, store.item_reader())) }
+    }
+}
+
+/// See [`StageInput::kept`]. The key is the stage's to make, from everything the records depend
+/// on (the bytes they were derived from, the settings and the code that derived them: the engine
+/// cannot know these). Kept records are verified when read; a stage reads them back only to skip
+/// work, so one that is missing or damaged costs that work, never a result.
+pub struct Kept<'a> {
+    store: Option<(&'a crate::Store, crate::store::ItemReader<'a>)>,
+}
+
+impl Kept<'_> {
+    /// The records kept under `key`, as they were kept; `None` when none are (never kept,
+    /// damaged, or no store).
+    pub fn get(&self, key: &crate::Digest) -> Option<Vec<Vec<u8>>> {
+        self.store.as_ref()?.1.get_kept(key)
+    }
+
+    /// Keeps `records` under `key` (committed when this returns). A failure (a full disk) is
+    /// logged and otherwise ignored: it costs a later run the work.
+    pub fn put(&self, key: &crate::Digest, records: &[Vec<u8>]) {
+        if let Some((store, _)) = &self.store
+            && let Err(e) = store.put_kept(key, records)
+        {
+            tracing::debug!("could not keep records under {}: {e}", key.short());
+        }
     }
 }
 

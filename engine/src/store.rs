@@ -75,21 +75,81 @@ pub(crate) fn open_object(path: &Path) -> io::Result<Box<dyn io::Read + Send>> {
     if file.fill_buf()?.starts_with(&ZSTD_MAGIC) { Ok(Box::new(zstd::stream::Decoder::with_buffer(file)?)) } else { Ok(Box::new(file)) }
 }
 
-/// A writer that hashes what goes through it.
-struct Hashing<W> {
-    inner: W,
-    hasher: blake3::Hasher,
+/// A writer that hands what it is given, a block at a time, to a thread that hashes it and writes
+/// it compressed into a file.
+struct Pipelined {
+    block: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    worker: Option<std::thread::JoinHandle<io::Result<(File, Digest)>>>,
 }
 
-impl<W: Write> Write for Hashing<W> {
+/// Blocks handed over, and how many may wait.
+const PIPELINED_BLOCK: usize = 1 << 20;
+const PIPELINED_WAITING: usize = 4;
+
+impl Pipelined {
+    fn new(file: File) -> io::Result<Pipelined> {
+        let mut compressed = zstd::stream::Encoder::new(io::BufWriter::with_capacity(1 << 16, file), ZSTD_LEVEL)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPELINED_WAITING);
+        let worker = std::thread::Builder::new().name("object-writer".into()).spawn(move || {
+            let mut hasher = blake3::Hasher::new();
+            for block in rx {
+                hasher.update(&block);
+                compressed.write_all(&block)?;
+            }
+            let file = compressed.finish()?.into_inner().map_err(io::IntoInnerError::into_error)?;
+            Ok((file, Digest(*hasher.finalize().as_bytes())))
+        })?;
+        Ok(Pipelined { block: Vec::with_capacity(PIPELINED_BLOCK), tx: Some(tx), worker: Some(worker) })
+    }
+
+    fn hand_over(&mut self) -> io::Result<()> {
+        let block = std::mem::replace(&mut self.block, Vec::with_capacity(PIPELINED_BLOCK));
+        match self.tx.as_ref().map(|tx| tx.send(block)) {
+            Some(Ok(())) => Ok(()),
+            // The writer stopped at an error: it is what the write gets.
+            _ => Err(self.join().err().unwrap_or_else(|| io::Error::other("the object writer stopped"))),
+        }
+    }
+
+    fn join(&mut self) -> io::Result<(File, Digest)> {
+        self.tx = None;
+        match self.worker.take() {
+            Some(worker) => worker.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            None => Err(io::Error::other("the object writer stopped")),
+        }
+    }
+
+    /// The file, all written, and the digest of what was written.
+    fn finish(mut self) -> io::Result<(File, Digest)> {
+        if !self.block.is_empty() {
+            self.hand_over()?;
+        }
+        self.join()
+    }
+}
+
+impl Write for Pipelined {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
+        self.block.extend_from_slice(buf);
+        if self.block.len() >= PIPELINED_BLOCK {
+            self.hand_over()?;
+        }
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        Ok(())
+    }
+}
+
+impl Drop for Pipelined {
+    fn drop(&mut self) {
+        // Not finished (a failure): the writer is stopped and waited for, its file left to the
+        // caller to remove.
+        if self.worker.is_some() {
+            let _ = self.join();
+        }
     }
 }
 
@@ -283,20 +343,19 @@ impl Store {
         let tmp = crate::atomic::staged(&staging, "object");
         let result = (|| {
             let file = File::create(&tmp)?;
-            let compressed = zstd::stream::Encoder::new(io::BufWriter::with_capacity(1 << 16, file), ZSTD_LEVEL)?;
-            let mut out = Hashing { inner: compressed, hasher: blake3::Hasher::new() };
+            // Hashed, compressed and written by a thread of its own while `fill` assembles the
+            // next block: a large output costs its assembly, not that plus its compression.
+            let mut out = Pipelined::new(file)?;
             if !fill(&mut out)? {
                 return Ok(None);
             }
-            let Hashing { inner, hasher } = out;
-            let file = inner.finish()?.into_inner().map_err(io::IntoInnerError::into_error)?;
+            let (file, digest) = out.finish()?;
             if crash_test::at_this_write() {
                 // Half the bytes, then die: the torn write a kill can leave.
                 file.set_len(file.metadata()?.len() / 2)?;
                 std::process::abort();
             }
             file.sync_all()?;
-            let digest = Digest(*hasher.finalize().as_bytes());
             let path = self.sharded("objects", &digest);
             if path.is_file() {
                 fs::remove_file(&tmp)?;
@@ -490,6 +549,12 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps records a stage derived ([`crate::StageInput::kept`]) under `key`, committed when
+    /// this returns; stored as a chunk is, beside the chunks.
+    pub fn put_kept(&self, key: &Digest, records: &[Vec<u8>]) -> Result<(), StoreError> {
+        self.put_chunk(&chunks::kept_key(key), records)
+    }
+
     fn record_path(&self, pipeline: &str, stage: &str) -> PathBuf {
         self.root.join("records").join(pipeline).join(format!("{stage}.json"))
     }
@@ -542,7 +607,7 @@ impl ItemReader<'_> {
         if digest == Digest::of_bytes(&stored).0 {
             Some(stored)
         } else {
-            tracing::warn!(chunk = %key, "damaged chunk in store; its items are read one by one");
+            tracing::warn!(chunk = %key, "damaged chunk in store; what it held is read or computed again");
             None
         }
     }
@@ -554,7 +619,12 @@ impl ItemReader<'_> {
 
     /// The `n` results of the chunk `key`, in order, as kept (canonical JSON).
     pub fn get_chunk(&self, key: &Digest, n: usize) -> Option<Vec<Vec<u8>>> {
-        chunks::decode(&self.chunk_row(key)?, n)
+        chunks::decode(&self.chunk_row(key)?, Some(n))
+    }
+
+    /// The records a stage kept under `key` ([`Store::put_kept`]), if they are intact.
+    pub fn get_kept(&self, key: &Digest) -> Option<Vec<Vec<u8>>> {
+        chunks::decode(&self.chunk_row(&chunks::kept_key(key))?, None)
     }
 
     /// As [`Store::has_item`].

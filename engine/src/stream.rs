@@ -96,13 +96,20 @@ impl<'a> OutputWriter<'a> {
         let Some(results) = self.results.take() else {
             return Err(StageError::new("the items' results are written as they are only for a stage whose output holds them"));
         };
+        self.canonical_elements(key, results)
+    }
+
+    /// `key` and an array of elements given as their canonical JSON (as
+    /// [`crate::hash::canonical_json`] writes it: bytes the stage made so, or kept so), copied as
+    /// they are.
+    pub fn canonical_elements(&mut self, key: &str, elements: impl IntoIterator<Item = Result<Vec<u8>, StageError>>) -> Result<(), StageError> {
         self.key(key);
         self.buf.push(b'[');
-        for (i, result) in results.enumerate() {
+        for (i, element) in elements.into_iter().enumerate() {
             if i > 0 {
                 self.buf.push(b',');
             }
-            self.buf.extend_from_slice(&result?);
+            self.buf.extend_from_slice(&element?);
             if self.buf.len() >= 1 << 16 {
                 self.flush_buf()?;
             }
@@ -124,6 +131,16 @@ impl<'a> OutputWriter<'a> {
             None => Ok(()),
         }
     }
+}
+
+/// What a stage that streams its output ([`crate::Stage::streams_output`]) writes, as bytes: for
+/// its own tests (a run writes them into the store, results and all).
+pub fn streamed_output(stage: &dyn crate::Stage, input: &crate::StageInput) -> Result<Vec<u8>, StageError> {
+    let mut bytes = Vec::new();
+    let mut out = OutputWriter::new(&mut bytes);
+    stage.write_output(input, &mut std::iter::empty(), &mut out)?;
+    out.finish().map_err(|e| StageError::new(format!("writing the output: {e}")))?;
+    Ok(bytes)
 }
 
 /// A file's bytes read from its path when first asked for, checked against the digest taken
@@ -156,14 +173,27 @@ impl Lazy {
     /// The file read from its start, verified when read to its end.
     pub(crate) fn reader(&self) -> Result<Box<dyn Read + Send + '_>, StageError> {
         let file = File::open(&self.path).map_err(|e| StageError::new(format!("cannot read {}: {e}", self.what)))?;
-        Ok(Box::new(Verifying { inner: file, hasher: blake3::Hasher::new(), lazy: self, done: false }))
+        Ok(Box::new(Verifying { inner: HashingReader { inner: file, hasher: blake3::Hasher::new() }, lazy: self, done: false }))
+    }
+}
+
+/// A reader that hashes what it reads.
+struct HashingReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }
 
 /// A reader that hashes what it reads and, at the end, fails unless it read the bytes digested.
 struct Verifying<'a, R> {
-    inner: R,
-    hasher: blake3::Hasher,
+    inner: HashingReader<R>,
     lazy: &'a Lazy,
     done: bool,
 }
@@ -171,10 +201,9 @@ struct Verifying<'a, R> {
 impl<R: Read> Read for Verifying<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
         if n == 0 && !buf.is_empty() && !self.done {
             self.done = true;
-            if Digest(*self.hasher.finalize().as_bytes()) != self.lazy.digest {
+            if Digest(*self.inner.hasher.finalize().as_bytes()) != self.lazy.digest {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} changed while the pipeline ran; run it again", self.lazy.what)));
             }
         }
@@ -213,12 +242,31 @@ impl StoredInput {
         StageError::new(format!("input `{port}` ({}) is damaged in the store (its bytes no longer match their digest); run again to compute it anew", self.digest.short()))
     }
 
-    /// The artifact's bytes copied to `out`, after checking them against the digest.
+    /// The artifact's bytes copied to `out`, checked against the digest as they are read: the
+    /// last block is written only once the whole has been checked, so a damaged artifact never
+    /// reaches `out` whole (its JSON ends short, and this fails).
     pub(crate) fn copy_to(&self, port: &str, out: &mut dyn Write) -> Result<(), StageError> {
-        self.verified(port)?;
-        let mut file = crate::store::open_object(&self.path).map_err(|e| self.missing(port, e))?;
-        io::copy(&mut file, out).map_err(|e| StageError::new(format!("writing input `{port}`: {e}")))?;
-        Ok(())
+        let file = crate::store::open_object(&self.path).map_err(|e| self.missing(port, e))?;
+        let mut reader = HashingReader { inner: file, hasher: blake3::Hasher::new() };
+        let failed = |e: io::Error| StageError::new(format!("writing input `{port}`: {e}"));
+        let (mut held, mut block) = (Vec::with_capacity(1 << 16), vec![0; 1 << 16]);
+        loop {
+            let n = match reader.read(&mut block) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Err(self.damaged(port)),
+            };
+            if n == 0 {
+                break;
+            }
+            out.write_all(&held).map_err(failed)?;
+            held.clear();
+            held.extend_from_slice(&block[..n]);
+        }
+        if Digest(*reader.hasher.finalize().as_bytes()) != self.digest {
+            return Err(self.damaged(port));
+        }
+        out.write_all(&held).map_err(failed)
     }
 
     /// Checks the file against the digest, reading it through once.
@@ -232,11 +280,36 @@ impl StoredInput {
         Ok(())
     }
 
+    /// As [`Self::each_element`], the file verified as it is scanned, not before: a damaged one
+    /// fails the visit at its end, after `f` has seen what it held. For a reader that discards
+    /// what it did when the visit fails (the engine's listing of a stage's items), this reads the
+    /// artifact once instead of twice.
+    pub(crate) fn scan_elements(&self, port: &str, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<(), StageError>) -> Result<(), StageError> {
+        if let Some(Ok(value)) = self.value.get() {
+            return each_element_in_value(value, port, key, f);
+        }
+        let file = crate::store::open_object(&self.path).map_err(|e| self.missing(port, e))?;
+        let mut reader = HashingReader { inner: file, hasher: blake3::Hasher::new() };
+        let scanned = each_in_canonical(&mut reader, port, key, f);
+        // What follows the list is hashed too; a damaged file is reported as such, whatever
+        // else its scan found.
+        let rest = io::copy(&mut reader, &mut io::sink());
+        if rest.is_err() || Digest(*reader.hasher.finalize().as_bytes()) != self.digest {
+            return Err(self.damaged(port));
+        }
+        scanned
+    }
+
     /// Visits each element of the array at `key` (a top-level key of the artifact) without
     /// holding the artifact: the file is verified against its digest first, then scanned.
     pub(crate) fn each<T: DeserializeOwned>(&self, port: &str, key: &str, f: &mut dyn FnMut(T) -> Result<(), StageError>) -> Result<(), StageError> {
+        self.each_element(port, key, &mut |element| f(parse_element(element, port, key)?))
+    }
+
+    /// As [`Self::each`], each element given as its canonical JSON.
+    pub(crate) fn each_element(&self, port: &str, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<(), StageError>) -> Result<(), StageError> {
         if let Some(Ok(value)) = self.value.get() {
-            return each_in_value(value, port, key, f);
+            return each_element_in_value(value, port, key, f);
         }
         self.verified(port)?;
         let file = crate::store::open_object(&self.path).map_err(|e| self.missing(port, e))?;
@@ -246,17 +319,38 @@ impl StoredInput {
 
 /// [`StoredInput::each`] over an artifact already in memory.
 pub(crate) fn each_in_value<T: DeserializeOwned>(value: &Value, port: &str, key: &str, f: &mut dyn FnMut(T) -> Result<(), StageError>) -> Result<(), StageError> {
-    let elements = value.get(key).and_then(Value::as_array).ok_or_else(|| StageError::new(format!("input `{port}` has no list `{key}`")))?;
-    for element in elements {
-        f(T::deserialize(element).map_err(|e| StageError::new(format!("an element of `{key}` in input `{port}` is not what this stage reads: {e}")))?)?;
+    for element in elements_in_value(value, port, key)? {
+        f(T::deserialize(element).map_err(|e| not_read(e, port, key))?)?;
     }
     Ok(())
+}
+
+/// [`StoredInput::each_element`] over an artifact already in memory.
+pub(crate) fn each_element_in_value(value: &Value, port: &str, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<(), StageError>) -> Result<(), StageError> {
+    for element in elements_in_value(value, port, key)? {
+        f(&crate::hash::canonical_json(element))?;
+    }
+    Ok(())
+}
+
+fn elements_in_value<'v>(value: &'v Value, port: &str, key: &str) -> Result<&'v Vec<Value>, StageError> {
+    value.get(key).and_then(Value::as_array).ok_or_else(|| StageError::new(format!("input `{port}` has no list `{key}`")))
+}
+
+/// An element of the list `key` of input `port`, read from its JSON as the stage's type (what
+/// [`crate::Stage::element_items`] is given).
+pub fn parse_element<T: DeserializeOwned>(element: &[u8], port: &str, key: &str) -> Result<T, StageError> {
+    serde_json::from_slice(element).map_err(|e| not_read(e, port, key))
+}
+
+fn not_read(e: serde_json::Error, port: &str, key: &str) -> StageError {
+    StageError::new(format!("an element of `{key}` in input `{port}` is not what this stage reads: {e}"))
 }
 
 /// The elements of the array at `key` in canonical JSON (what the store holds: no whitespace,
 /// keys sorted), found by a scan of the bytes (strings and nesting) and each parsed from its
 /// slice, several times faster than parsing from a reader.
-fn each_in_canonical<T: DeserializeOwned>(reader: impl Read, port: &str, key: &str, f: &mut dyn FnMut(T) -> Result<(), StageError>) -> Result<(), StageError> {
+fn each_in_canonical(reader: impl Read, port: &str, key: &str, f: &mut dyn FnMut(&[u8]) -> Result<(), StageError>) -> Result<(), StageError> {
     let mut scan = Scanner { reader, buf: Vec::with_capacity(1 << 20), at: 0, eof: false };
     let broken = |e: io::Error| StageError::new(format!("input `{port}` cannot be read: {e}"));
     let not_canonical = || StageError::new(format!("input `{port}` is not canonical JSON"));
@@ -279,7 +373,7 @@ fn each_in_canonical<T: DeserializeOwned>(reader: impl Read, port: &str, key: &s
             }
             loop {
                 let element = scan.value().map_err(broken)?.ok_or_else(not_canonical)?;
-                f(serde_json::from_slice(&element).map_err(|e| StageError::new(format!("an element of `{key}` in input `{port}` is not what this stage reads: {e}")))?)?;
+                f(&element)?;
                 match scan.byte().map_err(broken)? {
                     Some(b',') => continue,
                     Some(b']') => return Ok(()),
@@ -346,7 +440,9 @@ impl<R: Read> Scanner<R> {
             let start = self.at;
             let chunk = &self.buf[start..];
             let mut end = None;
-            for (i, &b) in chunk.iter().enumerate() {
+            let mut i = 0;
+            while i < chunk.len() {
+                let b = chunk[i];
                 if in_string {
                     if escaped {
                         escaped = false;
@@ -358,25 +454,32 @@ impl<R: Read> Scanner<R> {
                             end = Some(i + 1);
                             break;
                         }
+                    } else {
+                        // A string's text, skipped to its next quote or escape.
+                        i = memchr::memchr2(b'"', b'\\', &chunk[i..]).map_or(chunk.len(), |at| i + at);
+                        continue;
                     }
+                    i += 1;
                     continue;
                 }
+                let at = i;
+                i += 1;
                 match b {
                     b'"' => in_string = true,
                     b'{' | b'[' => depth += 1,
                     b'}' | b']' if depth == 0 => {
-                        end = Some(i);
+                        end = Some(at);
                         break;
                     }
                     b'}' | b']' => {
                         depth -= 1;
                         if depth == 0 {
-                            end = Some(i + 1);
+                            end = Some(at + 1);
                             break;
                         }
                     }
                     b',' | b':' if depth == 0 => {
-                        end = Some(i);
+                        end = Some(at);
                         break;
                     }
                     _ => {}
@@ -403,6 +506,22 @@ mod tests {
     use crate::hash::canonical_json;
     use serde_json::json;
 
+    /// The elements of `value`'s `samples`, as a scan of its canonical JSON finds them.
+    fn scanned(value: &Value) -> Value {
+        let mut elements = Vec::new();
+        each_in(&canonical_json(value)[..], "p", "samples", &mut |v: Value| {
+            elements.push(v);
+            Ok(())
+        })
+        .unwrap();
+        Value::Array(elements)
+    }
+
+    /// [`each_in_canonical`], each element parsed.
+    fn each_in(reader: &[u8], port: &str, key: &str, f: &mut dyn FnMut(Value) -> Result<(), StageError>) -> Result<(), StageError> {
+        each_in_canonical(reader, port, key, &mut |element| f(parse_element(element, port, key)?))
+    }
+
     #[test]
     fn a_streamed_output_is_the_canonical_json_of_the_whole() {
         let whole = json!({"a": 1, "samples": [{"z": 1, "b": [2, 1]}, {"id": "x"}], "total": {"y": 2, "x": 1}});
@@ -419,33 +538,51 @@ mod tests {
     }
 
     #[test]
+    fn an_input_copied_out_is_checked_and_a_damaged_one_never_arrives_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let value = json!({"samples": (0..20_000).map(|n| json!({"id": n})).collect::<Vec<_>>()});
+        let bytes = canonical_json(&value);
+        let path = dir.path().join("object");
+        std::fs::write(&path, &bytes).unwrap();
+        let input = StoredInput::new(path.clone(), Digest::of_bytes(&bytes));
+        let mut out = Vec::new();
+        input.copy_to("p", &mut out).unwrap();
+        assert_eq!(out, bytes);
+        let mut damaged = bytes.clone();
+        damaged[1000] = b'7';
+        std::fs::write(&path, &damaged).unwrap();
+        let mut out = Vec::new();
+        let e = input.copy_to("p", &mut out).unwrap_err();
+        assert!(e.message.contains("is damaged in the store"), "{}", e.message);
+        assert!(out.len() < bytes.len() && bytes.starts_with(&out[..999]), "{} of {} bytes written", out.len(), bytes.len());
+    }
+
+    #[test]
     fn elements_are_visited_one_at_a_time_and_a_stop_is_the_stages_error() {
         let whole = json!({"a": {"samples": 0}, "samples": [{"n": 1}, {"n": 2}, {"n": 3}], "z": [9]});
         let mut seen = Vec::new();
-        each_in_canonical(&canonical_json(&whole)[..], "p", "samples", &mut |v: Value| {
+        each_in(&canonical_json(&whole)[..], "p", "samples", &mut |v: Value| {
             seen.push(v["n"].as_i64().unwrap());
             Ok(())
         })
         .unwrap();
         assert_eq!(seen, [1, 2, 3]);
-        let stop = each_in_canonical(&canonical_json(&whole)[..], "p", "samples", &mut |v: Value| if v["n"] == 2 { Err(StageError::new("enough")) } else { Ok(()) });
+        let stop = each_in(&canonical_json(&whole)[..], "p", "samples", &mut |v: Value| if v["n"] == 2 { Err(StageError::new("enough")) } else { Ok(()) });
         assert_eq!(stop.unwrap_err().message, "enough");
-        let missing = each_in_canonical(&canonical_json(&whole)[..], "p", "rows", &mut |_: Value| Ok(()));
+        let missing = each_in(&canonical_json(&whole)[..], "p", "rows", &mut |_: Value| Ok(()));
         assert_eq!(missing.unwrap_err().message, "input `p` has no list `rows`");
         // Strings holding brackets, quotes and escapes do not mislead the scan.
         let tricky = json!({"a": "]}\\\"", "samples": [{"n": 1, "s": "[{\\\",:"}, {"n": 2}, {"n": 3, "x": [[]]}], "z": [9]});
-        let mut scanned = Vec::new();
-        each_in_canonical(&canonical_json(&tricky)[..], "p", "samples", &mut |v: Value| {
-            scanned.push(v);
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(Value::Array(scanned), tricky["samples"]);
+        assert_eq!(scanned(&tricky), tricky["samples"]);
+        // Strings longer than the scanner's block, escapes and quotes across its edges.
+        let long: String = (0..300_000).map(|n| if n % 7 == 0 { "q\"\\]}" } else { "word " }).collect();
+        let big = json!({"samples": [{"s": long.clone()}, {"s": format!("{long}\\")}, {"n": 3}]});
+        assert_eq!(scanned(&big), big["samples"]);
         let pretty = serde_json::to_vec_pretty(&tricky).unwrap();
-        let refused = each_in_canonical(&pretty[..], "p", "samples", &mut |_: Value| Ok(()));
+        let refused = each_in(&pretty[..], "p", "samples", &mut |_: Value| Ok(()));
         assert_eq!(refused.unwrap_err().message, "input `p` is not canonical JSON");
         let mut empty = 0;
-        each_in_canonical(&canonical_json(&json!({"samples": []}))[..], "p", "samples", &mut |_: Value| Ok(empty += 1)).unwrap();
+        each_in(&canonical_json(&json!({"samples": []}))[..], "p", "samples", &mut |_: Value| Ok(empty += 1)).unwrap();
         assert_eq!(empty, 0);
         let mut from_value = Vec::new();
         each_in_value(&whole, "p", "samples", &mut |v: Value| {

@@ -278,9 +278,67 @@ impl Stage for StreamResultsStage {
     }
 }
 
+/// `element_results`: `stream_results` whose items are made from the numbers' elements
+/// ([`Stage::items_of_elements`]), adding `add`; numbers equal to `skip` make none. Counts the
+/// elements it parses.
+struct ElementResults;
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ElementResultsConfig {
+    add: i64,
+    #[serde(default)]
+    skip: Option<i64>,
+}
+struct ElementResultsStage(ElementResultsConfig);
+static ELEMENTS_PARSED: AtomicUsize = AtomicUsize::new(0);
+impl StagePlugin for ElementResults {
+    type Config = ElementResultsConfig;
+    const KIND: &'static str = "element_results";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "add to each number, its items made from the numbers' elements";
+    const INPUTS: &'static [Port] = &[Port::new("numbers", "numbers")];
+    const OUTPUT: &'static str = "numbers";
+    fn build(config: ElementResultsConfig, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        Ok(Arc::new(ElementResultsStage(config)))
+    }
+}
+#[async_trait::async_trait]
+impl Stage for ElementResultsStage {
+    fn items_of_elements(&self) -> Option<(&'static str, &'static str)> {
+        Some(("numbers", "values"))
+    }
+    fn element_items<'a>(&'a self, _: &'a StageInput) -> Result<ElementItems<'a>, StageError> {
+        Ok(Box::new(|element| {
+            ELEMENTS_PARSED.fetch_add(1, Ordering::SeqCst);
+            let v: Value = serde_json::from_slice(element).map_err(|e| StageError::new(e.to_string()))?;
+            if self.0.skip.is_some_and(|skip| v["value"] == skip) {
+                return Ok(None);
+            }
+            Ok(Some(Item { id: v["id"].as_str().unwrap().into(), input: json!({"id": v["id"], "value": v["value"], "param": 0, "add": self.0.add}) }))
+        }))
+    }
+    async fn run_item(&self, item: &Item, cx: &ItemContext) -> Result<Value, StageError> {
+        let value = ShiftStage(ShiftConfig { add: self.0.add, label: None }).run_item(item, cx).await?;
+        Ok(json!({"id": item.input["id"], "value": value}))
+    }
+    fn streams_output(&self) -> bool {
+        true
+    }
+    fn output_holds_results(&self) -> bool {
+        true
+    }
+    fn write_output(&self, _: &StageInput, _: &mut dyn Iterator<Item = Result<(Item, Value), StageError>>, out: &mut crate::stream::OutputWriter) -> Result<(), StageError> {
+        out.item_values("values")
+    }
+    fn finish(&self, _: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        Err(StageError::new("streamed: never built whole"))
+    }
+}
+
 fn registry() -> Registry {
     let mut r = Registry::new();
     r.register::<Numbers>().register::<Constant>().register::<Shift>().register::<Sum>().register::<Improve>().register::<Timed>().register::<StreamShift>().register::<StreamResults>();
+    r.register::<ElementResults>();
     r
 }
 
@@ -786,6 +844,61 @@ fn a_damaged_chunk_is_read_item_by_item_and_a_kept_one_stands_for_its_items() {
     let (whole, streamed) = both_outputs(&p);
     assert_eq!(whole, streamed);
     assert_eq!(p.store().get_object(&streamed).unwrap(), before);
+}
+
+#[test]
+fn a_stage_listed_by_elements_parses_only_the_chunks_that_changed_and_writes_what_the_items_make() {
+    let pipeline = |add: i64, skip: &str| format!("[stages.nums]\nkind = \"numbers\"\npath = \"nums.txt\"\n[stages.held]\nkind = \"stream_results\"\nneeds = [\"nums\"]\n[stages.elements]\nkind = \"element_results\"\nneeds = [\"nums\"]\nadd = {add}\n{skip}");
+    let rows: String = (0..20_000).map(|n| format!("{}\n", n + 20)).collect();
+    let p = Project::new(&pipeline(1, ""), &rows);
+    let parsed = || ELEMENTS_PARSED.swap(0, Ordering::SeqCst);
+    let outputs = |p: &Project| {
+        let report: crate::RunReport = p.store().get_run("p").unwrap();
+        let output = |id: &str| report.iterations[0].stages.iter().find(|s| s.id == id).unwrap().output.unwrap();
+        (output("held"), output("elements"))
+    };
+    parsed();
+    let log = p.run();
+    assert!(log.contains(&"0 elements run (20000 of 20000 items)".to_string()), "{log:?}");
+    assert!(parsed() >= 20_000);
+    let (held, elements) = outputs(&p);
+    assert_eq!(held, elements, "the same items, results and output as a stage that lists them itself");
+    // One row changed, one appended: the chunks they are in are parsed, the others read back.
+    p.write("nums.txt", &format!("{}7\n", rows.replace("\n10020\n", "\n99\n")));
+    let log = p.run();
+    assert!(log.contains(&"0 elements run (2 of 20001 items)".to_string()), "{log:?}");
+    let after = parsed();
+    assert!((2..10_000).contains(&after), "{after} of 20001 elements parsed");
+    let (held, elements) = outputs(&p);
+    assert_eq!(held, elements);
+    // Nothing kept but the items' own rows: every chunk parsed, nothing run, the same output.
+    let db = rusqlite::Connection::open(p.path(".pipeline/items.db")).unwrap();
+    db.execute("DELETE FROM chunks", []).unwrap();
+    std::fs::remove_dir_all(p.path(".pipeline/done")).unwrap();
+    let log = p.run();
+    assert!(log.contains(&"0 elements run (0 of 20001 items)".to_string()), "{log:?}");
+    assert!(parsed() >= 20_001);
+    assert_eq!(outputs(&p), (held, elements));
+    // The stage changed: what its chunks listed before is not theirs now.
+    p.write("p.toml", &pipeline(2, "skip = 30\n"));
+    let log = p.run();
+    assert!(log.contains(&"0 elements run (20000 of 20000 items)".to_string()), "{log:?}");
+    let shifted: Value = p.store().get_object(&outputs(&p).1).unwrap();
+    assert_eq!(shifted["values"].as_array().unwrap().len(), 20_000);
+    assert_eq!(shifted["values"][0], json!({"id": "n1", "value": 22}));
+    assert_eq!(shifted["values"][10], json!({"id": "n12", "value": 33}), "the number 30 (`n11`) made no item");
+    // The numbers damaged in the store: the listing, which verifies them as it reads, fails.
+    let report: crate::RunReport = p.store().get_run("p").unwrap();
+    let nums = report.iterations[0].stages.iter().find(|s| s.id == "nums").unwrap().output.unwrap();
+    let object = p.store().object_path(&nums);
+    let mut bytes = crate::store::read_object(&object).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] = if bytes[at] == b'1' { b'2' } else { b'1' };
+    std::fs::write(&object, bytes).unwrap();
+    p.write("p.toml", &pipeline(3, ""));
+    let (result, _) = p.run_with(None, None);
+    let failed = format!("{:?}", result.unwrap().iterations[0].stages.iter().find(|s| s.id == "elements").unwrap());
+    assert!(failed.contains("is damaged in the store"), "{failed}");
 }
 
 #[test]

@@ -68,7 +68,7 @@ pub fn plan(pipeline: &Pipeline, store: &Store) -> Result<PlanReport, RunError> 
         entry.reasons = dirty_reasons(&fp, previous.as_ref());
         // Count the items that would run.
         if let Ok(values) = load_inputs(store, &inputs) {
-            let input = stage_input(pipeline, &files, i, values, Cancel::default());
+            let input = stage_input(pipeline, &files, i, values, Cancel::default(), store);
             let (mut items, mut cached) = (0, 0);
             let reader = store.item_reader();
             let counted = node.stage.each_item(&input, &mut |it| {

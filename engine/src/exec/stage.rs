@@ -50,7 +50,7 @@ pub(super) async fn run_stage(
     let reasons = dirty_reasons(&fp, previous.as_ref());
 
     let stored = load_inputs(&ctx.store, &inputs).map_err(StageFail::Error)?;
-    let input = Arc::new(stage_input(pipeline, &ctx.files, i, stored, Cancel(ctx.cancel.clone())));
+    let input = Arc::new(stage_input(pipeline, &ctx.files, i, stored, Cancel(ctx.cancel.clone()), &ctx.store));
     // The items, one at a time (a million samples are never listed at once): each one's memo
     // key, whether it is cached, and the first few still to run, kept to run without listing
     // the items again.
@@ -59,6 +59,9 @@ pub(super) async fn run_stage(
         tokio::task::spawn_blocking(move || {
             let mut listed = Listed::default();
             let reader = store.item_reader();
+            if let Some(from) = stage.items_of_elements().filter(|(port, _)| input.is_stored(port)) {
+                return list_by_elements(&*stage, &input, from, &fp, &reader, &mut listed).map(|()| listed);
+            }
             // Items wait for the end of their chunk: a chunk kept whole has all its items cached
             // (one lookup for about a thousand of them).
             let mut chunk = Vec::new();
@@ -81,7 +84,7 @@ pub(super) async fn run_stage(
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
         .map_err(|e| StageFail::Error(e.message))?
     };
-    let Listed { keys, pending, held, groups } = listed;
+    let Listed { keys, spans, pending, held, groups } = listed;
     let cached = keys.len() - pending.len();
     ctx.emit(Event::Started { iteration, stage: node.id.clone(), reasons, items: keys.len(), cached_items: cached, groups });
 
@@ -197,7 +200,7 @@ pub(super) async fn run_stage(
     let stage = node.stage.clone();
     let (finish_input, store) = (input.clone(), ctx.store.clone());
     let output = if streams {
-        let full = tokio::task::spawn_blocking(move || write_streamed(&*stage, &finish_input, &store, &keys))
+        let full = tokio::task::spawn_blocking(move || write_streamed(&*stage, &finish_input, &store, &keys, &spans))
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?
             .map_err(|e| StageFail::Error(e.message))?;
@@ -245,8 +248,11 @@ const HELD_PENDING: usize = 4096;
 
 /// What listing a stage's items found.
 struct Listed {
-    /// Every item's memo key, in order.
+    /// Every item's memo key, in order (for the items of a chunk found kept by its listing,
+    /// stand-ins: their results are read by the chunk's key, [`Span::stand_ins`]).
     keys: Vec<Digest>,
+    /// The chunks of them ([`chunks`]), in order.
+    spans: Vec<Span>,
     /// The positions of the items not cached.
     pending: Vec<usize>,
     /// Those items, while there are no more than [`HELD_PENDING`].
@@ -261,20 +267,11 @@ impl Listed {
         if chunk.is_empty() {
             return;
         }
-        let whole = reader.has_chunk(&chunks::chunk_key(chunk.iter().map(|(key, _)| key)));
+        let results = chunks::chunk_key(chunk.iter().map(|(key, _)| key));
+        let whole = reader.has_chunk(&results);
         for (key, item) in chunk.drain(..) {
             let cached = whole || reader.has(&key);
-            if let Some(name) = item_group(&item.id) {
-                let at = match self.groups.iter().position(|g| g.name == name) {
-                    Some(at) => at,
-                    None => {
-                        self.groups.push(ItemGroup { name: name.to_string(), items: 0, cached_items: 0 });
-                        self.groups.len() - 1
-                    }
-                };
-                self.groups[at].items += 1;
-                self.groups[at].cached_items += usize::from(cached);
-            }
+            self.count(&item.id, cached);
             if !cached {
                 self.pending.push(self.keys.len());
                 if let Some(held) = self.held.as_mut() {
@@ -283,12 +280,115 @@ impl Listed {
             }
             self.keys.push(key);
         }
+        self.spans.push(Span { end: self.keys.len(), results, stand_ins: false });
     }
+
+    /// A chunk of items listed before, whose results are kept whole: all cached.
+    fn settle_cached(&mut self, listing: &chunks::Listing) {
+        if listing.items == 0 {
+            return;
+        }
+        for (name, items) in &listing.groups {
+            self.count_group(name, *items, *items);
+        }
+        self.keys.resize(self.keys.len() + listing.items, Digest([0; 32]));
+        self.spans.push(Span { end: self.keys.len(), results: listing.results, stand_ins: true });
+    }
+
+    /// The item `id` in its group's counts, if it is in one.
+    fn count(&mut self, id: &str, cached: bool) {
+        if let Some(name) = item_group(id) {
+            self.count_group(name, 1, usize::from(cached));
+        }
+    }
+
+    fn count_group(&mut self, name: &str, items: usize, cached: usize) {
+        let at = match self.groups.iter().position(|g| g.name == name) {
+            Some(at) => at,
+            None => {
+                self.groups.push(ItemGroup { name: name.to_string(), items: 0, cached_items: 0 });
+                self.groups.len() - 1
+            }
+        };
+        self.groups[at].items += items;
+        self.groups[at].cached_items += cached;
+    }
+}
+
+/// A chunk of a stage's items, as listed.
+struct Span {
+    /// Where it ends in the items.
+    end: usize,
+    /// The key of its chunk of results ([`chunks::chunk_key`] of its items' keys).
+    results: Digest,
+    /// Whether its items' keys are stand-ins: the listing found the chunk of results kept whole
+    /// without knowing them.
+    stand_ins: bool,
+}
+
+/// A chunk of elements holds at most this many bytes (and [`chunks::LONGEST`] elements).
+const ELEMENT_CHUNK_BYTES: usize = 8 << 20;
+
+/// The items of a stage with [`Stage::items_of_elements`], listed a chunk of elements at a time
+/// (cut by their content: [`chunks::content_ends_chunk`]). A chunk listed before gives what it
+/// listed as kept ([`chunks::Listing`]: its chunk of results' key, how many items, their groups);
+/// when that chunk of results is kept whole (it is cut where the elements' chunk is) its items are
+/// all cached, and nothing is parsed. Another chunk's elements are parsed and made into items,
+/// which are keyed, and what the chunk listed is kept.
+fn list_by_elements(stage: &dyn Stage, input: &StageInput, (port, list): (&str, &str), fp: &Fingerprint, reader: &ItemReader, listed: &mut Listed) -> Result<(), StageError> {
+    // What the items depend on besides their elements.
+    let stage_key = {
+        let mut fp = fp.clone();
+        fp.inputs.remove(port);
+        fp.digest()
+    };
+    let kept = input.kept();
+    let mut make = None;
+    let mut flush = |bytes: &mut Vec<u8>, ends: &mut Vec<usize>| -> Result<(), StageError> {
+        if ends.is_empty() {
+            return Ok(());
+        }
+        let key = chunks::elements_key(&stage_key, bytes, ends);
+        let known = kept.get(&key).and_then(|records| chunks::Listing::decode(&records));
+        if let Some(listing) = known.as_ref().filter(|listing| listing.items == 0 || reader.has_chunk(&listing.results)) {
+            listed.settle_cached(listing);
+        } else {
+            let make = match &mut make {
+                Some(make) => make,
+                None => make.insert(stage.element_items(input)?),
+            };
+            let (mut chunk, mut start) = (Vec::new(), 0);
+            for &end in ends.iter() {
+                if let Some(item) = make(&bytes[start..end])? {
+                    chunk.push((fp.item_key(&item.input), item));
+                }
+                start = end;
+            }
+            if known.is_none() {
+                kept.put(&key, &chunks::Listing::of(chunk.iter().map(|(key, item)| (key, item.id.as_str()))).encode());
+            }
+            listed.settle(reader, &mut chunk);
+        }
+        bytes.clear();
+        ends.clear();
+        Ok(())
+    };
+    let (mut bytes, mut ends) = (Vec::new(), Vec::new());
+    // Verified as it is read: a damaged input fails the listing, and what it listed is not used.
+    input.scan_elements(port, list, |element| {
+        bytes.extend_from_slice(element);
+        ends.push(bytes.len());
+        if chunks::content_ends_chunk(element) || ends.len() >= chunks::LONGEST || bytes.len() >= ELEMENT_CHUNK_BYTES {
+            flush(&mut bytes, &mut ends)?;
+        }
+        Ok(())
+    })?;
+    flush(&mut bytes, &mut ends)
 }
 
 impl Default for Listed {
     fn default() -> Self {
-        Listed { keys: Vec::new(), pending: Vec::new(), held: Some(Vec::new()), groups: Vec::new() }
+        Listed { keys: Vec::new(), spans: Vec::new(), pending: Vec::new(), held: Some(Vec::new()), groups: Vec::new() }
     }
 }
 
@@ -369,10 +469,10 @@ fn each_item_batched<T>(
 /// A streamed stage's output, written into the store as the stage assembles it from its items
 /// (listed again) and their results (read back one at a time), or, when its output holds the
 /// results as they are, from the results alone. The outer error is the store's.
-fn write_streamed(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[Digest]) -> Result<Result<Digest, StageError>, StoreError> {
+fn write_streamed(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[Digest], spans: &[Span]) -> Result<Result<Digest, StageError>, StoreError> {
     let mut failed = None;
     let written = store.put_object_streamed(|w| {
-        let (result, out) = if stage.output_holds_results() { write_results(stage, input, store, keys, w) } else { write_listed(stage, input, store, keys, w) };
+        let (result, out) = if stage.output_holds_results() { write_results(stage, input, store, keys, spans, w) } else { write_listed(stage, input, store, keys, w) };
         if let Some(e) = out {
             return Err(e);
         }
@@ -421,21 +521,25 @@ fn write_listed(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[Di
 }
 
 /// The output of a stage that [`Stage::output_holds_results`]: each result's canonical bytes as
-/// the store keeps them, in item order, a chunk at a time. A chunk not kept whole is read item by
-/// item, then kept whole for the next time.
-fn write_results(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[Digest], w: &mut dyn std::io::Write) -> (Result<(), StageError>, Option<std::io::Error>) {
+/// the store keeps them, in item order, a chunk at a time (as listed). A chunk not kept whole is
+/// read item by item, then kept whole for the next time.
+fn write_results(stage: &dyn Stage, input: &StageInput, store: &Store, keys: &[Digest], spans: &[Span], w: &mut dyn std::io::Write) -> (Result<(), StageError>, Option<std::io::Error>) {
     let reader = store.item_reader();
-    let mut spans = chunks::chunks(keys);
+    let mut spans = spans.iter().scan(0, |start, span| Some((std::mem::replace(start, span.end)..span.end, span)));
     let mut ready = Vec::new().into_iter();
     let mut results = std::iter::from_fn(|| {
         loop {
             if let Some(next) = ready.next() {
                 return Some(Ok(next));
             }
-            let span = spans.next()?;
-            let key = chunks::chunk_key(keys[span.clone()].iter());
+            let (span, listed) = spans.next()?;
+            let key = listed.results;
             let chunk = match reader.get_chunk(&key, span.len()) {
                 Some(chunk) => chunk,
+                None if listed.stand_ins => {
+                    let e = format!("a chunk of {} results (key {}) vanished from the store while the stage ran; run again", span.len(), key.short());
+                    return Some(Err(StageError::new(e)));
+                }
                 None => {
                     let mut chunk = Vec::with_capacity(span.len());
                     for k in span {

@@ -23,7 +23,7 @@ const AVERAGE: u32 = 1024;
 /// ... from the keys that end one ...
 const CUT: u32 = (1 << 16) / AVERAGE;
 /// ... and at most.
-const LONGEST: usize = 8 * AVERAGE as usize;
+pub const LONGEST: usize = 8 * AVERAGE as usize;
 
 const LEVEL: i32 = 3;
 
@@ -32,7 +32,92 @@ pub fn ends_chunk(key: &Digest, len: usize) -> bool {
     u32::from(u16::from_le_bytes([key.0[0], key.0[1]])) < CUT || len >= LONGEST
 }
 
-/// The chunks of items with these memo keys, in order: each one's range of positions.
+/// Whether a piece of content (an element's canonical JSON, a line of a file) ends a chunk cut by
+/// content: a fast hash of its bytes (not a digest: it only places cuts) in one [`AVERAGE`]th of
+/// the range. Cut so, a piece added, changed or removed changes the chunk it is in (and at most
+/// the one after it), not the others.
+pub fn content_ends_chunk(bytes: &[u8]) -> bool {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let (words, rest) = bytes.as_chunks::<8>();
+    for word in words {
+        h = (h ^ u64::from_le_bytes(*word)).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+    }
+    for &b in rest {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 31;
+    h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h < u64::MAX / u64::from(AVERAGE)
+}
+
+/// Under what a chunk of elements' listing is kept ([`crate::StageInput::kept`]): the stage (its
+/// fingerprint without the input the elements are from), and the elements (`bytes`, each ending at
+/// one of `ends`).
+pub fn elements_key(stage: &Digest, bytes: &[u8], ends: &[usize]) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(b"elements\0");
+    h.update(&Listing::FORMAT.to_le_bytes());
+    h.update(&stage.0);
+    h.update(&(ends.len() as u64).to_le_bytes());
+    for end in ends {
+        h.update(&(*end as u64).to_le_bytes());
+    }
+    h.update(bytes);
+    Digest(*h.finalize().as_bytes())
+}
+
+/// What a chunk of elements listed, as kept: its items' chunk of results (its key, [`chunk_key`]),
+/// how many items, and how many of them are in each group ([`crate::item_group`]). A rerun that
+/// finds the chunk of results kept counts the items as cached without knowing their keys.
+#[derive(Debug, PartialEq)]
+pub struct Listing {
+    pub results: Digest,
+    pub items: usize,
+    pub groups: Vec<(String, usize)>,
+}
+
+impl Listing {
+    /// Bumped when what is kept changes: listings kept before are then not found.
+    const FORMAT: u32 = 1;
+
+    /// The listing of these items (memo key, id), in order.
+    pub fn of<'a>(items: impl ExactSizeIterator<Item = (&'a Digest, &'a str)> + Clone) -> Listing {
+        let mut groups: Vec<(String, usize)> = Vec::new();
+        for (_, id) in items.clone() {
+            if let Some(name) = crate::item_group(id) {
+                match groups.iter_mut().find(|(g, _)| g == name) {
+                    Some((_, n)) => *n += 1,
+                    None => groups.push((name.to_string(), 1)),
+                }
+            }
+        }
+        Listing { results: chunk_key(items.clone().map(|(key, _)| key)), items: items.len(), groups }
+    }
+
+    /// As kept: the chunk of results' key and the number of items, then a record per group.
+    pub fn encode(&self) -> Vec<Vec<u8>> {
+        let head = [&self.results.0[..], &(self.items as u64).to_le_bytes()].concat();
+        std::iter::once(head).chain(self.groups.iter().map(|(name, n)| [&(*n as u64).to_le_bytes()[..], name.as_bytes()].concat())).collect()
+    }
+
+    /// See [`Self::encode`].
+    pub fn decode(records: &[Vec<u8>]) -> Option<Listing> {
+        let (head, groups) = records.split_first()?;
+        let (results, items) = head.split_first_chunk::<32>()?;
+        let groups = groups
+            .iter()
+            .map(|g| {
+                let (n, name) = g.split_first_chunk::<8>()?;
+                Some((std::str::from_utf8(name).ok()?.to_string(), u64::from_le_bytes(*n) as usize))
+            })
+            .collect::<Option<_>>()?;
+        Some(Listing { results: Digest(*results), items: u64::from_le_bytes(items.try_into().ok()?) as usize, groups })
+    }
+}
+
+/// The chunks of items with these memo keys, in order: each one's range of positions (as a
+/// listing cuts them, [`ends_chunk`]).
+#[cfg(test)]
 pub fn chunks(keys: &[Digest]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
     let mut start = 0;
     std::iter::from_fn(move || {
@@ -42,6 +127,15 @@ pub fn chunks(keys: &[Digest]) -> impl Iterator<Item = std::ops::Range<usize>> +
         let end = start + keys[start..].iter().enumerate().position(|(i, key)| ends_chunk(key, i + 1)).map_or(keys.len() - start, |i| i + 1);
         Some(std::mem::replace(&mut start, end)..end)
     })
+}
+
+/// Where records a stage keeps ([`crate::StageInput::kept`]) are, in the same table: the stage's
+/// key in a domain of its own, so that it never names a chunk of results.
+pub(super) fn kept_key(key: &Digest) -> Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(b"kept\0");
+    h.update(&key.0);
+    Digest(*h.finalize().as_bytes())
 }
 
 /// A chunk's key: the digest of its items' keys.
@@ -65,10 +159,22 @@ pub(super) fn encode(results: &[Vec<u8>]) -> std::io::Result<Vec<u8>> {
     zstd::bulk::compress(&plain, LEVEL)
 }
 
-/// A chunk's results from its stored value, if it holds exactly `n`.
-pub(super) fn decode(stored: &[u8], n: usize) -> Option<Vec<Vec<u8>>> {
-    let plain = zstd::stream::decode_all(stored).ok()?;
-    let mut results = Vec::with_capacity(n);
+/// A chunk's results from its stored value, if it holds exactly `n` (any number: `None`).
+pub(super) fn decode(stored: &[u8], n: Option<usize>) -> Option<Vec<Vec<u8>>> {
+    thread_local! {
+        // One decompression context a thread, not one a chunk.
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+    }
+    // The frame says how long its content is (a chunk is compressed in one piece).
+    let len = usize::try_from(zstd::zstd_safe::get_frame_content_size(stored).ok()??).ok().filter(|&len| len <= 1 << 30)?;
+    let plain = DECOMPRESSOR.with_borrow_mut(|d| {
+        let d = match d {
+            Some(d) => d,
+            None => d.insert(zstd::bulk::Decompressor::new().ok()?),
+        };
+        d.decompress(stored, len).ok().filter(|plain| plain.len() == len)
+    })?;
+    let mut results = Vec::with_capacity(n.unwrap_or(0));
     let mut rest = &plain[..];
     while !rest.is_empty() {
         let (len, after) = rest.split_first_chunk::<4>()?;
@@ -76,7 +182,7 @@ pub(super) fn decode(stored: &[u8], n: usize) -> Option<Vec<Vec<u8>>> {
         results.push(after.get(..len)?.to_vec());
         rest = &after[len..];
     }
-    (results.len() == n).then_some(results)
+    n.is_none_or(|n| results.len() == n).then_some(results)
 }
 
 #[cfg(test)]
@@ -115,11 +221,24 @@ mod tests {
     }
 
     #[test]
+    fn a_listing_reads_back_as_kept() {
+        let keys = keys(5);
+        let ids = ["a/1", "b", "a/2", "c/x/y", "a/3"];
+        let listing = Listing::of(keys.iter().zip(ids));
+        assert_eq!((listing.items, listing.results), (5, chunk_key(keys.iter())));
+        assert_eq!(listing.groups, [("a".to_string(), 3), ("c".to_string(), 1)]);
+        assert_eq!(Listing::decode(&listing.encode()), Some(listing));
+        assert_eq!(Listing::decode(&[]), None);
+        assert_eq!(Listing::decode(&[vec![0; 39]]), None);
+    }
+
+    #[test]
     fn a_chunk_decodes_to_its_results_and_only_with_their_number() {
         let results = vec![b"{\"a\":1}".to_vec(), Vec::new(), b"[2]".to_vec()];
         let stored = encode(&results).unwrap();
-        assert_eq!(decode(&stored, 3), Some(results));
-        assert_eq!(decode(&stored, 2), None);
-        assert_eq!(decode(&stored[..stored.len() - 1], 3), None);
+        assert_eq!(decode(&stored, Some(3)), Some(results.clone()));
+        assert_eq!(decode(&stored, None), Some(results));
+        assert_eq!(decode(&stored, Some(2)), None);
+        assert_eq!(decode(&stored[..stored.len() - 1], Some(3)), None);
     }
 }

@@ -16,7 +16,7 @@ use artifacts::facts::{self, DatasetFacts, PromptFacts, RenderFacts, TemplateFil
 use artifacts::{Artifact, Dataset, Message, Rendered, RenderedSample};
 use engine::diag::{Diagnostic, SourceFile};
 use engine::stream::OutputWriter;
-use engine::{BuildContext, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
+use engine::{BuildContext, ElementItems, FileRef, Item, ItemContext, Port, Stage, StageError, StageInput, StagePlugin};
 use minijinja::{Environment, UndefinedBehavior};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -282,19 +282,26 @@ impl Stage for RenderStage {
         Ok(items)
     }
 
-    /// The dataset's samples one at a time: a million are rendered in the memory of one.
-    fn each_item(&self, input: &StageInput, f: &mut dyn FnMut(Item) -> Result<(), StageError>) -> Result<(), StageError> {
+    /// An item per sample of the dataset, one at a time (a million are rendered in the memory of
+    /// one); a rerun makes items only from the samples that changed.
+    fn items_of_elements(&self) -> Option<(&'static str, &'static str)> {
+        Some(("dataset", "samples"))
+    }
+
+    /// A sample's item: what its rendering depends on (not its split, not its label), unless the
+    /// stage renders the other split.
+    fn element_items<'a>(&'a self, input: &'a StageInput) -> Result<ElementItems<'a>, StageError> {
         let prompt: artifacts::Prompt = input.read("prompt")?;
-        input.each("dataset", "samples", |s: artifacts::Sample| {
+        Ok(Box::new(move |element| {
+            let s: artifacts::Sample = engine::stream::parse_element(element, "dataset", "samples")?;
             let wanted = match self.0.split {
                 Split::All => true,
                 Split::Dev => s.split == artifacts::Split::Dev,
                 Split::Heldout => s.split == artifacts::Split::Heldout,
             };
             if !wanted {
-                return Ok(());
+                return Ok(None);
             }
-            // Only what the rendering depends on: not the split, not the label.
             let input = RenderInput {
                 id: s.id.clone(),
                 fields: s.fields,
@@ -304,8 +311,8 @@ impl Stage for RenderStage {
                 tools: self.0.tools.clone(),
                 result: RESULT_IS_THE_SAMPLE,
             };
-            f(Item { id: s.id, input: input.into_value() })
-        })
+            Ok(Some(Item { id: s.id, input: input.into_value() }))
+        }))
     }
 
     fn streams_output(&self) -> bool {
