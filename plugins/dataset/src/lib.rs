@@ -13,6 +13,7 @@ use std::sync::Arc;
 use artifacts::facts::DatasetFacts;
 use artifacts::{Artifact, Split, SplitCounts};
 use engine::diag::{Diagnostic, SourceFile};
+use engine::hash::canonical_json;
 use engine::stream::OutputWriter;
 use engine::{BuildContext, FileRef, Item, Port, Stage, StageError, StageInput, StagePlugin};
 use schemars::JsonSchema;
@@ -137,37 +138,193 @@ impl StagePlugin for Dataset {
                 let labels_not_json = samples.iter().filter(|s| s.label.as_deref().is_some_and(|l| serde_json::from_str::<Value>(l).is_err())).count();
                 return Ok(DatasetFacts { fields, labels_not_json, labels_not_json_first: Vec::new() });
             }
-            let file = SourceFile::from_bytes(path, bytes, "dataset").map_err(|d| vec![d])?;
-            let file = SourceFile::new(display.clone(), file.text);
-            // Sample by sample, no sample held (the text is: diagnostics point into it): the
-            // fields seen, the references that are not JSON.
-            let mut facts = DatasetFacts { fields: Default::default(), labels_not_json: 0, labels_not_json_first: Vec::new() };
-            let mut keep = |sample: Sample, _| {
-                for field in sample.fields.keys() {
-                    if !facts.fields.contains(field) {
-                        facts.fields.insert(field.clone());
-                    }
+            if config.format() == Format::Jsonl {
+                let remembered = engine::cache::dir("checks").join(format!("{}.chunks", engine::Digest::of_json(&serde_json::json!({"build": engine::cache::build_identity(), "on": &on})).hex()));
+                if let Some(facts) = check_jsonl_by_chunks(&bytes, &config, &display, &remembered) {
+                    return Ok(facts);
                 }
-                if let Some(e) = label_not_json(&sample) {
-                    facts.labels_not_json += 1;
-                    if facts.labels_not_json_first.len() < 5 {
-                        facts.labels_not_json_first.push(located(&file, &sample, e));
-                    }
-                }
-            };
-            let errors = match config.format() {
-                Format::Jsonl => check_each(jsonl_records(&file.text), &config, "line", Some(&file.text), &mut keep),
-                Format::Csv => delimited_records(&file.text, b',').map_or_else(|e| e, |r| check_each(r, &config, "line", Some(&file.text), &mut keep)),
-                Format::Tsv => delimited_records(&file.text, b'\t').map_or_else(|e| e, |r| check_each(r, &config, "line", Some(&file.text), &mut keep)),
-                Format::Parquet | Format::Arrow => unreachable!("tables are checked above"),
-            };
-            if !errors.is_empty() {
-                return Err(errors.into_iter().map(|e| e.diagnostic(&file)).collect());
             }
-            Ok(facts)
+            check_text(path, bytes, &config, &display)
         })?;
         Ok(Arc::new(DatasetStage { config, facts }))
     }
+}
+
+/// A text golden set (JSON lines, CSV, TSV) checked whole: its facts, or every problem located.
+fn check_text(path: &std::path::Path, bytes: Vec<u8>, config: &DatasetConfig, display: &std::path::Path) -> Result<DatasetFacts, Vec<Diagnostic>> {
+    let file = SourceFile::from_bytes(path, bytes, "dataset").map_err(|d| vec![d])?;
+    let file = SourceFile::new(display, file.text);
+    // Sample by sample, no sample held (the text is: diagnostics point into it).
+    let mut facts = no_facts();
+    let mut keep = |sample: Sample, _| note_facts(&mut facts, &sample, &file);
+    let errors = match config.format() {
+        Format::Jsonl => check_each(jsonl_records(&file.text), config, "line", Some(&file.text), &mut keep),
+        Format::Csv => delimited_records(&file.text, b',').map_or_else(|e| e, |r| check_each(r, config, "line", Some(&file.text), &mut keep)),
+        Format::Tsv => delimited_records(&file.text, b'\t').map_or_else(|e| e, |r| check_each(r, config, "line", Some(&file.text), &mut keep)),
+        Format::Parquet | Format::Arrow => unreachable!("tables are checked whole as tables"),
+    };
+    if !errors.is_empty() {
+        return Err(errors.into_iter().map(|e| e.diagnostic(&file)).collect());
+    }
+    Ok(facts)
+}
+
+fn no_facts() -> DatasetFacts {
+    DatasetFacts { fields: Default::default(), labels_not_json: 0, labels_not_json_first: Vec::new() }
+}
+
+/// A sample's part of the facts: the fields it has, its reference if that is not JSON (located
+/// in `file`, for the first few).
+fn note_facts(facts: &mut DatasetFacts, sample: &Sample, file: &SourceFile) {
+    for field in sample.fields.keys() {
+        if !facts.fields.contains(field) {
+            facts.fields.insert(field.clone());
+        }
+    }
+    if let Some(e) = label_not_json(sample) {
+        facts.labels_not_json += 1;
+        if facts.labels_not_json_first.len() < 5 {
+            facts.labels_not_json_first.push(located(file, sample, e));
+        }
+    }
+}
+
+/// The strata a split is made within, numbered as first seen: by name, and one for the samples
+/// without one.
+#[derive(Default)]
+struct Strata {
+    named: HashMap<String, u32>,
+    unnamed: Option<u32>,
+}
+
+impl Strata {
+    fn index(&mut self, name: Option<&str>) -> u32 {
+        let next = self.len() as u32;
+        match name {
+            None => *self.unnamed.get_or_insert(next),
+            Some(name) => match self.named.get(name) {
+                Some(&at) => at,
+                None => *self.named.entry(name.to_string()).or_insert(next),
+            },
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.named.len() + usize::from(self.unnamed.is_some())
+    }
+}
+
+/// A chunk of lines checked: its samples' ids ([`seen_as`], 16 bytes each, little-endian), and
+/// the chunk's facts (its references that are not JSON located by their line in the chunk).
+struct ChunkCheck {
+    ids: Vec<u8>,
+    facts: DatasetFacts,
+}
+
+/// The build-time check of a JSON lines file a chunk of lines at a time ([`line_chunks`]): a
+/// chunk that passed the last check of this file under these settings (by this build, in the
+/// file `remembered`) gives its ids and facts without a parse, so a file that grew by a line
+/// costs the parse of one chunk. `None` when a line has a problem (not UTF-8, not a sample, an id
+/// seen before): the whole file's check then locates every problem.
+fn check_jsonl_by_chunks(bytes: &[u8], config: &DatasetConfig, display: &std::path::Path, remembered: &std::path::Path) -> Option<DatasetFacts> {
+    let mut before = read_chunk_checks(remembered).unwrap_or_default();
+    let mut facts = no_facts();
+    // Every id, sorted at the end to find one given twice (a million in 16 MB).
+    let (mut ids, mut now) = (Vec::new(), Vec::new());
+    for chunk in line_chunks(bytes) {
+        let chunk = chunk.ok()?;
+        let mut h = blake3::Hasher::new();
+        h.update(&[u8::from(chunk.first == 0)]);
+        h.update(&chunk.bytes);
+        let key = *h.finalize().as_bytes();
+        let check = match before.remove(&key) {
+            Some(check) => check,
+            None => check_chunk(&chunk, config, display)?,
+        };
+        ids.extend(check.ids.as_chunks::<16>().0.iter().map(|id| u128::from_le_bytes(*id)));
+        facts.fields.extend(check.facts.fields.iter().cloned());
+        facts.labels_not_json += check.facts.labels_not_json;
+        for mut located in check.facts.labels_not_json_first.iter().cloned() {
+            if facts.labels_not_json_first.len() < 5 {
+                located.line += chunk.first;
+                facts.labels_not_json_first.push(located);
+            }
+        }
+        now.push((key, check));
+    }
+    drop(before);
+    ids.sort_unstable();
+    if ids.is_empty() || ids.windows(2).any(|pair| pair[0] == pair[1]) {
+        return None;
+    }
+    drop(ids);
+    // Only a cache: a write that fails costs the next check its parse.
+    let staging = remembered.parent().unwrap_or(std::path::Path::new("."));
+    if let Err(e) = engine::atomic::write_staged(remembered, staging, |file| write_chunk_checks(&now, &mut std::io::BufWriter::new(file))) {
+        tracing::debug!("could not remember the chunks checked in {}: {e}", remembered.display());
+    }
+    Some(facts)
+}
+
+/// One chunk's lines checked as the whole file's check checks them, or `None` at a problem.
+fn check_chunk(chunk: &LineChunk, config: &DatasetConfig, display: &std::path::Path) -> Option<ChunkCheck> {
+    // Located in the chunk's own text: a line of it is `chunk.first` lines into the file.
+    let file = SourceFile::new(display, std::str::from_utf8(&chunk.bytes).ok()?.to_string());
+    let (mut check, mut seen) = (ChunkCheck { ids: Vec::new(), facts: no_facts() }, Seen::default());
+    for (index, (start, raw)) in chunk.lines().enumerate() {
+        let n = chunk.first + index;
+        let raw = std::str::from_utf8(raw).ok()?;
+        let (raw, bom) = if n == 0 { after_bom(raw) } else { (raw, 0) };
+        let Some(record) = jsonl_record(n, start - chunk.offset + bom, raw) else { continue };
+        let sample = sample_of(record.line, record.whole, record.fields, config, Some(&file.text), "line", &mut seen).ok()?;
+        check.ids.extend_from_slice(&seen_as(&sample.id).to_le_bytes());
+        note_facts(&mut check.facts, &sample, &file);
+    }
+    Some(check)
+}
+
+/// The chunks checked, as remembered: each one's key, its ids, its facts as JSON (each of the
+/// two after its length); then the BLAKE3 of all that, checked when read.
+fn write_chunk_checks(checks: &[([u8; 32], ChunkCheck)], out: &mut impl std::io::Write) -> std::io::Result<()> {
+    let mut h = blake3::Hasher::new();
+    let mut put = |bytes: &[u8]| -> std::io::Result<()> {
+        h.update(bytes);
+        out.write_all(bytes)
+    };
+    for (key, check) in checks {
+        let facts = serde_json::to_vec(&check.facts).expect("facts serialize");
+        for part in [&key[..], &(check.ids.len() as u32).to_le_bytes(), &check.ids, &(facts.len() as u32).to_le_bytes(), &facts] {
+            put(part)?;
+        }
+    }
+    out.write_all(h.finalize().as_bytes())?;
+    out.flush()
+}
+
+/// See [`write_chunk_checks`]; `None` if the file is missing or not what it wrote.
+fn read_chunk_checks(path: &std::path::Path) -> Option<HashMap<[u8; 32], ChunkCheck>> {
+    let bytes = std::fs::read(path).ok()?;
+    let (mut rest, digest) = bytes.split_last_chunk::<32>()?;
+    if blake3::hash(rest).as_bytes() != digest {
+        return None;
+    }
+    let mut checks = HashMap::new();
+    let part = |rest: &mut &[u8]| -> Option<Vec<u8>> {
+        let (len, after) = rest.split_first_chunk::<4>()?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let part = after.get(..len)?.to_vec();
+        *rest = &after[len..];
+        Some(part)
+    };
+    while !rest.is_empty() {
+        let (key, after) = rest.split_first_chunk::<32>()?;
+        rest = after;
+        let ids = part(&mut rest)?;
+        let facts = serde_json::from_slice(&part(&mut rest)?).ok()?;
+        (ids.len() % 16 == 0).then_some(())?;
+        checks.insert(*key, ChunkCheck { ids, facts });
+    }
+    Some(checks)
 }
 
 /// Read a JSONL golden set as the stage does: the dataset artifact (samples split into dev and
@@ -210,46 +367,98 @@ impl Stage for DatasetStage {
         true
     }
 
-    /// JSON lines are read twice as they come, never held: once to check every line and order
-    /// each stratum (a million samples cost their line numbers, strata and orders, and the ids
-    /// seen), once more to write each sample.
+    /// JSON lines are read as they come, never held: once to check every line and order each
+    /// stratum (a million samples cost their line numbers, strata and orders), then each sample
+    /// is written from what the first pass kept of its chunk.
     fn write_output(&self, input: &StageInput, _: &mut dyn Iterator<Item = Result<(Item, Value), StageError>>, out: &mut OutputWriter) -> Result<(), StageError> {
-        if self.config.format() != Format::Jsonl {
+        let whole = |out: &mut OutputWriter| {
             let dataset = self.whole(input.file(&self.config.path)?, input.seed)?;
             out.field("counts", &dataset.counts)?;
             out.field("label_field", &dataset.label_field)?;
-            return out.elements("samples", dataset.samples.into_iter().map(Ok));
+            out.elements("samples", dataset.samples.into_iter().map(Ok))
+        };
+        if self.config.format() != Format::Jsonl {
+            return whole(out);
         }
         let unreadable = |e: std::io::Error| StageError::new(format!("{}: {e}", self.config.path.path));
-        let lines = |only: Option<Vec<String>>| -> Result<_, StageError> { Ok(jsonl_lines(std::io::BufReader::with_capacity(1 << 16, input.file_reader(&self.config.path)?), only)) };
-        // The first pass needs each sample's id and stratum: its other fields are read past.
-        let needed = [Some(&self.config.id), self.config.label.as_ref(), self.config.stratify.as_ref()].into_iter().flatten().cloned().collect();
-        // Each sample's line, stratum and place in its stratum's order.
+        // First pass: every line checked, chunk by chunk; a chunk kept by an earlier run gives its
+        // samples' ids and strata without a parse. Each sample's line, stratum and place in its
+        // stratum's order; each chunk's key and number of samples.
+        let kept_before = input.kept();
         let mut kept: Vec<(usize, u32, [u8; 32])> = Vec::new();
-        let mut strata: HashMap<Option<String>, u32> = HashMap::new();
-        let mut failed = None;
-        let records = lines(Some(needed))?.map_while(|r| r.map_err(|e| failed = Some(e)).ok());
-        let errors = check_each(records, &self.config, "line", None, &mut |s, line| {
-            let next = strata.len() as u32;
-            let stratum = *strata.entry(stratum_of(&s, &self.config)).or_insert(next);
-            kept.push((line, stratum, split_order(input.seed, &s.id)));
-        });
-        if let Some(e) = failed {
-            return Err(unreadable(e));
+        let mut chunks: Vec<(engine::Digest, usize)> = Vec::new();
+        let mut strata = Strata::default();
+        let mut errors = Vec::new();
+        let mut read_back = 0;
+        let reader = std::io::BufReader::with_capacity(1 << 16, input.file_reader(&self.config.path)?);
+        for chunk in line_chunks(reader) {
+            let chunk = chunk.map_err(unreadable)?;
+            let key = self.chunk_key(&chunk);
+            let before = kept.len();
+            let records_before = kept_before.get(&key);
+            let from_before = records_before.as_ref().and_then(|records| records.iter().map(|r| KeptLine::read(r)).collect::<Option<Vec<_>>>());
+            if let Some(lines) = from_before {
+                read_back += 1;
+                for line in lines {
+                    kept.push((chunk.first + line.index as usize + 1, strata.index(line.stratum), split_order(input.seed, line.id)));
+                }
+            } else {
+                let (mut records, mut samples) = (Vec::new(), Vec::new());
+                let errors_before = errors.len();
+                // Ids twice within the chunk are found here, located; across chunks, below.
+                let mut seen = Seen::default();
+                for (index, (start, raw)) in chunk.lines().enumerate() {
+                    let n = chunk.first + index;
+                    let text = String::from_utf8_lossy(raw);
+                    let (raw, bom) = if n == 0 { after_bom(&text) } else { (&text[..], 0) };
+                    let Some(record) = jsonl_record(n, start + bom, raw) else { continue };
+                    match sample_of(record.line, record.whole, record.fields, &self.config, None, "line", &mut seen) {
+                        Ok(s) => {
+                            let stratum = stratum_of(&s, &self.config);
+                            kept.push((n + 1, strata.index(stratum.as_deref()), split_order(input.seed, &s.id)));
+                            records.push(KeptLine::write(index as u32, stratum.as_deref(), &s.id));
+                            samples.push(kept_sample(s)?);
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+                if errors.len() == errors_before {
+                    // The samples first: lines found kept mean their samples are.
+                    kept_before.put(&samples_key(&key), &samples);
+                    kept_before.put(&key, &records);
+                }
+            }
+            chunks.push((key, kept.len() - before));
+        }
+        drop(kept_before);
+        tracing::debug!(file = %self.config.path.path, "{} chunk(s) of lines, {read_back} read back as kept, the others parsed", chunks.len());
+        if kept.is_empty() && errors.is_empty() {
+            errors.push(LineError { span: 0..0, message: "the dataset has no samples".into() });
         }
         if let Some(first) = errors.first() {
             // Located as a whole read locates them (rare: `validate` checked the file).
             self.whole(input.file(&self.config.path)?, input.seed)?;
             return Err(StageError::new(format!("{}: {} ({} problem(s) in all)", self.config.path.path, first.message, errors.len())));
         }
+        // An id given twice has one order twice: sorted by their first 128 bits, two alike are
+        // (but for a chance near 10^-27) an id given twice, which the whole read locates.
+        let mut orders: Vec<u128> = kept.iter().map(|(_, _, order)| u128::from_le_bytes(order[..16].try_into().expect("16 bytes"))).collect();
+        orders.sort_unstable();
+        if orders.windows(2).any(|pair| pair[0] == pair[1]) {
+            return whole(out);
+        }
+        drop(orders);
         let mut members: Vec<Vec<u32>> = vec![Vec::new(); strata.len()];
         for (i, (_, stratum, _)) in kept.iter().enumerate() {
             members[*stratum as usize].push(i as u32);
         }
         let mut heldout = vec![false; kept.len()];
         for stratum in &mut members {
-            stratum.sort_unstable_by_key(|&i| kept[i as usize].2);
+            // The first `take` in the stratum's order, found without ordering the rest.
             let take = (stratum.len() as f64 * self.config.heldout.0).round() as usize;
+            if take < stratum.len() {
+                stratum.select_nth_unstable_by_key(take, |&i| kept[i as usize].2);
+            }
             for &i in stratum.iter().take(take) {
                 heldout[i as usize] = true;
             }
@@ -258,31 +467,63 @@ impl Stage for DatasetStage {
         let n_heldout = heldout.iter().filter(|h| **h).count();
         out.field("counts", &SplitCounts { dev: kept.len() - n_heldout, heldout: n_heldout })?;
         out.field("label_field", &self.config.label)?;
-        let mut records = lines(None)?;
-        let mut next = 0;
-        let mut seen = Seen::default();
+        // Second pass: each sample's canonical JSON, from the chunks just kept (the file is read
+        // again only for a chunk that could not be: a full disk, no store).
+        let kept_now = input.kept();
+        let mut file: Option<Box<dyn Iterator<Item = std::io::Result<Record>> + '_>> = None;
+        let (mut chunks, mut next) = (chunks.into_iter(), 0);
+        let (mut pending, mut from_file) = (Vec::<Vec<u8>>::new().into_iter(), 0usize);
         let samples = std::iter::from_fn(|| {
-            let &(line, _, _) = kept.get(next)?;
-            let h = heldout[next];
-            next += 1;
             loop {
-                match records.next() {
-                    None => return Some(Err(StageError::new(format!("{}: ended before line {line}", self.config.path.path)))),
-                    Some(Err(e)) => return Some(Err(unreadable(e))),
-                    Some(Ok(record)) if record.line == line => {
-                        // Checked above: the same line gives the same sample.
-                        seen.clear();
-                        let s = sample_of(line, record.whole, record.fields, &self.config, None, "line", &mut seen);
-                        return Some(s.map_err(|e| StageError::new(e.message)).map(|s| artifacts::Sample { id: s.id, split: if h { Split::Heldout } else { Split::Dev }, label: s.label, fields: s.fields }));
+                let split = |next: usize| if heldout[next] { Split::Heldout } else { Split::Dev };
+                if let Some(mut bytes) = pending.next() {
+                    serde_json::to_writer(&mut bytes, split(next).as_str()).expect("writing to a Vec cannot fail");
+                    bytes.push(b'}');
+                    next += 1;
+                    return Some(Ok(bytes));
+                }
+                if from_file > 0 {
+                    from_file -= 1;
+                    let (line, _, _) = kept[next];
+                    let h = split(next);
+                    next += 1;
+                    if file.is_none() {
+                        match input.file_reader(&self.config.path) {
+                            Ok(reader) => file = Some(Box::new(jsonl_lines(std::io::BufReader::with_capacity(1 << 16, reader)))),
+                            Err(e) => return Some(Err(e)),
+                        }
                     }
-                    Some(Ok(_)) => continue,
+                    let records = file.as_mut().expect("opened above");
+                    loop {
+                        match records.next() {
+                            None => return Some(Err(StageError::new(format!("{}: ended before line {line}", self.config.path.path)))),
+                            Some(Err(e)) => return Some(Err(unreadable(e))),
+                            Some(Ok(record)) if record.line == line => {
+                                // Checked above: the same line gives the same sample.
+                                let s = match sample_of(line, record.whole, record.fields, &self.config, None, "line", &mut Seen::default()) {
+                                    Ok(s) => s,
+                                    Err(e) => return Some(Err(StageError::new(e.message))),
+                                };
+                                let sample = artifacts::Sample { id: s.id, split: h, label: s.label, fields: s.fields };
+                                return Some(Ok(canonical_json(&serde_json::to_value(&sample).expect("a sample serializes"))));
+                            }
+                            Some(Ok(_)) => continue,
+                        }
+                    }
+                }
+                let (key, n) = chunks.next()?;
+                match kept_now.get(&samples_key(&key)).filter(|records| records.len() == n) {
+                    Some(records) => pending = records.into_iter(),
+                    None => from_file = n,
                 }
             }
         });
-        out.elements("samples", samples)?;
-        // Read to the end: the file is checked against its digest there.
-        for record in records {
-            record.map_err(unreadable)?;
+        out.canonical_elements("samples", samples)?;
+        // A file read again is read to its end: checked against its digest there.
+        if let Some(records) = file {
+            for record in records {
+                record.map_err(unreadable)?;
+            }
         }
         Ok(())
     }
@@ -293,6 +534,21 @@ impl Stage for DatasetStage {
 }
 
 impl DatasetStage {
+    /// Under what a chunk of lines is kept: its bytes, whether it starts the file (a byte-order
+    /// mark is read past there only), the fields that make a line a sample, and the code's.
+    fn chunk_key(&self, chunk: &LineChunk) -> engine::Digest {
+        let mut h = blake3::Hasher::new();
+        h.update(b"dataset lines\0");
+        h.update(&Dataset::VERSION.to_le_bytes());
+        h.update(&KEPT_FORMAT.to_le_bytes());
+        let fields = serde_json::to_vec(&(&self.config.id, &self.config.label, &self.config.stratify)).expect("names serialize");
+        h.update(&(fields.len() as u64).to_le_bytes());
+        h.update(&fields);
+        h.update(&[u8::from(chunk.first == 0)]);
+        h.update(&chunk.bytes);
+        engine::Digest(*h.finalize().as_bytes())
+    }
+
     /// The dataset built whole (a table's rows are read at once).
     fn whole(&self, bytes: &[u8], seed: u64) -> Result<artifacts::Dataset, StageError> {
         if self.config.format().is_table() {
@@ -381,8 +637,7 @@ fn jsonl_records(text: &str) -> impl Iterator<Item = Record> + '_ {
 
 /// JSON lines read as they come from `reader` (as [`jsonl_records`] reads a whole text), or
 /// the error reading stopped at; bytes that are not UTF-8 are replaced, as in the whole text.
-/// With `only`, each record holds only the fields it names ([`jsonl_record_only`]).
-fn jsonl_lines(mut reader: impl std::io::BufRead, only: Option<Vec<String>>) -> impl Iterator<Item = std::io::Result<Record>> {
+fn jsonl_lines(mut reader: impl std::io::BufRead) -> impl Iterator<Item = std::io::Result<Record>> {
     let (mut n, mut offset, mut line) = (0usize, 0usize, Vec::new());
     std::iter::from_fn(move || {
         loop {
@@ -393,10 +648,7 @@ fn jsonl_lines(mut reader: impl std::io::BufRead, only: Option<Vec<String>>) -> 
                 Ok(read) => {
                     let text = String::from_utf8_lossy(&line);
                     let (raw, bom) = if n == 0 { after_bom(&text) } else { (&text[..], 0) };
-                    let record = match &only {
-                        Some(only) => jsonl_record_only(n, offset + bom, raw, only).or_else(|| jsonl_record(n, offset + bom, raw)),
-                        None => jsonl_record(n, offset + bom, raw),
-                    };
+                    let record = jsonl_record(n, offset + bom, raw);
                     n += 1;
                     offset += read;
                     if let Some(record) = record {
@@ -406,6 +658,132 @@ fn jsonl_lines(mut reader: impl std::io::BufRead, only: Option<Vec<String>>) -> 
             }
         }
     })
+}
+
+/// Consecutive lines of a JSON lines file, as read: the 0-based number of the first, its byte
+/// offset, the lines' bytes and where each ends.
+struct LineChunk {
+    first: usize,
+    offset: usize,
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl LineChunk {
+    /// Each line's offset in the file and its bytes (its line break included).
+    fn lines(&self) -> impl Iterator<Item = (usize, &[u8])> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(&self.ends).map(|(start, &end)| (self.offset + start, &self.bytes[start..end]))
+    }
+}
+
+/// Lines per chunk at most (about a thousand on average: [`line_ends_chunk`]); a chunk also ends
+/// once it holds this many bytes.
+const CHUNK_MOST_LINES: usize = engine::store::chunks::LONGEST;
+const CHUNK_MOST_BYTES: usize = 8 << 20;
+
+/// A JSON lines file read in chunks of lines cut by their content (as content-defined chunking
+/// cuts a file): a chunk ends after a line that [`line_ends_chunk`], or at [`CHUNK_MOST_LINES`]
+/// lines or [`CHUNK_MOST_BYTES`] bytes. A line added, changed or removed changes the chunk it is
+/// in (and, at most, the one after it), not the others.
+fn line_chunks(mut reader: impl std::io::BufRead) -> impl Iterator<Item = std::io::Result<LineChunk>> {
+    let (mut first, mut offset, mut done) = (0usize, 0usize, false);
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let mut chunk = LineChunk { first, offset, bytes: Vec::new(), ends: Vec::new() };
+        loop {
+            let start = chunk.bytes.len();
+            match reader.read_until(b'\n', &mut chunk.bytes) {
+                Err(e) => {
+                    done = true;
+                    return Some(Err(e));
+                }
+                Ok(0) => {
+                    done = true;
+                    break;
+                }
+                Ok(_) => {
+                    chunk.ends.push(chunk.bytes.len());
+                    if line_ends_chunk(&chunk.bytes[start..]) || chunk.ends.len() >= CHUNK_MOST_LINES || chunk.bytes.len() >= CHUNK_MOST_BYTES {
+                        break;
+                    }
+                }
+            }
+        }
+        first += chunk.ends.len();
+        offset += chunk.bytes.len();
+        (!chunk.ends.is_empty()).then_some(Ok(chunk))
+    })
+}
+
+/// Whether a chunk of lines ends after this one: cut by its content, its line break left out
+/// ([`engine::store::chunks::content_ends_chunk`]: one line in about a thousand).
+fn line_ends_chunk(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    engine::store::chunks::content_ends_chunk(line.strip_suffix(b"\r").unwrap_or(line))
+}
+
+/// What [`DatasetStage`] keeps of each line of a chunk ([`StageInput::kept`]), so that a rerun
+/// reads a chunk it has seen without parsing it: the line's place in the chunk, its stratum and
+/// its id. Its sample is kept apart ([`kept_sample`], under [`samples_key`]), read only to write
+/// the output.
+struct KeptLine<'a> {
+    index: u32,
+    stratum: Option<&'a str>,
+    id: &'a str,
+}
+
+/// Bump when what [`KeptLine`] and [`kept_sample`] hold, or how a line becomes a sample, changes:
+/// chunks kept before are then not read.
+const KEPT_FORMAT: u32 = 2;
+
+impl<'a> KeptLine<'a> {
+    fn write(index: u32, stratum: Option<&str>, id: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(id.len() + stratum.map_or(0, str::len) + 13);
+        out.extend_from_slice(&index.to_le_bytes());
+        out.push(u8::from(stratum.is_some()));
+        for text in [stratum.unwrap_or_default(), id] {
+            out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+            out.extend_from_slice(text.as_bytes());
+        }
+        out
+    }
+
+    /// `None` if the bytes are not what [`Self::write`] writes.
+    fn read(bytes: &'a [u8]) -> Option<KeptLine<'a>> {
+        let (index, rest) = bytes.split_first_chunk::<4>()?;
+        let (&has_stratum, rest) = rest.split_first()?;
+        let text = |rest: &'a [u8]| -> Option<(&'a str, &'a [u8])> {
+            let (len, rest) = rest.split_first_chunk::<4>()?;
+            let len = u32::from_le_bytes(*len) as usize;
+            Some((std::str::from_utf8(rest.get(..len)?).ok()?, &rest[len..]))
+        };
+        let (stratum, rest) = text(rest)?;
+        let (id, rest) = text(rest)?;
+        rest.is_empty().then_some(KeptLine { index: u32::from_le_bytes(*index), stratum: (has_stratum == 1).then_some(stratum), id })
+    }
+}
+
+/// A sample's canonical JSON up to the value of `split`, its last key (the split is decided over
+/// the whole file, after the chunks are read).
+fn kept_sample(s: Sample) -> Result<Vec<u8>, StageError> {
+    let sample = artifacts::Sample { id: s.id, split: Split::Dev, label: s.label, fields: s.fields };
+    let mut json = canonical_json(&serde_json::to_value(&sample).map_err(|e| StageError::new(format!("sample `{}` does not serialize: {e}", sample.id)))?);
+    if !json.ends_with(br#""split":"dev"}"#) {
+        return Err(StageError::new("a sample's canonical JSON does not end with its split"));
+    }
+    json.truncate(json.len() - br#""dev"}"#.len());
+    Ok(json)
+}
+
+/// Where a chunk's samples are kept, beside its lines (under `key`).
+fn samples_key(key: &engine::Digest) -> engine::Digest {
+    let mut h = blake3::Hasher::new();
+    h.update(b"dataset samples\0");
+    h.update(&key.0);
+    engine::Digest(*h.finalize().as_bytes())
 }
 
 /// Line `n` (0-based) of a JSON lines file, starting at byte `start`: its record, unless blank.
@@ -424,60 +802,6 @@ fn jsonl_record(n: usize, start: usize, raw: &str) -> Option<Record> {
         }
     };
     Some(Record { line: n + 1, whole, fields })
-}
-
-/// Line `n` as [`jsonl_record`] reads it, its fields only those named in `only`: the others are
-/// read past as JSON, not built. `None` where the line is blank or not read this way (not a JSON
-/// object, or not JSON): [`jsonl_record`] says what it is. Reading past a value checks less than
-/// building it (a lone UTF-16 surrogate escape passes), so this is for a file already checked
-/// whole (as `build` checks a dataset's file).
-fn jsonl_record_only(n: usize, start: usize, raw: &str, only: &[String]) -> Option<Record> {
-    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
-    /// An object's fields named in the list; the others read past.
-    struct Only<'a>(&'a [String]);
-    /// A field's name: where it is in the list, if it is.
-    struct Name<'a>(&'a [String]);
-    impl<'de> DeserializeSeed<'de> for Name<'_> {
-        type Value = Option<usize>;
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_str(self)
-        }
-    }
-    impl<'de> Visitor<'de> for Name<'_> {
-        type Value = Option<usize>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a field name")
-        }
-        fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Self::Value, E> {
-            Ok(self.0.iter().position(|f| f == name))
-        }
-    }
-    impl<'de> Visitor<'de> for Only<'_> {
-        type Value = Map<String, Value>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut fields = Map::new();
-            while let Some(at) = map.next_key_seed(Name(self.0))? {
-                // A name given twice: the last value, as a whole read keeps.
-                if let Some(at) = at {
-                    fields.insert(self.0[at].clone(), map.next_value()?);
-                } else {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-            Ok(fields)
-        }
-    }
-    let line = raw.trim_end_matches(['\n', '\r']);
-    if line.trim().is_empty() {
-        return None;
-    }
-    let mut reader = serde_json::Deserializer::from_str(line);
-    let fields = reader.deserialize_map(Only(only)).ok()?;
-    reader.end().ok()?;
-    Some(Record { line: n + 1, whole: start..start + line.len(), fields: Ok(fields) })
 }
 
 /// CSV or TSV (`delimiter`): a header row naming the columns, then one sample per row (quoted
@@ -651,11 +975,7 @@ fn sample_of(
         Some(other) => return Err(LineError { span: whole, message: format!("{unit} {}: id field `{}` must be a string or number, found {other}", n + 1, config.id) }),
         None => return Err(LineError { span: whole, message: format!("{unit} {} has no id field `{}`", n + 1, config.id) }),
     };
-    let seen_as = u128::from_le_bytes(blake3::hash(id.as_bytes()).as_bytes()[..16].try_into().expect("16 bytes"));
-    if let Some(first) = seen.get(&seen_as) {
-        return Err(LineError { span: whole, message: format!("duplicate id `{id}` on {unit} {} (first on {unit} {first})", n + 1) });
-    }
-    seen.insert(seen_as, n + 1);
+    seen_first(seen, &id, n + 1, whole.clone(), unit)?;
     let label = match &config.label {
         None => None,
         Some(field) => match fields.get(field) {
@@ -674,6 +994,21 @@ fn sample_of(
     }
     let label_at = text.and_then(|text| Some(whole.start + value_offset(&text[whole.clone()], config.label.as_deref()?)));
     Ok(Sample { id, label, label_at, fields })
+}
+
+/// What an id is remembered by in [`Seen`]: the first 128 bits of its BLAKE3.
+fn seen_as(id: &str) -> u128 {
+    u128::from_le_bytes(blake3::hash(id.as_bytes()).as_bytes()[..16].try_into().expect("16 bytes"))
+}
+
+/// Records that `id` is on line (row) `line`, unless an earlier one had it.
+fn seen_first(seen: &mut Seen, id: &str, line: usize, span: std::ops::Range<usize>, unit: &str) -> Result<(), LineError> {
+    let seen_as = seen_as(id);
+    if let Some(first) = seen.get(&seen_as) {
+        return Err(LineError { span, message: format!("duplicate id `{id}` on {unit} {line} (first on {unit} {first})") });
+    }
+    seen.insert(seen_as, line);
+    Ok(())
 }
 
 /// Where the value of `"field":` starts in a JSON object's line (the line's start if the key is
@@ -716,28 +1051,111 @@ mod tests {
         DatasetConfig { path: FileRef { path: "d.jsonl".into(), span: None }, format: None, id: "id".into(), label: Some("y".into()), stratify: None, heldout: Fraction(heldout) }
     }
 
+    /// Lines of a golden set: ids, four labels, text with characters JSON escapes.
+    fn golden_line(i: usize) -> String {
+        format!("{{\"text\": \"row {i}: caf\u{e9} \\\"q\\\" {}\", \"y\": \"{}\", \"id\": \"r{i}\"}}\n", i * 7919 % 10007, ["a", "b", "c", "d"][i % 4])
+    }
+
     #[test]
-    fn a_line_read_for_some_fields_holds_them_as_a_whole_read_does() {
-        let only = ["id".to_string(), "y".to_string(), "k\"q".to_string()];
-        let lines = [
-            r#"{"id": "a", "y": "x", "text": "long text", "n": [1, {"z": null}]}"#,
-            r#"{"text": "before", "y": 3.50, "id": 7}"#,
-            r#"{"id": "a", "y": "first", "y": {"b": 1, "a": [true]}}"#,
-            r#"{"i\u0064": "escaped name", "k\"q": "\u00e9\n"}"#,
-            r#"{"id": "b", "y": null}"#,
-            "{}\r\n",
-        ];
-        for line in lines {
-            let whole = jsonl_record(0, 10, line).unwrap();
-            let some = jsonl_record_only(0, 10, line, &only).unwrap();
-            let kept: Map<String, Value> = whole.fields.ok().unwrap().into_iter().filter(|(k, _)| only.contains(k)).collect();
-            assert_eq!(some.fields.ok().unwrap(), kept, "{line}");
-            assert_eq!((some.line, some.whole), (1, 10..10 + line.trim_end().len()));
+    fn lines_are_cut_into_chunks_by_their_content_so_one_line_changed_changes_one_chunk() {
+        let lines: Vec<String> = (0..20_000).map(golden_line).collect();
+        let cut = |lines: &[String]| -> Vec<LineChunk> { line_chunks(lines.concat().as_bytes()).map(Result::unwrap).collect() };
+        let before = cut(&lines);
+        assert!((8..=60).contains(&before.len()), "about one line in a thousand cuts: {} chunks", before.len());
+        assert_eq!(before.iter().map(|c| c.bytes.clone()).collect::<Vec<_>>().concat(), lines.concat().into_bytes());
+        assert_eq!(before.iter().map(|c| c.ends.len()).sum::<usize>(), lines.len());
+        for pair in before.windows(2) {
+            assert_eq!((pair[1].first, pair[1].offset), (pair[0].first + pair[0].ends.len(), pair[0].offset + pair[0].bytes.len()));
         }
-        // Not read this way: the whole read says what is wrong.
-        for line in ["[1]", r#"{"id": "a"} x"#, r#"{"id": "a""#, "\"s\"", "  \n"] {
-            assert!(jsonl_record_only(0, 0, line, &only).is_none(), "{line}");
-        }
+        let mut after = lines.clone();
+        after[10_000] = golden_line(10_000).replace("row", "ROW");
+        after.insert(15_000, golden_line(99_999));
+        let bytes = |chunks: Vec<LineChunk>| chunks.into_iter().map(|c| c.bytes).collect::<std::collections::HashSet<_>>();
+        let (old, new) = (bytes(before), bytes(cut(&after)));
+        assert!(new.difference(&old).count() <= 4, "{} of {} chunks changed", new.difference(&old).count(), new.len());
+        // A line that never cuts: chunks of the most lines.
+        let never: Vec<String> = (0..).map(golden_line).filter(|l| !line_ends_chunk(l.as_bytes())).take(CHUNK_MOST_LINES + 3).collect();
+        assert_eq!(cut(&never).iter().map(|c| c.ends.len()).collect::<Vec<_>>(), [CHUNK_MOST_LINES, 3]);
+    }
+
+    /// 6,000 golden lines with what a reader can trip on: a byte-order mark, a blank line, a CRLF
+    /// line, a numeric id and a JSON label with a field no other line has.
+    fn awkward_lines() -> Vec<String> {
+        let mut lines: Vec<String> = (0..6000).map(golden_line).collect();
+        lines[0] = format!("\u{feff}{}", lines[0]);
+        lines[17] = "  \n".into();
+        lines[2500] = lines[2500].replace('\n', "\r\n");
+        lines[3000] = r#"{"id": 3000, "y": {"b": [1, 2.50]}, "z": null}"#.to_string() + "\n";
+        lines
+    }
+
+    #[test]
+    fn a_streamed_dataset_is_the_whole_one_with_or_without_kept_chunks() {
+        let mut lines = awkward_lines();
+        let stage = |heldout| DatasetStage { config: config(heldout), facts: no_facts() };
+        let input = |lines: &[String]| StageInput::new(Default::default(), [("d.jsonl".to_string(), Arc::from(lines.concat().into_bytes()))].into(), 7);
+        let whole = |lines: &[String], heldout| canonical_json(&stage(heldout).whole(lines.concat().as_bytes(), 7).ok().unwrap().to_json());
+        let store = tempfile::tempdir().unwrap();
+        let streamed = |lines: &[String], heldout, kept: bool| {
+            let input = if kept { input(lines).with_store(engine::Store::new(store.path())) } else { input(lines) };
+            engine::stream::streamed_output(&stage(heldout), &input).ok().unwrap()
+        };
+        assert_eq!(streamed(&lines, 0.3, false), whole(&lines, 0.3));
+        // Kept as read, then read back.
+        assert_eq!(streamed(&lines, 0.3, true), whole(&lines, 0.3));
+        let kept = input(&lines).with_store(engine::Store::new(store.path()));
+        let chunks: Vec<LineChunk> = line_chunks(lines.concat().as_bytes()).map(Result::unwrap).collect();
+        assert!(chunks.len() > 2 && chunks.iter().all(|c| kept.kept().get(&stage(0.3).chunk_key(c)).is_some()));
+        assert_eq!(streamed(&lines, 0.3, true), whole(&lines, 0.3));
+        // Lines changed, removed and added: the chunks kept before are read back, the split
+        // decided anew over the whole file.
+        lines[4000] = golden_line(4000).replace("row", "ROW");
+        lines.remove(5000);
+        lines.extend((7000..7500).map(golden_line));
+        assert_eq!(streamed(&lines, 0.3, true), whole(&lines, 0.3));
+        assert_eq!(streamed(&lines, 0.5, true), whole(&lines, 0.5));
+        // A duplicate id in a new line of an id in a chunk read back.
+        lines.push(golden_line(5));
+        let twice = engine::stream::streamed_output(&stage(0.3), &input(&lines).with_store(engine::Store::new(store.path())));
+        assert!(twice.err().unwrap().message.contains("duplicate id `r5`"));
+    }
+
+    #[test]
+    fn a_file_checked_a_chunk_at_a_time_has_the_facts_of_a_whole_check() {
+        let mut lines = awkward_lines();
+        let dir = tempfile::tempdir().unwrap();
+        let remembered = dir.path().join("d.chunks");
+        let (config, display) = (config(0.3), std::path::Path::new("data/d.jsonl"));
+        let whole = |lines: &[String]| check_text(display, lines.concat().into_bytes(), &config, display).ok().unwrap();
+        let chunked = |bytes: &[u8]| check_jsonl_by_chunks(bytes, &config, display, &remembered);
+        let facts = whole(&lines);
+        assert_eq!((facts.fields.len(), facts.labels_not_json, facts.labels_not_json_first.len()), (4, 5998, 5));
+        // Nothing remembered, then every chunk.
+        assert_eq!(chunked(lines.concat().as_bytes()), Some(facts.clone()));
+        assert!(read_chunk_checks(&remembered).is_some_and(|checks| checks.len() > 2));
+        assert_eq!(chunked(lines.concat().as_bytes()), Some(facts));
+        // Lines changed (the first references not JSON move), removed, added.
+        lines[1] = r#"{"id": "r1", "y": "\"quoted\"", "w": 1}"#.to_string() + "\n";
+        lines.remove(5000);
+        lines.extend((7000..7100).map(golden_line));
+        assert_eq!(chunked(lines.concat().as_bytes()), Some(whole(&lines)));
+        // A problem anywhere, in a chunk remembered or not: the whole check is what locates it.
+        let mut twice = lines.clone();
+        twice.push(golden_line(5));
+        assert_eq!(chunked(twice.concat().as_bytes()), None);
+        let mut broken = lines.clone();
+        broken[4500] = "{\"id\": \"x\"\n".into();
+        assert_eq!(chunked(broken.concat().as_bytes()), None);
+        let mut not_utf8 = lines.concat().into_bytes();
+        not_utf8[300_000] = 0xff;
+        assert_eq!(chunked(&not_utf8), None);
+        assert_eq!(chunked(b"\n\n"), None);
+        // A damaged record of them is not read.
+        let mut damaged = std::fs::read(&remembered).unwrap();
+        damaged[40] ^= 1;
+        std::fs::write(&remembered, damaged).unwrap();
+        assert!(read_chunk_checks(&remembered).is_none());
+        assert_eq!(chunked(lines.concat().as_bytes()), Some(whole(&lines)));
     }
 
     /// Samples (`id=label`) or located errors of a delimited file.
