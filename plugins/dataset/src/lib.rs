@@ -1107,6 +1107,17 @@ mod tests {
         let chunks: Vec<LineChunk> = line_chunks(lines.concat().as_bytes()).map(Result::unwrap).collect();
         assert!(chunks.len() > 2 && chunks.iter().all(|c| kept.kept().get(&stage(0.3).chunk_key(c)).is_some()));
         assert_eq!(streamed(&lines, 0.3, true), whole(&lines, 0.3));
+        // The samples written are the ones kept, not parsed again: a chunk's, kept changed, are
+        // what the output holds; put back, the output is the whole read's again.
+        let samples_at = samples_key(&stage(0.3).chunk_key(&chunks[0]));
+        let samples = kept.kept().get(&samples_at).unwrap();
+        let changed: Vec<Vec<u8>> = samples.iter().map(|s| String::from_utf8(s.clone()).unwrap().replace("row ", "kept row ").into_bytes()).collect();
+        kept.kept().put(&samples_at, &changed);
+        let out = String::from_utf8(streamed(&lines, 0.3, true)).unwrap();
+        assert_eq!(out.matches("kept row ").count(), samples.len());
+        assert_eq!(out.replace("kept row ", "row "), String::from_utf8(whole(&lines, 0.3)).unwrap());
+        kept.kept().put(&samples_at, &samples);
+        assert_eq!(streamed(&lines, 0.3, true), whole(&lines, 0.3));
         // Lines changed, removed and added: the chunks kept before are read back, the split
         // decided anew over the whole file.
         lines[4000] = golden_line(4000).replace("row", "ROW");
