@@ -104,11 +104,18 @@ pub(super) async fn run_stage(
     let mut done: Vec<(tokio::time::Instant, usize, Item, Value)> = Vec::new();
     // The stage's items share a compression dictionary in the store.
     let family = format!("{}/{}", pipeline.name, node.id);
+    // Many items are appended to the store's item log as they finish, and sorted into its item
+    // table once they are done ([`Store::log_items`]); a few go straight into the table.
+    let logged = pending.len() >= LOGGED_AT;
+    // A chunk of results whose items all run is kept whole as its last one is: the output is
+    // then written from chunks, not from a million lookups of one result each.
+    let mut assembling = (streams && node.stage.output_holds_results()).then(|| Assembling::new(&spans, &pending));
     let mut commit = |done: &mut Vec<(tokio::time::Instant, usize, Item, Value)>| -> Result<(), StoreError> {
         if done.is_empty() {
             return Ok(());
         }
-        let batch = ctx.store.put_items(&family, &done.iter().map(|(_, k, _, value)| (&keys[*k], value)).collect::<Vec<_>>());
+        let batch = done.iter().map(|(_, k, _, value)| (&keys[*k], value)).collect::<Vec<_>>();
+        let batch = if logged { ctx.store.log_items(&family, &batch) } else { ctx.store.put_items(&family, &batch) };
         for (_, k, item, value) in done.drain(..) {
             if let Err(e) = &batch {
                 // The commit failed (a full disk): each item that still fits is kept alone.
@@ -119,6 +126,9 @@ pub(super) async fn run_stage(
             }
             ran += 1;
             ctx.emit(Event::Item { iteration, stage: node.id.clone(), item: item.id });
+            if let Some(assembling) = assembling.as_mut() {
+                assembling.add(&ctx.store, &spans, k, &value);
+            }
             if !streams {
                 fresh.insert(k, value);
             }
@@ -182,8 +192,13 @@ pub(super) async fn run_stage(
             }
         }
     }
-    commit(&mut done)?;
+    let committed = commit(&mut done);
     drop(to_run);
+    if logged {
+        // Whatever ended the stage: its finished items are seen by lookups from now on.
+        ctx.store.settle_items()?;
+    }
+    committed?;
     if let Some(first) = failures.first() {
         let n = failures.len();
         return Err(StageFail::Error(if failed_in_a_row >= give_up_after {
@@ -241,6 +256,10 @@ pub(super) async fn run_stage(
 /// `COMMIT_WITHIN` for it.
 const COMMIT_AT_MOST: usize = 256;
 const COMMIT_WITHIN: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A stage with at least this many items to run logs them ([`Store::log_items`]): under it, what
+/// sorting the log in costs is more than what it saves.
+const LOGGED_AT: usize = 4096;
 
 /// How many of the items still to run are kept from the listing (beyond it, they are listed
 /// again as they run: a first run over a million samples holds none of them).
@@ -312,6 +331,64 @@ impl Listed {
         };
         self.groups[at].items += items;
         self.groups[at].cached_items += cached;
+    }
+}
+
+/// The chunks of results being assembled as their items finish (those whose items all run).
+struct Assembling {
+    /// By chunk: its results so far, by position in it (`None`: the chunk has a cached item).
+    chunks: HashMap<usize, (Vec<Option<Vec<u8>>>, usize)>,
+    /// Chunks whose items all run.
+    whole: Vec<bool>,
+    /// Bytes held in all.
+    held: usize,
+}
+
+/// Results held while their chunks are assembled: past this, what is held is let go (those
+/// chunks are read item by item when the output is written, as any other).
+const ASSEMBLING_BYTES: usize = 64 << 20;
+
+impl Assembling {
+    fn new(spans: &[Span], pending: &[usize]) -> Assembling {
+        let mut whole = Vec::with_capacity(spans.len());
+        let (mut start, mut p) = (0, 0);
+        for span in spans {
+            let from = p;
+            while p < pending.len() && pending[p] < span.end {
+                p += 1;
+            }
+            whole.push(p - from == span.end - start);
+            start = span.end;
+        }
+        Assembling { chunks: HashMap::new(), whole, held: 0 }
+    }
+
+    /// The result of item `k`, committed; the chunk it completes is kept.
+    fn add(&mut self, store: &Store, spans: &[Span], k: usize, value: &Value) {
+        let at = spans.partition_point(|span| span.end <= k);
+        if !self.whole.get(at).copied().unwrap_or(false) {
+            return;
+        }
+        let start = if at == 0 { 0 } else { spans[at - 1].end };
+        let bytes = crate::hash::canonical_json(value);
+        self.held += bytes.len();
+        let (results, filled) = self.chunks.entry(at).or_insert_with(|| (vec![None; spans[at].end - start], 0));
+        if results[k - start].replace(bytes).is_none() {
+            *filled += 1;
+        }
+        if *filled == results.len() {
+            let (results, _) = self.chunks.remove(&at).expect("present");
+            let results: Vec<Vec<u8>> = results.into_iter().flatten().collect();
+            self.held -= results.iter().map(Vec::len).sum::<usize>();
+            // Only saves reading them one by one: not kept, they still are.
+            if let Err(e) = store.put_chunk(&spans[at].results, &results) {
+                tracing::debug!("a chunk of {} results could not be kept whole: {e}", results.len());
+            }
+        } else if self.held > ASSEMBLING_BYTES {
+            self.chunks.clear();
+            self.held = 0;
+            self.whole.fill(false);
+        }
     }
 }
 
