@@ -336,7 +336,7 @@ impl Listed {
 
 /// The chunks of results being assembled as their items finish (those whose items all run).
 struct Assembling {
-    /// By chunk: its results so far, by position in it (`None`: the chunk has a cached item).
+    /// By chunk: its results so far, by position in it (`None`: not finished yet), and how many.
     chunks: HashMap<usize, (Vec<Option<Vec<u8>>>, usize)>,
     /// Chunks whose items all run.
     whole: Vec<bool>,
@@ -373,8 +373,9 @@ impl Assembling {
         let bytes = crate::hash::canonical_json(value);
         self.held += bytes.len();
         let (results, filled) = self.chunks.entry(at).or_insert_with(|| (vec![None; spans[at].end - start], 0));
-        if results[k - start].replace(bytes).is_none() {
-            *filled += 1;
+        match results[k - start].replace(bytes) {
+            None => *filled += 1,
+            Some(before) => self.held -= before.len(),
         }
         if *filled == results.len() {
             let (results, _) = self.chunks.remove(&at).expect("present");
