@@ -217,6 +217,19 @@ fn open_log(path: &Path) -> Result<rusqlite::Connection, rusqlite::Error> {
     Ok(db)
 }
 
+/// Writes encoded item rows (key, digest, stored bytes) with `insert`, then commits: all of them,
+/// or none if a kill comes first.
+fn commit_rows(tx: rusqlite::Transaction, insert: &str, rows: &[(Digest, Digest, Vec<u8>)], path: &Path) -> Result<(), StoreError> {
+    for (key, digest, bytes) in rows {
+        tx.prepare_cached(insert).and_then(|mut s| s.execute((&key.0[..], &digest.0[..], &bytes[..]))).map_err(db_err(path))?;
+    }
+    if crash_test::at_this_write() {
+        // Written to the log, not committed, then die: what a kill mid-transaction leaves.
+        std::process::abort();
+    }
+    tx.commit().map_err(db_err(path))
+}
+
 /// Exclusive use of a store, released on drop.
 pub struct StoreLock {
     file: File,
@@ -525,16 +538,7 @@ impl Store {
         self.with_items(true, |db| {
             let tx = db.unchecked_transaction().map_err(db_err(&path))?;
             let (rows, new_dict) = self.encode_items(&tx, family, items)?;
-            for (key, digest, bytes) in &rows {
-                tx.prepare_cached("INSERT OR REPLACE INTO items (key, digest, value) VALUES (?1, ?2, ?3)")
-                    .and_then(|mut s| s.execute((&key.0[..], &digest.0[..], &bytes[..])))
-                    .map_err(db_err(&path))?;
-            }
-            if crash_test::at_this_write() {
-                // Written to the log, not committed, then die: what a kill mid-transaction leaves.
-                std::process::abort();
-            }
-            tx.commit().map_err(db_err(&path))?;
+            commit_rows(tx, "INSERT OR REPLACE INTO items (key, digest, value) VALUES (?1, ?2, ?3)", &rows, &path)?;
             if let Some(id) = new_dict {
                 self.dicts.stored(family, id);
             }
@@ -604,15 +608,7 @@ impl Store {
         }
         let db = log.as_ref().expect("opened");
         let tx = db.unchecked_transaction().map_err(db_err(&path))?;
-        for (key, digest, bytes) in &rows {
-            tx.prepare_cached("INSERT INTO log (key, digest, value) VALUES (?1, ?2, ?3)")
-                .and_then(|mut s| s.execute((&key.0[..], &digest.0[..], &bytes[..])))
-                .map_err(db_err(&path))?;
-        }
-        if crash_test::at_this_write() {
-            std::process::abort();
-        }
-        tx.commit().map_err(db_err(&path))
+        commit_rows(tx, "INSERT INTO log (key, digest, value) VALUES (?1, ?2, ?3)", &rows, &path)
     }
 
     /// Sorts the items in the log ([`Store::log_items`]) into the item table in one transaction,
