@@ -61,9 +61,7 @@ impl Files {
                 let failed = |source| RunError::File { path: written.clone(), source };
                 let large = std::fs::metadata(resolved).map_err(failed)?.len() > HELD_FILE_BYTES;
                 let (digest, bytes) = if large {
-                    let mut hasher = blake3::Hasher::new();
-                    hasher.update_reader(std::fs::File::open(resolved).map_err(failed)?).map_err(failed)?;
-                    (Digest(*hasher.finalize().as_bytes()), None)
+                    (Digest::of_file(resolved).map_err(failed)?, None)
                 } else {
                     let bytes = std::fs::read(resolved).map_err(failed)?;
                     (Digest::of_bytes(&bytes), Some(Arc::from(bytes)))

@@ -25,6 +25,32 @@ impl Digest {
         Digest::of_json(&serde_json::to_value(value).expect("fingerprint types serialize to JSON"))
     }
 
+    /// A file's digest, hashed as it is read (a large file is never held). Within one process a
+    /// large file (8 MiB and more) is hashed once while it is unchanged: the build's checks and
+    /// the run both ask, and a million-line dataset costs a tenth of a second each time. Unchanged means the same inode,
+    /// size, modification and change times (nanoseconds) as when it was hashed, seen before and
+    /// after the hashing. Times are stamped by a clock that ticks every few milliseconds, so a
+    /// write within a tick of the hashing, of the same length, may go unseen here: what reads the
+    /// file against this digest (a stage's `file_reader`, a remembered check) verifies it, so such
+    /// a file is found changed there, never taken for the one hashed.
+    pub fn of_file(path: &std::path::Path) -> std::io::Result<Digest> {
+        static HASHED: std::sync::Mutex<Vec<(FileStamp, Digest)>> = std::sync::Mutex::new(Vec::new());
+        let file = std::fs::File::open(path)?;
+        let before = FileStamp::of(&file.metadata()?).filter(|stamp| stamp.len >= 8 << 20);
+        if let Some((_, d)) = HASHED.lock().expect("not poisoned").iter().find(|(stamp, _)| Some(stamp) == before.as_ref()) {
+            return Ok(*d);
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(&file)?;
+        let digest = Digest(*hasher.finalize().as_bytes());
+        if let Some(stamp) = before.filter(|before| file.metadata().ok().and_then(|m| FileStamp::of(&m)).as_ref() == Some(before)) {
+            let mut hashed = HASHED.lock().expect("not poisoned");
+            hashed.retain(|(s, _)| (s.dev, s.ino) != (stamp.dev, stamp.ino));
+            hashed.push((stamp, digest));
+        }
+        Ok(digest)
+    }
+
     pub fn hex(&self) -> String {
         let mut s = String::with_capacity(64);
         for b in self.0 {
@@ -48,6 +74,35 @@ impl fmt::Display for Digest {
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Digest({})", self.short())
+    }
+}
+
+/// What [`Digest::of_file`] takes to mean a file is unchanged (`None` where it cannot tell).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl FileStamp {
+    #[cfg(unix)]
+    fn of(meta: &std::fs::Metadata) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        meta.is_file().then(|| FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            modified: (meta.mtime(), meta.mtime_nsec()),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn of(_: &std::fs::Metadata) -> Option<FileStamp> {
+        None
     }
 }
 
@@ -133,6 +188,29 @@ mod tests {
             r#"{"a":[true,null,1.5,"x"],"b":1,"c":{"y":2,"z":1}}"#
         );
         assert_eq!(Digest::of_json(&a).hex(), "efbe695fa0023069284a6476e04e24520f8429b71522442fc94955e7d5061011");
+    }
+
+    #[test]
+    fn a_file_changed_is_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        // Large files are remembered: these are, as far as the digests tell.
+        let large = |text: &[u8]| [text, &vec![b' '; 8 << 20][..]].concat();
+        let (one, two, three, six) = (large(b"one"), large(b"two"), large(b"three"), large(b"six"));
+        std::fs::write(&path, &one).unwrap();
+        assert_eq!(Digest::of_file(&path).unwrap(), Digest::of_bytes(&one));
+        assert_eq!(Digest::of_file(&path).unwrap(), Digest::of_bytes(&one));
+        // The same length: its times tell it apart (set here, as the clock files are stamped by
+        // may not have ticked since the first write).
+        std::fs::write(&path, &two).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(std::time::UNIX_EPOCH).unwrap();
+        assert_eq!(Digest::of_file(&path).unwrap(), Digest::of_bytes(&two));
+        std::fs::write(&path, &three).unwrap();
+        assert_eq!(Digest::of_file(&path).unwrap(), Digest::of_bytes(&three));
+        std::fs::rename(dir.path().join("data"), dir.path().join("moved")).unwrap();
+        std::fs::write(&path, &six).unwrap();
+        assert_eq!(Digest::of_file(&path).unwrap(), Digest::of_bytes(&six));
+        assert_eq!(Digest::of_file(&dir.path().join("moved")).unwrap(), Digest::of_bytes(&three));
     }
 
     #[test]

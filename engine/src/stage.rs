@@ -391,6 +391,32 @@ impl StageInput {
         self.large_files.get(&file.path).ok_or_else(|| StageError::new(format!("file `{}` was not declared", file.path)))?.reader()
     }
 
+    /// The digest of a declared file's bytes, as the run read them when it started (what a
+    /// large one's [`Self::file_reader`] verifies); `None` if it was not declared.
+    pub fn file_digest(&self, file: &FileRef) -> Option<crate::Digest> {
+        match self.files.get(&file.path) {
+            Some(bytes) => Some(crate::Digest::of_bytes(bytes)),
+            None => self.large_files.get(&file.path).map(|lazy| lazy.digest),
+        }
+    }
+
+    /// `len` bytes of a declared file from `offset`, read where they are, not verified: for a
+    /// stage that knows what they must be (a digest of its own of that part, taken from bytes
+    /// that were) and checks them itself.
+    pub fn file_range(&self, file: &FileRef, offset: u64, len: usize) -> Result<Vec<u8>, StageError> {
+        let short = || StageError::new(format!("file `{}` is shorter than when the pipeline started; run it again", file.path));
+        if let Some(bytes) = self.files.get(&file.path) {
+            let start = usize::try_from(offset).map_err(|_| short())?;
+            return bytes.get(start..start.checked_add(len).ok_or_else(short)?).map(<[u8]>::to_vec).ok_or_else(short);
+        }
+        let lazy = self.large_files.get(&file.path).ok_or_else(|| StageError::new(format!("file `{}` was not declared", file.path)))?;
+        let unreadable = |e: std::io::Error| StageError::new(format!("cannot read {}: {e}", lazy.what));
+        let mut bytes = vec![0; len];
+        let opened = std::fs::File::open(&lazy.path).map_err(unreadable)?;
+        std::os::unix::fs::FileExt::read_exact_at(&opened, &mut bytes, offset).map_err(|e| if e.kind() == std::io::ErrorKind::UnexpectedEof { short() } else { unreadable(e) })?;
+        Ok(bytes)
+    }
+
     pub fn file(&self, file: &FileRef) -> Result<&[u8], StageError> {
         if let Some(bytes) = self.files.get(&file.path) {
             return Ok(bytes);
@@ -520,34 +546,49 @@ impl BuildContext<'_> {
         &mut self,
         file: &FileRef,
         on: &impl Serialize,
-        check: impl FnOnce(&Path, Vec<u8>) -> Result<T, Vec<Diagnostic>>,
+        check: impl FnOnce(&Path, &[u8]) -> Result<T, Vec<Diagnostic>>,
     ) -> Result<T, Vec<Diagnostic>> {
+        self.checked_bytes(file, on, check).map(|(found, _)| found)
+    }
+
+    /// As [`Self::checked`], with the digest of the bytes `check` was given, when it ran on
+    /// bytes that are the file's (not when the file changed while it was read): what `check`
+    /// noted of their parts meanwhile is known to be of the file with that digest.
+    pub fn checked_bytes<T: Serialize + DeserializeOwned>(
+        &mut self,
+        file: &FileRef,
+        on: &impl Serialize,
+        check: impl FnOnce(&Path, &[u8]) -> Result<T, Vec<Diagnostic>>,
+    ) -> Result<(T, Option<crate::Digest>), Vec<Diagnostic>> {
         let path = self.file(file).map_err(|d| vec![d])?;
         let unreadable = |e: std::io::Error| vec![self.error_at(file.span.clone(), format!("cannot read `{}`: {e}", self.display_path(file).display()), "this file")];
         // Hashed as it is read: a remembered check of a large file never holds it.
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(std::fs::File::open(&path).map_err(unreadable)?).map_err(unreadable)?;
+        let digest = crate::Digest::of_file(&path).map_err(unreadable)?;
         let key = crate::Digest::of_json(&serde_json::json!({
             "build": crate::cache::build_identity(),
             "on": serde_json::to_value(on).expect("check settings serialize"),
-            "file": crate::Digest(*hasher.finalize().as_bytes()).hex(),
+            "file": digest.hex(),
         }));
         let remembered = crate::cache::dir("checks").join(key.hex());
         if let Some(found) = std::fs::read(&remembered).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
-            return Ok(found);
+            return Ok((found, None));
         }
         let bytes = std::fs::read(&path).map_err(unreadable)?;
-        let same = crate::Digest::of_bytes(&bytes) == crate::Digest(*hasher.finalize().as_bytes());
-        let found = check(&path, bytes)?;
-        if !same {
+        // The bytes checked are hashed while they are, on another core.
+        let (found, read) = std::thread::scope(|s| {
+            let hashing = s.spawn(|| crate::Digest::of_bytes(&bytes));
+            (check(&path, &bytes), hashing.join().expect("hashing does not panic"))
+        });
+        let found = found?;
+        if read != digest {
             // Changed between the hashing and the reading: checked, but not remembered.
-            return Ok(found);
+            return Ok((found, None));
         }
         // Only a cache: a write that fails costs the next validation a parse, nothing more.
         if let Err(e) = crate::atomic::write(&remembered, &serde_json::to_vec(&found).expect("check results serialize")) {
             tracing::debug!("could not remember a passed check in {}: {e}", remembered.display());
         }
-        Ok(found)
+        Ok((found, Some(digest)))
     }
 
     /// How to show a referenced file's path to the user (relative to where they are).
@@ -592,7 +633,7 @@ mod tests {
         let lines = |cx: &mut BuildContext, on: &str| -> Result<usize, Vec<Diagnostic>> {
             cx.checked(&file, &on, |_, bytes| {
                 runs.set(runs.get() + 1);
-                let text = String::from_utf8(bytes).unwrap();
+                let text = std::str::from_utf8(bytes).unwrap();
                 if text.contains("bad") { Err(vec![Diagnostic::error("a bad line")]) } else { Ok(text.lines().count()) }
             })
         };

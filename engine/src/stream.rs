@@ -170,43 +170,118 @@ impl Lazy {
 }
 
 impl Lazy {
-    /// The file read from its start, verified when read to its end.
+    /// The file read from its start, verified when read to its end (read and hashed ahead of
+    /// the caller, on a thread of its own: [`ReadAhead`]).
     pub(crate) fn reader(&self) -> Result<Box<dyn Read + Send + '_>, StageError> {
         let file = File::open(&self.path).map_err(|e| StageError::new(format!("cannot read {}: {e}", self.what)))?;
-        Ok(Box::new(Verifying { inner: HashingReader { inner: file, hasher: blake3::Hasher::new() }, lazy: self, done: false }))
+        Ok(Box::new(ReadAhead::new(Verifying::new(file, self.digest, format!("{} changed while the pipeline ran; run it again", self.what)))))
     }
 }
 
-/// A reader that hashes what it reads.
-struct HashingReader<R> {
+/// A reader that hashes what it reads and, at its end, fails (`InvalidData`, with `failure`)
+/// unless it read the bytes digested: what was read before then is the caller's to discard.
+struct Verifying<R> {
     inner: R,
     hasher: blake3::Hasher,
+    digest: Digest,
+    failure: String,
+    done: bool,
 }
 
-impl<R: Read> Read for HashingReader<R> {
+impl<R: Read> Verifying<R> {
+    fn new(inner: R, digest: Digest, failure: String) -> Self {
+        Verifying { inner, hasher: blake3::Hasher::new(), digest, failure, done: false }
+    }
+}
+
+impl<R: Read> Read for Verifying<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
+        if n == 0 && !buf.is_empty() && !self.done {
+            if Digest(*self.hasher.finalize().as_bytes()) != self.digest {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, self.failure.clone()));
+            }
+            self.done = true;
+        }
         Ok(n)
     }
 }
 
-/// A reader that hashes what it reads and, at the end, fails unless it read the bytes digested.
-struct Verifying<'a, R> {
-    inner: HashingReader<R>,
-    lazy: &'a Lazy,
-    done: bool,
+/// A reader whose source is read on a thread of its own, a few blocks ahead: reading, unpacking
+/// and hashing a large artifact take the second core while the caller parses what came before.
+/// The source's end and its errors reach the caller in order, after every byte read before
+/// them; an error stays (each read after it fails again). Dropped early, it stops the thread at
+/// its next block.
+pub(crate) struct ReadAhead {
+    blocks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    block: Vec<u8>,
+    at: usize,
+    /// The end, or the error that ended the source (its kind and message).
+    ended: Option<Option<(io::ErrorKind, String)>>,
 }
 
-impl<R: Read> Read for Verifying<'_, R> {
+impl ReadAhead {
+    const BLOCK: usize = 1 << 18;
+
+    pub(crate) fn new(mut source: impl Read + Send + 'static) -> ReadAhead {
+        let (send, blocks) = std::sync::mpsc::sync_channel(4);
+        std::thread::Builder::new()
+            .name("read-ahead".into())
+            .spawn(move || {
+                loop {
+                    let mut block = vec![0; Self::BLOCK];
+                    let mut filled = 0;
+                    let read = loop {
+                        match source.read(&mut block[filled..]) {
+                            Ok(0) => break Ok(()),
+                            Ok(n) => {
+                                filled += n;
+                                if filled == block.len() {
+                                    break Ok(());
+                                }
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    block.truncate(filled);
+                    // An empty block is the end: sent only once the source said so.
+                    let last = read.is_err() || filled == 0;
+                    let sent = match read {
+                        Ok(()) => send.send(Ok(block)),
+                        Err(e) if filled == 0 => send.send(Err(e)),
+                        Err(e) => send.send(Ok(block)).and_then(|()| send.send(Err(e))),
+                    };
+                    if last || sent.is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("a thread can be started");
+        ReadAhead { blocks, block: Vec::new(), at: 0, ended: None }
+    }
+}
+
+impl Read for ReadAhead {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n == 0 && !buf.is_empty() && !self.done {
-            self.done = true;
-            if Digest(*self.inner.hasher.finalize().as_bytes()) != self.lazy.digest {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} changed while the pipeline ran; run it again", self.lazy.what)));
+        while self.at == self.block.len() {
+            if let Some(ended) = &self.ended {
+                return match ended {
+                    None => Ok(0),
+                    Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
+                };
+            }
+            match self.blocks.recv() {
+                Ok(Ok(block)) if block.is_empty() => self.ended = Some(None),
+                Ok(Ok(block)) => (self.block, self.at) = (block, 0),
+                Ok(Err(e)) => self.ended = Some(Some((e.kind(), e.to_string()))),
+                Err(_) => self.ended = Some(Some((io::ErrorKind::BrokenPipe, "the read-ahead thread ended early".into()))),
             }
         }
+        let n = buf.len().min(self.block.len() - self.at);
+        buf[..n].copy_from_slice(&self.block[self.at..self.at + n]);
+        self.at += n;
         Ok(n)
     }
 }
@@ -246,8 +321,9 @@ impl StoredInput {
     /// last block is written only once the whole has been checked, so a damaged artifact never
     /// reaches `out` whole (its JSON ends short, and this fails).
     pub(crate) fn copy_to(&self, port: &str, out: &mut dyn Write) -> Result<(), StageError> {
+        // Read here, not ahead: the program reading `out` has the other core.
         let file = crate::store::open_object(&self.path).map_err(|e| self.missing(port, e))?;
-        let mut reader = HashingReader { inner: file, hasher: blake3::Hasher::new() };
+        let mut reader = Verifying::new(file, self.digest, String::new());
         let failed = |e: io::Error| StageError::new(format!("writing input `{port}`: {e}"));
         let (mut held, mut block) = (Vec::with_capacity(1 << 16), vec![0; 1 << 16]);
         loop {
@@ -257,16 +333,21 @@ impl StoredInput {
                 Err(_) => return Err(self.damaged(port)),
             };
             if n == 0 {
+                // The end, reached only once the whole was found to match the digest.
                 break;
             }
             out.write_all(&held).map_err(failed)?;
             held.clear();
             held.extend_from_slice(&block[..n]);
         }
-        if Digest(*reader.hasher.finalize().as_bytes()) != self.digest {
-            return Err(self.damaged(port));
-        }
         out.write_all(&held).map_err(failed)
+    }
+
+    /// The artifact read ahead ([`ReadAhead`]), unpacked and verified: its end is an error
+    /// unless the whole matched the digest.
+    fn read_ahead(&self, port: &str) -> Result<ReadAhead, StageError> {
+        let file = crate::store::open_object(&self.path).map_err(|e| self.missing(port, e))?;
+        Ok(ReadAhead::new(Verifying::new(file, self.digest, self.damaged(port).message)))
     }
 
     /// Checks the file against the digest, reading it through once.
@@ -288,13 +369,11 @@ impl StoredInput {
         if let Some(Ok(value)) = self.value.get() {
             return each_element_in_value(value, port, key, f);
         }
-        let file = crate::store::open_object(&self.path).map_err(|e| self.missing(port, e))?;
-        let mut reader = HashingReader { inner: file, hasher: blake3::Hasher::new() };
+        let mut reader = self.read_ahead(port)?;
         let scanned = each_in_canonical(&mut reader, port, key, f);
-        // What follows the list is hashed too; a damaged file is reported as such, whatever
-        // else its scan found.
-        let rest = io::copy(&mut reader, &mut io::sink());
-        if rest.is_err() || Digest(*reader.hasher.finalize().as_bytes()) != self.digest {
+        // What follows the list is read (and hashed) too; a damaged file is reported as such,
+        // whatever else its scan found.
+        if io::copy(&mut reader, &mut io::sink()).is_err() {
             return Err(self.damaged(port));
         }
         scanned
@@ -505,6 +584,31 @@ mod tests {
     use super::*;
     use crate::hash::canonical_json;
     use serde_json::json;
+
+    #[test]
+    fn read_ahead_gives_every_byte_then_the_end_or_the_error_that_stays() {
+        let bytes: Vec<u8> = (0..ReadAhead::BLOCK * 3 + 17).map(|i| (i % 251) as u8).collect();
+        let mut whole = Vec::new();
+        ReadAhead::new(io::Cursor::new(bytes.clone())).read_to_end(&mut whole).unwrap();
+        assert_eq!(whole, bytes);
+        // Verified: the bytes digested end; others fail at their end, after every byte.
+        let digest = Digest::of_bytes(&bytes);
+        let verified = |data: Vec<u8>| ReadAhead::new(Verifying::new(io::Cursor::new(data), digest, "damaged".into()));
+        assert!(verified(bytes.clone()).read_to_end(&mut Vec::new()).is_ok());
+        let mut damaged = bytes.clone();
+        damaged[ReadAhead::BLOCK + 5] ^= 1;
+        let (mut reader, mut got) = (verified(damaged.clone()), vec![0; damaged.len()]);
+        reader.read_exact(&mut got).unwrap();
+        assert_eq!(got, damaged);
+        for _ in 0..2 {
+            let e = reader.read(&mut [0; 8]).unwrap_err();
+            assert_eq!((e.kind(), e.to_string()), (io::ErrorKind::InvalidData, "damaged".to_string()));
+        }
+        // Dropped before its end: its thread stops (the test ends).
+        let mut early = ReadAhead::new(io::repeat(7));
+        early.read_exact(&mut [0; 100]).unwrap();
+        drop(early);
+    }
 
     /// The elements of `value`'s `samples`, as a scan of its canonical JSON finds them.
     fn scanned(value: &Value) -> Value {

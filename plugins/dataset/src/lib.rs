@@ -130,23 +130,27 @@ impl StagePlugin for Dataset {
         // locations; a file that passed is not parsed again until it changes.
         let display = cx.display_path(&config.path);
         let on = serde_json::json!({"kind": Dataset::KIND, "config": &config, "display": display});
-        let facts = cx.checked(&config.path.clone(), &on, |path, bytes| {
+        // The chunks of lines a check cut the file into, when it ran now.
+        let mut listed = None;
+        let (facts, digest) = cx.checked_bytes(&config.path.clone(), &on, |path, bytes| {
             if config.format().is_table() {
                 let display = display.display().to_string();
-                let samples = table_samples(&bytes, &config).map_err(|errors| errors.into_iter().map(|e| e.at_row(&display)).collect::<Vec<_>>())?;
+                let samples = table_samples(bytes, &config).map_err(|errors| errors.into_iter().map(|e| e.at_row(&display)).collect::<Vec<_>>())?;
                 let fields = samples.iter().flat_map(|s| s.fields.keys().cloned()).collect();
                 let labels_not_json = samples.iter().filter(|s| s.label.as_deref().is_some_and(|l| serde_json::from_str::<Value>(l).is_err())).count();
                 return Ok(DatasetFacts { fields, labels_not_json, labels_not_json_first: Vec::new() });
             }
             if config.format() == Format::Jsonl {
                 let remembered = engine::cache::dir("checks").join(format!("{}.chunks", engine::Digest::of_json(&serde_json::json!({"build": engine::cache::build_identity(), "on": &on})).hex()));
-                if let Some(facts) = check_jsonl_by_chunks(&bytes, &config, &display, &remembered) {
+                if let Some((facts, chunks)) = check_jsonl_by_chunks(bytes, &config, &display, &remembered) {
+                    listed = Some(chunks);
                     return Ok(facts);
                 }
             }
-            check_text(path, bytes, &config, &display)
+            check_text(path, bytes.to_vec(), &config, &display)
         })?;
-        Ok(Arc::new(DatasetStage { config, facts }))
+        let checked = listed.zip(digest).map(|(chunks, file)| CheckedChunks { file, chunks });
+        Ok(Arc::new(DatasetStage { config, facts, checked }))
     }
 }
 
@@ -225,23 +229,24 @@ struct ChunkCheck {
 /// chunk that passed the last check of this file under these settings (by this build, in the
 /// file `remembered`) gives its ids and facts without a parse, so a file that grew by a line
 /// costs the parse of one chunk. `None` when a line has a problem (not UTF-8, not a sample, an id
-/// seen before): the whole file's check then locates every problem.
-fn check_jsonl_by_chunks(bytes: &[u8], config: &DatasetConfig, display: &std::path::Path, remembered: &std::path::Path) -> Option<DatasetFacts> {
+/// seen before): the whole file's check then locates every problem. With the facts, where each
+/// chunk is.
+fn check_jsonl_by_chunks(bytes: &[u8], config: &DatasetConfig, display: &std::path::Path, remembered: &std::path::Path) -> Option<(DatasetFacts, Vec<ChunkAt>)> {
     let mut before = read_chunk_checks(remembered).unwrap_or_default();
     let mut facts = no_facts();
-    // Every id, sorted at the end to find one given twice (a million in 16 MB).
-    let (mut ids, mut now) = (Vec::new(), Vec::new());
+    // Every id, sorted at the end to find one given twice (their first 64 bits: a million in 8 MB).
+    let (mut ids, mut now, mut at) = (Vec::new(), Vec::new(), Vec::new());
     for chunk in line_chunks(bytes) {
         let chunk = chunk.ok()?;
-        let mut h = blake3::Hasher::new();
-        h.update(&[u8::from(chunk.first == 0)]);
-        h.update(&chunk.bytes);
-        let key = *h.finalize().as_bytes();
+        let key = lines_key(&chunk);
+        at.push(ChunkAt { first: chunk.first, offset: chunk.offset, len: chunk.bytes.len(), key });
         let check = match before.remove(&key) {
             Some(check) => check,
             None => check_chunk(&chunk, config, display)?,
         };
-        ids.extend(check.ids.as_chunks::<16>().0.iter().map(|id| u128::from_le_bytes(*id)));
+        // An id's first 64 bits: two alike (an id twice, or by a chance near 3 in 10^8 at a
+        // million) send the file to the whole check, which tells which.
+        ids.extend(check.ids.as_chunks::<16>().0.iter().map(|id| u64::from_le_bytes(id[..8].try_into().expect("8 bytes"))));
         facts.fields.extend(check.facts.fields.iter().cloned());
         facts.labels_not_json += check.facts.labels_not_json;
         for mut located in check.facts.labels_not_json_first.iter().cloned() {
@@ -263,7 +268,35 @@ fn check_jsonl_by_chunks(bytes: &[u8], config: &DatasetConfig, display: &std::pa
     if let Err(e) = engine::atomic::write_staged(remembered, staging, |file| write_chunk_checks(&now, &mut std::io::BufWriter::new(file))) {
         tracing::debug!("could not remember the chunks checked in {}: {e}", remembered.display());
     }
-    Some(facts)
+    Some((facts, at))
+}
+
+/// A chunk of lines by its content (the bytes, and whether they start the file: a byte-order
+/// mark is read past there only): what the build's check remembers it by, and what the stage's
+/// key for what it keeps of the chunk is made from.
+fn lines_key(chunk: &LineChunk) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&[u8::from(chunk.first == 0)]);
+    h.update(&chunk.bytes);
+    *h.finalize().as_bytes()
+}
+
+/// Where a chunk of lines is in its file: its first line (0-based), its bytes, its
+/// [`lines_key`].
+#[derive(Clone, Copy)]
+struct ChunkAt {
+    first: usize,
+    offset: usize,
+    len: usize,
+    key: [u8; 32],
+}
+
+/// The chunks of lines the build's check cut a JSON lines file into, and the file's digest: a
+/// run of the stage on that file reads back what it kept of each chunk by its key without
+/// reading the file, and reads only a chunk it kept nothing of (checked against its key).
+struct CheckedChunks {
+    file: engine::Digest,
+    chunks: Vec<ChunkAt>,
 }
 
 /// One chunk's lines checked as the whole file's check checks them, or `None` at a problem.
@@ -340,6 +373,8 @@ struct DatasetStage {
     /// Every field name some sample has, and the references that do not parse as JSON (how
     /// many, the first few): found at build time.
     facts: DatasetFacts,
+    /// When the build's check read the file (it changed since one passed): its chunks.
+    checked: Option<CheckedChunks>,
 }
 
 /// Why a sample's located reference (label) is not JSON, for a judge that reads it as JSON.
@@ -385,24 +420,47 @@ impl Stage for DatasetStage {
         // samples' ids and strata without a parse. Each sample's line, stratum and place in its
         // stratum's order; each chunk's key and number of samples.
         let kept_before = input.kept();
-        let mut kept: Vec<(usize, u32, [u8; 32])> = Vec::new();
+        let mut kept: Vec<(usize, u32, u128)> = Vec::new();
         let mut chunks: Vec<(engine::Digest, usize)> = Vec::new();
         let mut strata = Strata::default();
         let mut errors = Vec::new();
         let mut read_back = 0;
-        let reader = std::io::BufReader::with_capacity(1 << 16, input.file_reader(&self.config.path)?);
-        for chunk in line_chunks(reader) {
-            let chunk = chunk.map_err(unreadable)?;
-            let key = self.chunk_key(&chunk);
+        // The chunks the build's check found, if it read this file; else the file, read through.
+        let listed = self.checked.as_ref().filter(|checked| input.file_digest(&self.config.path) == Some(checked.file));
+        let mut listed = listed.map(|checked| checked.chunks.iter());
+        let mut read = match listed {
+            Some(_) => None,
+            None => Some(line_chunks(std::io::BufReader::with_capacity(1 << 16, input.file_reader(&self.config.path)?))),
+        };
+        loop {
+            let (at, chunk) = match (&mut listed, &mut read) {
+                (Some(chunks), _) => match chunks.next() {
+                    Some(at) => (*at, None),
+                    None => break,
+                },
+                (None, Some(chunks)) => match chunks.next() {
+                    Some(chunk) => {
+                        let chunk = chunk.map_err(unreadable)?;
+                        (ChunkAt { first: chunk.first, offset: chunk.offset, len: chunk.bytes.len(), key: lines_key(&chunk) }, Some(chunk))
+                    }
+                    None => break,
+                },
+                (None, None) => unreachable!("one or the other"),
+            };
+            let key = self.chunk_key(&at.key, input.seed);
             let before = kept.len();
             let records_before = kept_before.get(&key);
             let from_before = records_before.as_ref().and_then(|records| records.iter().map(|r| KeptLine::read(r)).collect::<Option<Vec<_>>>());
             if let Some(lines) = from_before {
                 read_back += 1;
                 for line in lines {
-                    kept.push((chunk.first + line.index as usize + 1, strata.index(line.stratum), split_order(input.seed, line.id)));
+                    kept.push((at.first + line.index as usize + 1, strata.index(line.stratum), line.order));
                 }
             } else {
+                let chunk = match chunk {
+                    Some(chunk) => chunk,
+                    None => self.read_chunk(input, &at)?,
+                };
                 let (mut records, mut samples) = (Vec::new(), Vec::new());
                 let errors_before = errors.len();
                 // Ids twice within the chunk are found here, located; across chunks, below.
@@ -415,8 +473,9 @@ impl Stage for DatasetStage {
                     match sample_of(record.line, record.whole, record.fields, &self.config, None, "line", &mut seen) {
                         Ok(s) => {
                             let stratum = stratum_of(&s, &self.config);
-                            kept.push((n + 1, strata.index(stratum.as_deref()), split_order(input.seed, &s.id)));
-                            records.push(KeptLine::write(index as u32, stratum.as_deref(), &s.id));
+                            let order = order_prefix(input.seed, &s.id);
+                            kept.push((n + 1, strata.index(stratum.as_deref()), order));
+                            records.push(KeptLine::write(index as u32, stratum.as_deref(), order));
                             samples.push(kept_sample(s)?);
                         }
                         Err(e) => errors.push(e),
@@ -440,30 +499,31 @@ impl Stage for DatasetStage {
             self.whole(input.file(&self.config.path)?, input.seed)?;
             return Err(StageError::new(format!("{}: {} ({} problem(s) in all)", self.config.path.path, first.message, errors.len())));
         }
-        // An id given twice has one order twice: sorted by their first 128 bits, two alike are
-        // (but for a chance near 10^-27) an id given twice, which the whole read locates.
-        let mut orders: Vec<u128> = kept.iter().map(|(_, _, order)| u128::from_le_bytes(order[..16].try_into().expect("16 bytes"))).collect();
+        // An id given twice has one order twice: sorted by their first 64 bits, two alike are an
+        // id given twice, which the whole read locates, or (a chance near 3 in 10^8 at a million
+        // samples) two orders that only start alike, which the whole read splits as well. Past
+        // here, the orders' first 128 bits are distinct, so they order the samples as the whole.
+        let mut orders: Vec<u64> = kept.iter().map(|(_, _, order)| (order >> 64) as u64).collect();
         orders.sort_unstable();
         if orders.windows(2).any(|pair| pair[0] == pair[1]) {
             return whole(out);
         }
         drop(orders);
-        let mut members: Vec<Vec<u32>> = vec![Vec::new(); strata.len()];
-        for (i, (_, stratum, _)) in kept.iter().enumerate() {
-            members[*stratum as usize].push(i as u32);
+        // Each stratum's first `take` in its order: those below the order in place `take`,
+        // found without ordering the rest (the orders are distinct).
+        let mut orders: Vec<Vec<u128>> = vec![Vec::new(); strata.len()];
+        for (_, stratum, order) in &kept {
+            orders[*stratum as usize].push(*order);
         }
-        let mut heldout = vec![false; kept.len()];
-        for stratum in &mut members {
-            // The first `take` in the stratum's order, found without ordering the rest.
-            let take = (stratum.len() as f64 * self.config.heldout.0).round() as usize;
-            if take < stratum.len() {
-                stratum.select_nth_unstable_by_key(take, |&i| kept[i as usize].2);
-            }
-            for &i in stratum.iter().take(take) {
-                heldout[i as usize] = true;
-            }
-        }
-        drop(members);
+        // (`None`: the whole stratum is taken.)
+        let below: Vec<Option<u128>> = orders
+            .into_iter()
+            .map(|mut orders| {
+                let take = (orders.len() as f64 * self.config.heldout.0).round() as usize;
+                (take < orders.len()).then(|| *orders.select_nth_unstable(take).1)
+            })
+            .collect();
+        let heldout: Vec<bool> = kept.iter().map(|(_, stratum, order)| below[*stratum as usize].is_none_or(|below| *order < below)).collect();
         let n_heldout = heldout.iter().filter(|h| **h).count();
         out.field("counts", &SplitCounts { dev: kept.len() - n_heldout, heldout: n_heldout })?;
         out.field("label_field", &self.config.label)?;
@@ -534,19 +594,35 @@ impl Stage for DatasetStage {
 }
 
 impl DatasetStage {
-    /// Under what a chunk of lines is kept: its bytes, whether it starts the file (a byte-order
-    /// mark is read past there only), the fields that make a line a sample, and the code's.
-    fn chunk_key(&self, chunk: &LineChunk) -> engine::Digest {
+    /// Under what a chunk of lines is kept: its content ([`lines_key`]), the fields that make a
+    /// line a sample, the seed (the lines' orders follow it), and the code's.
+    fn chunk_key(&self, lines_key: &[u8; 32], seed: u64) -> engine::Digest {
         let mut h = blake3::Hasher::new();
         h.update(b"dataset lines\0");
         h.update(&Dataset::VERSION.to_le_bytes());
         h.update(&KEPT_FORMAT.to_le_bytes());
+        // The lines' orders depend on it.
+        h.update(&seed.to_le_bytes());
         let fields = serde_json::to_vec(&(&self.config.id, &self.config.label, &self.config.stratify)).expect("names serialize");
         h.update(&(fields.len() as u64).to_le_bytes());
         h.update(&fields);
-        h.update(&[u8::from(chunk.first == 0)]);
-        h.update(&chunk.bytes);
+        h.update(lines_key);
         engine::Digest(*h.finalize().as_bytes())
+    }
+
+    /// A chunk the build's check found, read from its place in the file and checked against
+    /// its key (the file may have changed since).
+    fn read_chunk(&self, input: &StageInput, at: &ChunkAt) -> Result<LineChunk, StageError> {
+        let bytes = input.file_range(&self.config.path, at.offset as u64, at.len)?;
+        let mut ends: Vec<usize> = bytes.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i + 1).collect();
+        if ends.last() != Some(&bytes.len()) {
+            ends.push(bytes.len());
+        }
+        let chunk = LineChunk { first: at.first, offset: at.offset, bytes, ends };
+        if lines_key(&chunk) != at.key {
+            return Err(StageError::new(format!("file `{}` changed while the pipeline ran; run it again", self.config.path.path)));
+        }
+        Ok(chunk)
     }
 
     /// The dataset built whole (a table's rows are read at once).
@@ -581,6 +657,11 @@ fn split_order(seed: u64, id: &str) -> [u8; 32] {
     h.update(&seed.to_le_bytes());
     h.update(id.as_bytes());
     *h.finalize().as_bytes()
+}
+
+/// The first 128 bits of a sample's [`split_order`], as a number that orders as they do.
+fn order_prefix(seed: u64, id: &str) -> u128 {
+    u128::from_be_bytes(split_order(seed, id)[..16].try_into().expect("16 bytes"))
 }
 
 struct Sample {
@@ -732,37 +813,34 @@ fn line_ends_chunk(line: &[u8]) -> bool {
 struct KeptLine<'a> {
     index: u32,
     stratum: Option<&'a str>,
-    id: &'a str,
+    /// The sample's [`order_prefix`] (under the seed its chunk is kept by).
+    order: u128,
 }
 
 /// Bump when what [`KeptLine`] and [`kept_sample`] hold, or how a line becomes a sample, changes:
 /// chunks kept before are then not read.
-const KEPT_FORMAT: u32 = 2;
+const KEPT_FORMAT: u32 = 3;
 
 impl<'a> KeptLine<'a> {
-    fn write(index: u32, stratum: Option<&str>, id: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(id.len() + stratum.map_or(0, str::len) + 13);
+    fn write(index: u32, stratum: Option<&str>, order: u128) -> Vec<u8> {
+        let stratum_len = stratum.map_or(0, str::len);
+        let mut out = Vec::with_capacity(stratum_len + 25);
         out.extend_from_slice(&index.to_le_bytes());
+        out.extend_from_slice(&order.to_le_bytes());
         out.push(u8::from(stratum.is_some()));
-        for text in [stratum.unwrap_or_default(), id] {
-            out.extend_from_slice(&(text.len() as u32).to_le_bytes());
-            out.extend_from_slice(text.as_bytes());
-        }
+        out.extend_from_slice(&(stratum_len as u32).to_le_bytes());
+        out.extend_from_slice(stratum.unwrap_or_default().as_bytes());
         out
     }
 
     /// `None` if the bytes are not what [`Self::write`] writes.
     fn read(bytes: &'a [u8]) -> Option<KeptLine<'a>> {
         let (index, rest) = bytes.split_first_chunk::<4>()?;
+        let (order, rest) = rest.split_first_chunk::<16>()?;
         let (&has_stratum, rest) = rest.split_first()?;
-        let text = |rest: &'a [u8]| -> Option<(&'a str, &'a [u8])> {
-            let (len, rest) = rest.split_first_chunk::<4>()?;
-            let len = u32::from_le_bytes(*len) as usize;
-            Some((std::str::from_utf8(rest.get(..len)?).ok()?, &rest[len..]))
-        };
-        let (stratum, rest) = text(rest)?;
-        let (id, rest) = text(rest)?;
-        rest.is_empty().then_some(KeptLine { index: u32::from_le_bytes(*index), stratum: (has_stratum == 1).then_some(stratum), id })
+        let (len, rest) = rest.split_first_chunk::<4>()?;
+        let stratum = std::str::from_utf8(rest).ok().filter(|s| s.len() == u32::from_le_bytes(*len) as usize)?;
+        Some(KeptLine { index: u32::from_le_bytes(*index), stratum: (has_stratum == 1).then_some(stratum), order: u128::from_le_bytes(*order) })
     }
 }
 
@@ -1092,7 +1170,7 @@ mod tests {
     #[test]
     fn a_streamed_dataset_is_the_whole_one_with_or_without_kept_chunks() {
         let mut lines = awkward_lines();
-        let stage = |heldout| DatasetStage { config: config(heldout), facts: no_facts() };
+        let stage = |heldout| DatasetStage { config: config(heldout), facts: no_facts(), checked: None };
         let input = |lines: &[String]| StageInput::new(Default::default(), [("d.jsonl".to_string(), Arc::from(lines.concat().into_bytes()))].into(), 7);
         let whole = |lines: &[String], heldout| canonical_json(&stage(heldout).whole(lines.concat().as_bytes(), 7).ok().unwrap().to_json());
         let store = tempfile::tempdir().unwrap();
@@ -1105,11 +1183,11 @@ mod tests {
         assert_eq!(streamed(&lines, 0.3, true), whole(&lines, 0.3));
         let kept = input(&lines).with_store(engine::Store::new(store.path()));
         let chunks: Vec<LineChunk> = line_chunks(lines.concat().as_bytes()).map(Result::unwrap).collect();
-        assert!(chunks.len() > 2 && chunks.iter().all(|c| kept.kept().get(&stage(0.3).chunk_key(c)).is_some()));
+        assert!(chunks.len() > 2 && chunks.iter().all(|c| kept.kept().get(&stage(0.3).chunk_key(&lines_key(c), 7)).is_some()));
         assert_eq!(streamed(&lines, 0.3, true), whole(&lines, 0.3));
         // The samples written are the ones kept, not parsed again: a chunk's, kept changed, are
         // what the output holds; put back, the output is the whole read's again.
-        let samples_at = samples_key(&stage(0.3).chunk_key(&chunks[0]));
+        let samples_at = samples_key(&stage(0.3).chunk_key(&lines_key(&chunks[0]), 7));
         let samples = kept.kept().get(&samples_at).unwrap();
         let changed: Vec<Vec<u8>> = samples.iter().map(|s| String::from_utf8(s.clone()).unwrap().replace("row ", "kept row ").into_bytes()).collect();
         kept.kept().put(&samples_at, &changed);
@@ -1132,13 +1210,47 @@ mod tests {
     }
 
     #[test]
+    fn a_dataset_whose_chunks_the_check_found_is_read_by_them_and_only_a_chunk_not_kept_is_read() {
+        let mut lines = awkward_lines();
+        let dir = tempfile::tempdir().unwrap();
+        let checked = |lines: &[String]| {
+            let bytes = lines.concat().into_bytes();
+            let (_, chunks) = check_jsonl_by_chunks(&bytes, &config(0.3), std::path::Path::new("d.jsonl"), &dir.path().join("d.chunks")).unwrap();
+            CheckedChunks { file: engine::Digest::of_bytes(&bytes), chunks }
+        };
+        let stage = |checked| DatasetStage { config: config(0.3), facts: no_facts(), checked: Some(checked) };
+        let input = |lines: &[String]| StageInput::new(Default::default(), [("d.jsonl".to_string(), Arc::from(lines.concat().into_bytes()))].into(), 7);
+        let whole = |lines: &[String]| canonical_json(&stage(checked(lines)).whole(lines.concat().as_bytes(), 7).ok().unwrap().to_json());
+        let store = tempfile::tempdir().unwrap();
+        let streamed = |checked, lines: &[String]| engine::stream::streamed_output(&stage(checked), &input(lines).with_store(engine::Store::new(store.path())));
+        // Nothing kept: every chunk read from its place; then every chunk read back.
+        assert_eq!(streamed(checked(&lines), &lines).ok().unwrap(), whole(&lines));
+        assert_eq!(streamed(checked(&lines), &lines).ok().unwrap(), whole(&lines));
+        // A line added and one changed: their chunks are read, checked against what was found.
+        lines.push(golden_line(6000));
+        lines[2000] = golden_line(2000).replace("row", "ROW");
+        assert_eq!(streamed(checked(&lines), &lines).ok().unwrap(), whole(&lines));
+        // Chunks found in other bytes than the file's: the file is read through, as without them.
+        let before = checked(&lines);
+        lines[4000] = golden_line(4000).replace("row", "ROW");
+        assert_eq!(streamed(before, &lines).ok().unwrap(), whole(&lines));
+        // A chunk read from its place is checked against what was found there: the file changed
+        // on disk since the run hashed it.
+        let found = checked(&lines);
+        let at = found.chunks[found.chunks.partition_point(|at| at.first <= 5000) - 1];
+        assert!(stage(checked(&lines)).read_chunk(&input(&lines), &at).is_ok());
+        lines[5000] = golden_line(5000).replace("row", "RAW");
+        assert!(stage(found).read_chunk(&input(&lines), &at).err().unwrap().message.contains("changed while the pipeline ran"));
+    }
+
+    #[test]
     fn a_file_checked_a_chunk_at_a_time_has_the_facts_of_a_whole_check() {
         let mut lines = awkward_lines();
         let dir = tempfile::tempdir().unwrap();
         let remembered = dir.path().join("d.chunks");
         let (config, display) = (config(0.3), std::path::Path::new("data/d.jsonl"));
         let whole = |lines: &[String]| check_text(display, lines.concat().into_bytes(), &config, display).ok().unwrap();
-        let chunked = |bytes: &[u8]| check_jsonl_by_chunks(bytes, &config, display, &remembered);
+        let chunked = |bytes: &[u8]| check_jsonl_by_chunks(bytes, &config, display, &remembered).map(|(facts, _)| facts);
         let facts = whole(&lines);
         assert_eq!((facts.fields.len(), facts.labels_not_json, facts.labels_not_json_first.len()), (4, 5998, 5));
         // Nothing remembered, then every chunk.
