@@ -27,12 +27,12 @@ impl Digest {
 
     /// A file's digest, hashed as it is read (a large file is never held). Within one process a
     /// large file (8 MiB and more) is hashed once while it is unchanged: the build's checks and
-    /// the run both ask, and a million-line dataset costs a tenth of a second each time. Unchanged means the same inode,
-    /// size, modification and change times (nanoseconds) as when it was hashed, seen before and
-    /// after the hashing. Times are stamped by a clock that ticks every few milliseconds, so a
-    /// write within a tick of the hashing, of the same length, may go unseen here: what reads the
-    /// file against this digest (a stage's `file_reader`, a remembered check) verifies it, so such
-    /// a file is found changed there, never taken for the one hashed.
+    /// the run both ask, and a million-line dataset costs a tenth of a second each time.
+    /// Unchanged means the same inode, size, modification and change times (nanoseconds) as when
+    /// it was hashed, seen before and after the hashing. Times are stamped by a clock that ticks
+    /// every few milliseconds, so a write of the same length within a tick of the hashing may go
+    /// unseen here: a stage's `file_reader` verifies what it reads against the digest, so such a
+    /// file fails the run there ("changed while the pipeline ran"), never taken for the one hashed.
     pub fn of_file(path: &std::path::Path) -> std::io::Result<Digest> {
         static HASHED: std::sync::Mutex<Vec<(FileStamp, Digest)>> = std::sync::Mutex::new(Vec::new());
         let file = std::fs::File::open(path)?;
