@@ -239,7 +239,7 @@ fn check_jsonl_by_chunks(bytes: &[u8], config: &DatasetConfig, display: &std::pa
     for chunk in line_chunks(bytes) {
         let chunk = chunk.ok()?;
         let key = lines_key(&chunk);
-        at.push(ChunkAt { first: chunk.first, offset: chunk.offset, len: chunk.bytes.len(), key });
+        at.push(ChunkAt::of(&chunk, key));
         let check = match before.remove(&key) {
             Some(check) => check,
             None => check_chunk(&chunk, config, display)?,
@@ -289,6 +289,12 @@ struct ChunkAt {
     offset: usize,
     len: usize,
     key: [u8; 32],
+}
+
+impl ChunkAt {
+    fn of(chunk: &LineChunk, key: [u8; 32]) -> ChunkAt {
+        ChunkAt { first: chunk.first, offset: chunk.offset, len: chunk.bytes.len(), key }
+    }
 }
 
 /// The chunks of lines the build's check cut a JSON lines file into, and the file's digest: a
@@ -426,27 +432,17 @@ impl Stage for DatasetStage {
         let mut errors = Vec::new();
         let mut read_back = 0;
         // The chunks the build's check found, if it read this file; else the file, read through.
+        // Each with its bytes if they were read.
         let listed = self.checked.as_ref().filter(|checked| input.file_digest(&self.config.path) == Some(checked.file));
-        let mut listed = listed.map(|checked| checked.chunks.iter());
-        let mut read = match listed {
-            Some(_) => None,
-            None => Some(line_chunks(std::io::BufReader::with_capacity(1 << 16, input.file_reader(&self.config.path)?))),
+        let found: Box<dyn Iterator<Item = Result<(ChunkAt, Option<LineChunk>), StageError>>> = match listed {
+            Some(checked) => Box::new(checked.chunks.iter().map(|at| Ok((*at, None)))),
+            None => Box::new(line_chunks(std::io::BufReader::with_capacity(1 << 16, input.file_reader(&self.config.path)?)).map(|chunk| {
+                let chunk = chunk.map_err(unreadable)?;
+                Ok((ChunkAt::of(&chunk, lines_key(&chunk)), Some(chunk)))
+            })),
         };
-        loop {
-            let (at, chunk) = match (&mut listed, &mut read) {
-                (Some(chunks), _) => match chunks.next() {
-                    Some(at) => (*at, None),
-                    None => break,
-                },
-                (None, Some(chunks)) => match chunks.next() {
-                    Some(chunk) => {
-                        let chunk = chunk.map_err(unreadable)?;
-                        (ChunkAt { first: chunk.first, offset: chunk.offset, len: chunk.bytes.len(), key: lines_key(&chunk) }, Some(chunk))
-                    }
-                    None => break,
-                },
-                (None, None) => unreachable!("one or the other"),
-            };
+        for found in found {
+            let (at, chunk) = found?;
             let key = self.chunk_key(&at.key, input.seed);
             let before = kept.len();
             let records_before = kept_before.get(&key);
@@ -601,7 +597,6 @@ impl DatasetStage {
         h.update(b"dataset lines\0");
         h.update(&Dataset::VERSION.to_le_bytes());
         h.update(&KEPT_FORMAT.to_le_bytes());
-        // The lines' orders depend on it.
         h.update(&seed.to_le_bytes());
         let fields = serde_json::to_vec(&(&self.config.id, &self.config.label, &self.config.stratify)).expect("names serialize");
         h.update(&(fields.len() as u64).to_le_bytes());
