@@ -528,12 +528,13 @@ impl Store {
     /// Memoizes an item's result: committed when this returns. `family` names the items that
     /// are alike (a stage's): they share a compression dictionary.
     pub fn put_item(&self, family: &str, key: &Digest, value: &Value) -> Result<(), StoreError> {
-        self.put_items(family, &[(key, value)])
+        self.put_items(family, &[(key, &canonical_json(value))])
     }
 
-    /// Memoizes items' results in one transaction: all committed when this returns, none if a
-    /// kill comes first (items that finish together cost one commit, not one each).
-    pub fn put_items(&self, family: &str, items: &[(&Digest, &Value)]) -> Result<(), StoreError> {
+    /// Memoizes items' results (each as its canonical JSON) in one transaction: all committed
+    /// when this returns, none if a kill comes first (items that finish together cost one
+    /// commit, not one each).
+    pub fn put_items(&self, family: &str, items: &[(&Digest, &[u8])]) -> Result<(), StoreError> {
         let path = self.items_path();
         self.with_items(true, |db| {
             let tx = db.unchecked_transaction().map_err(db_err(&path))?;
@@ -551,13 +552,12 @@ impl Store {
     /// (compressed with the family's dictionary once it has one). A dictionary trained meanwhile
     /// is written to `db` (in its transaction, if one is open): it goes in with the first value
     /// that needs it; its id is returned, to be marked stored once that is committed.
-    fn encode_items(&self, db: &rusqlite::Connection, family: &str, items: &[(&Digest, &Value)]) -> Result<(Vec<(Digest, Digest, Vec<u8>)>, Option<std::num::NonZeroU32>), StoreError> {
+    fn encode_items(&self, db: &rusqlite::Connection, family: &str, items: &[(&Digest, &[u8])]) -> Result<(Vec<(Digest, Digest, Vec<u8>)>, Option<std::num::NonZeroU32>), StoreError> {
         let path = self.items_path();
         let mut new_dict = None;
         let mut rows = Vec::with_capacity(items.len());
-        for (key, value) in items {
-            let json = canonical_json(value);
-            let mut encoded = self.dicts.encode(db, family, &json);
+        for &(key, json) in items {
+            let mut encoded = self.dicts.encode(db, family, json);
             if let Some((id, dict)) = encoded.new_dict.take()
                 && new_dict != Some(id)
             {
@@ -573,7 +573,7 @@ impl Store {
                 }
             }
             let bytes = encoded.bytes.into_owned();
-            rows.push((**key, Digest::of_bytes(&bytes), bytes));
+            rows.push((*key, Digest::of_bytes(&bytes), bytes));
         }
         Ok((rows, new_dict))
     }
@@ -590,7 +590,7 @@ impl Store {
     /// it left the cache: about 40 KB of I/O per 100-byte item. The log is written a page at a
     /// time, and [`Store::settle_items`] sorts it into the table in one pass. Until then,
     /// lookups do not see what it holds.
-    pub fn log_items(&self, family: &str, items: &[(&Digest, &Value)]) -> Result<(), StoreError> {
+    pub fn log_items(&self, family: &str, items: &[(&Digest, &[u8])]) -> Result<(), StoreError> {
         // A dictionary trained meanwhile is committed first, alone: a kill after it leaves a
         // dictionary no value needs yet, which the next run takes up.
         let rows = self.with_items(true, |db| {
@@ -849,8 +849,9 @@ mod tests {
         let store = Store::new(dir.path());
         let keys: Vec<Digest> = (0..6000).map(|n| Digest::of_bytes(format!("k{n}").as_bytes())).collect();
         let values: Vec<Value> = (0..6000).map(alike).collect();
+        let json: Vec<Vec<u8>> = values.iter().map(canonical_json).collect();
         for chunk in (0..4000).collect::<Vec<_>>().chunks(256) {
-            store.put_items("p/render", &chunk.iter().map(|&n| (&keys[n], &values[n])).collect::<Vec<_>>()).unwrap();
+            store.put_items("p/render", &chunk.iter().map(|&n| (&keys[n], &json[n][..])).collect::<Vec<_>>()).unwrap();
         }
         let db = rusqlite::Connection::open(dir.path().join("items.db")).unwrap();
         let stored = |n: usize| db.query_row("SELECT value FROM items WHERE key = ?1", [&keys[n].0[..]], |r| r.get::<_, Vec<u8>>(0)).unwrap();
@@ -860,7 +861,7 @@ mod tests {
         assert!(stored(3999).starts_with(&ZSTD_MAGIC) && compressed * 3 < plain, "{plain} bytes stored as {compressed}");
         // Another run (a new process) uses the same dictionary, and reads everything back.
         let again = Store::new(dir.path());
-        again.put_items("p/render", &(4000..6000).map(|n| (&keys[n], &values[n])).collect::<Vec<_>>()).unwrap();
+        again.put_items("p/render", &(4000..6000).map(|n| (&keys[n], &json[n][..])).collect::<Vec<_>>()).unwrap();
         assert_eq!(db.query_row("SELECT count(*) FROM dicts", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
         assert!(stored(5999).starts_with(&ZSTD_MAGIC));
         let fresh = Store::new(dir.path());
@@ -886,9 +887,10 @@ mod tests {
         let store = Store::new(dir.path());
         let keys: Vec<Digest> = (0..5000).map(|n| Digest::of_bytes(format!("k{n}").as_bytes())).collect();
         let values: Vec<Value> = (0..5000).map(alike).collect();
+        let json: Vec<Vec<u8>> = values.iter().map(canonical_json).collect();
         store.put_item("p/render", &keys[0], &values[0]).unwrap();
         for chunk in (1..3000).collect::<Vec<_>>().chunks(256) {
-            store.log_items("p/render", &chunk.iter().map(|&n| (&keys[n], &values[n])).collect::<Vec<_>>()).unwrap();
+            store.log_items("p/render", &chunk.iter().map(|&n| (&keys[n], &json[n][..])).collect::<Vec<_>>()).unwrap();
         }
         assert!(!store.has_item(&keys[1]), "logged, not yet sorted in");
         store.settle_items().unwrap();
@@ -904,7 +906,7 @@ mod tests {
         assert!(stored.starts_with(&ZSTD_MAGIC));
         // Logged by a run that is then killed (never settled): the next one to take the store
         // sorts them in before anything is read.
-        store.log_items("p/render", &(3000..5000).map(|n| (&keys[n], &values[n])).collect::<Vec<_>>()).unwrap();
+        store.log_items("p/render", &(3000..5000).map(|n| (&keys[n], &json[n][..])).collect::<Vec<_>>()).unwrap();
         drop(store);
         let next = Store::new(dir.path());
         assert!(!next.has_item(&keys[4999]));
@@ -914,9 +916,9 @@ mod tests {
         assert_eq!(reader.get(&keys[4999]).as_ref(), Some(&values[4999]));
         drop((reader, lock));
         // Sorted in again (a kill between the table's commit and the log's emptying): the same.
-        next.log_items("p/render", &[(&keys[7], &values[7])]).unwrap();
+        next.log_items("p/render", &[(&keys[7], &json[7][..])]).unwrap();
         next.settle_items().unwrap();
-        next.log_items("p/render", &[(&keys[7], &values[7])]).unwrap();
+        next.log_items("p/render", &[(&keys[7], &json[7][..])]).unwrap();
         next.settle_items().unwrap();
         assert_eq!(db.query_row("SELECT count(*) FROM items", [], |r| r.get::<_, i64>(0)).unwrap(), 5000);
         assert_eq!(next.get_item(&keys[7]).as_ref(), Some(&values[7]));

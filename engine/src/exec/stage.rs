@@ -114,9 +114,13 @@ pub(super) async fn run_stage(
         if done.is_empty() {
             return Ok(());
         }
-        let batch = done.iter().map(|(_, k, _, value)| (&keys[*k], value)).collect::<Vec<_>>();
-        let batch = if logged { ctx.store.log_items(&family, &batch) } else { ctx.store.put_items(&family, &batch) };
-        for (_, k, item, value) in done.drain(..) {
+        // Each result serialized once: memoized, and kept in its chunk, as these bytes.
+        let json: Vec<Vec<u8>> = done.iter().map(|(.., value)| crate::hash::canonical_json(value)).collect();
+        let batch = {
+            let rows = done.iter().zip(&json).map(|((_, k, ..), json)| (&keys[*k], &json[..])).collect::<Vec<_>>();
+            if logged { ctx.store.log_items(&family, &rows) } else { ctx.store.put_items(&family, &rows) }
+        };
+        for ((_, k, item, value), json) in done.drain(..).zip(json) {
             if let Err(e) = &batch {
                 // The commit failed (a full disk): each item that still fits is kept alone.
                 if let Err(alone) = ctx.store.put_item(&family, &keys[k], &value) {
@@ -127,7 +131,7 @@ pub(super) async fn run_stage(
             ran += 1;
             ctx.emit(Event::Item { iteration, stage: node.id.clone(), item: item.id });
             if let Some(assembling) = assembling.as_mut() {
-                assembling.add(&ctx.store, &spans, k, &value);
+                assembling.add(&ctx.store, &spans, k, json);
             }
             if !streams {
                 fresh.insert(k, value);
@@ -363,14 +367,13 @@ impl Assembling {
         Assembling { chunks: HashMap::new(), whole, held: 0 }
     }
 
-    /// The result of item `k`, committed; the chunk it completes is kept.
-    fn add(&mut self, store: &Store, spans: &[Span], k: usize, value: &Value) {
+    /// The result of item `k` (its canonical JSON), committed; the chunk it completes is kept.
+    fn add(&mut self, store: &Store, spans: &[Span], k: usize, bytes: Vec<u8>) {
         let at = spans.partition_point(|span| span.end <= k);
         if !self.whole.get(at).copied().unwrap_or(false) {
             return;
         }
         let start = if at == 0 { 0 } else { spans[at - 1].end };
-        let bytes = crate::hash::canonical_json(value);
         self.held += bytes.len();
         let (results, filled) = self.chunks.entry(at).or_insert_with(|| (vec![None; spans[at].end - start], 0));
         match results[k - start].replace(bytes) {
