@@ -604,10 +604,28 @@ mod tests {
             let e = reader.read(&mut [0; 8]).unwrap_err();
             assert_eq!((e.kind(), e.to_string()), (io::ErrorKind::InvalidData, "damaged".to_string()));
         }
-        // Dropped before its end: its thread stops (the test ends).
-        let mut early = ReadAhead::new(io::repeat(7));
+        // Dropped before its end: its thread stops, and lets go of its endless source.
+        struct Endless(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Read for Endless {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                buf.fill(7);
+                Ok(buf.len())
+            }
+        }
+        impl Drop for Endless {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut early = ReadAhead::new(Endless(dropped.clone()));
         early.read_exact(&mut [0; 100]).unwrap();
         drop(early);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !dropped.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "the read-ahead thread still runs after its reader was dropped");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// The elements of `value`'s `samples`, as a scan of its canonical JSON finds them.
