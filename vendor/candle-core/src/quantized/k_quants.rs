@@ -2734,6 +2734,30 @@ mod tests {
         }
     }
 
+    /// Local change (vendor/README.md): the dot products' scale product, bitwise `half`'s two
+    /// conversions and a multiply, for special values (zeros, subnormals, the largest, infinities,
+    /// NaN) paired with each other and for many pairs of any bits.
+    #[test]
+    fn scale_product_is_bitwise_two_conversions_and_a_multiply() {
+        use super::super::avx;
+        let special: [u16; 12] = [0x0000, 0x8000, 0x0001, 0x03ff, 0x0400, 0x3c00, 0xbc00, 0x7bff, 0x7c00, 0xfc00, 0x7e00, 0x8001];
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let random = std::iter::repeat_with(move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state as u16, (state >> 16) as u16)
+        });
+        let pairs = special.iter().flat_map(|&x| special.iter().map(move |&y| (x, y))).chain(random.take(500_000));
+        for (x, y) in pairs {
+            let (x, y) = (f16::from_bits(x), f16::from_bits(y));
+            let want = x.to_f32() * y.to_f32();
+            // SAFETY: the build targets the features the kernels use.
+            let got = unsafe { avx::scale_product(x, y) };
+            assert!(got.to_bits() == want.to_bits() || got.is_nan() && want.is_nan(), "{x:?} * {y:?}: {got} (want {want})");
+        }
+    }
+
     #[test]
     fn matmul_refuses_a_short_output() {
         let rhs_t = vec![0f32; 2 * 4];
