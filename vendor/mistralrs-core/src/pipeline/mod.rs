@@ -98,7 +98,7 @@ pub use speculative::{SpeculativeConfig, SpeculativeLoader, SpeculativePipeline}
 pub use speech::{SpeechLoader, SpeechPipeline};
 use std::any::Any;
 use std::fmt::Debug;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
@@ -468,7 +468,59 @@ unsafe fn on_global_pool<R>(op: impl FnOnce() -> R) -> R {
         }
     }
     let op = AssertSend(op);
-    rayon::scope(move |_| AssertSend(op.into_inner()())).into_inner()
+    rayon::scope(move |_| AssertSend(with_workers_awake(op.into_inner()))).into_inner()
+}
+
+/// Local change (vendor/README.md): runs `op` on this worker of a rayon pool while the pool's
+/// other worker stays awake, taking each parallel loop's work as it comes, instead of falling
+/// asleep in the stretches of a forward pass that run on one thread (norms, rope, the KV cache)
+/// and being woken, a futex call and tens of microseconds each, for the next loop. It lets go
+/// when `op` returns or unwinds. Which thread runs a piece of work changes, not what it computes.
+///
+/// Only on a pool of two workers, and only while no other pass runs in the process: the
+/// keep-awake job must never sit on top of work its pass waits for. With two workers the other
+/// one takes it before any of the pass's work (it is the oldest job on this worker's deque, and
+/// thieves take the oldest first); with more, a worker waiting inside the pass's own work could
+/// take it. A second pass (another model's engine) may run on top of one worker's frames while
+/// the first runs on top of the other's, so each keep-awake job lets go once two passes run.
+fn with_workers_awake<R>(op: impl FnOnce() -> R) -> R {
+    if rayon::current_num_threads() != 2 {
+        return op();
+    }
+    PASSES.fetch_add(1, Ordering::AcqRel);
+    let done = &AtomicBool::new(false);
+    rayon::in_place_scope(|scope| {
+        let forward = rayon::current_thread_index();
+        scope.spawn(move |_| stay_awake(done, forward));
+        // However `op` ends (a panic unwinding through the scope waits for the job).
+        struct LetGo<'a>(&'a AtomicBool);
+        impl Drop for LetGo<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+                PASSES.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _let_go = LetGo(done);
+        op()
+    })
+}
+
+/// Local change (vendor/README.md): how many forward passes keep a worker awake now.
+static PASSES: AtomicUsize = AtomicUsize::new(0);
+
+/// Local change (vendor/README.md): until `done`, runs whatever work the pool has (stolen from
+/// the worker running the forward pass), spinning while there is none; lets go at once if
+/// another pass runs. Returns at once on the pass's own worker (it may pop this job itself while
+/// it waits inside a loop of its own), so that it never waits on the pass it is part of.
+fn stay_awake(done: &AtomicBool, forward: Option<usize>) {
+    if rayon::current_thread_index() == forward {
+        return;
+    }
+    while !done.load(Ordering::Acquire) && PASSES.load(Ordering::Acquire) == 1 {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -1249,5 +1301,57 @@ mod global_pool_tests {
             })
         };
         assert_eq!(outer, inner);
+    }
+
+    #[test]
+    fn other_workers_stay_awake_through_the_pass_and_let_go_after_it() {
+        use super::{stay_awake, with_workers_awake};
+        use rayon::prelude::*;
+        use std::sync::atomic::AtomicBool;
+        for threads in [1, 2, 4] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            // Many parallel loops, with stretches on one thread between them: each loop's work
+            // is done, whoever takes it, and the pass returns (the workers kept awake let go).
+            let sums = pool.install(|| {
+                with_workers_awake(|| {
+                    (0..200u64)
+                        .map(|i| {
+                            std::hint::black_box((0..1000u64).fold(i, |a, x| a.wrapping_mul(31).wrapping_add(x)));
+                            (0..1000u64).into_par_iter().map(|x| x * i).sum::<u64>()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            });
+            assert_eq!(sums, (0..200u64).map(|i| 499_500 * i).collect::<Vec<_>>(), "{threads} threads");
+            // The pool is idle again: a job given to it runs.
+            assert_eq!(pool.install(|| rayon::join(|| 1, || 2)), (1, 2));
+        }
+        // Two passes at once on a pool of two (two models' engines): neither waits on the other's
+        // keep-awake job, though each may run on top of the other's frames.
+        let pool = std::sync::Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        for pass in 0..2u64 {
+            let (pool, tx) = (pool.clone(), tx.clone());
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    let sum = pool.install(|| {
+                        with_workers_awake(|| (0..20u64).map(|i| (0..10_000u64).into_par_iter().map(|x| x ^ pass ^ i).sum::<u64>()).sum::<u64>())
+                    });
+                    tx.send(sum).unwrap();
+                }
+            });
+        }
+        for _ in 0..400 {
+            rx.recv_timeout(std::time::Duration::from_secs(60)).expect("two passes at once finish");
+        }
+        // A pass that panics lets them go too: the panic reaches the caller, nothing hangs.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.install(|| with_workers_awake(|| panic!("the pass failed")))));
+        assert!(failed.is_err());
+        // The worker running the pass may pop a keep-awake job itself (while it waits inside a
+        // loop of its own): there it returns at once instead of waiting on its own pass.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let never = AtomicBool::new(false);
+        pool.install(|| stay_awake(&never, rayon::current_thread_index()));
     }
 }
