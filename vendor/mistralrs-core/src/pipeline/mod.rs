@@ -1304,14 +1304,15 @@ mod global_pool_tests {
     }
 
     #[test]
-    fn other_workers_stay_awake_through_the_pass_and_let_go_after_it() {
+    fn the_other_worker_stays_awake_through_the_pass_and_lets_go_after_it() {
         use super::{stay_awake, with_workers_awake};
         use rayon::prelude::*;
         use std::sync::atomic::AtomicBool;
         for threads in [1, 2, 4] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             // Many parallel loops, with stretches on one thread between them: each loop's work
-            // is done, whoever takes it, and the pass returns (the workers kept awake let go).
+            // is done, whoever takes it, and the pass returns (on two workers, the one kept
+            // awake lets go; on one or four, none is kept awake).
             let sums = pool.install(|| {
                 with_workers_awake(|| {
                     (0..200u64)
@@ -1337,21 +1338,24 @@ mod global_pool_tests {
                     let sum = pool.install(|| {
                         with_workers_awake(|| (0..20u64).map(|i| (0..10_000u64).into_par_iter().map(|x| x ^ pass ^ i).sum::<u64>()).sum::<u64>())
                     });
-                    tx.send(sum).unwrap();
+                    tx.send((pass, sum)).unwrap();
                 }
             });
         }
+        let want = |pass: u64| (0..20u64).map(|i| (0..10_000u64).map(|x| x ^ pass ^ i).sum::<u64>()).sum::<u64>();
         for _ in 0..400 {
-            rx.recv_timeout(std::time::Duration::from_secs(60)).expect("two passes at once finish");
+            let (pass, sum) = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("two passes at once finish");
+            assert_eq!(sum, want(pass), "pass {pass}");
         }
         // A pass that panics lets them go too: the panic reaches the caller, nothing hangs.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.install(|| with_workers_awake(|| panic!("the pass failed")))));
         assert!(failed.is_err());
         // The worker running the pass may pop a keep-awake job itself (while it waits inside a
-        // loop of its own): there it returns at once instead of waiting on its own pass.
+        // loop of its own): there it returns at once instead of waiting on its own pass. (Inside
+        // a pass, so that nothing but that check ends it.)
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let never = AtomicBool::new(false);
-        pool.install(|| stay_awake(&never, rayon::current_thread_index()));
+        pool.install(|| with_workers_awake(|| stay_awake(&never, rayon::current_thread_index())));
     }
 }
