@@ -356,6 +356,23 @@ fn partial_sort_top_k(probs: &mut [f32], k: usize, zero_rest: bool) -> Vec<(u32,
     idx_probs
 }
 
+/// Local change (vendor/README.md): the token `partial_sort_top_k(probs, 1, true)` followed by
+/// `sample_multinomial` picks, without either. `select_nth_unstable_by(0, ..)` keeps the first of
+/// the largest probabilities (std's `min_index`: a later element replaces the kept one only if
+/// strictly larger; NaN compares equal, so never), and a weighted index with that one weight left
+/// draws it whatever the random number. `None` where that weight is not positive and finite: then
+/// the weighted index fails, and the caller takes the general path for its error.
+fn top_1(probs: &[f32]) -> Option<u32> {
+    let mut best = 0;
+    for (i, &p) in probs.iter().enumerate().skip(1) {
+        if p > probs[best] {
+            best = i;
+        }
+    }
+    let p = *probs.get(best)?;
+    (p.is_finite() && p > 0.0).then_some(best as u32)
+}
+
 /// Find the index of the maximum element in a slice. O(n) scan.
 #[inline]
 fn argmax_f32(values: &[f32]) -> u32 {
@@ -410,6 +427,18 @@ impl Sampler {
             logits_processors,
             gumbel_cache: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Local change (vendor/README.md): a token's text, as `sample_multinomial` gives it.
+    fn token_bytes(&self, token: u32) -> Result<Option<String>> {
+        match &self.tokenizer {
+            Some(tokenizer) => Ok(Some(
+                tokenizer
+                    .decode(&[token], false)
+                    .map_err(|x| Error::Msg(x.to_string()))?,
+            )),
+            None => Ok(None),
+        }
     }
 
     fn get_top_logprobs(&self, probs: &[f32]) -> Result<Vec<TopLogprob>> {
@@ -817,6 +846,19 @@ impl Sampler {
         return_logprobs: bool,
         rng: Arc<Mutex<Isaac64Rng>>,
     ) -> Result<Logprobs> {
+        // Local change (vendor/README.md): a top-k of 1 without top-p (the deterministic sampler)
+        // keeps one token; found here without the sorted pairs, the zeroed rest and a weighted
+        // index over the whole vocabulary. The same token and logprob.
+        if top_k == 1 && (top_p <= 0.0 || top_p >= 1.0) && !return_logprobs {
+            if let Some(token) = top_1(probs) {
+                return Ok(Logprobs {
+                    token,
+                    logprob: probs[token as usize].log(10.0),
+                    top_logprobs: None,
+                    bytes: self.token_bytes(token)?,
+                });
+            }
+        }
         // Determine how many elements we need for partial sort
         let k = if top_k > 0 {
             top_k as usize
@@ -1075,7 +1117,9 @@ impl Sampler {
             match self.temperature {
                 None => self.sample_argmax(logits, return_logprobs)?,
                 Some(temperature) => {
-                    let logits = (&logits / temperature)?;
+                    // Local change (vendor/README.md): no division by a temperature of 1 (the
+                    // deterministic sampler's): x / 1.0 is x for every f32 but NaN, refused above.
+                    let logits = if temperature == 1.0 { logits } else { (&logits / temperature)? };
                     let probs = candle_nn::ops::softmax_last_dim(&logits)?;
                     let mut probs: Vec<f32> = probs.to_vec1()?;
 
@@ -1118,6 +1162,43 @@ mod tests {
             let err = sample(&[0.5, bad, 3.0, 1.0]).expect_err("a non-finite logit was sampled");
             assert!(err.to_string().contains("non-finite logit"), "{err}");
         }
+    }
+
+    // Local change (vendor/README.md): the test of the top-1 path of `sample_top_kp_min_p`.
+    #[test]
+    fn top_1_takes_the_token_and_logprob_the_weighted_index_took() {
+        use super::{partial_sort_top_k, top_1, Sampler};
+        use rand::{Rng, SeedableRng};
+        use rand_isaac::Isaac64Rng;
+        use std::sync::{Arc, Mutex};
+
+        let sampler = Sampler::new(Some(1.0), 0, None, None, None, None, None, 1, 1.0, 0.0, vec![]).unwrap();
+        let mut values = Isaac64Rng::seed_from_u64(7);
+        for case in 0..2000 {
+            // Few distinct values, so the largest is often tied; zeros as masked tokens leave.
+            let n = values.random_range(1..64);
+            let probs: Vec<f32> = (0..n).map(|_| values.random_range(0..4) as f32 / 8.0).collect();
+            // The general path: the pairs partially sorted, the rest zeroed, a weighted index.
+            let mut zeroed = probs.clone();
+            let kept = partial_sort_top_k(&mut zeroed, 1, true);
+            let general = sampler.sample_multinomial(&zeroed, false, Arc::new(Mutex::new(Isaac64Rng::seed_from_u64(case))));
+            let rng = Arc::new(Mutex::new(Isaac64Rng::seed_from_u64(case)));
+            let fast = sampler.sample_top_kp_min_p(&mut probs.clone(), 1, 1.0, 0.0, false, rng.clone());
+            match (general, fast) {
+                (Ok(general), Ok(fast)) => {
+                    assert_eq!(top_1(&probs), Some(kept[0].0), "{probs:?}");
+                    assert_eq!((fast.token, fast.logprob.to_bits()), (general.token, general.logprob.to_bits()), "{probs:?}");
+                    // Taken without a draw: the request's stream is where it was.
+                    let untouched = Isaac64Rng::seed_from_u64(case).random::<u64>();
+                    assert_eq!(rng.lock().unwrap().random::<u64>(), untouched, "{probs:?}");
+                }
+                (Err(_), Err(_)) => assert_eq!(top_1(&probs), None, "{probs:?}"),
+                (general, fast) => panic!("{probs:?}: {general:?} against {fast:?}"),
+            }
+        }
+        // The first of tied largest probabilities, as `select_nth_unstable_by` keeps it.
+        assert_eq!(top_1(&[0.1, 0.4, 0.1, 0.4]), Some(1));
+        assert_eq!(top_1(&[0.0, 0.0]), None);
     }
 
     #[test]
