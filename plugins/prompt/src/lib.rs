@@ -153,6 +153,10 @@ impl Stage for PromptStage {
 pub fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    // Errors name the undefined expression (`input.question` is undefined). minijinja turns this
+    // on only where it is itself built with debug assertions, which our dependencies are not
+    // (`Cargo.toml`). It was on before they were; it costs only where a value is undefined.
+    env.set_debug(true);
     env.set_fuel(Some(TEMPLATE_FUEL));
     env
 }
