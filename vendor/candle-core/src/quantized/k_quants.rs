@@ -2339,8 +2339,13 @@ pub fn matmul<T: GgmlType>(
     let dst_ptr = SendPtr(dst.as_mut_ptr());
     // Tiles of one column block are consecutive: a worker's share of the range reuses the same
     // columns of `rhs_t` from its cache across all rows.
-    (0..row_tiles * col_tiles)
+    // At most MATMUL_PIECES pieces of work: a decode step's small matmuls (12 to 96 tiles) split
+    // to the last tile rather than into rayon's few adaptive halves, so neither worker waits
+    // long at a loop's end for the other's big piece.
+    let tiles = row_tiles * col_tiles;
+    (0..tiles)
         .into_par_iter()
+        .with_max_len(tiles.div_ceil(MATMUL_PIECES))
         .for_each(move |tile| {
             let (col_tile, row_tile) = (tile / row_tiles, tile % row_tiles);
             let rows = row_tile * MATMUL_TILE_ROWS..m.min((row_tile + 1) * MATMUL_TILE_ROWS);
@@ -2406,6 +2411,8 @@ pub fn matmul<T: GgmlType>(
 /// Rows and columns of the output one task of [`matmul`] computes.
 const MATMUL_TILE_ROWS: usize = 8;
 const MATMUL_TILE_COLS: usize = 16;
+/// The most pieces [`matmul`]'s tiles are split into.
+const MATMUL_PIECES: usize = 32;
 
 /// The output pointer shared by [`matmul`]'s tasks, which write disjoint elements.
 #[derive(Clone, Copy)]
@@ -2654,9 +2661,10 @@ mod tests {
     }
 
     fn check<T: GgmlType>(k: usize) {
-        // Rows and columns below, at and above a tile, a prompt's length, and a single row (decode).
+        // Rows and columns below, at and above a tile, a prompt's length, and a single row (decode);
+        // 600 columns make more tiles than `MATMUL_PIECES`, so pieces of several tiles, uneven.
         for &m in &[1, 7, 8, 9, 133] {
-            for &n in &[1, 15, 16, 17, 100] {
+            for &n in &[1, 15, 16, 17, 100, 600] {
                 let lhs = values(m * k, (m * 1000 + n) as u64);
                 let mut rhs_t = vec![T::zeros(); n * k.div_ceil(T::BLCK_SIZE)];
                 T::from_float(&values(n * k, (n * 7919 + m) as u64), &mut rhs_t);
