@@ -2340,8 +2340,8 @@ pub fn matmul<T: GgmlType>(
     // Tiles of one column block are consecutive: a worker's share of the range reuses the same
     // columns of `rhs_t` from its cache across all rows.
     // At most MATMUL_PIECES pieces of work: a decode step's small matmuls (12 to 96 tiles) split
-    // to the last tile rather than into rayon's few adaptive halves, so neither worker waits
-    // long at a loop's end for the other's big piece.
+    // into pieces of one to three tiles rather than rayon's few adaptive halves, so neither
+    // worker waits long at a loop's end for the other's big piece.
     let tiles = row_tiles * col_tiles;
     (0..tiles)
         .into_par_iter()
