@@ -2766,6 +2766,92 @@ mod tests {
         }
     }
 
+    /// Local change (vendor/README.md): `vec_dot` of Q8_0 with AVX2 (which now prefetches) is
+    /// bitwise a scalar model of 0.10.2's AVX2 arithmetic: per lane `j` of eight and per block,
+    /// the exact integer sum of products `4j..4j+3`, converted to f32 and fused-multiply-added with
+    /// the product of the two scales; then the lanes added as `hsum_float_8` adds them. Over
+    /// weights of the whole i8 range, activations in -127..=127 and scales of many magnitudes, so
+    /// any other order of additions would differ.
+    #[cfg(target_feature = "avx2")]
+    #[test]
+    fn q8_0_vec_dot_is_bitwise_the_avx2_arithmetic() {
+        let mut state = 0x51ed270b27a0bd3fu64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let block = |next: &mut dyn FnMut() -> u64, lowest: i8| BlockQ8_0 {
+            d: f16::from_f32(((next() % 2000) as f32 - 1000.0) * 10f32.powi((next() % 7) as i32 - 6)),
+            qs: std::array::from_fn(|_| (next() as i8).max(lowest)),
+        };
+        for blocks in [1, 2, 3, 18, 48, 200] {
+            for _ in 0..50 {
+                let xs: Vec<BlockQ8_0> = (0..blocks).map(|_| block(&mut next, -128)).collect();
+                let ys: Vec<BlockQ8_0> = (0..blocks).map(|_| block(&mut next, -127)).collect();
+                let mut lanes = [0f32; 8];
+                for (x, y) in xs.iter().zip(&ys) {
+                    let d = x.d.to_f32() * y.d.to_f32();
+                    for (j, lane) in lanes.iter_mut().enumerate() {
+                        let q: i32 = (4 * j..4 * j + 4).map(|i| i32::from(x.qs[i]) * i32::from(y.qs[i])).sum();
+                        *lane = d.mul_add(q as f32, *lane);
+                    }
+                }
+                let half: [f32; 4] = std::array::from_fn(|j| lanes[j + 4] + lanes[j]);
+                let want = (half[0] + half[2]) + (half[1] + half[3]);
+                let got = BlockQ8_0::vec_dot(blocks * QK8_0, &xs, &ys);
+                assert_eq!(got.to_bits(), want.to_bits(), "{blocks} blocks: {got} (want {want})");
+            }
+        }
+    }
+
+    /// A measurement, not a test (run by hand, `--ignored --nocapture`): a decode step's
+    /// matrix-vector products over SmolLM2-135M's Q8_0 shapes — 30 layers and the output layer,
+    /// 142 MB of weights, one activation row — in the global pool, in ms per token and GB/s.
+    #[test]
+    #[ignore]
+    fn decode_matvec_throughput() {
+        // SmolLM2-135M's linear layers (k, n), 30 layers, and the output layer.
+        let layer = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)];
+        let mut shapes: Vec<(usize, usize)> = (0..30).flat_map(|_| layer).collect();
+        shapes.push((576, 49152));
+        let weights: Vec<Vec<BlockQ8_0>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(k, n))| {
+                let mut w = vec![BlockQ8_0::zeros(); n * k / 32];
+                BlockQ8_0::from_float(&values(n * k, i as u64), &mut w);
+                w
+            })
+            .collect();
+        let bytes: usize = weights.iter().map(|w| w.len() * 34).sum();
+        let lhs: Vec<Vec<f32>> = [576, 1536].iter().map(|&k| values(k, 9)).collect();
+        let mut digest = 0u64;
+        let mut run = || {
+            for ((k, n), w) in shapes.iter().zip(&weights) {
+                let mut dst = vec![0f32; *n];
+                matmul((1, *k, *n), &lhs[(*k == 1536) as usize], w, &mut dst).unwrap();
+                digest = digest.wrapping_mul(31).wrapping_add(dst[n / 3].to_bits() as u64);
+            }
+        };
+        for _ in 0..5 {
+            run();
+        }
+        let tokens = std::env::var("TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+        let start = std::time::Instant::now();
+        for _ in 0..tokens {
+            run();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "{:.2} ms/token, {:.1} GB/s over {} MB, digest {digest:x}",
+            secs * 1e3 / tokens as f64,
+            bytes as f64 * tokens as f64 / secs / 1e9,
+            bytes / 1_000_000
+        );
+    }
+
     #[test]
     fn matmul_refuses_a_short_output() {
         let rhs_t = vec![0f32; 2 * 4];
