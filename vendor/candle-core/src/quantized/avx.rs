@@ -165,6 +165,11 @@ pub(crate) fn vec_dot_q8_0_q8_0_2x4_avx2(xs: [&[BlockQ8_0]; 4], ys: [&[BlockQ8_0
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 4]; 2];
         for i in 0..blocks {
+            // Local change (vendor/README.md): each column's weights asked for ahead, as in
+            // `vec_dot_q8_0_q8_0`.
+            for x in xs {
+                _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().add(i).cast::<i8>().wrapping_add(PREFETCH_BYTES));
+            }
             let bx: [__m256i; 4] =
                 std::array::from_fn(|c| _mm256_loadu_si256(xs[c][i].qs.as_ptr() as *const __m256i));
             let dx: [f32; 4] = std::array::from_fn(|c| f16_to_f32(xs[c][i].d));
@@ -244,6 +249,10 @@ pub(crate) unsafe fn vec_dot_q8_0_q8_0_rx4_vnni<const R: usize>(
     for i in 0..blocks {
         // SAFETY: `i` is below every slice's length.
         let x: [&BlockQ8_0; 4] = std::array::from_fn(|c| &*xp[c].add(i));
+        // Local change (vendor/README.md): each column's weights asked for ahead.
+        for x in x {
+            _mm_prefetch::<_MM_HINT_T0>((x as *const BlockQ8_0).cast::<i8>().wrapping_add(PREFETCH_BYTES));
+        }
         let xu: [__m256i; 4] =
             std::array::from_fn(|c| _mm256_xor_si256(_mm256_loadu_si256(x[c].qs.as_ptr() as *const __m256i), bias));
         let dx: [__m256; 4] = std::array::from_fn(|c| scale_x8(x[c].d));

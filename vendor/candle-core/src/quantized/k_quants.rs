@@ -2808,7 +2808,8 @@ mod tests {
 
     /// A measurement, not a test (run by hand, `--ignored --nocapture`): a decode step's
     /// matrix-vector products over SmolLM2-135M's Q8_0 shapes — 30 layers and the output layer,
-    /// 142 MB of weights, one activation row — in the global pool, in ms per token and GB/s.
+    /// 142 MB of weights, one activation row (`ROWS` for more) — in the global pool, in ms per
+    /// token and GB/s.
     #[test]
     #[ignore]
     fn decode_matvec_throughput() {
@@ -2826,12 +2827,14 @@ mod tests {
             })
             .collect();
         let bytes: usize = weights.iter().map(|w| w.len() * 34).sum();
-        let lhs: Vec<Vec<f32>> = [576, 1536].iter().map(|&k| values(k, 9)).collect();
+        // ROWS activation rows (sequences decoding together), 1 by default.
+        let rows = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        let lhs: Vec<Vec<f32>> = [576, 1536].iter().map(|&k| values(rows * k, 9)).collect();
         let mut digest = 0u64;
         let mut run = || {
             for ((k, n), w) in shapes.iter().zip(&weights) {
-                let mut dst = vec![0f32; *n];
-                matmul((1, *k, *n), &lhs[(*k == 1536) as usize], w, &mut dst).unwrap();
+                let mut dst = vec![0f32; rows * *n];
+                matmul((rows, *k, *n), &lhs[(*k == 1536) as usize], w, &mut dst).unwrap();
                 digest = digest.wrapping_mul(31).wrapping_add(dst[n / 3].to_bits() as u64);
             }
         };
