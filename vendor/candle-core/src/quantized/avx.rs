@@ -133,6 +133,55 @@ pub(crate) fn vec_dot_q8_0_q8_0(n: usize, xs: &[BlockQ8_0], ys: &[BlockQ8_0]) ->
     }
 }
 
+/// Local change (vendor/README.md): `BlockQ8_0::from_float` (quantizing a row of activations
+/// before every quantized matmul, or weights to Q8_0) eight lanes at a time, bitwise the scalar
+/// loop of 0.10.2 (`quantize_row_q8_0_scalar`): per block the largest magnitude (NaN ignored, as
+/// `f32::max` ignores it; the largest of exact values is the same in any order), the same scale
+/// `d` and reciprocal, the same product `x · (1 / d)`, rounded half away from zero as `f32::round`
+/// does (`trunc(t + copysign(0.49999997, t))`, exact for every f32), then converted as `as i8`
+/// converts: NaN to 0, beyond the range to -128 or 127.
+#[inline(always)]
+pub(crate) fn quantize_row_q8_0(xs: &[f32], ys: &mut [BlockQ8_0]) {
+    debug_assert_eq!(xs.len(), ys.len() * QK8_0);
+    unsafe {
+        let magnitude = _mm256_set1_ps(f32::from_bits(0x7fff_ffff));
+        let below_half = _mm256_set1_ps(0.49999997);
+        let sign = _mm256_set1_ps(-0.0);
+        let (lowest, highest) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (x, y) in xs.chunks_exact(QK8_0).zip(ys.iter_mut()) {
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+            // `_mm256_max_ps(a, b)` gives `b` when `a` is NaN: a NaN magnitude is passed over.
+            let mut amax = _mm256_setzero_ps();
+            for v in v {
+                amax = _mm256_max_ps(_mm256_and_ps(v, magnitude), amax);
+            }
+            let half = _mm_max_ps(_mm256_extractf128_ps(amax, 1), _mm256_castps256_ps128(amax));
+            let half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+            let amax = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+            let d = amax / ((1 << 7) - 1) as f32;
+            let id = if d != 0f32 { 1. / d } else { 0. };
+            y.d = f16::from_f32(d);
+            let id = _mm256_set1_ps(id);
+            let q: [__m256i; 4] = std::array::from_fn(|i| {
+                let t = _mm256_mul_ps(v[i], id);
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm256_add_ps(
+                    t,
+                    _mm256_or_ps(_mm256_and_ps(t, sign), below_half),
+                ));
+                // NaN to 0, then clamped: what `as i8` does; in range, the integer is exact.
+                let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r));
+                _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lowest), highest))
+            });
+            // The packs work within 128-bit halves: lanes come out as 0-3, 8-11, 16-19, 24-27,
+            // 4-7, 12-15, 20-23, 28-31, put back in order by the permutation.
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+            _mm256_storeu_si256(y.qs.as_mut_ptr() as *mut __m256i, bytes);
+        }
+    }
+}
+
 /// Local change (vendor/README.md): [`vec_dot_q8_0_q8_0`] of four weight columns `xs` with two
 /// activation rows `ys`. Each of the eight results goes through exactly that function's steps —
 /// per block the same scale product, integer dot and fused multiply-add into its own

@@ -70,6 +70,23 @@ pub trait GgmlType: Sized + Clone + Send + Sync {
     }
 }
 
+/// 0.10.2's `BlockQ8_0::from_float` (`quantize_row_q8_0`), the reference the AVX2 form matches.
+fn quantize_row_q8_0_scalar(xs: &[f32], ys: &mut [BlockQ8_0]) {
+    for (i, ys) in ys.iter_mut().enumerate() {
+        let mut amax = 0f32;
+        let xs = &xs[i * QK8_0..(i + 1) * QK8_0];
+        for &x in xs.iter() {
+            amax = amax.max(x.abs())
+        }
+        let d = amax / ((1 << 7) - 1) as f32;
+        let id = if d != 0f32 { 1. / d } else { 0. };
+        ys.d = f16::from_f32(d);
+        for (y, &x) in ys.qs.iter_mut().zip(xs.iter()) {
+            *y = f32::round(x * id) as i8
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 #[repr(C)]
 pub struct BlockQ4_0 {
@@ -646,19 +663,11 @@ impl GgmlType for BlockQ8_0 {
             ys.len(),
             Self::BLCK_SIZE
         );
-        for (i, ys) in ys.iter_mut().enumerate() {
-            let mut amax = 0f32;
-            let xs = &xs[i * Self::BLCK_SIZE..(i + 1) * Self::BLCK_SIZE];
-            for &x in xs.iter() {
-                amax = amax.max(x.abs())
-            }
-            let d = amax / ((1 << 7) - 1) as f32;
-            let id = if d != 0f32 { 1. / d } else { 0. };
-            ys.d = f16::from_f32(d);
-            for (y, &x) in ys.qs.iter_mut().zip(xs.iter()) {
-                *y = f32::round(x * id) as i8
-            }
-        }
+        // Local change (vendor/README.md): eight lanes at a time with AVX2, bitwise the loop below.
+        #[cfg(target_feature = "avx2")]
+        return super::avx::quantize_row_q8_0(xs, ys);
+        #[allow(unreachable_code)]
+        quantize_row_q8_0_scalar(xs, ys)
     }
 
     #[allow(unreachable_code)]
@@ -2803,6 +2812,62 @@ mod tests {
                 let got = BlockQ8_0::vec_dot(blocks * QK8_0, &xs, &ys);
                 assert_eq!(got.to_bits(), want.to_bits(), "{blocks} blocks: {got} (want {want})");
             }
+        }
+    }
+
+    /// Local change (vendor/README.md): `BlockQ8_0::from_float` with AVX2 is bitwise 0.10.2's
+    /// scalar loop: values near every half-integer the scale can make (a few ulps either side, so
+    /// rounding half away from zero is checked where it decides), zeros of both signs, subnormals,
+    /// the largest finite, infinities and NaN in a block (the largest magnitude must pass over
+    /// NaN; an infinite or tiny scale sends values beyond the i8 range or to NaN), and random
+    /// blocks of many magnitudes.
+    #[cfg(target_feature = "avx2")]
+    #[test]
+    fn q8_0_from_float_is_bitwise_the_scalar_loop() {
+        let mut state = 0x6a09e667f3bcc909u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut blocks: Vec<[f32; QK8_0]> = Vec::new();
+        // 127 as the largest magnitude makes the scale 1: each value is its own product, so the
+        // values around k + 0.5 test the rounding itself.
+        for k in -128i32..128 {
+            let mut block = [0f32; QK8_0];
+            block[0] = 127.0;
+            let half = k as f32 + 0.5;
+            for (j, x) in block.iter_mut().enumerate().skip(1) {
+                let bits = half.to_bits() as i64 + j as i64 - 16;
+                *x = f32::from_bits(bits as u32);
+            }
+            blocks.push(block);
+        }
+        let special = [0.0, -0.0, f32::MIN_POSITIVE, 1e-45, -1e-45, 1e-40, f32::MAX, -f32::MAX, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN];
+        for _ in 0..20_000 {
+            let scale = 10f32.powi((next() % 16) as i32 - 8);
+            let mut block: [f32; QK8_0] = std::array::from_fn(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale);
+            if next() % 4 == 0 {
+                let at = (next() % QK8_0 as u64) as usize;
+                block[at] = special[(next() % special.len() as u64) as usize];
+            }
+            if next() % 8 == 0 {
+                // Every value tiny (subnormal scales, and a reciprocal that overflows).
+                block.iter_mut().for_each(|x| *x *= 1e-38);
+            }
+            blocks.push(block);
+        }
+        blocks.push([0.0; QK8_0]);
+        blocks.push([f32::NAN; QK8_0]);
+        let xs: Vec<f32> = blocks.iter().flatten().copied().collect();
+        let mut want = vec![BlockQ8_0::zeros(); blocks.len()];
+        quantize_row_q8_0_scalar(&xs, &mut want);
+        let mut got = vec![BlockQ8_0::zeros(); blocks.len()];
+        BlockQ8_0::from_float(&xs, &mut got);
+        for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(got.d.to_bits(), want.d.to_bits(), "block {i}: scale of {:?}", blocks[i]);
+            assert_eq!(got.qs, want.qs, "block {i}: {:?}", blocks[i]);
         }
     }
 
