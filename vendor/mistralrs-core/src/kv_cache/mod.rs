@@ -269,8 +269,15 @@ impl NormalCache {
 
 pub struct NormalCacheManager;
 
+/// Local change (vendor/README.md): positions of room a batch of rows of different lengths or
+/// capacities gets beyond its longest row (rounded up to a multiple of this), instead of the
+/// largest capacity: every new batch is zeroed whole before its rows are copied in, and a cache's
+/// capacity grows by `CACHE_GROW_SIZE` (512), most of it never used by short requests.
+const BATCH_HEADROOM: usize = 64;
+
 /// Local change (vendor/README.md): for a batch of sequences whose normal caches at `layer` have
-/// different lengths or capacities, the largest capacity and, where the lengths differ, each
+/// different lengths or capacities, the batch's capacity (the longest row and
+/// [`BATCH_HEADROOM`], at most the largest capacity) and, where the lengths differ, each
 /// sequence's length; `None` when they are all alike (upstream's batch, assembled as before) or
 /// a cache is not normal.
 fn row_shapes(
@@ -280,6 +287,7 @@ fn row_shapes(
 ) -> Option<(Option<Vec<usize>>, usize)> {
     let mut lens = Vec::with_capacity(seqs.len());
     let mut capacities = Vec::with_capacity(seqs.len());
+    let mut max_seq_len = usize::MAX;
     for seq in seqs.iter_mut() {
         let cache = if modify_draft_cache {
             seq.normal_draft_cache()
@@ -290,14 +298,27 @@ fn row_shapes(
             KvCache::Normal { k, .. } if k.all_data.is_some() => {
                 lens.push(k.current_seq_len);
                 capacities.push(k.all_data.as_ref()?.dims()[2]);
+                max_seq_len = max_seq_len.min(k.max_seq_len);
             }
             _ => return None,
         }
     }
     let same_lens = lens.windows(2).all(|w| w[0] == w[1]);
     let same_capacities = capacities.windows(2).all(|w| w[0] == w[1]);
-    (!same_lens || !same_capacities)
-        .then(|| ((!same_lens).then_some(lens), capacities.into_iter().max().unwrap_or(0)))
+    if same_lens && same_capacities {
+        return None;
+    }
+    let largest = capacities.into_iter().max().unwrap_or(0);
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    // Room for BATCH_HEADROOM more positions, unless growing from there (by CACHE_GROW_SIZE)
+    // could pass the model's limit where the largest capacity would not.
+    let tight = (longest + BATCH_HEADROOM).next_multiple_of(BATCH_HEADROOM);
+    let capacity = if tight < largest && tight + NormalCache::CACHE_GROW_SIZE <= max_seq_len {
+        tight
+    } else {
+        largest
+    };
+    Some(((!same_lens).then_some(lens), capacity))
 }
 
 impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCacheManager {
