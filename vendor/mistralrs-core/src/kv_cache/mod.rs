@@ -287,7 +287,6 @@ fn row_shapes(
 ) -> Option<(Option<Vec<usize>>, usize)> {
     let mut lens = Vec::with_capacity(seqs.len());
     let mut capacities = Vec::with_capacity(seqs.len());
-    let mut max_seq_len = usize::MAX;
     for seq in seqs.iter_mut() {
         let cache = if modify_draft_cache {
             seq.normal_draft_cache()
@@ -298,7 +297,6 @@ fn row_shapes(
             KvCache::Normal { k, .. } if k.all_data.is_some() => {
                 lens.push(k.current_seq_len);
                 capacities.push(k.all_data.as_ref()?.dims()[2]);
-                max_seq_len = max_seq_len.min(k.max_seq_len);
             }
             _ => return None,
         }
@@ -310,15 +308,10 @@ fn row_shapes(
     }
     let largest = capacities.into_iter().max().unwrap_or(0);
     let longest = lens.iter().copied().max().unwrap_or(0);
-    // Room for BATCH_HEADROOM more positions, unless growing from there (by CACHE_GROW_SIZE)
-    // could pass the model's limit where the largest capacity would not.
+    // Room for BATCH_HEADROOM more positions; past them a decode step grows the cache by
+    // CACHE_GROW_SIZE, up to the model's limit (`SingleCache::reserve`).
     let tight = (longest + BATCH_HEADROOM).next_multiple_of(BATCH_HEADROOM);
-    let capacity = if tight < largest && tight + NormalCache::CACHE_GROW_SIZE <= max_seq_len {
-        tight
-    } else {
-        largest
-    };
-    Some(((!same_lens).then_some(lens), capacity))
+    Some(((!same_lens).then_some(lens), tight.min(largest)))
 }
 
 impl<T: CacheManagerMixin + MetadataMixin + ?Sized> CacheManager<T> for NormalCacheManager {

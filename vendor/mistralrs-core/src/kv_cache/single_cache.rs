@@ -134,6 +134,11 @@ impl SingleCache {
             let diff = self.current_seq_len + seq_len - self.capacity_seq_len;
             let n_blocks_needed = diff.div_ceil(NormalCache::CACHE_GROW_SIZE);
             self.capacity_seq_len += n_blocks_needed * NormalCache::CACHE_GROW_SIZE;
+            // Local change (vendor/README.md): growth stops at the model's limit when what is
+            // needed fits under it (a batch's capacity need not be a multiple of the step).
+            if self.capacity_seq_len > self.max_seq_len && self.current_seq_len + seq_len <= self.max_seq_len {
+                self.capacity_seq_len = self.max_seq_len;
+            }
             if self.capacity_seq_len > self.max_seq_len {
                 candle_core::bail!(
                     "kv-cache: requested capacity ({}) above max seq len ({})",
@@ -148,5 +153,32 @@ impl SingleCache {
             self.all_data = Some(ad);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Local change (vendor/README.md): a cache whose capacity is not a multiple of the growth
+    /// step (a batch's, mistralrs-core 14) grows up to the model's limit, not past it into an
+    /// error, holds what was appended, and refuses one position more.
+    #[test]
+    fn growth_stops_at_max_seq_len() {
+        let (max_seq_len, capacity) = (600, 128);
+        let mut cache = SingleCache::new(2, max_seq_len, capacity);
+        let positions = |n: usize, from: usize| {
+            let values: Vec<f32> = (from..from + n).map(|p| p as f32).collect();
+            Tensor::from_vec(values, (1, 1, n, 1), &Device::Cpu).unwrap()
+        };
+        cache.append(&positions(100, 0)).unwrap();
+        // 100 + 450 needs 550: one step of 512 from 128 would be 640, past 600.
+        cache.append(&positions(450, 100)).unwrap();
+        assert_eq!(cache.capacity_seq_len, max_seq_len);
+        cache.append(&positions(50, 550)).unwrap();
+        let held: Vec<f32> = cache.current_data().unwrap().unwrap().flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        assert_eq!(held, (0..600).map(|p| p as f32).collect::<Vec<_>>());
+        assert!(cache.append(&positions(1, 600)).is_err(), "past max_seq_len");
     }
 }
