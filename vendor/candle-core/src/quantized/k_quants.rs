@@ -2642,6 +2642,29 @@ mod tests {
             .collect()
     }
 
+    /// A xorshift stream of `u64`s from `seed` (no random-number crate in the tests).
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
+    /// A Q8_0 block with a scale of many magnitudes and values from `lowest` to 127, the extremes
+    /// often.
+    fn q8_0_block(next: &mut dyn FnMut() -> u64, lowest: i8) -> BlockQ8_0 {
+        BlockQ8_0 {
+            d: f16::from_f32(((next() % 2000) as f32 - 1000.0) * 10f32.powi((next() % 7) as i32 - 6)),
+            qs: std::array::from_fn(|_| match next() % 8 {
+                0 => lowest,
+                1 => 127,
+                _ => (next() as i8).max(lowest),
+            }),
+        }
+    }
+
     /// Unpatched 0.10.2's loop, serial: each element is `vec_dot` of its column and row.
     fn matmul_per_element<T: GgmlType>(m: usize, k: usize, n: usize, lhs: &[f32], rhs_t: &[T]) -> Vec<f32> {
         let k_in_blocks = k.div_ceil(T::BLCK_SIZE);
@@ -2711,29 +2734,15 @@ mod tests {
     #[test]
     fn q8_0_multi_kernels_are_bitwise_vec_dot() {
         use super::super::avx;
-        let mut state = 0x2545f4914f6cdd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let block = |next: &mut dyn FnMut() -> u64, lowest: i8| BlockQ8_0 {
-            d: f16::from_f32(((next() % 2000) as f32 - 1000.0) * 10f32.powi((next() % 7) as i32 - 6)),
-            qs: std::array::from_fn(|_| match next() % 8 {
-                0 => lowest,
-                1 => 127,
-                _ => (next() as i8).max(lowest),
-            }),
-        };
+        let mut next = xorshift(0x2545f4914f6cdd1d);
         let vnni = avx::has_avx512_vnni();
         if !vnni {
             eprintln!("this CPU has no AVX-512 VNNI: only the AVX2 kernel is checked");
         }
         for blocks in [1, 2, 5, 18, 40] {
             for _ in 0..20 {
-                let cols: Vec<Vec<BlockQ8_0>> = (0..4).map(|_| (0..blocks).map(|_| block(&mut next, -128)).collect()).collect();
-                let rows: Vec<Vec<BlockQ8_0>> = (0..4).map(|_| (0..blocks).map(|_| block(&mut next, -127)).collect()).collect();
+                let cols: Vec<Vec<BlockQ8_0>> = (0..4).map(|_| (0..blocks).map(|_| q8_0_block(&mut next, -128)).collect()).collect();
+                let rows: Vec<Vec<BlockQ8_0>> = (0..4).map(|_| (0..blocks).map(|_| q8_0_block(&mut next, -127)).collect()).collect();
                 let xs = [&cols[0][..], &cols[1][..], &cols[2][..], &cols[3][..]];
                 let ys = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
                 let n = blocks * QK8_0;
@@ -2758,11 +2767,9 @@ mod tests {
     fn scale_product_is_bitwise_two_conversions_and_a_multiply() {
         use super::super::avx;
         let special: [u16; 12] = [0x0000, 0x8000, 0x0001, 0x03ff, 0x0400, 0x3c00, 0xbc00, 0x7bff, 0x7c00, 0xfc00, 0x7e00, 0x8001];
-        let mut state = 0x9e3779b97f4a7c15u64;
+        let mut next = xorshift(0x9e3779b97f4a7c15);
         let random = std::iter::repeat_with(move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = next();
             (state as u16, (state >> 16) as u16)
         });
         let pairs = special.iter().flat_map(|&x| special.iter().map(move |&y| (x, y))).chain(random.take(500_000));
@@ -2784,21 +2791,11 @@ mod tests {
     #[cfg(target_feature = "avx2")]
     #[test]
     fn q8_0_vec_dot_is_bitwise_the_avx2_arithmetic() {
-        let mut state = 0x51ed270b27a0bd3fu64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let block = |next: &mut dyn FnMut() -> u64, lowest: i8| BlockQ8_0 {
-            d: f16::from_f32(((next() % 2000) as f32 - 1000.0) * 10f32.powi((next() % 7) as i32 - 6)),
-            qs: std::array::from_fn(|_| (next() as i8).max(lowest)),
-        };
+        let mut next = xorshift(0x51ed270b27a0bd3f);
         for blocks in [1, 2, 3, 18, 48, 200] {
             for _ in 0..50 {
-                let xs: Vec<BlockQ8_0> = (0..blocks).map(|_| block(&mut next, -128)).collect();
-                let ys: Vec<BlockQ8_0> = (0..blocks).map(|_| block(&mut next, -127)).collect();
+                let xs: Vec<BlockQ8_0> = (0..blocks).map(|_| q8_0_block(&mut next, -128)).collect();
+                let ys: Vec<BlockQ8_0> = (0..blocks).map(|_| q8_0_block(&mut next, -127)).collect();
                 let mut lanes = [0f32; 8];
                 for (x, y) in xs.iter().zip(&ys) {
                     let d = x.d.to_f32() * y.d.to_f32();
@@ -2824,13 +2821,7 @@ mod tests {
     #[cfg(target_feature = "avx2")]
     #[test]
     fn q8_0_from_float_is_bitwise_the_scalar_loop() {
-        let mut state = 0x6a09e667f3bcc909u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x6a09e667f3bcc909);
         let mut blocks: Vec<[f32; QK8_0]> = Vec::new();
         // 127 as the largest magnitude makes the scale 1: each value is its own product, so the
         // values around k + 0.5 test the rounding itself.
@@ -2886,12 +2877,12 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &(k, n))| {
-                let mut w = vec![BlockQ8_0::zeros(); n * k / 32];
+                let mut w = vec![BlockQ8_0::zeros(); n * k / QK8_0];
                 BlockQ8_0::from_float(&values(n * k, i as u64), &mut w);
                 w
             })
             .collect();
-        let bytes: usize = weights.iter().map(|w| w.len() * 34).sum();
+        let bytes: usize = weights.iter().map(|w| std::mem::size_of_val(w.as_slice())).sum();
         // ROWS activation rows (sequences decoding together), 1 by default.
         let rows = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
         let lhs: Vec<Vec<f32>> = [576, 1536].iter().map(|&k| values(rows * k, 9)).collect();

@@ -159,7 +159,7 @@ impl SingleCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     /// Local change (vendor/README.md): a cache whose capacity is not a multiple of the growth
     /// step (a batch's, mistralrs-core 14) grows up to the model's limit, not past it into an
@@ -177,7 +177,7 @@ mod tests {
         cache.append(&positions(450, 100)).unwrap();
         assert_eq!(cache.capacity_seq_len, max_seq_len);
         cache.append(&positions(50, 550)).unwrap();
-        let held: Vec<f32> = cache.current_data().unwrap().unwrap().flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        let held: Vec<f32> = cache.current_data().unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(held, (0..600).map(|p| p as f32).collect::<Vec<_>>());
         assert!(cache.append(&positions(1, 600)).is_err(), "past max_seq_len");
     }
