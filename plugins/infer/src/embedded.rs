@@ -11,6 +11,12 @@
 //! equal to one at a time (0.8.1 changed them with load on an H200, and no GPU was at hand to test
 //! the vendored fixes there), and the load must never change a result.
 //!
+//! So do the requests to a model mistral.rs cannot decode together at different lengths (any but
+//! a Llama-architecture GGUF on CPU: a safetensors model, a GGUF of another architecture): it would
+//! batch only sequences of equal length, and each step of the others would stream all the weights
+//! for one row while the rest wait: the main job so ran at 0.90× its speed one at a time
+//! (BENCHMARKS.md, before mixed-length decoding).
+//!
 //! A failed request is redone once, alone (the others wait for it), so a failure that load may
 //! cause is never recorded as an answer; [`Answer::redone_alone`] counts it.
 
@@ -38,7 +44,8 @@ pub struct Runner {
     model: Model,
     /// Shared by requests in flight; a request redone alone holds it exclusively.
     alone: RwLock<()>,
-    /// Every request runs alone (a GPU: see the module docs).
+    /// Every request runs alone (a GPU, or a model that does not decode mixed lengths together:
+    /// see the module docs).
     one_at_a_time: bool,
 }
 
@@ -93,7 +100,17 @@ pub async fn load_with(
     })
     .await
     .map_err(|e| format!("preparing weights: {e}"))??;
-    tracing::info!(weights = %weights.path.display(), "loading model");
+    // What the vendored mistral.rs decodes in one pass at different lengths on CPU
+    // (`Pipeline::decodes_mixed_lengths`, vendor/README.md, mistralrs-core 10).
+    let decodes_mixed_lengths = match weights.format {
+        catalog::WeightsFormat::Gguf => {
+            let path = weights.path.clone();
+            let architecture = tokio::task::spawn_blocking(move || crate::convert::architecture(&path)).await.map_err(|e| format!("reading the weights' header: {e}"))??;
+            architecture == "llama"
+        }
+        catalog::WeightsFormat::Safetensors => false,
+    };
+    tracing::info!(weights = %weights.path.display(), decodes_mixed_lengths, "loading model");
     let started = Instant::now();
     let model = match weights.format {
         catalog::WeightsFormat::Gguf => {
@@ -131,7 +148,7 @@ pub async fn load_with(
     }
     .map_err(|e| format!("loading {}: {e}", weights.path.display()))?;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
-    let one_at_a_time = matches!(device, DeviceSpec::Cuda(_));
+    let one_at_a_time = matches!(device, DeviceSpec::Cuda(_)) || !decodes_mixed_lengths;
     let runner = Arc::new(Runner { model, alone: RwLock::new(()), one_at_a_time });
     loaded.insert(key, runner.clone());
     Ok(runner)

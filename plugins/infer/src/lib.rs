@@ -58,10 +58,11 @@ pub struct InferConfig {
     pub models: Vec<Spanned<String>>,
     #[serde(default)]
     pub sampler: Sampler,
-    /// Most items of this stage in flight at once for embedded models (default 1, at most 64):
+    /// Most items of this stage in flight at once for embedded models (default 8, at most 64):
     /// mistral.rs batches them. Answers do not depend on it. On CPU, sequences of any lengths
-    /// decode together (GGUF Llama-architecture models) and prompts prefill together only at
-    /// equal token length: it pays most for long answers (BENCHMARKS.md).
+    /// decode together (GGUF Llama-architecture models; any other model runs its requests one
+    /// at a time) and prompts prefill together only at equal token length: it pays most for long
+    /// answers (BENCHMARKS.md).
     #[schemars(with = "Option<usize>", range(min = 1, max = 64))]
     pub max_in_flight: Option<Spanned<usize>>,
     /// Convert GGUF weights to this quantization before running (cached per machine). `q8_0`
@@ -358,13 +359,12 @@ pub struct Answer {
 /// reused. Changes proven bitwise neutral (candle's tiled matmul) keep it.
 pub const EMBEDDED_ENGINE: &str = "mistral.rs 0.8.1 + vendor: gguf pre-tokenizer by tokenizer.ggml.pre";
 
-/// Embedded items of one stage in flight at once, unless `max_in_flight` says otherwise. One:
-/// the main job (prompts of mixed lengths) took 12 min 37 s at 8 in flight against 11 min 21 s
-/// at 1 when mistral.rs batched only equal lengths on CPU. The vendored copy now decodes mixed
-/// lengths together (vendor/README.md, change 10; prompts still prefill one length at a time),
-/// and the eval workload at 8 is 1.08× its speed at 1 in one run (BENCHMARKS.md) — too little,
-/// measured once, to change the default before the main job is measured again.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 1;
+/// Embedded items of one stage in flight at once, unless `max_in_flight` says otherwise. Eight:
+/// the vendored mistral.rs decodes a Llama-architecture GGUF's sequences of any lengths together
+/// on CPU (vendor/README.md, mistralrs-core 10), and the main job's 240 samples took 26–28 s at
+/// 8 in flight against 28–32 s at 1, every answer the same (BENCHMARKS.md). A model it cannot
+/// decode so runs its requests one at a time whatever this says (`embedded`'s module docs).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
 
 pub use artifacts::AnswerTiming as Timing;
 

@@ -118,6 +118,8 @@ async fn runner(prefix_cache: bool) -> Arc<Runner> {
 
 async fn check_independent_of_load(prefix_cache: bool) -> Vec<Outcome> {
     let runner = runner(prefix_cache).await;
+    // A Llama-architecture GGUF on CPU: its requests batch (else the load below would test nothing).
+    assert!(!runner.one_at_a_time, "SmolLM2's requests would run one at a time");
     let requests = Arc::new(requests());
     let alone = run_all(&runner, &requests, 1).await;
     // The equal-length prompts really are of equal length, so they batch.
