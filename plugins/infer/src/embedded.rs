@@ -14,8 +14,8 @@
 //! So do the requests to a model mistral.rs cannot decode together at different lengths (any but
 //! a Llama-architecture GGUF on CPU: a safetensors model, a GGUF of another architecture): it would
 //! batch only sequences of equal length, and each step of the others would stream all the weights
-//! for one row while the rest wait: the main job so ran at 0.90× its speed one at a time
-//! (BENCHMARKS.md, before mixed-length decoding).
+//! for one row while the rest wait: so, at 8 in flight, the main job ran at 0.90× the speed of
+//! one at a time (BENCHMARKS.md, before mixed-length decoding).
 //!
 //! A failed request is redone once, alone (the others wait for it), so a failure that load may
 //! cause is never recorded as an answer; [`Answer::redone_alone`] counts it.
