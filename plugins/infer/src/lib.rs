@@ -361,8 +361,8 @@ pub const EMBEDDED_ENGINE: &str = "mistral.rs 0.8.1 + vendor: gguf pre-tokenizer
 
 /// Embedded items of one stage in flight at once, unless `max_in_flight` says otherwise. Eight:
 /// the vendored mistral.rs decodes a Llama-architecture GGUF's sequences of any lengths together
-/// on CPU (vendor/README.md, mistralrs-core 10), and the main job's 240 samples took 26–28 s at
-/// 8 in flight against 28–32 s at 1, every answer the same (BENCHMARKS.md). A model it cannot
+/// on CPU (vendor/README.md, mistralrs-core 10), and the main job's 240 samples on SmolLM2 took
+/// 26–28 s at 8 in flight against 28–32 s at 1, every answer the same (BENCHMARKS.md). A model it cannot
 /// decode so runs its requests one at a time whatever this says (`embedded`'s module docs).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
 
