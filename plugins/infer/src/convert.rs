@@ -21,15 +21,6 @@ pub fn converted_path(source: &Path) -> PathBuf {
     source.with_file_name(format!("{stem}.to-{}.gguf", crate::Prepare::Q8_0.spelling()))
 }
 
-/// The model architecture a GGUF file names (`general.architecture`: `llama`, `qwen2`, …), read
-/// from its header without its tensors.
-pub fn architecture(path: &Path) -> Result<String, String> {
-    let mut reader = BufReader::new(File::open(path).map_err(|e| format!("{}: {e}", path.display()))?);
-    let content = gguf_file::Content::read(&mut reader).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let value = content.metadata.get("general.architecture").ok_or_else(|| format!("{} names no `general.architecture`", path.display()))?;
-    value.to_string().map(Clone::clone).map_err(|e| format!("{}: `general.architecture`: {e}", path.display()))
-}
-
 /// Convert `source` to Q8_0 at [`converted_path`] unless it is already there.
 pub fn to_q8_0(source: &Path) -> Result<PathBuf, String> {
     let target = converted_path(source);

@@ -100,17 +100,7 @@ pub async fn load_with(
     })
     .await
     .map_err(|e| format!("preparing weights: {e}"))??;
-    // What the vendored mistral.rs decodes in one pass at different lengths on CPU
-    // (`Pipeline::decodes_mixed_lengths`, vendor/README.md, mistralrs-core 10).
-    let decodes_mixed_lengths = match weights.format {
-        catalog::WeightsFormat::Gguf => {
-            let path = weights.path.clone();
-            let architecture = tokio::task::spawn_blocking(move || crate::convert::architecture(&path)).await.map_err(|e| format!("reading the weights' header: {e}"))??;
-            architecture == "llama"
-        }
-        catalog::WeightsFormat::Safetensors => false,
-    };
-    tracing::info!(weights = %weights.path.display(), decodes_mixed_lengths, "loading model");
+    tracing::info!(weights = %weights.path.display(), "loading model");
     let started = Instant::now();
     let model = match weights.format {
         catalog::WeightsFormat::Gguf => {
@@ -147,7 +137,10 @@ pub async fn load_with(
         }
     }
     .map_err(|e| format!("loading {}: {e}", weights.path.display()))?;
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+    // Whether the vendored mistral.rs decodes this model's sequences of different lengths in one
+    // pass (vendor/README.md, mistralrs-core 10).
+    let decodes_mixed_lengths = model.config().map_err(|e| format!("mistral.rs: {e}"))?.decodes_mixed_lengths;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), decodes_mixed_lengths, "model loaded");
     let one_at_a_time = matches!(device, DeviceSpec::Cuda(_)) || !decodes_mixed_lengths;
     let runner = Arc::new(Runner { model, alone: RwLock::new(()), one_at_a_time });
     loaded.insert(key, runner.clone());

@@ -222,6 +222,10 @@ pub struct MistralRsConfig {
     pub modalities: Modalities,
     pub max_seq_len: Option<usize>,
     pub generation_defaults: Option<ModelGenerationDefaults>,
+    /// Local change (vendor/README.md): the engine decodes sequences of different lengths in one
+    /// forward pass (`Pipeline::decodes_mixed_lengths`, with a KV cache), so requests of any
+    /// lengths batch; otherwise only sequences of equal length do.
+    pub decodes_mixed_lengths: bool,
 }
 
 /// Configuration for recreating a model loader when reloading an unloaded model.
@@ -547,6 +551,8 @@ impl MistralRs {
         };
         let generation_defaults = pipeline_guard.generation_defaults();
         let encoder_cache_counters = pipeline_guard.encoder_cache_counters();
+        // The condition `Engine::new` turns mixed-length decoding on by.
+        let decodes_mixed_lengths = !config.no_kv_cache && pipeline_guard.decodes_mixed_lengths();
         drop(pipeline_guard);
 
         let logger = Arc::new(IntervalLogger::new(
@@ -565,6 +571,7 @@ impl MistralRs {
             modalities,
             max_seq_len,
             generation_defaults,
+            decodes_mixed_lengths,
         };
 
         let tx_for_engine = tx.clone();
