@@ -20,7 +20,7 @@
 //! A failed request is redone once, alone (the others wait for it), so a failure that load may
 //! cause is never recorded as an answer; [`Answer::redone_alone`] counts it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -63,7 +63,9 @@ impl Default for LoadOptions {
     }
 }
 
-static LOADED: OnceLock<Mutex<HashMap<String, Arc<Runner>>>> = OnceLock::new();
+/// Each loaded model, with the sources (and the directories they are relative to) whose files
+/// were verified for it in this process.
+static LOADED: OnceLock<Mutex<HashMap<String, (Arc<Runner>, HashSet<String>)>>> = OnceLock::new();
 
 /// The runner for these weights, fetching, verifying and loading them on first use.
 pub async fn load(source: &Source, sha256: &str, base: &Path, prepare: Option<Prepare>, device: DeviceSpec) -> Result<Arc<Runner>, String> {
@@ -80,26 +82,17 @@ pub async fn load_with(
 ) -> Result<Arc<Runner>, String> {
     let key = format!("{sha256}{}:{device:?}:{options:?}", prepare.map_or_else(String::new, |p| format!(":{}", p.spelling())));
     let mut loaded = LOADED.get_or_init(Default::default).lock().await;
-    if let Some(runner) = loaded.get(&key) {
+    let verified_as = format!("{source:?} from {}", base.display());
+    if let Some((runner, verified)) = loaded.get_mut(&key) {
+        // The same weights, loaded from another source (a model directory and a pinned repository
+        // of one model): this source's files are verified too, once, before it shares them.
+        if !verified.contains(&verified_as) {
+            weights_of(source, base, prepare).await?;
+            verified.insert(verified_as);
+        }
         return Ok(runner.clone());
     }
-    let (source, base) = (source.clone(), base.to_path_buf());
-    let weights = tokio::task::spawn_blocking(move || {
-        let weights = match catalog::fetch::resolve(&source, &base) {
-            Err(catalog::fetch::FetchError::NotInHfCache { .. }) => {
-                crate::hub::download(&source)?;
-                catalog::fetch::resolve(&source, &base)
-            }
-            other => other,
-        }
-        .map_err(|e| e.to_string())?;
-        match (prepare, &weights.format) {
-            (Some(Prepare::Q8_0), catalog::WeightsFormat::Gguf) => Ok(catalog::fetch::Weights { path: crate::convert::to_q8_0(&weights.path)?, ..weights }),
-            _ => Ok::<_, String>(weights),
-        }
-    })
-    .await
-    .map_err(|e| format!("preparing weights: {e}"))??;
+    let weights = weights_of(source, base, prepare).await?;
     tracing::info!(weights = %weights.path.display(), "loading model");
     let started = Instant::now();
     let model = match weights.format {
@@ -143,8 +136,29 @@ pub async fn load_with(
     tracing::info!(seconds = started.elapsed().as_secs_f64(), decodes_mixed_lengths, "model loaded");
     let one_at_a_time = matches!(device, DeviceSpec::Cuda(_)) || !decodes_mixed_lengths;
     let runner = Arc::new(Runner { model, alone: RwLock::new(()), one_at_a_time });
-    loaded.insert(key, runner.clone());
+    loaded.insert(key, (runner.clone(), HashSet::from([verified_as])));
     Ok(runner)
+}
+
+/// The weights of `source`, fetched where missing, verified, and prepared.
+async fn weights_of(source: &Source, base: &Path, prepare: Option<Prepare>) -> Result<catalog::fetch::Weights, String> {
+    let (source, base) = (source.clone(), base.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let weights = match catalog::fetch::resolve(&source, &base) {
+            Err(catalog::fetch::FetchError::NotInHfCache { .. }) => {
+                crate::hub::download(&source)?;
+                catalog::fetch::resolve(&source, &base)
+            }
+            other => other,
+        }
+        .map_err(|e| e.to_string())?;
+        match (prepare, &weights.format) {
+            (Some(Prepare::Q8_0), catalog::WeightsFormat::Gguf) => Ok(catalog::fetch::Weights { path: crate::convert::to_q8_0(&weights.path)?, ..weights }),
+            _ => Ok::<_, String>(weights),
+        }
+    })
+    .await
+    .map_err(|e| format!("preparing weights: {e}"))?
 }
 
 impl Runner {
