@@ -12,8 +12,16 @@ client. Workloads:
           system message; about 133 prompt tokens, at most 8 new, stop at a newline): items/s.
   decode  8 chat prompts x 64 new tokens: tokens/s at 1 in flight, aggregate at 8 in flight.
   ttft    time to first token p50 over 8 prompts one at a time, without and with a shared system
-          prompt (~170 tokens; prefix caches on, as both engines default). Ours: the stage's recorded
-          prefill time; llama.cpp: first streamed token, measured by this script.
+          prompt (~170 tokens; prefix caches on, as both engines default), each engine's own measure
+          of its prompt's processing: ours the stage's recorded prefill time, llama.cpp the
+          `timings.prompt_ms` of its response (with `prompt_n`, the tokens it processed).
+
+Every measured run starts both engines cold: ours is a new `pipeline run` process, and llama-server
+is started afresh before each run. One server kept for the whole bench answered from what earlier
+runs left it: a slot still holding the same prompt is picked by its similarity and only the prompt's
+last token is processed, and prompts evicted from a slot are kept in a host-memory prompt cache
+(`--cache-ram`, 8 GiB by default) and loaded back. The decode prompts at 8 in flight, the repeats and
+the time to first token (the decode prompts again) then measured llama.cpp with its prefill skipped.
 
 Throughput is wall time of `pipeline run` minus that of the same pipeline on one sample with one new
 token (process start, model load and stage setup; the one tiny request makes both engines look
@@ -105,6 +113,11 @@ def build_llama_server():
 
 class Server:
     def __init__(self, binary, gguf):
+        self.binary, self.gguf = binary, gguf
+        self.start()
+
+    def start(self):
+        binary, gguf = self.binary, self.gguf
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -132,24 +145,21 @@ class Server:
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read())
 
-    def first_token_s(self, messages):
-        """Seconds to the first streamed content token of a greedy chat completion."""
-        body = {"model": "smollm2", "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True}
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions",
-                                     json.dumps(body).encode(), {"Content-Type": "application/json"})
-        t0 = time.perf_counter()
-        first = None
-        with urllib.request.urlopen(req, timeout=120) as r:
-            for line in r:
-                if first is None and line.startswith(b"data: {"):
-                    delta = json.loads(line[6:])["choices"][0]["delta"]
-                    if delta.get("content"):
-                        first = time.perf_counter() - t0
-        return first
+    def prompt_timing(self, messages):
+        """(seconds, tokens) the server spent processing a greedy chat completion's prompt, by its own timings."""
+        body = {"model": "smollm2", "messages": messages, "max_tokens": 8, "temperature": 0}
+        timings = self.post("/v1/chat/completions", body)["timings"]
+        return timings["prompt_ms"] / 1000, timings["prompt_n"]
 
     def stop(self):
         self.proc.terminate()
         self.proc.wait()
+
+    def restart(self, catalog_path):
+        """A cold server: no slot and no prompt cache holds anything an earlier run sent."""
+        self.stop()
+        self.start()
+        catalog(catalog_path, self.port)
 
 
 def served_entry(model_id, port, served_model):
@@ -215,13 +225,16 @@ sampler = {sampler}
     return wall, json.loads(out)["models"][model]["answers"]
 
 
-def throughput(binary, workdir, rows, template, system, sampler, model, in_flight, repeat):
-    """(items/s, generated tokens/s, answers) of the best of `repeat` runs, setup subtracted."""
-    base = min(run_stage(binary, workdir, rows[:1], template, system, "{ max_tokens = 1 }", model, 1)[0]
-               for _ in range(repeat))
+def throughput(binary, workdir, rows, template, system, sampler, model, in_flight, repeat, cold):
+    """(items/s, generated tokens/s, answers) of the best of `repeat` runs, setup subtracted;
+    `cold()` runs before each run."""
+    def stage(*args):
+        cold()
+        return run_stage(binary, workdir, *args)
+    base = min(stage(rows[:1], template, system, "{ max_tokens = 1 }", model, 1)[0] for _ in range(repeat))
     best, answers = None, None
     for _ in range(repeat):
-        wall, answers = run_stage(binary, workdir, rows, template, system, sampler, model, in_flight)
+        wall, answers = stage(rows, template, system, sampler, model, in_flight)
         best = wall if best is None else min(best, wall)
     seconds = best - base
     tokens = sum(a["completion_tokens"] for a in answers)
@@ -230,8 +243,8 @@ def throughput(binary, workdir, rows, template, system, sampler, model, in_fligh
 
 def sweep(binary, workdir, engines, rows, template, system, sampler, repeat):
     """{(model, in flight): (items/s, tokens/s, answers)} for every engine at 1 and 8 in flight."""
-    return {(model, n): throughput(binary, workdir, rows, template, system, sampler, model, n, repeat)
-            for _, model in engines for n in (1, 8)}
+    return {(model, n): throughput(binary, workdir, rows, template, system, sampler, model, n, repeat, cold)
+            for _, model, cold in engines for n in (1, 8)}
 
 
 def texts(answers):
@@ -261,7 +274,8 @@ def main():
     gguf = cache / "SmolLM2-135M-Instruct.Q4_1.to-q8_0-v1.gguf"
     server = Server(server_bin, gguf)
     catalog(workdir / "catalog.toml", server.port)
-    engines = [("pipeline infer (mistral.rs)", MODEL), ("llama-server", "smollm2-llamacpp")]
+    engines = [("pipeline infer (mistral.rs)", MODEL, lambda: None),
+               ("llama-server", "smollm2-llamacpp", lambda: server.restart(workdir / "catalog.toml"))]
     cores = os.cpu_count()
     print(f"SmolLM2-135M-Instruct Q8_0 ({gguf.name}), greedy, {cores} cores; best of {args.repeat}")
     try:
@@ -274,7 +288,7 @@ def main():
             print(f"  {'engine':<30} {'in flight':>9} {'items/s':>8} {'prompt tok/item':>16}")
             got = sweep(binary, workdir, engines, rows, template, system, '{ max_tokens = 8, stop = ["\\n"] }', args.repeat)
             rates = {key: (ips, texts(answers)) for key, (ips, _, answers) in got.items()}
-            for name, model in engines:
+            for name, model, cold in engines:
                 for n in (1, 8):
                     ips, _, answers = got[(model, n)]
                     prompt = sum(a["prompt_tokens"] for a in answers) / len(answers)
@@ -291,7 +305,7 @@ def main():
             print(f"  {'engine':<30} {'in flight':>9} {'tok/s':>8}")
             got = {key: (tps, answers) for key, (_, tps, answers) in
                    sweep(binary, workdir, engines, decode_rows, user, None, f"{{ max_tokens = {DECODE_TOKENS} }}", args.repeat).items()}
-            for name, model in engines:
+            for name, model, cold in engines:
                 for n in (1, 8):
                     print(f"  {name:<30} {n:>9} {got[(model, n)][0]:>8.1f}")
             for n in (1, 8):
@@ -312,19 +326,25 @@ def main():
             print(f"\nttft: p50 over {len(PROMPTS)} prompts, one at a time")
             print(f"  {'engine':<30} {'no shared prefix':>17} {'shared system prompt':>21}")
             system_rows = decode_rows
-            for name, model in engines:
+            for name, model, cold in engines:
                 cells = []
                 for system in (None, SYSTEM):
+                    cold()
                     if model == MODEL:
                         _, answers = run_stage(binary, workdir, system_rows, user, system, "{ max_tokens = 8 }", MODEL, 1)
                         values = [a["timing"]["prefill_ms"] / 1000 for a in answers]
+                        processed = None
                     else:
-                        values = []
+                        values, processed = [], []
                         for row in system_rows:
                             messages = ([{"role": "system", "content": system}] if system else []) + \
                                 [{"role": "user", "content": row["text"]}]
-                            values.append(server.first_token_s(messages))
+                            seconds, tokens = server.prompt_timing(messages)
+                            values.append(seconds)
+                            processed.append(tokens)
                     cells.append(sorted(values)[len(values) // 2] * 1000)
+                    if processed:
+                        print(f"    llama-server processed {processed} prompt tokens")
                 print(f"  {name:<30} {cells[0]:>14.0f} ms {cells[1]:>18.0f} ms")
     finally:
         server.stop()
