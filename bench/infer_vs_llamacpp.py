@@ -288,7 +288,7 @@ def main():
             print(f"  {'engine':<30} {'in flight':>9} {'items/s':>8} {'prompt tok/item':>16}")
             got = sweep(binary, workdir, engines, rows, template, system, '{ max_tokens = 8, stop = ["\\n"] }', args.repeat)
             rates = {key: (ips, texts(answers)) for key, (ips, _, answers) in got.items()}
-            for name, model, cold in engines:
+            for name, model, _ in engines:
                 for n in (1, 8):
                     ips, _, answers = got[(model, n)]
                     prompt = sum(a["prompt_tokens"] for a in answers) / len(answers)
@@ -305,7 +305,7 @@ def main():
             print(f"  {'engine':<30} {'in flight':>9} {'tok/s':>8}")
             got = {key: (tps, answers) for key, (_, tps, answers) in
                    sweep(binary, workdir, engines, decode_rows, user, None, f"{{ max_tokens = {DECODE_TOKENS} }}", args.repeat).items()}
-            for name, model, cold in engines:
+            for name, model, _ in engines:
                 for n in (1, 8):
                     print(f"  {name:<30} {n:>9} {got[(model, n)][0]:>8.1f}")
             for n in (1, 8):
