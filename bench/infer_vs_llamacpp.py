@@ -22,12 +22,14 @@ runs left it: a slot still holding the same prompt is picked by its similarity a
 last token is processed, and prompts evicted from a slot are kept in a host-memory prompt cache
 (`--cache-ram`, 8 GiB by default) and loaded back. The decode prompts at 8 in flight, the repeats and
 the time to first token (the decode prompts again) then measured llama.cpp with its prefill skipped.
+`--only warm` shows it: the decode prompts at 8 in flight against a fresh server and against one
+that has just answered them at 1 in flight, then each asked again (prompt tokens processed).
 
 Throughput is wall time of `pipeline run` minus that of the same pipeline on one sample with one new
 token (process start, model load and stage setup; the one tiny request makes both engines look
 about 0.1 s faster, the same for both). Each figure is the best of `--repeat` runs (default 2).
 
-    python3 bench/infer_vs_llamacpp.py [--repeat N] [--only eval,decode,ttft]
+    python3 bench/infer_vs_llamacpp.py [--repeat N] [--only eval,decode,ttft,warm]
 
 `PIPELINE_BIN=path` runs that `pipeline` binary instead of building this checkout's.
 """
@@ -254,7 +256,7 @@ def texts(answers):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--only", default="eval,decode,ttft")
+    ap.add_argument("--only", default="eval,decode,ttft")  # and `warm`
     args = ap.parse_args()
     only = set(args.only.split(","))
     binary = os.environ.get("PIPELINE_BIN")  # a binary built already, else this checkout's
@@ -346,6 +348,19 @@ def main():
                     if processed:
                         print(f"    llama-server processed {processed} prompt tokens")
                 print(f"  {name:<30} {cells[0]:>14.0f} ms {cells[1]:>18.0f} ms")
+        if "warm" in only:
+            print(f"\nwarm: llama-server, {len(PROMPTS)} prompts x {DECODE_TOKENS} tokens at 8 in flight, `pipeline run` wall")
+            _, model, cold = engines[1]
+            sampler = f"{{ max_tokens = {DECODE_TOKENS} }}"
+            for _ in range(args.repeat):
+                cold()
+                fresh = run_stage(binary, workdir, decode_rows, user, None, sampler, model, 8)[0]
+                cold()
+                run_stage(binary, workdir, decode_rows, user, None, sampler, model, 1)
+                warm = run_stage(binary, workdir, decode_rows, user, None, sampler, model, 8)[0]
+                again = [server.prompt_timing([{"role": "user", "content": r["text"]}]) for r in decode_rows]
+                print(f"  fresh server {fresh:.2f} s, after the same prompts at 1 in flight {warm:.2f} s; asked again, "
+                      f"prompt tokens processed {[n for _, n in again]} in {[round(t * 1000) for t, _ in again]} ms")
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
