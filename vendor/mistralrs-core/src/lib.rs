@@ -551,8 +551,7 @@ impl MistralRs {
         };
         let generation_defaults = pipeline_guard.generation_defaults();
         let encoder_cache_counters = pipeline_guard.encoder_cache_counters();
-        // The condition `Engine::new` turns mixed-length decoding on by.
-        let decodes_mixed_lengths = !config.no_kv_cache && pipeline_guard.decodes_mixed_lengths();
+        let decodes_mixed_lengths = engine::decodes_mixed_lengths(&*pipeline_guard, config.no_kv_cache);
         drop(pipeline_guard);
 
         let logger = Arc::new(IntervalLogger::new(

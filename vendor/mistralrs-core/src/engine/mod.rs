@@ -153,6 +153,13 @@ pub static ENGINE_INSTRUCTIONS: LazyLock<
     std::sync::Mutex<HashMap<usize, Option<EngineInstruction>>>,
 > = LazyLock::new(|| std::sync::Mutex::new(HashMap::new()));
 
+/// Local change (vendor/README.md): whether the engine decodes this pipeline's sequences of
+/// different lengths in one forward pass — where the pipeline can, and only with a KV cache to
+/// hold their lengths. `Engine::new` turns it on by this; `MistralRsConfig` reports it.
+pub(crate) fn decodes_mixed_lengths(pipeline: &dyn Pipeline, no_kv_cache: bool) -> bool {
+    !no_kv_cache && pipeline.decodes_mixed_lengths()
+}
+
 pub struct Engine {
     tx: Sender<Request>,
     rx: Arc<Mutex<Receiver<Request>>>,
@@ -220,8 +227,8 @@ impl Engine {
         // This ensures PagedAttention prefix caching respects the same setting
         get_mut_arcmutex!(scheduler).set_prefix_caching_enabled(!no_prefix_cache);
         // Local change (vendor/README.md): decode sequences of different lengths together where
-        // the pipeline can (and only with a KV cache to hold their lengths).
-        if !no_kv_cache && get_mut_arcmutex!(pipeline).decodes_mixed_lengths() {
+        // the pipeline can.
+        if decodes_mixed_lengths(&*get_mut_arcmutex!(pipeline), no_kv_cache) {
             get_mut_arcmutex!(scheduler).set_mixed_length_decoding(true);
         }
 
