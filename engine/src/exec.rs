@@ -303,11 +303,21 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<(Digest, Dige
     let mut running: JoinSet<(usize, Result<StageDone, StageFail>)> = JoinSet::new();
     let mut fatal = None;
     let feed_to = pipeline.iterate.as_ref().filter(|_| iteration > 0).map(|it| (it.to, it.from));
+    // The stage running with nothing beside it ([`Stage::runs_alone`]), if one is.
+    let mut alone: Option<usize> = None;
 
     loop {
-        while running.len() < jobs && fatal.is_none() && !ctx.cancel.load(Ordering::SeqCst) {
-            let Some(i) = ready.pop_first() else { break };
+        while running.len() < jobs && alone.is_none() && fatal.is_none() && !ctx.cancel.load(Ordering::SeqCst) {
+            let Some(&i) = ready.first() else { break };
             let node = &pipeline.stages[i];
+            let is_fed = matches!((feed_to, fed), (Some((to, _)), Some(_)) if to == i);
+            let runs_alone = node.stage.runs_alone() && !is_fed;
+            if runs_alone && !running.is_empty() {
+                // It starts once what runs has finished, and nothing else starts before it.
+                tracing::debug!(stage = node.id, running = running.len(), "waits to run alone");
+                break;
+            }
+            ready.pop_first();
             if let (Some((to, from)), Some((output, stable))) = (feed_to, fed)
                 && to == i
             {
@@ -333,6 +343,9 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<(Digest, Dige
             let inputs = upstream(|r| r.output);
             let stable_inputs = upstream(|r| r.stable);
             let ctx = ctx.clone();
+            if runs_alone {
+                alone = Some(i);
+            }
             running.spawn(async move {
                 let result = run_stage(&ctx, iteration, i, inputs, stable_inputs).await;
                 (i, result)
@@ -343,6 +356,9 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<(Digest, Dige
             Ok(v) => v,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
+        if alone == Some(i) {
+            alone = None;
+        }
         let node = &pipeline.stages[i];
         let mut result = StageResult {
             id: node.id.clone(),

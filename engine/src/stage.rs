@@ -183,6 +183,13 @@ pub trait Stage: Send + Sync {
         1
     }
 
+    /// Whether the stage must have the machine to itself: no other stage of the pipeline runs
+    /// while it does (it waits for those running to finish, and none starts before it ends). For
+    /// a stage that measures speed, which another stage's work on the same cores would be in.
+    fn runs_alone(&self) -> bool {
+        false
+    }
+
     /// What the stage resolved while building that its results depend on but its config does not
     /// spell out (e.g. the weights digest of each model named in the config, from a catalog). It is
     /// fingerprinted with the config, so a change to it reruns the stage.

@@ -205,6 +205,76 @@ impl Stage for TimedStage {
     }
 }
 
+/// `busy`: like `timed` without the measurement, each item taking 30 ms and noting in `BUSY` what
+/// ran beside it; with `alone = true` it asks to run with no other stage.
+struct Busy;
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct BusyConfig {
+    #[serde(default)]
+    alone: bool,
+    /// Part of each item's input, so that stages' items are not memoized for one another.
+    label: String,
+}
+struct BusyStage(BusyConfig);
+impl StagePlugin for Busy {
+    type Config = BusyConfig;
+    const KIND: &'static str = "busy";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "copy numbers, slowly";
+    const INPUTS: &'static [Port] = &[Port::new("numbers", "numbers")];
+    const OUTPUT: &'static str = "numbers";
+    fn build(config: BusyConfig, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        Ok(Arc::new(BusyStage(config)))
+    }
+}
+/// Items of `busy` stages running now, of those the ones asking to run alone, the most that ran at
+/// once, and whether an item asking to run alone ever had company.
+struct BusyLog {
+    now: AtomicUsize,
+    alone_now: AtomicUsize,
+    most: AtomicUsize,
+    company: AtomicBool,
+}
+static BUSY: BusyLog = BusyLog { now: AtomicUsize::new(0), alone_now: AtomicUsize::new(0), most: AtomicUsize::new(0), company: AtomicBool::new(false) };
+impl BusyLog {
+    fn check(&self, alone: bool) {
+        let (now, alone_now) = (self.now.load(Ordering::SeqCst), self.alone_now.load(Ordering::SeqCst));
+        if (alone && now > 1) || (!alone && alone_now > 0) {
+            self.company.store(true, Ordering::SeqCst);
+        }
+    }
+}
+#[async_trait::async_trait]
+impl Stage for BusyStage {
+    fn items(&self, input: &StageInput) -> Result<Vec<Item>, StageError> {
+        let values = input.input("numbers")?["values"].as_array().unwrap();
+        Ok(values.iter().map(|v| Item { id: v["id"].as_str().unwrap().into(), input: json!({"value": v, "label": self.0.label}) }).collect())
+    }
+    async fn run_item(&self, item: &Item, _: &ItemContext) -> Result<Value, StageError> {
+        let alone = self.0.alone;
+        let now = BUSY.now.fetch_add(1, Ordering::SeqCst) + 1;
+        BUSY.most.fetch_max(now, Ordering::SeqCst);
+        if alone {
+            BUSY.alone_now.fetch_add(1, Ordering::SeqCst);
+        }
+        BUSY.check(alone);
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        BUSY.check(alone);
+        if alone {
+            BUSY.alone_now.fetch_sub(1, Ordering::SeqCst);
+        }
+        BUSY.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(item.input["value"].clone())
+    }
+    fn runs_alone(&self) -> bool {
+        self.0.alone
+    }
+    fn finish(&self, _: &StageInput, results: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        Ok(json!({"values": results.into_iter().map(|(_, v)| v).collect::<Vec<_>>()}))
+    }
+}
+
 /// `stream_shift`: `shift` with `add = 1` and no parameter, its input read one element at a time
 /// and its output written as it is assembled.
 struct StreamShift;
@@ -338,7 +408,7 @@ impl Stage for ElementResultsStage {
 fn registry() -> Registry {
     let mut r = Registry::new();
     r.register::<Numbers>().register::<Constant>().register::<Shift>().register::<Sum>().register::<Improve>().register::<Timed>().register::<StreamShift>().register::<StreamResults>();
-    r.register::<ElementResults>();
+    r.register::<ElementResults>().register::<Busy>();
     r
 }
 
@@ -455,6 +525,22 @@ fn first_run_executes_everything_and_second_nothing() {
         ]
     );
     assert_eq!(p.run(), ["0 done, targets met: None", "0 nums fresh", "0 param fresh", "0 shifted fresh", "0 total fresh"]);
+}
+
+#[test]
+fn a_stage_that_runs_alone_waits_for_the_others_and_none_start_beside_it() {
+    // `a` and `b` run side by side; `alone`, next in line, waits for them, and `d` waits for it.
+    let pipeline = "[stages.nums]\nkind = \"numbers\"\npath = \"nums.txt\"\n\
+        [stages.a]\nkind = \"busy\"\nneeds = [\"nums\"]\nlabel = \"a\"\n[stages.b]\nkind = \"busy\"\nneeds = [\"nums\"]\nlabel = \"b\"\n\
+        [stages.alone]\nkind = \"busy\"\nneeds = [\"nums\"]\nlabel = \"alone\"\nalone = true\n\
+        [stages.d]\nkind = \"busy\"\nneeds = [\"nums\"]\nlabel = \"d\"\n";
+    let p = Project::new(pipeline, "1\n2\n3\n");
+    let log = p.run();
+    for stage in ["a", "b", "alone", "d"] {
+        assert!(log.contains(&format!("0 {stage} run (3 of 3 items)")), "{log:?}");
+    }
+    assert_eq!(BUSY.most.load(Ordering::SeqCst), 2, "the stages that may share the machine share it");
+    assert!(!BUSY.company.load(Ordering::SeqCst), "a stage asking to run alone had company");
 }
 
 #[test]

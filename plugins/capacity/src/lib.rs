@@ -291,6 +291,11 @@ impl Stage for CapacityStage {
         1
     }
 
+    fn runs_alone(&self) -> bool {
+        // Nor may another stage's work (an `infer` stage answering on the same cores).
+        true
+    }
+
     fn volatile_keys(&self) -> &'static [&'static str] {
         &["timing"]
     }
