@@ -2,10 +2,8 @@
 //! time) over HTTP, and the embedded SmolLM2 served on loopback by `pipeline serve`'s code. Loads
 //! are short (4 s) so the tests stay bounded; the figures are real measurements all the same, so
 //! the checks are on what must hold whatever the machine: the search's shape, the bisection's
-//! verdicts, and that select decides on them. The two never run at once (each would load the
-//! other's measurement).
-
-use std::sync::Mutex;
+//! verdicts, and that select decides on them. Each has the machine to itself
+//! ([`Project::measuring`]): no other test's model runs on the cores it measures.
 
 use serde_json::Value;
 
@@ -13,9 +11,6 @@ use crate::http::{LlamaServer, write_catalog};
 use crate::{Project, open_offline_in_chromium, pixels_of, text};
 
 const KEY: &str = "sk-capacity-test";
-
-/// Held by each test while it measures.
-static MEASURING: Mutex<()> = Mutex::new(());
 
 /// The capacity stage measuring `model` from `catalog` on the rendered tickets (`extra`: more
 /// settings).
@@ -101,9 +96,8 @@ fn floats_in(value: &toml::Value) -> Vec<f64> {
 
 #[test]
 fn capacity_against_llama_cpp_finds_a_max_rate_and_select_decides_on_it() {
-    let _measuring = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let p = Project::measuring();
     let server = LlamaServer::start(KEY);
-    let p = Project::new();
     p.keep_tickets(12);
     write_catalog(&p, &[server.base_url()]);
     let pipeline = |min_rps: f64| p.read("select.toml") + &capacity_stage("served.toml", "smollm2-served", "") + &decided_stages("served.toml", "smollm2-served", min_rps);
@@ -146,8 +140,7 @@ fn capacity_against_llama_cpp_finds_a_max_rate_and_select_decides_on_it() {
 
 #[test]
 fn capacity_measures_the_embedded_model_served_on_loopback() {
-    let _measuring = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
-    let p = Project::new();
+    let p = Project::measuring();
     p.keep_tickets(12);
     let (catalog, model) = ("../catalogs/open-models.toml", "smollm2-135m-instruct");
     p.write("load.toml", &(p.read("select.toml") + &capacity_stage(catalog, model, "prepare = \"q8_0\"") + &decided_stages(catalog, model, 0.05)));

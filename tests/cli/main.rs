@@ -48,10 +48,85 @@ struct Project {
     _top: tempfile::TempDir,
     /// The copy of `pipelines/`, where commands run.
     dir: PathBuf,
+    _machine: Machine,
+}
+
+/// The tests share the machine (cargo runs them side by side), except those measuring speed: a
+/// [`Project`] holds a share of it for its life, a measuring one ([`Project::measuring`]) all of
+/// it, so that no other test's model runs on the cores it measures. A measuring test waiting for
+/// the machine lets no new test take a share (a test already holding one may take more: some
+/// keep two projects).
+enum Machine {
+    Share,
+    Whole,
+}
+
+struct Shares {
+    held: usize,
+    measuring: bool,
+    waiting: usize,
+}
+
+static SHARES: std::sync::Mutex<Shares> = std::sync::Mutex::new(Shares { held: 0, measuring: false, waiting: 0 });
+static SHARES_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+thread_local! {
+    /// Shares held by this thread's test.
+    static HELD_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl Machine {
+    fn lock() -> std::sync::MutexGuard<'static, Shares> {
+        SHARES.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn wait(shares: std::sync::MutexGuard<'static, Shares>) -> std::sync::MutexGuard<'static, Shares> {
+        SHARES_CHANGED.wait(shares).unwrap_or_else(|e| e.into_inner())
+    }
+    fn share() -> Machine {
+        let here = HELD_HERE.get();
+        let mut shares = Machine::lock();
+        while shares.measuring || (shares.waiting > 0 && here == 0) {
+            shares = Machine::wait(shares);
+        }
+        shares.held += 1;
+        HELD_HERE.set(here + 1);
+        Machine::Share
+    }
+    fn whole() -> Machine {
+        let mut shares = Machine::lock();
+        shares.waiting += 1;
+        while shares.measuring || shares.held > 0 {
+            shares = Machine::wait(shares);
+        }
+        shares.waiting -= 1;
+        shares.measuring = true;
+        Machine::Whole
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let mut shares = Machine::lock();
+        match self {
+            Machine::Share => {
+                shares.held -= 1;
+                HELD_HERE.set(HELD_HERE.get() - 1);
+            }
+            Machine::Whole => shares.measuring = false,
+        }
+        SHARES_CHANGED.notify_all();
+    }
 }
 
 impl Project {
     fn new() -> Project {
+        Project::with(Machine::share())
+    }
+    /// A project whose test measures speed: it waits until no other test runs, and none starts
+    /// until it is dropped.
+    fn measuring() -> Project {
+        Project::with(Machine::whole())
+    }
+    fn with(machine: Machine) -> Project {
         let top = tempfile::tempdir().unwrap();
         copy_dir(&root().join("catalogs"), &top.path().join("catalogs"));
         let dir = top.path().join("pipelines");
@@ -63,7 +138,7 @@ impl Project {
         for lock in std::fs::read_dir(&dir).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "lock")) {
             std::fs::remove_file(lock.path()).unwrap();
         }
-        Project { _top: top, dir }
+        Project { _top: top, dir, _machine: machine }
     }
     fn path(&self, rel: &str) -> PathBuf {
         self.dir.join(rel)
