@@ -56,8 +56,12 @@ const CONSTRAINTS: &str = include_str!("constraints.txt");
 const TRAIN_PY: &str = include_str!("train.py");
 
 /// The CPU kernels training is pinned to (environment of the trainer): AVX2 in PyTorch's own
-/// kernels and in MKL's (conditional numerical reproducibility), one thread. Any x86-64 CPU with
-/// AVX2 computes the same numbers; one with AVX-512 would otherwise pick other kernels.
+/// kernels and in MKL's (conditional numerical reproducibility), one thread; without the pin a CPU
+/// with AVX-512 picks other kernels. MKL honours the AVX2 branch on Intel's CPUs only: on AMD's,
+/// `MKL_VERBOSE=1` shows `CNR:AUTO`, its default path (AMD EPYCs have trained the same bytes as an
+/// earlier Intel machine under the AVX2 branch). Machines of one kind train the same bytes; Intel
+/// Sapphire Rapids VMs train other bytes than those (BENCHMARKS.md), and `scripts/train_kernels`
+/// finds where.
 const KERNELS: &[(&str, &str)] = &[("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2"), ("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1")];
 
 /// Fewer dev examples than this cannot teach a model a task.
