@@ -205,6 +205,33 @@ impl Stage for TimedStage {
     }
 }
 
+/// `drift`: a stage that is not reproducible, as a training on another kind of CPU is not: each
+/// execution outputs the next value of `DRIFT`, and names it (and a part that never changes) from
+/// its output, as a finetune stage names its model's files.
+struct Drift;
+struct DriftStage;
+static DRIFT: AtomicUsize = AtomicUsize::new(0);
+impl StagePlugin for Drift {
+    type Config = Empty;
+    const KIND: &'static str = "drift";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "another value each time it runs";
+    const INPUTS: &'static [Port] = &[];
+    const OUTPUT: &'static str = "param";
+    fn build(_: Empty, _: &mut BuildContext) -> Result<Arc<dyn Stage>, Vec<Diagnostic>> {
+        Ok(Arc::new(DriftStage))
+    }
+}
+impl Stage for DriftStage {
+    fn finish(&self, _: &StageInput, _: Vec<(Item, Value)>) -> Result<Value, StageError> {
+        Ok(json!({"value": DRIFT.fetch_add(1, Ordering::SeqCst)}))
+    }
+    fn output_pins(&self, output: &dyn Fn() -> Option<Value>) -> crate::Pins {
+        let value = output().map(|o| o["value"].to_string()).unwrap_or_default();
+        [("the drift".to_string(), [("value".to_string(), value), ("unit".to_string(), "none".to_string())].into())].into()
+    }
+}
+
 /// `busy`: like `timed` without the measurement, each item taking 30 ms and noting in `BUSY` what
 /// ran beside it; with `alone = true` it asks to run with no other stage.
 struct Busy;
@@ -408,7 +435,7 @@ impl Stage for ElementResultsStage {
 fn registry() -> Registry {
     let mut r = Registry::new();
     r.register::<Numbers>().register::<Constant>().register::<Shift>().register::<Sum>().register::<Improve>().register::<Timed>().register::<StreamShift>().register::<StreamResults>();
-    r.register::<ElementResults>().register::<Busy>();
+    r.register::<ElementResults>().register::<Busy>().register::<Drift>();
     r
 }
 
@@ -750,6 +777,20 @@ fn locked_run_refuses_a_changed_pipeline_and_leaves_the_lockfile() {
     let err = p.run_with(Some(lock), None).0.unwrap_err().to_string();
     assert_eq!(err, "file `nums.txt` changed");
     assert_eq!(std::fs::read_to_string(p.path("p.lock")).unwrap(), lock_text);
+}
+
+#[test]
+fn a_locked_run_names_what_an_irreproducible_stage_pins_differently() {
+    let p = Project::new("[stages.d]\nkind = \"drift\"\n", "");
+    p.run();
+    let lock = Lockfile::read(&p.path("p.lock")).unwrap().unwrap();
+    let was = lock.stage("d", 0).unwrap().pins["the drift"]["value"].clone();
+    std::fs::remove_dir_all(p.path(".pipeline")).unwrap();
+    let err = p.run_with(Some(lock), None).0.unwrap_err().to_string();
+    let now: usize = was.parse::<usize>().unwrap() + 1;
+    assert!(err.starts_with("stage `d` (iteration 1) produced "), "{err}");
+    // The pin that moved, with both values; not the one that held.
+    assert!(err.ends_with(&format!(": the stage is not reproducible (the drift: value {now} here, {was} locked)")), "{err}");
 }
 
 #[test]

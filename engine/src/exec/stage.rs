@@ -44,7 +44,7 @@ pub(super) async fn run_stage(
         if previous.as_ref().is_none_or(|r| r.fingerprint != fp || r.output != output.full) {
             ctx.store.put_record(&pipeline.name, &node.id, &Record { fingerprint: fp.clone(), output: output.full })?;
         }
-        check_locked_output(ctx, iteration, &node.id, &output)?;
+        check_locked_output(ctx, iteration, node, &output)?;
         return Ok(StageDone { fingerprint: fp, stable_inputs, output, executed: false, items_run: 0, items_cached: 0 });
     }
     let reasons = dirty_reasons(&fp, previous.as_ref());
@@ -252,7 +252,7 @@ pub(super) async fn run_stage(
     let unchanged = previous.as_ref().is_some_and(|r| r.output == full);
     ctx.store.put_record(&pipeline.name, &node.id, &Record { fingerprint: fp.clone(), output: full })?;
     ctx.emit(Event::Finished { iteration, stage: node.id.clone(), output: full, unchanged });
-    check_locked_output(ctx, iteration, &node.id, &output)?;
+    check_locked_output(ctx, iteration, node, &output)?;
     Ok(StageDone { fingerprint: fp, stable_inputs, output, executed: true, items_run: ran, items_cached: cached })
 }
 
@@ -663,16 +663,46 @@ fn finish_output(mut out: OutputWriter, result: Result<(), StageError>) -> (Resu
     }
 }
 
-fn check_locked_output(ctx: &Ctx, iteration: u32, id: &str, output: &Outputs) -> Result<(), StageFail> {
+fn check_locked_output(ctx: &Ctx, iteration: u32, node: &crate::config::StageNode, output: &Outputs) -> Result<(), StageFail> {
+    let id = &node.id;
     match ctx.locked.as_ref().and_then(|l| l.stage(id, iteration)) {
-        Some(locked) if locked.output != output.stable => Err(StageFail::Fatal(RunError::LockMismatch(format!(
-            "stage `{id}` (iteration {}) produced {} but the lockfile records {}: the stage is not reproducible",
-            iteration + 1,
-            output.stable.short(),
-            locked.output.short()
-        )))),
+        Some(locked) if locked.output != output.stable => {
+            // What the stage names from its output (a trained model's files) shows where it parted.
+            let here = node.stage.output_pins(&|| ctx.store.get_object(&output.full));
+            let differ = pin_differences(&here, &locked.pins);
+            Err(StageFail::Fatal(RunError::LockMismatch(format!(
+                "stage `{id}` (iteration {}) produced {} but the lockfile records {}: the stage is not reproducible{}",
+                iteration + 1,
+                output.stable.short(),
+                locked.output.short(),
+                if differ.is_empty() { String::new() } else { format!(" ({})", differ.join("; ")) }
+            ))))
+        }
         _ => Ok(()),
     }
+}
+
+/// Each pin of `here` whose locked value differs, `thing: name VALUE here, VALUE locked` (the thing
+/// named once for its pins in a row); digests shortened, at most four and a count of the rest.
+fn pin_differences(here: &crate::stage::Pins, locked: &crate::stage::Pins) -> Vec<String> {
+    let short = |v: &str| if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) { v[..12].to_string() } else { v.to_string() };
+    let mut differ = Vec::new();
+    for (thing, names) in here {
+        let mut first = true;
+        for (name, value) in names {
+            let was = locked.get(thing).and_then(|names| names.get(name));
+            if was != Some(value) {
+                let whose = if std::mem::take(&mut first) { format!("{thing}: ") } else { String::new() };
+                differ.push(format!("{whose}{name} {} here, {} locked", short(value), was.map_or("none".to_string(), |w| short(w))));
+            }
+        }
+    }
+    if differ.len() > 4 {
+        let more = differ.len() - 4;
+        differ.truncate(4);
+        differ.push(format!("and {more} more"));
+    }
+    differ
 }
 
 /// `value` with every object key in `keys` removed, at any depth.
