@@ -310,17 +310,16 @@ async fn run_iteration(ctx: &Arc<Ctx>, iteration: u32, fed: Option<(Digest, Dige
         while running.len() < jobs && alone.is_none() && fatal.is_none() && !ctx.cancel.load(Ordering::SeqCst) {
             let Some(&i) = ready.first() else { break };
             let node = &pipeline.stages[i];
-            let is_fed = matches!((feed_to, fed), (Some((to, _)), Some(_)) if to == i);
-            let runs_alone = node.stage.runs_alone() && !is_fed;
+            // The output the loop feeds this stage, if it is the one fed: it is not run.
+            let fed_here = feed_to.filter(|&(to, _)| to == i).zip(fed);
+            let runs_alone = node.stage.runs_alone() && fed_here.is_none();
             if runs_alone && !running.is_empty() {
                 // It starts once what runs has finished, and nothing else starts before it.
                 tracing::debug!(stage = node.id, running = running.len(), "waits to run alone");
                 break;
             }
             ready.pop_first();
-            if let (Some((to, from)), Some((output, stable))) = (feed_to, fed)
-                && to == i
-            {
+            if let Some(((_, from), (output, stable))) = fed_here {
                 ctx.emit(Event::Fed { iteration, stage: node.id.clone(), from: pipeline.stages[from].id.clone() });
                 results[i] = Some(StageResult {
                     id: node.id.clone(),
