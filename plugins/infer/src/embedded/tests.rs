@@ -6,7 +6,8 @@
 //! The 32 requests mix what batching could get wrong: prompts of equal length (on CPU mistral.rs
 //! batches only sequences of equal length, so these decode as one batch), prompts of different
 //! lengths behind a shared system prompt (prefix-cache hits while others decode), and output
-//! constrained to a `choice` and to a `json_schema`, in flight together.
+//! constrained to a `choice` and to a `json_schema`, in flight together. Prompts that arrive
+//! while others decode run in one forward pass with the decoding rows (fused steps, counted).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -135,6 +136,7 @@ async fn check_independent_of_load(prefix_cache: bool) -> Vec<Outcome> {
         assert!(v["a"].is_i64() && v["b"].is_i64(), "json_schema gave {v}");
     }
     for in_flight in [2, 8, 32] {
+        let fused = mistralrs::core::FUSED_STEPS.load(std::sync::atomic::Ordering::Relaxed);
         for repeat in 0..REPEATS {
             let started = std::time::Instant::now();
             let loaded = run_all(&runner, &requests, in_flight).await;
@@ -143,6 +145,11 @@ async fn check_independent_of_load(prefix_cache: bool) -> Vec<Outcome> {
                 assert_eq!(one, many, "request {i} at {in_flight} in flight (repeat {repeat}, prefix cache {prefix_cache}) differs from one at a time");
             }
         }
+        // Prompts joined while others decoded, in one forward pass with them (vendor/README.md,
+        // mistralrs-core 15): else the comparison above never saw that path.
+        let fused = mistralrs::core::FUSED_STEPS.load(std::sync::atomic::Ordering::Relaxed) - fused;
+        assert!(fused > 0, "no prompt ran in one pass with decoding rows at {in_flight} in flight");
+        eprintln!("prefix cache {prefix_cache}, {in_flight} in flight: {fused} fused steps");
     }
     alone
 }

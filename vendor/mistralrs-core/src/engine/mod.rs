@@ -28,7 +28,7 @@ use std::{
     ops::Deref,
     str::FromStr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, LazyLock,
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -152,6 +152,30 @@ pub fn reset_engine_terminate_flag() {
 pub static ENGINE_INSTRUCTIONS: LazyLock<
     std::sync::Mutex<HashMap<usize, Option<EngineInstruction>>>,
 > = LazyLock::new(|| std::sync::Mutex::new(HashMap::new()));
+
+/// Local change (vendor/README.md, 15): how many fused steps (a bucket of prompts and the
+/// decoding sequences in one forward pass) this process has run, for a test to know the path ran.
+pub static FUSED_STEPS: AtomicUsize = AtomicUsize::new(0);
+
+/// The state and prompt timing of sequences whose prompt step (or fused step) took `exec_time`.
+fn prompts_done(prompts: &mut [&mut crate::sequence::Sequence], exec_time: Duration) {
+    for seq in prompts.iter_mut() {
+        match seq.sequence_stepping_type() {
+            SeqStepType::OneShot => seq.set_state(SequenceState::Done(StopReason::GeneratedImage)),
+            SeqStepType::PromptAndDecode => seq.set_state(SequenceState::RunningCompletion),
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("Time travel has occurred!")
+            .as_millis();
+        #[allow(clippy::cast_precision_loss)]
+        let prompt_tok_per_sec = seq.len() as f32 / exec_time.as_secs_f32();
+        seq.prompt_tok_per_sec = prompt_tok_per_sec;
+        seq.prompt_timestamp = Some(now);
+        seq.total_prompt_time = Some(exec_time.as_millis());
+        seq.step_start_instant = None;
+    }
+}
 
 /// Local change (vendor/README.md): whether the engine decodes this pipeline's sequences of
 /// different lengths in one forward pass — where the pipeline can, and only with a KV cache to
@@ -378,7 +402,80 @@ impl Engine {
                 SchedulerOutput::DefaultScheduler {
                     output: mut scheduled,
                 } => {
-                    if !scheduled.completion.is_empty() {
+                    // Local change (vendor/README.md, 15): where the pipeline can, the bucket of
+                    // prompts and the decoding sequences run as one forward pass, each sequence's
+                    // result bitwise that of the completion step and prompt step below.
+                    let fused = !self.no_kv_cache
+                        && !scheduled.completion.is_empty()
+                        && !scheduled.prompt.is_empty()
+                        && scheduled
+                            .completion
+                            .iter()
+                            .chain(scheduled.prompt.iter())
+                            .all(|seq| !seq.return_raw_logits)
+                        && scheduled.prompt.iter().all(|seq| {
+                            matches!(seq.sequence_stepping_type(), SeqStepType::PromptAndDecode)
+                        })
+                        && get_mut_arcmutex!(self.pipeline).fuses_prompt_and_decode();
+                    if fused {
+                        let current_completion_ids: Vec<usize> =
+                            scheduled.completion.iter().map(|seq| *seq.id()).collect();
+                        let decode_pre_op = if last_completion_ids != current_completion_ids {
+                            CacheInstruction::In
+                        } else {
+                            CacheInstruction::Nothing
+                        };
+                        let prompt_pre_op = if scheduled.prompt[0].token_offset() != 0 {
+                            CacheInstruction::In
+                        } else {
+                            CacheInstruction::Reset {
+                                load_preallocated_cache: true,
+                                reset_non_granular: false,
+                            }
+                        };
+                        let res = {
+                            let mut pipeline = get_mut_arcmutex!(self.pipeline);
+                            pipeline
+                                .step_fused(
+                                    &mut scheduled.completion,
+                                    decode_pre_op,
+                                    &mut scheduled.prompt,
+                                    prompt_pre_op,
+                                    &mut *get_mut_arcmutex!(self.prefix_cacher),
+                                    self.disable_eos_stop,
+                                    rng.clone(),
+                                )
+                                .await
+                        };
+                        let exec_time = match res {
+                            Ok(exec_time) => exec_time,
+                            Err(e) => {
+                                let mut both: Vec<&mut crate::sequence::Sequence> = scheduled
+                                    .completion
+                                    .iter_mut()
+                                    .chain(scheduled.prompt.iter_mut())
+                                    .map(|seq| &mut **seq)
+                                    .collect();
+                                handle_pipeline_forward_error!(
+                                    "fused step",
+                                    Err::<Duration, candle_core::Error>(e),
+                                    &mut both,
+                                    self.pipeline,
+                                    'lp,
+                                    self.prefix_cacher
+                                )
+                            }
+                        };
+                        let prompt_tokens: usize =
+                            scheduled.prompt.iter().map(|seq| seq.get_toks().len()).sum();
+                        self.logger
+                            .add_tokens_processed(scheduled.completion.len() + prompt_tokens);
+                        prompts_done(&mut scheduled.prompt, exec_time);
+                        FUSED_STEPS.fetch_add(1, Ordering::Relaxed);
+                        last_completion_ids = vec![];
+                    }
+
+                    if !fused && !scheduled.completion.is_empty() {
                         let current_completion_ids: Vec<usize> =
                             scheduled.completion.iter().map(|seq| *seq.id()).collect();
                         let res = {
@@ -435,7 +532,7 @@ impl Engine {
                         last_completion_ids = current_completion_ids;
                     }
 
-                    if !scheduled.prompt.is_empty() {
+                    if !fused && !scheduled.prompt.is_empty() {
                         let prompt_exec_time = {
                             let mut pipeline = get_mut_arcmutex!(self.pipeline);
 
@@ -498,27 +595,7 @@ impl Engine {
                             .sum();
                         self.logger.add_tokens_processed(total_processed_tokens);
 
-                        for seq in scheduled.prompt.iter_mut() {
-                            match seq.sequence_stepping_type() {
-                                SeqStepType::OneShot => {
-                                    seq.set_state(SequenceState::Done(StopReason::GeneratedImage))
-                                }
-                                SeqStepType::PromptAndDecode => {
-                                    seq.set_state(SequenceState::RunningCompletion)
-                                }
-                            }
-                            let now = SystemTime::now()
-                                .duration_since(UNIX_EPOCH)
-                                .expect("Time travel has occurred!")
-                                .as_millis();
-                            #[allow(clippy::cast_precision_loss)]
-                            let prompt_tok_per_sec =
-                                seq.len() as f32 / prompt_exec_time.as_secs_f32();
-                            seq.prompt_tok_per_sec = prompt_tok_per_sec;
-                            seq.prompt_timestamp = Some(now);
-                            seq.total_prompt_time = Some(prompt_exec_time.as_millis());
-                            seq.step_start_instant = None;
-                        }
+                        prompts_done(&mut scheduled.prompt, prompt_exec_time);
                         last_completion_ids = vec![];
                     }
 

@@ -146,8 +146,6 @@ impl LayerWeights {
         kv_cache: &mut KvCache,
         metadata: Option<((Tensor, Tensor), &PagedAttentionInputMetadata)>,
     ) -> Result<Tensor> {
-        let (b_sz, seq_len, _) = x.dims3()?;
-
         let q = MatMul
             .qmethod_matmul(x, &*self.attention_wq)?
             .to_dtype(self.dtype)?;
@@ -158,6 +156,27 @@ impl LayerWeights {
             .qmethod_matmul(x, &*self.attention_wv)?
             .to_dtype(self.dtype)?;
 
+        let y = self.attend(q, k, v, mask, start_offsets, kv_cache, metadata)?;
+        let y = MatMul.qmethod_matmul(&y.to_dtype(x.dtype())?, &*self.attention_wo)?;
+        Ok(y)
+    }
+
+    /// Attention from the layer's projections `q`, `k` and `v` (each `(batch, seq_len, _)`) to
+    /// its output before `attention_wo`, `(batch, seq_len, _)`. Split out of `forward_attn`
+    /// (vendor/README.md, local change 15) so that a fused step runs it once for its prompts and
+    /// once for its decoding rows, each exactly as when it runs alone.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Option<&Tensor>,
+        start_offsets: &[usize],
+        kv_cache: &mut KvCache,
+        metadata: Option<((Tensor, Tensor), &PagedAttentionInputMetadata)>,
+    ) -> Result<Tensor> {
+        let (b_sz, seq_len, _) = q.dims3()?;
         let (q, k, v) = if seq_len != 1 {
             let q = q
                 .reshape((b_sz, seq_len, self.n_head, self.head_dim))?
@@ -211,7 +230,6 @@ impl LayerWeights {
             y.reshape((b_sz, seq_len, ()))?
         };
 
-        let y = MatMul.qmethod_matmul(&y.to_dtype(x.dtype())?, &*self.attention_wo)?;
         Ok(y)
     }
 }
@@ -722,5 +740,119 @@ impl ModelWeights {
         let x = self.norm.forward(&layer_in)?;
         let x = extract_logits(&x, context_lens)?;
         MatMul.qmethod_matmul(&x.contiguous()?, &*self.output)
+    }
+
+    /// Local change (vendor/README.md, 15): one forward pass for a bucket of prompts and every
+    /// decoding sequence, as llama.cpp's server batches them: the linear layers, norms and
+    /// residuals take all their rows at once (one stream of the weights where two steps took
+    /// two), and attention runs twice, once for the prompts (`prompt_cache`, their own mask) and
+    /// once for the decoding rows (the model's cache), each exactly as in a step of its own. A
+    /// quantized matmul's rows are bitwise independent of the others (candle-core 1), as are the
+    /// norms, rope and elementwise operations, so each sequence's logits are bitwise those of the
+    /// two steps this replaces. Returns the prompts' logits and then the decoding rows'.
+    /// CPU, without paged attention (`GGUFPipeline::fuses_prompt_and_decode`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_fused(
+        &self,
+        prompt_ids: &Tensor,
+        prompt_offsets: &[usize],
+        prompt_context_lens: Vec<(usize, usize)>,
+        prompt_cache: &mut NormalCache,
+        decode_ids: &Tensor,
+        decode_offsets: &[usize],
+        decode_context_lens: Vec<(usize, usize)>,
+    ) -> Result<(Tensor, Tensor)> {
+        if self.layers.iter().any(|l| l.paged_attn.is_some()) {
+            candle_core::bail!("a fused prompt and decode step runs without paged attention");
+        }
+        let (n_prompts, prompt_len) = prompt_ids.dims2()?;
+        let (n_decoding, decode_len) = decode_ids.dims2()?;
+        if decode_len != 1 {
+            candle_core::bail!("a fused step decodes one position a row, got {decode_len}");
+        }
+        let prompt_rows = n_prompts * prompt_len;
+        let prompt_in = self.tok_embeddings.forward(prompt_ids)?;
+        let decode_in = self.tok_embeddings.forward(decode_ids)?;
+        let hidden = prompt_in.dim(2)?;
+        let mut layer_in = Tensor::cat(
+            &[
+                prompt_in.reshape((1, prompt_rows, hidden))?,
+                decode_in.reshape((1, n_decoding, hidden))?,
+            ],
+            1,
+        )?;
+        let cache = &mut self.cache.normal().0;
+        let mask = CausalMasker.make_causal_mask_matrix(
+            prompt_ids,
+            &prompt_cache.0 as &dyn PastKvLenCache,
+            self.dtype,
+            self.layers[0].n_head,
+        )?;
+        let mask = match self.mapper {
+            Some(ref mapper) => DeviceMappedMask::new(mask, &**mapper)?,
+            None => DeviceMappedMask::from_single(mask),
+        };
+        let part = |t: &Tensor, prompts: bool| -> Result<Tensor> {
+            let width = t.dim(2)?;
+            if prompts {
+                t.narrow(1, 0, prompt_rows)?.reshape((n_prompts, prompt_len, width))
+            } else {
+                t.narrow(1, prompt_rows, n_decoding)?.reshape((n_decoding, 1, width))
+            }
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(ref mapper) = self.mapper {
+                layer_in = mapper.map(layer_in, i)?;
+            }
+            let x = layer_in;
+            let residual = &x;
+            let x = layer.attention_norm.forward(&x)?;
+            let q = MatMul.qmethod_matmul(&x, &*layer.attention_wq)?.to_dtype(layer.dtype)?;
+            let k = MatMul.qmethod_matmul(&x, &*layer.attention_wk)?.to_dtype(layer.dtype)?;
+            let v = MatMul.qmethod_matmul(&x, &*layer.attention_wv)?.to_dtype(layer.dtype)?;
+            let y_prompts = layer.attend(
+                part(&q, true)?,
+                part(&k, true)?,
+                part(&v, true)?,
+                mask.as_ref().map(|m| m.get(x.device())),
+                prompt_offsets,
+                &mut prompt_cache.0[i],
+                None,
+            )?;
+            let y_decoding = layer.attend(
+                part(&q, false)?,
+                part(&k, false)?,
+                part(&v, false)?,
+                None,
+                decode_offsets,
+                &mut cache[i],
+                None,
+            )?;
+            let width = y_prompts.dim(2)?;
+            let y = Tensor::cat(
+                &[
+                    y_prompts.reshape((1, prompt_rows, width))?,
+                    y_decoding.reshape((1, n_decoding, width))?,
+                ],
+                1,
+            )?;
+            let attn = MatMul.qmethod_matmul(&y.to_dtype(x.dtype())?, &*layer.attention_wo)?;
+            let x = (attn + residual)?;
+
+            let residual = &x;
+            let x = layer.ffn_norm.forward(&x)?;
+            let x = layer.mlp_or_moe.forward(&x)?;
+            layer_in = (x + residual)?;
+        }
+        let x = self.norm.forward(&layer_in.to_device(&self.device)?)?;
+        let x = Tensor::cat(
+            &[
+                extract_logits(&part(&x, true)?, prompt_context_lens)?,
+                extract_logits(&part(&x, false)?, decode_context_lens)?,
+            ],
+            0,
+        )?;
+        let logits = MatMul.qmethod_matmul(&x.contiguous()?, &*self.output)?;
+        Ok((logits.narrow(0, 0, n_prompts)?, logits.narrow(0, n_prompts, n_decoding)?))
     }
 }

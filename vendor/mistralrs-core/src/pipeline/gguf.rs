@@ -16,6 +16,7 @@ use crate::gguf::{
 };
 use crate::gguf::{weight_reader, Content, GGUFArchitecture};
 use crate::kv_cache::{FullCacheManager, NormalCacheManager};
+use crate::pipeline::NormalCache;
 use crate::lora::Ordering;
 use crate::paged_attention::{
     calculate_cache_config, AttentionImplementation, CacheEngine, ModelConfigLike,
@@ -753,6 +754,34 @@ impl Pipeline for GGUFPipeline {
             && self.metadata.sliding_window.is_none()
             && !self.no_kv_cache
             && !self.metadata.is_xlora
+    }
+
+    // Local change (vendor/README.md, 15): where rows of different lengths decode together, a
+    // bucket of prompts runs in the same forward pass (`ModelWeights::forward_fused`).
+    fn fuses_prompt_and_decode(&self) -> bool {
+        self.decodes_mixed_lengths()
+    }
+
+    fn forward_fused(
+        &mut self,
+        prompt_inputs: Box<dyn Any>,
+        prompt_cache: &mut NormalCache,
+        decode_inputs: Box<dyn Any>,
+    ) -> Result<(Tensor, Tensor), candle_core::Error> {
+        let prompt: ModelInputs = *prompt_inputs.downcast().expect("Downcast failed.");
+        let decode: ModelInputs = *decode_inputs.downcast().expect("Downcast failed.");
+        match self.model {
+            Model::Llama(ref model) => model.forward_fused(
+                &prompt.input_ids,
+                &prompt.seqlen_offsets,
+                prompt.context_lens,
+                prompt_cache,
+                &decode.input_ids,
+                &decode.seqlen_offsets,
+                decode.context_lens,
+            ),
+            _ => candle_core::bail!("only the quantized Llama model runs prompts and decoding rows in one pass"),
+        }
     }
 
     fn forward_inputs(

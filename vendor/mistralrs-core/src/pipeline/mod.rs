@@ -540,6 +540,127 @@ pub trait Pipeline:
         false
     }
 
+    /// Local change (vendor/README.md, 15): whether a bucket of prompts and the decoding
+    /// sequences may run as one forward pass (`step_fused`), each sequence's logits bitwise those
+    /// of the two steps it replaces. Off unless a pipeline's model does so.
+    fn fuses_prompt_and_decode(&self) -> bool {
+        false
+    }
+
+    /// Local change (vendor/README.md, 15): the forward pass of `step_fused`: the prompts' inputs
+    /// with their caches in `prompt_cache`, the decoding rows' with theirs in the model's cache.
+    /// Returns the prompts' logits and the decoding rows'.
+    fn forward_fused(
+        &mut self,
+        _prompt_inputs: Box<dyn Any>,
+        _prompt_cache: &mut NormalCache,
+        _decode_inputs: Box<dyn Any>,
+    ) -> Result<(Tensor, Tensor), candle_core::Error> {
+        candle_core::bail!("{} does not run prompts and decoding rows in one pass", self.name())
+    }
+
+    /// Local change (vendor/README.md, 15): one engine step for a bucket of prompts and every
+    /// decoding sequence in one forward pass (where `fuses_prompt_and_decode`), in place of a
+    /// completion step followed by a prompt step. The caches go in and out as in those two steps
+    /// (`decode_pre_op` and `prompt_pre_op` are theirs), and the decoding sequences sample
+    /// before the prompts, as they did. Returns the model's time, sampling included.
+    #[allow(clippy::too_many_arguments)]
+    async fn step_fused(
+        &mut self,
+        decoding: &mut [&mut Sequence],
+        decode_pre_op: CacheInstruction,
+        prompts: &mut [&mut Sequence],
+        prompt_pre_op: CacheInstruction,
+        prefix_cacher: &mut PrefixCacheManagerV2,
+        disable_eos_stop: bool,
+        rng: Arc<std::sync::Mutex<Isaac64Rng>>,
+    ) -> Result<Duration, candle_core::Error> {
+        let process = |pipeline: &Self, seqs: &mut [&mut Sequence], is_prompt: bool| {
+            let InputProcessorOutput {
+                inputs,
+                seq_indices,
+            } = pipeline
+                .get_processor()
+                .inputs_processor()
+                .process_inputs(
+                    pipeline.tokenizer(),
+                    seqs,
+                    is_prompt,
+                    pipeline.get_metadata().is_xlora,
+                    &pipeline.device(),
+                    pipeline.get_metadata().no_kv_cache,
+                    None,
+                    false,
+                    pipeline.get_metadata().sliding_window,
+                    pipeline.get_input_processor_config(),
+                    None,
+                    pipeline.device_mapper(),
+                )
+                .map_err(candle_core::Error::msg)?;
+            if seq_indices.iter().enumerate().any(|(i, &s)| i != s) {
+                candle_core::bail!("a fused step expects one row of logits per sequence, in order");
+            }
+            Ok::<_, candle_core::Error>(inputs)
+        };
+        let decode_inputs = process(self, decoding, false)?;
+        let prompt_inputs = process(self, prompts, true)?;
+
+        // The decoding rows' batch as the completion step had it, then the prompts' as the
+        // prompt step had it; the model keeps the first while the pass takes the second aside.
+        match decode_pre_op {
+            CacheInstruction::In => self.clone_in_cache(decoding),
+            CacheInstruction::Nothing => (),
+            _ => candle_core::bail!("a fused step takes its decoding rows' caches in, or keeps them"),
+        }
+        // A copy of the layers' handles: the prompts' instruction below works on the model's.
+        let decode_cache = NormalCache(self.cache().normal().0.clone());
+        match prompt_pre_op {
+            CacheInstruction::In => self.clone_in_cache(prompts),
+            CacheInstruction::Reset {
+                load_preallocated_cache,
+                reset_non_granular,
+            } => self.set_none_cache(prompts, reset_non_granular, false, load_preallocated_cache),
+            _ => candle_core::bail!("a fused step takes its prompts' caches in, or starts them"),
+        }
+        let mut prompt_cache = std::mem::replace(&mut *self.cache().normal(), decode_cache);
+
+        let start = Instant::now();
+        let on_cpu = self.device().is_cpu();
+        let (prompt_logits, decode_logits) = {
+            let pipeline = &mut *self;
+            let prompt_cache = &mut prompt_cache;
+            let pass = move || pipeline.forward_fused(prompt_inputs, prompt_cache, decode_inputs);
+            if on_cpu {
+                // SAFETY: as in `forward_inputs_in_pool`: the pipeline, the inputs and the cache
+                // (tensors, vectors, metadata) and the result (tensors or an error) are all
+                // `Send` but for `Box<dyn Any>`'s name.
+                unsafe { on_global_pool(pass) }
+            } else {
+                pass()
+            }
+        }?;
+        let mut exec_duration = start.elapsed();
+
+        self.clone_out_cache(decoding);
+        *self.cache().normal() = prompt_cache;
+        self.clone_out_cache(prompts);
+
+        let start = Instant::now();
+        let rows = |logits: &Tensor, n: usize| {
+            (0..n)
+                .map(|i| logits.i(i)?.to_device(&Device::Cpu))
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        let decode_logits = rows(&decode_logits, decoding.len())?;
+        let prompt_logits = rows(&prompt_logits, prompts.len())?;
+        self.sample_causal_gen(decoding, decode_logits, prefix_cacher, disable_eos_stop, rng.clone())
+            .await?;
+        self.sample_causal_gen(prompts, prompt_logits, prefix_cacher, disable_eos_stop, rng)
+            .await?;
+        exec_duration += start.elapsed();
+        Ok(exec_duration)
+    }
+
     fn forward_inputs(
         &mut self,
         inputs: Box<dyn Any>,
