@@ -158,6 +158,8 @@ pub static ENGINE_INSTRUCTIONS: LazyLock<
 pub static FUSED_STEPS: AtomicUsize = AtomicUsize::new(0);
 
 /// The state and prompt timing of sequences whose prompt step (or fused step) took `exec_time`.
+/// Local change (vendor/README.md, 15): upstream's loop after the prompt step, moved here
+/// unchanged so that the fused step shares it.
 fn prompts_done(prompts: &mut [&mut crate::sequence::Sequence], exec_time: Duration) {
     for seq in prompts.iter_mut() {
         match seq.sequence_stepping_type() {
