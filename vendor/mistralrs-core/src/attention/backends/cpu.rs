@@ -79,6 +79,35 @@ fn vec_dot_f32<T: UpcastF32 + Copy>(a: &[T], b: &[T]) -> f32 {
     sum
 }
 
+/// Local change (vendor/README.md, 16): `vec_dot_f32(q, key)` for each of `N` keys at once,
+/// `q` already in f32 (the conversion is exact). Each key's sum is added in exactly
+/// `vec_dot_f32`'s order (per chunk of four, left to right, then to the running sum; the tail one
+/// by one), so each result is bitwise `vec_dot_f32`'s; the `N` sums are independent chains the
+/// core runs side by side instead of waiting on one chain's adds key after key.
+#[inline]
+fn vec_dot_f32_keys<T: UpcastF32 + Copy, const N: usize>(q: &[f32], keys: [&[T]; N]) -> [f32; N] {
+    let d = q.len();
+    let keys = keys.map(|k| &k[..d]);
+    let whole = d / DOT_CHUNK * DOT_CHUNK;
+    let mut sum = [0f32; N];
+    for c in (0..whole).step_by(DOT_CHUNK) {
+        let x: &[f32; DOT_CHUNK] = q[c..c + DOT_CHUNK].try_into().unwrap();
+        for (l, key) in keys.iter().enumerate() {
+            let y: &[T; DOT_CHUNK] = key[c..c + DOT_CHUNK].try_into().unwrap();
+            sum[l] += x[0] * y[0].to_f32() + x[1] * y[1].to_f32() + x[2] * y[2].to_f32() + x[3] * y[3].to_f32();
+        }
+    }
+    for i in whole..d {
+        for (l, key) in keys.iter().enumerate() {
+            sum[l] += q[i] * key[i].to_f32();
+        }
+    }
+    sum
+}
+
+/// Keys scored together by [`vec_dot_f32_keys`] in the decode kernel.
+const DECODE_KEYS: usize = 4;
+
 /// Keys a block of [`dot_scores`] scores together: one lane per key.
 const SCORE_LANES: usize = 16;
 
@@ -133,6 +162,17 @@ fn dot_scores<T: UpcastF32 + Copy>(q_row: &[T], kt: &[f32], scores: &mut [f32]) 
             }
         }
         out.copy_from_slice(&sum[..out.len()]);
+    }
+}
+
+/// Local change (vendor/README.md, 16): `acc[i] += v[i] * w` for every element, as 0.8.1's
+/// indexed loop over `0..dv` computed it (each element one multiply, then one add), over zipped
+/// slices instead of indices: without a bounds check per element the loop runs as vector
+/// instructions. Bitwise the same result: each element's two operations are unchanged.
+#[inline]
+fn add_scaled<T: UpcastF32 + Copy>(acc: &mut [f32], v: &[T], w: f32) {
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a += x.to_f32() * w;
     }
 }
 
@@ -545,6 +585,24 @@ where
                     let q_base = b_i * qstride[0] + h_i * qstride[2];
                     let q_row = &q_data[q_base..q_base + d];
 
+                    // Local change (vendor/README.md, 16): the tile's scores first, a few keys at
+                    // a time, each bitwise `vec_dot_f32(q_row, key)`.
+                    let q_f32: Vec<f32> = q_row.iter().map(|x| x.to_f32()).collect();
+                    let key = |kv_pos: usize| {
+                        let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
+                        &k_data[k_base..k_base + d]
+                    };
+                    let mut scores = [0f32; TILE_KV];
+                    let mut kv_pos = start;
+                    while kv_pos + DECODE_KEYS <= end {
+                        let keys: [&[T]; DECODE_KEYS] = std::array::from_fn(|i| key(kv_pos + i));
+                        scores[kv_pos - start..][..DECODE_KEYS].copy_from_slice(&vec_dot_f32_keys(&q_f32, keys));
+                        kv_pos += DECODE_KEYS;
+                    }
+                    for kv_pos in kv_pos..end {
+                        scores[kv_pos - start] = vec_dot_f32(q_row, key(kv_pos));
+                    }
+
                     // Re‑materialise the pointer from the captured usize.
                     let vkq: &mut [f32] = unsafe {
                         std::slice::from_raw_parts_mut(
@@ -558,24 +616,18 @@ where
                     for kv_pos in start..end {
                         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
                         {
-                            // One‑step look‑ahead prefetch of the next K and V rows.
+                            // One‑step look‑ahead prefetch of the next V row (K was read above).
                             let next_pos = kv_pos + 1;
                             if next_pos < end {
-                                let next_k_base =
-                                    b_i * kstride[0] + next_pos * kstride[1] + k_head * kstride[2];
                                 let next_v_base =
                                     b_i * vstride[0] + next_pos * vstride[1] + v_head * vstride[2];
                                 unsafe {
-                                    prefetch(k_data.as_ptr().add(next_k_base) as *const u8);
                                     prefetch(v_data.as_ptr().add(next_v_base) as *const u8);
                                 }
                             }
                         }
-                        // ---------- dot(Q,K) ----------
-                        let k_base = b_i * kstride[0] + kv_pos * kstride[1] + k_head * kstride[2];
-                        let k_row = &k_data[k_base..k_base + d];
-
-                        let mut s_val = vec_dot_f32(q_row, k_row) * scale;
+                        // ---------- dot(Q,K): computed above ----------
+                        let mut s_val = scores[kv_pos - start] * scale;
 
                         if logit_softcap != 0.0 {
                             s_val = logit_softcap * (s_val / logit_softcap).tanh();
@@ -602,9 +654,7 @@ where
 
                         // -------- add V ----------
                         let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                        for d_i in 0..dv {
-                            vkq[d_i] += v_data[v_base + d_i].to_f32() * vs;
-                        }
+                        add_scaled(vkq, &v_data[v_base..v_base + dv], vs);
 
                         s = s * ms + vs;
                     }
@@ -798,9 +848,7 @@ where
 
                     // V row (strided) as f32
                     let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                    for d_i in 0..dv {
-                        vkq[d_i] += v_data[v_base + d_i].to_f32() * vs;
-                    }
+                    add_scaled(&mut vkq, &v_data[v_base..v_base + dv], vs);
 
                     s = s * ms + vs;
                 }
@@ -868,6 +916,56 @@ mod tests {
                 assert_eq!(vec_dot_f32(&a, &b).to_bits(), indexed(&a, &b).to_bits(), "f16, len {len}, seed {seed}");
             }
         }
+    }
+
+    /// Local change (vendor/README.md, 16): the V accumulation over zipped slices is bitwise
+    /// 0.8.1's indexed loop, f32 and f16 values, head sizes 0 to 70, V rows strided.
+    #[test]
+    fn add_scaled_is_bitwise_the_indexed_loop() {
+        fn check<T: UpcastF32 + Copy>(conv: impl Fn(f32) -> T, what: &str) {
+            for dv in 0..=70 {
+                for seed in 0..4 {
+                    let acc: Vec<f32> = values(dv, 7 * seed).iter().enumerate().map(|(i, x)| x * 10f32.powi((i % 5) as i32 - 2)).collect();
+                    let v: Vec<T> = values(dv + 9, 7 * seed + 1).into_iter().map(&conv).collect();
+                    let (v_base, w) = (5, values(1, 7 * seed + 2)[0] * 3.0);
+                    let mut want = acc.clone();
+                    for d_i in 0..dv {
+                        want[d_i] += v[v_base + d_i].to_f32() * w;
+                    }
+                    let mut got = acc.clone();
+                    add_scaled(&mut got, &v[v_base..v_base + dv], w);
+                    let bits = |x: &[f32]| x.iter().map(|y| y.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{what}, dv {dv}, seed {seed}");
+                }
+            }
+        }
+        check(|x| x, "f32");
+        check(f16::from_f32, "f16");
+    }
+
+    /// Local change (vendor/README.md, 16): the decode kernel's scores, a few keys at a time, are
+    /// bitwise `vec_dot_f32` of the query row and each key — f32 and f16, head sizes 0 to 70.
+    #[test]
+    fn vec_dot_f32_keys_is_bitwise_vec_dot_f32_per_key() {
+        fn check<T: UpcastF32 + Copy>(conv: impl Fn(f32) -> T, what: &str) {
+            for d in 0..=70 {
+                for seed in 0..4 {
+                    let scaled = |v: Vec<f32>| -> Vec<T> {
+                        v.iter().enumerate().map(|(i, x)| conv(x * 10f32.powi((i % 7) as i32 - 3))).collect()
+                    };
+                    let q = scaled(values(d, 5 * seed));
+                    let keys: Vec<Vec<T>> = (1..=DECODE_KEYS as u64).map(|k| scaled(values(d + 3, 5 * seed + k))).collect();
+                    let q_f32: Vec<f32> = q.iter().map(|x| x.to_f32()).collect();
+                    let got = vec_dot_f32_keys(&q_f32, std::array::from_fn::<_, DECODE_KEYS, _>(|i| &keys[i][..]));
+                    for (i, key) in keys.iter().enumerate() {
+                        let want = vec_dot_f32(&q, &key[..d]);
+                        assert_eq!(got[i].to_bits(), want.to_bits(), "{what}, d {d}, seed {seed}, key {i}");
+                    }
+                }
+            }
+        }
+        check(|x| x, "f32");
+        check(f16::from_f32, "f16");
     }
 
     /// Local change (vendor/README.md): the prefill kernel's scores, all keys at once from the
