@@ -718,6 +718,17 @@ impl UnaryOpT for Silu {
     }
     const KERNEL: &'static str = "usilu";
 
+    // Local change (vendor/README.md, candle-core 9): without MKL or Accelerate, a contiguous
+    // f32 input takes its exponentials eight at a time, each bitwise `f32::exp` (`cpu::exp`).
+    #[cfg(not(any(feature = "mkl", feature = "accelerate")))]
+    const F32_VEC: bool = true;
+
+    #[cfg(not(any(feature = "mkl", feature = "accelerate")))]
+    #[inline(always)]
+    fn f32_vec(xs: &[f32], ys: &mut [f32]) {
+        crate::cpu::exp::silu_f32s(xs, ys)
+    }
+
     #[cfg(feature = "mkl")]
     const F32_VEC: bool = true;
 

@@ -764,6 +764,15 @@ pub fn mul_and_act(a: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
             _ => None,
         };
 
+        // Local change (vendor/README.md, 17): SiLU on f32 on the CPU takes its exponentials
+        // eight at a time, bitwise what `fused_glu` computes one at a time.
+        if a.device().is_cpu()
+            && a.dtype() == DType::F32
+            && matches!(act, Activation::Silu | Activation::Swish)
+            && a.shape() == b.shape()
+        {
+            return a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &SiluMulF32Cpu);
+        }
         if let Some(activation_type) = glu_act {
             return mistralrs_quant::fused_glu(a, b, activation_type);
         }
@@ -772,7 +781,65 @@ pub fn mul_and_act(a: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
     a.apply(&act)? * b
 }
 
+/// Local change (vendor/README.md, 17): `silu(a) * b` for contiguous f32 tensors on the CPU,
+/// as `mistralrs_quant::fused_glu` computes it on the CPU (`a / (1 + exp(-a))`, then times `b`),
+/// with `candle_core::cpu::exp::silu_f32s` taking the exponentials eight at a time (each bitwise
+/// `f32::exp`). Every element is bitwise `fused_glu`'s.
+struct SiluMulF32Cpu;
+
+/// Elements per parallel piece of [`SiluMulF32Cpu`].
+const SILU_MUL_PIECE: usize = 2048;
+
+impl candle_core::CustomOp2 for SiluMulF32Cpu {
+    fn name(&self) -> &'static str {
+        "silu-mul-f32-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        if !l1.is_contiguous() || !l2.is_contiguous() || l1.shape() != l2.shape() {
+            candle_core::bail!("silu-mul: contiguous inputs of one shape, got {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let len = l1.shape().elem_count();
+        let a = &s1.as_slice::<f32>()?[l1.start_offset()..][..len];
+        let b = &s2.as_slice::<f32>()?[l2.start_offset()..][..len];
+        let mut out = vec![0f32; len];
+        out.par_chunks_mut(SILU_MUL_PIECE)
+            .zip(a.par_chunks(SILU_MUL_PIECE).zip(b.par_chunks(SILU_MUL_PIECE)))
+            .for_each(|(out, (a, b))| {
+                candle_core::cpu::exp::silu_f32s(a, out);
+                for (o, b) in out.iter_mut().zip(b) {
+                    *o *= b;
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 mod tests {
+    /// Local change (vendor/README.md, 17): `mul_and_act` with SiLU on f32 on the CPU is
+    /// bitwise `mistralrs_quant::fused_glu` (which it replaces there), over values from -120 to
+    /// 120 and a length that is not a multiple of a parallel piece or of eight lanes.
+    #[test]
+    fn silu_mul_is_bitwise_fused_glu() {
+        use candle_core::{Device, Tensor};
+        let n = 3 * super::SILU_MUL_PIECE + 13;
+        let a: Vec<f32> = (0..n).map(|i| ((i * 7919) % 24001) as f32 / 100.0 - 120.0).collect();
+        let b: Vec<f32> = (0..n).map(|i| ((i * 104729) % 2003) as f32 / 1000.0 - 1.0).collect();
+        let a = Tensor::from_vec(a, n, &Device::Cpu).unwrap();
+        let b = Tensor::from_vec(b, a.shape(), &Device::Cpu).unwrap();
+        let got = super::mul_and_act(&a, &b, crate::layers::Activation::Silu).unwrap();
+        let want = mistralrs_quant::fused_glu(&a, &b, mistralrs_quant::GluActivationType::Silu).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want));
+    }
+
     #[test]
     fn test_topk() {
         use crate::ops::{TopKLastDimOp, TopKOutput};

@@ -1,5 +1,6 @@
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
+use candle_core::cpu::exp::exp_f32s;
 use candle_core::{Context, Device, Result, Storage, Tensor, WithDType};
 
 use half::bf16;
@@ -107,6 +108,70 @@ fn vec_dot_f32_keys<T: UpcastF32 + Copy, const N: usize>(q: &[f32], keys: [&[T];
 
 /// Keys scored together by [`vec_dot_f32_keys`] in the decode kernel.
 const DECODE_KEYS: usize = 4;
+
+/// Local change (vendor/README.md, 17): what the online softmax does with one key, known once
+/// the keys' scores are: the key is masked out, raises the running maximum, or stays below it.
+const KEY_SKIPPED: u8 = 0;
+const KEY_KEPT: u8 = 1;
+const KEY_RAISES: u8 = 2;
+const KEY_BELOW: u8 = 3;
+
+/// Local change (vendor/README.md, 17): the first half of 0.8.1's online softmax, over a row's
+/// scores in order. Each kept key's score becomes the argument its exponential gets there —
+/// `m_old - s` where the score raises the running maximum `m_old` (then `ms`), `s - m` where it
+/// does not (then `vs`) — and its kind says which; masked keys get 0 (never read). Returns the
+/// final maximum. The exponentials can then be taken all at once (`exp_f32s`, bitwise `exp`),
+/// and [`add_weighted_values`] does the rest in the original order.
+fn softmax_exponents(s_vals: &mut [f32], kinds: &mut [u8]) -> f32 {
+    let mut m = f32::NEG_INFINITY;
+    for (x, kind) in s_vals.iter_mut().zip(kinds.iter_mut()) {
+        if *kind == KEY_SKIPPED {
+            *x = 0.0;
+            continue;
+        }
+        let s_val = *x;
+        if s_val > m {
+            *x = m - s_val;
+            m = s_val;
+            *kind = KEY_RAISES;
+        } else {
+            *x = s_val - m;
+            *kind = KEY_BELOW;
+        }
+    }
+    m
+}
+
+/// Local change (vendor/README.md, 17): the second half of 0.8.1's online softmax, with the
+/// exponentials of [`softmax_exponents`]' arguments in `weights`: key by key, a key that raised
+/// the maximum rescales the output (`vkq *= ms`) and adds its value row with weight 1, any other
+/// adds its row with weight `vs`; the sum of weights follows (`s = s * ms + vs`). The same
+/// operations in the same order as 0.8.1's loop. `value(i)` is key `i`'s value row (called once
+/// per kept key, in order, so it may prefetch the next). Returns `s`, starting from 0.
+#[inline]
+fn add_weighted_values<'a, T: UpcastF32 + Copy + 'a>(
+    weights: &[f32],
+    kinds: &[u8],
+    mut value: impl FnMut(usize) -> &'a [T],
+    vkq: &mut [f32],
+) -> f32 {
+    let mut s = 0f32;
+    for (i, (&w, &kind)) in weights.iter().zip(kinds).enumerate() {
+        let (ms, vs) = match kind {
+            KEY_SKIPPED => continue,
+            KEY_RAISES => {
+                for v in vkq.iter_mut() {
+                    *v *= w;
+                }
+                (w, 1.0)
+            }
+            _ => (1.0, w),
+        };
+        add_scaled(vkq, value(i), vs);
+        s = s * ms + vs;
+    }
+    s
+}
 
 /// Keys a block of [`dot_scores`] scores together: one lane per key.
 const SCORE_LANES: usize = 16;
@@ -610,54 +675,44 @@ where
                             dv,
                         )
                     };
-                    let mut s = 0f32;
-                    let mut m = f32::NEG_INFINITY;
-
-                    for kv_pos in start..end {
-                        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-                        {
-                            // One‑step look‑ahead prefetch of the next V row (K was read above).
-                            let next_pos = kv_pos + 1;
-                            if next_pos < end {
-                                let next_v_base =
-                                    b_i * vstride[0] + next_pos * vstride[1] + v_head * vstride[2];
-                                unsafe {
-                                    prefetch(v_data.as_ptr().add(next_v_base) as *const u8);
-                                }
-                            }
-                        }
-                        // ---------- dot(Q,K): computed above ----------
-                        let mut s_val = scores[kv_pos - start] * scale;
+                    // Local change (vendor/README.md, 17): the tile's exponentials at once,
+                    // then the online softmax's accumulation in its order.
+                    let n = end - start;
+                    let mut kinds = [KEY_KEPT; TILE_KV];
+                    for (i, score) in scores[..n].iter_mut().enumerate() {
+                        let mut s_val = *score * scale;
 
                         if logit_softcap != 0.0 {
                             s_val = logit_softcap * (s_val / logit_softcap).tanh();
                         }
                         let mask_delta = mask_info
                             .as_ref()
-                            .map(|mask| slope * mask.value(b_i, h_i, 0, kv_pos))
+                            .map(|mask| slope * mask.value(b_i, h_i, 0, start + i))
                             .unwrap_or(0.0);
-                        s_val += mask_delta;
-
-                        // -------- tile-local softmax ----------
-                        let m_old = m;
-                        let mut ms = 1.0;
-                        let mut vs = 1.0;
-                        if s_val > m {
-                            m = s_val;
-                            ms = (m_old - m).exp();
-                            for v in vkq.iter_mut() {
-                                *v *= ms;
-                            }
-                        } else {
-                            vs = (s_val - m).exp();
-                        }
-
-                        // -------- add V ----------
-                        let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                        add_scaled(vkq, &v_data[v_base..v_base + dv], vs);
-
-                        s = s * ms + vs;
+                        *score = s_val + mask_delta;
                     }
+                    let m = softmax_exponents(&mut scores[..n], &mut kinds[..n]);
+                    let mut weights = [0f32; TILE_KV];
+                    exp_f32s(&scores[..n], &mut weights[..n]);
+                    let value_row = |kv_pos: usize| {
+                        let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
+                        &v_data[v_base..v_base + dv]
+                    };
+                    let s = add_weighted_values(
+                        &weights[..n],
+                        &kinds[..n],
+                        |i| {
+                            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+                            if start + i + 1 < end {
+                                // One‑step look‑ahead prefetch of the next V row.
+                                unsafe {
+                                    prefetch(value_row(start + i + 1).as_ptr() as *const u8);
+                                }
+                            }
+                            value_row(start + i)
+                        },
+                        vkq,
+                    );
 
                     unsafe {
                         *((scratch_s_ptr as *mut f32).add(base_s as usize)) = s;
@@ -788,8 +843,6 @@ where
                 let v_head = h_i / rv2;
 
                 let mut vkq = vec![0f32; dv];
-                let mut s = 0.0f32;
-                let mut m = f32::NEG_INFINITY;
 
                 // Q row
                 let q_base = b_i * qstride[0] + q_pos * qstride[1] + h_i * qstride[2];
@@ -797,20 +850,10 @@ where
                 let mut scores = vec![0f32; kv_len];
                 dot_scores(q_row, &keys_t[b_i * k_h + k_head], &mut scores);
 
-                for kv_pos in 0..kv_len {
-                    // -------- ping‑pong prefetch of next V row (K was read above) --------
-                    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-                    {
-                        let next_pos = kv_pos + 1;
-                        if next_pos < kv_len {
-                            let next_v_base =
-                                b_i * vstride[0] + next_pos * vstride[1] + v_head * vstride[2];
-                            unsafe {
-                                prefetch(v_data.as_ptr().add(next_v_base) as *const u8);
-                            }
-                        }
-                    }
-                    // ----------------------------------------------------
+                // Local change (vendor/README.md, 17): the row's scores and which keys count,
+                // their exponentials at once, then the online softmax's accumulation in its order.
+                let mut kinds = vec![KEY_SKIPPED; kv_len];
+                for (kv_pos, (score, kind)) in scores.iter_mut().zip(kinds.iter_mut()).enumerate() {
                     // Mask (optional)
                     let mv = mask_info
                         .as_ref()
@@ -821,7 +864,7 @@ where
                     }
 
                     // dot(Q, K): computed above for every key (bitwise `vec_dot_f32`)
-                    let mut s_val = scores[kv_pos];
+                    let mut s_val = *score;
                     let mut scale_applied = scale;
                     if logit_softcap != 0.0 {
                         scale_applied /= logit_softcap;
@@ -830,28 +873,31 @@ where
                     if logit_softcap != 0.0 {
                         s_val = logit_softcap * s_val.tanh();
                     }
-                    s_val += mv;
-
-                    // online softmax
-                    let m_old = m;
-                    let mut ms = 1.0f32;
-                    let mut vs = 1.0f32;
-                    if s_val > m {
-                        m = s_val;
-                        ms = (m_old - m).exp();
-                        for v in vkq.iter_mut() {
-                            *v *= ms;
-                        }
-                    } else {
-                        vs = (s_val - m).exp();
-                    }
-
-                    // V row (strided) as f32
-                    let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
-                    add_scaled(&mut vkq, &v_data[v_base..v_base + dv], vs);
-
-                    s = s * ms + vs;
+                    *score = s_val + mv;
+                    *kind = KEY_KEPT;
                 }
+                softmax_exponents(&mut scores, &mut kinds);
+                let mut weights = vec![0f32; kv_len];
+                exp_f32s(&scores, &mut weights);
+                let value_row = |kv_pos: usize| {
+                    let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
+                    &v_data[v_base..v_base + dv]
+                };
+                let s = add_weighted_values(
+                    &weights,
+                    &kinds,
+                    |kv_pos| {
+                        // -------- ping‑pong prefetch of next V row (K was read above) --------
+                        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+                        if kv_pos + 1 < kv_len {
+                            unsafe {
+                                prefetch(value_row(kv_pos + 1).as_ptr() as *const u8);
+                            }
+                        }
+                        value_row(kv_pos)
+                    },
+                    &mut vkq,
+                );
 
                 // final normalisation + downcast
                 let inv_s = 1.0 / s;
@@ -916,6 +962,75 @@ mod tests {
                 assert_eq!(vec_dot_f32(&a, &b).to_bits(), indexed(&a, &b).to_bits(), "f16, len {len}, seed {seed}");
             }
         }
+    }
+
+    /// Local change (vendor/README.md, 17): the online softmax split in two, with the
+    /// exponentials taken at once in between, is bitwise 0.8.1's loop (output row, sum of
+    /// weights and maximum) — f32 and f16 value rows, 0 to 70 keys, masked keys, scores that keep
+    /// raising the maximum, fall below it, tie it, and underflow the exponential.
+    #[test]
+    fn online_softmax_in_two_passes_is_bitwise_the_loop() {
+        fn check<T: UpcastF32 + Copy>(conv: impl Fn(f32) -> T, what: &str) {
+            let dv = 13;
+            for n in 0..=70 {
+                for seed in 0..6u64 {
+                    let noise = values(n, 11 * seed);
+                    let s_vals: Vec<f32> = (0..n)
+                        .map(|i| match seed {
+                            0 => noise[i] * 8.0,
+                            1 => i as f32 * 0.37 + noise[i],      // keeps raising the maximum
+                            2 => -(i as f32) * 3.1 + noise[i],    // falls below it
+                            3 => (noise[i] * 4.0).round(),        // ties
+                            4 => noise[i] * 120.0,                // exponentials that underflow
+                            _ => if i % 5 == 2 { f32::NEG_INFINITY } else { noise[i] * 2.0 },
+                        })
+                        .collect();
+                    let masked: Vec<bool> = (0..n).map(|i| (i * 7 + seed as usize) % 4 == 0 && seed % 2 == 0).collect();
+                    let v: Vec<T> = values(n * dv, 11 * seed + 1).into_iter().map(|x| conv(x * 3.0)).collect();
+                    let row = |i: usize| &v[i * dv..(i + 1) * dv];
+
+                    // 0.8.1's loop.
+                    let (mut want, mut s, mut m) = (vec![0f32; dv], 0f32, f32::NEG_INFINITY);
+                    for i in 0..n {
+                        if masked[i] {
+                            continue;
+                        }
+                        let s_val = s_vals[i];
+                        let m_old = m;
+                        let mut ms = 1.0f32;
+                        let mut vs = 1.0f32;
+                        if s_val > m {
+                            m = s_val;
+                            ms = (m_old - m).exp();
+                            for x in want.iter_mut() {
+                                *x *= ms;
+                            }
+                        } else {
+                            vs = (s_val - m).exp();
+                        }
+                        for d_i in 0..dv {
+                            want[d_i] += row(i)[d_i].to_f32() * vs;
+                        }
+                        s = s * ms + vs;
+                    }
+
+                    let mut args = s_vals.clone();
+                    let mut kinds: Vec<u8> = masked.iter().map(|&x| if x { KEY_SKIPPED } else { KEY_KEPT }).collect();
+                    let got_m = softmax_exponents(&mut args, &mut kinds);
+                    let mut weights = vec![0f32; n];
+                    exp_f32s(&args, &mut weights);
+                    let mut got = vec![0f32; dv];
+                    let got_s = add_weighted_values(&weights, &kinds, row, &mut got);
+
+                    let bits = |x: &[f32]| x.iter().map(|y| y.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{what}, {n} keys, seed {seed}: output");
+                    assert_eq!(got_s.to_bits(), s.to_bits(), "{what}, {n} keys, seed {seed}: sum");
+                    assert_eq!(got_m.to_bits(), m.to_bits(), "{what}, {n} keys, seed {seed}: maximum");
+                }
+            }
+        }
+        check(|x| x, "f32");
+        check(f16::from_f32, "f16");
     }
 
     /// Local change (vendor/README.md, 16): the V accumulation over zipped slices is bitwise
