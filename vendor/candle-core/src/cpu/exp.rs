@@ -12,14 +12,13 @@
 //! `f32::exp` per value. `tests::exp_f32s_is_bitwise_f32_exp` checks it against the C library it
 //! runs with, on all 2^32 inputs.
 
-/// Inputs whose exponent field (the top 12 bits below the sign) is at least this go to
-/// `f32::exp`: |x| ≥ 88, infinities and NaN (glibc's `top12 (88.0f)`).
-#[allow(dead_code)]
-const SPECIAL_TOP12: u32 = 0x42b;
-
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_os = "linux", target_env = "gnu"))]
 mod glibc {
     use std::arch::x86_64::*;
+
+    /// Inputs whose exponent field (the top 12 bits below the sign) is at least this go to
+    /// `f32::exp`: |x| ≥ 88, infinities and NaN (glibc's `top12 (88.0f)`).
+    const SPECIAL_TOP12: i32 = 0x42b;
 
     /// `__exp2f_data.tab`: `asuint64(2^(i/32)) - (i << 47)`.
     static TAB: [u64; 32] = [
@@ -73,7 +72,7 @@ mod glibc {
         let y = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
         _mm256_storeu_ps(ys.as_mut_ptr(), y);
         let top = _mm256_and_si256(_mm256_srli_epi32::<20>(_mm256_castps_si256(x)), _mm256_set1_epi32(0x7ff));
-        let special = _mm256_cmpgt_epi32(top, _mm256_set1_epi32(super::SPECIAL_TOP12 as i32 - 1));
+        let special = _mm256_cmpgt_epi32(top, _mm256_set1_epi32(SPECIAL_TOP12 - 1));
         let mask = _mm256_movemask_ps(_mm256_castsi256_ps(special));
         if mask != 0 {
             for (l, (x, y)) in xs.iter().zip(ys.iter_mut()).enumerate() {

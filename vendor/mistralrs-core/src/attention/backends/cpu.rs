@@ -230,6 +230,24 @@ fn dot_scores<T: UpcastF32 + Copy>(q_row: &[T], kt: &[f32], scores: &mut [f32]) 
     }
 }
 
+/// Local change (vendor/README.md, 17): 0.8.1's online softmax over a row's (or tile's) keys,
+/// with their exponentials taken all at once: [`softmax_exponents`] (`scores` become the
+/// exponent arguments, `kinds` what each key does), `exp_f32s` into `weights` (scratch of the
+/// same length), then [`add_weighted_values`] into `vkq`. Returns the sum of weights and the
+/// maximum, bitwise the loop's.
+#[inline]
+fn online_softmax<'a, T: UpcastF32 + Copy + 'a>(
+    scores: &mut [f32],
+    kinds: &mut [u8],
+    weights: &mut [f32],
+    value: impl FnMut(usize) -> &'a [T],
+    vkq: &mut [f32],
+) -> (f32, f32) {
+    let m = softmax_exponents(scores, kinds);
+    exp_f32s(scores, weights);
+    (add_weighted_values(weights, kinds, value, vkq), m)
+}
+
 /// Local change (vendor/README.md, 16): `acc[i] += v[i] * w` for every element, as 0.8.1's
 /// indexed loop over `0..dv` computed it (each element one multiply, then one add), over zipped
 /// slices instead of indices: without a bounds check per element the loop runs as vector
@@ -691,16 +709,14 @@ where
                             .unwrap_or(0.0);
                         *score = s_val + mask_delta;
                     }
-                    let m = softmax_exponents(&mut scores[..n], &mut kinds[..n]);
-                    let mut weights = [0f32; TILE_KV];
-                    exp_f32s(&scores[..n], &mut weights[..n]);
                     let value_row = |kv_pos: usize| {
                         let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
                         &v_data[v_base..v_base + dv]
                     };
-                    let s = add_weighted_values(
-                        &weights[..n],
-                        &kinds[..n],
+                    let (s, m) = online_softmax(
+                        &mut scores[..n],
+                        &mut kinds[..n],
+                        &mut [0f32; TILE_KV][..n],
                         |i| {
                             #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
                             if start + i + 1 < end {
@@ -876,16 +892,14 @@ where
                     *score = s_val + mv;
                     *kind = KEY_KEPT;
                 }
-                softmax_exponents(&mut scores, &mut kinds);
-                let mut weights = vec![0f32; kv_len];
-                exp_f32s(&scores, &mut weights);
                 let value_row = |kv_pos: usize| {
                     let v_base = b_i * vstride[0] + kv_pos * vstride[1] + v_head * vstride[2];
                     &v_data[v_base..v_base + dv]
                 };
-                let s = add_weighted_values(
-                    &weights,
-                    &kinds,
+                let (s, _) = online_softmax(
+                    &mut scores,
+                    &mut kinds,
+                    &mut vec![0f32; kv_len],
                     |kv_pos| {
                         // -------- ping‑pong prefetch of next V row (K was read above) --------
                         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -1016,11 +1030,8 @@ mod tests {
 
                     let mut args = s_vals.clone();
                     let mut kinds: Vec<u8> = masked.iter().map(|&x| if x { KEY_SKIPPED } else { KEY_KEPT }).collect();
-                    let got_m = softmax_exponents(&mut args, &mut kinds);
-                    let mut weights = vec![0f32; n];
-                    exp_f32s(&args, &mut weights);
                     let mut got = vec![0f32; dv];
-                    let got_s = add_weighted_values(&weights, &kinds, row, &mut got);
+                    let (got_s, got_m) = online_softmax(&mut args, &mut kinds, &mut vec![0f32; n], row, &mut got);
 
                     let bits = |x: &[f32]| x.iter().map(|y| y.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "{what}, {n} keys, seed {seed}: output");
