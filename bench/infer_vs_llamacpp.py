@@ -189,8 +189,9 @@ def catalog(path, port):
     path.write_text(stock + served_entry("smollm2-llamacpp", port, "smollm2"))
 
 
-def run_stage(binary, workdir, rows, template, system, sampler, model, in_flight):
-    """Runs a fresh `dataset → prompt → render → infer` pipeline; (wall seconds, answers)."""
+def run_stage(binary, workdir, rows, template, system, sampler, model, in_flight, wrap=()):
+    """Runs a fresh `dataset → prompt → render → infer` pipeline; (wall seconds, answers). `wrap`
+    is a command the `pipeline run` runs under (`bench/profile_vs_llamacpp.py`: `perf record`)."""
     d = Path(tempfile.mkdtemp(dir=workdir))
     (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     shutil.copy(template, d / "prompt.j2")
@@ -220,7 +221,7 @@ models = ["{model}"]
 sampler = {sampler}
 {engine}""")
     t0 = time.perf_counter()
-    subprocess.run([binary, "run", "bench.toml"], cwd=d, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([*wrap, binary, "run", "bench.toml"], cwd=d, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     out = subprocess.run([binary, "show", "bench.toml", "answers"], cwd=d, check=True, capture_output=True, text=True).stdout
     shutil.rmtree(d)
