@@ -2299,18 +2299,48 @@ impl RotaryEmbedding {
             let k_embed = rope(&k.contiguous()?, &cos, &sin)?;
             Ok((q_embed, k_embed))
         } else {
-            let mut q_embeds = Vec::new();
-            let mut k_embeds = Vec::new();
-            for (i, offset) in seqlen_offsets.iter().enumerate() {
-                let cos = self.cos.narrow(0, *offset, seq_len)?;
-                let sin = self.sin.narrow(0, *offset, seq_len)?;
-                let q_embed = rope(&q.i(i)?.unsqueeze(0)?.contiguous()?, &cos, &sin)?;
-                let k_embed = rope(&k.i(i)?.unsqueeze(0)?.contiguous()?, &cos, &sin)?;
-                q_embeds.push(q_embed);
-                k_embeds.push(k_embed);
-            }
-            Ok((Tensor::cat(&q_embeds, 0)?, Tensor::cat(&k_embeds, 0)?))
+            // Local change (vendor/README.md, 18): one rope call per tensor for the whole batch,
+            // each row with its own positions' cos and sin (candle's batched `(b, t, d/2)`
+            // tables), instead of one call and one copy per row and a concatenation. Each
+            // element's arithmetic is the same.
+            let table = |t: &Tensor| -> Result<Tensor> {
+                let rows = seqlen_offsets
+                    .iter()
+                    .map(|offset| t.narrow(0, *offset, seq_len))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::stack(&rows, 0)
+            };
+            let (cos, sin) = (table(&self.cos)?, table(&self.sin)?);
+            let q_embed = rope(&q.contiguous()?, &cos, &sin)?;
+            let k_embed = rope(&k.contiguous()?, &cos, &sin)?;
+            Ok((q_embed, k_embed))
         }
+    }
+}
+
+#[cfg(test)]
+mod rotary_batch_tests {
+    use super::*;
+
+    /// Rows at different positions through one call: bitwise what each row gets alone.
+    #[test]
+    fn a_batch_of_rows_at_different_positions_is_each_row_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        for is_gpt_neox in [false, true] {
+            let rotary = RotaryEmbedding::new(10000., 64, 512, &dev, is_gpt_neox, DType::F32)?;
+            for seq_len in [1, 5] {
+                let offsets = [0, 7, 130, 3];
+                let q = Tensor::randn(0f32, 1., (4, 9, seq_len, 64), &dev)?;
+                let k = Tensor::randn(0f32, 1., (4, 3, seq_len, 64), &dev)?;
+                let (qb, kb) = rotary.forward(&q, &k, &offsets)?;
+                for (i, offset) in offsets.iter().enumerate() {
+                    let (q1, k1) = rotary.forward(&q.narrow(0, i, 1)?, &k.narrow(0, i, 1)?, &[*offset])?;
+                    assert_eq!(qb.narrow(0, i, 1)?.flatten_all()?.to_vec1::<f32>()?, q1.flatten_all()?.to_vec1::<f32>()?);
+                    assert_eq!(kb.narrow(0, i, 1)?.flatten_all()?.to_vec1::<f32>()?, k1.flatten_all()?.to_vec1::<f32>()?);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
