@@ -2330,8 +2330,9 @@ mod rotary_batch_tests {
             let rotary = RotaryEmbedding::new(10000., 64, 512, &dev, is_gpt_neox, DType::F32)?;
             for seq_len in [1, 5] {
                 let offsets = [0, 7, 130, 3];
-                let q = Tensor::randn(0f32, 1., (4, 9, seq_len, 64), &dev)?;
-                let k = Tensor::randn(0f32, 1., (4, 3, seq_len, 64), &dev)?;
+                // Strided, as the model hands them over: (b, t, h, d) transposed to (b, h, t, d).
+                let q = Tensor::randn(0f32, 1., (4, seq_len, 9, 64), &dev)?.transpose(1, 2)?;
+                let k = Tensor::randn(0f32, 1., (4, seq_len, 3, 64), &dev)?.transpose(1, 2)?;
                 let (qb, kb) = rotary.forward(&q, &k, &offsets)?;
                 for (i, offset) in offsets.iter().enumerate() {
                     let (q1, k1) = rotary.forward(&q.narrow(0, i, 1)?, &k.narrow(0, i, 1)?, &[*offset])?;
